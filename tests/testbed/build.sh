@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Build every pinned test-bed binary that is not cached yet. Idempotent: a warm cache does nothing.
+# Binaries land in $TESTBED_CACHE/bin/<name>-<version>; a pin change builds a new file.
+# Everything comes from Go modules (the configured Go module proxy); nothing else is downloaded.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+# shellcheck source=/dev/null
+source "$here/versions.env"
+cache="${TESTBED_CACHE:-$HOME/.cache/dreambooth-testbed}"
+mkdir -p "$cache/bin"
+export GOFLAGS="${GOFLAGS:-} -trimpath"
+# Builds share the CPU with everything else on the machine: stay polite.
+nice_go() { nice -n "${TESTBED_NICE:-10}" go "$@"; }
+total_start=$SECONDS
+built=0
+
+# Debian tools the node agent needs (present on the CI image; installed when missing).
+need_debs=()
+command -v unshare >/dev/null || need_debs+=(util-linux)
+command -v ip >/dev/null || need_debs+=(iproute2)
+if [ ${#need_debs[@]} -gt 0 ]; then
+  echo "installing ${need_debs[*]} (node agent)" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_debs[@]}"
+fi
+
+have() { local f; for f in "$@"; do [ -x "$f" ] || return 1; done; }
+
+# go_install NAME MODULE VERSION [PACKAGE] [LDFLAGS]: `go install PACKAGE@VERSION` into the cache.
+go_install() {
+  local name="$1" module="$2" version="$3" package="${4:-$2}" ldflags="${5:-}"
+  local target="$cache/bin/$name-$version"
+  have "$target" && return 0
+  echo "building $name $version (one time; cached in $cache)" >&2
+  local start=$SECONDS tmp
+  tmp="$(mktemp -d)"
+  GOBIN="$tmp" nice_go install -ldflags "$ldflags" "$package@$version"
+  mv "$tmp/$(basename "$package")" "$target"
+  rm -rf "$tmp"
+  built=1
+  echo "built $name in $((SECONDS - start)) s" >&2
+}
+
+# sync_k8s_wrapper: make k8s-wrapper/go.mod require the pinned k8s.io/kubernetes and replace
+# EVERY staging module (each `k8s.io/* v0.0.0` line of that release's go.mod) with v0.Y.Z.
+sync_k8s_wrapper() {
+  local dir="$here/k8s-wrapper" current staging gomod m
+  current="$(cd "$dir" && go mod edit -json | python3 -c 'import json,sys; print(next((r["Version"] for r in json.load(sys.stdin).get("Require") or [] if r["Path"]=="k8s.io/kubernetes"), ""))')"
+  [ "$current" = "$KUBERNETES_VERSION" ] && return 0
+  echo "pointing k8s-wrapper at k8s.io/kubernetes $KUBERNETES_VERSION (commit its go.mod and go.sum)" >&2
+  staging="v0.${KUBERNETES_VERSION#v1.}"
+  gomod="$(go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')"
+  (
+    cd "$dir"
+    printf 'module dreambooth.local/testbed/k8s-wrapper\n\ngo 1.26.0\n' > go.mod
+    go mod edit -require="k8s.io/kubernetes@$KUBERNETES_VERSION"
+    for m in $(awk '$1 ~ /^k8s\.io\// && $2 == "v0.0.0" {print $1}' "$gomod" | sort -u); do
+      go mod edit -replace="$m=$m@$staging"
+    done
+    for m in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+      go mod edit -tool="k8s.io/kubernetes/cmd/$m"
+    done
+    nice_go mod tidy
+  )
+}
+
+build_kubernetes() {
+  local v="$KUBERNETES_VERSION" c targets=() minor
+  for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do targets+=("$cache/bin/$c-$v"); done
+  have "${targets[@]}" && return 0
+  sync_k8s_wrapper
+  echo "building kube-apiserver, kube-controller-manager, kube-scheduler, kubectl $v (one time, long)" >&2
+  local start=$SECONDS tmp ld=(-s -w) pkg
+  minor="${v#v1.}"; minor="${minor%%.*}"
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    # kwokctl runs `<binary> --version` and picks flags by it: stamp the release.
+    ld+=("-X $pkg.gitVersion=$v" "-X $pkg.gitMajor=1" "-X $pkg.gitMinor=$minor" "-X $pkg.gitTreeState=clean")
+  done
+  tmp="$(mktemp -d)"
+  (cd "$here/k8s-wrapper" && nice_go build -ldflags "${ld[*]}" -o "$tmp/" \
+    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+    k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl)
+  for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do mv "$tmp/$c" "$cache/bin/$c-$v"; done
+  rm -rf "$tmp"
+  built=1
+  echo "built the Kubernetes components in $((SECONDS - start)) s" >&2
+}
+
+build_etcd() {
+  local target="$cache/bin/etcd-$ETCD_VERSION" dir="$here/etcd-wrapper" current
+  have "$target" && return 0
+  current="$(cd "$dir" && go mod edit -json | python3 -c 'import json,sys; print(next((r["Version"] for r in json.load(sys.stdin).get("Require") or [] if r["Path"]=="go.etcd.io/etcd/server/v3"), ""))')"
+  if [ "$current" != "$ETCD_VERSION" ]; then
+    echo "pointing etcd-wrapper at etcd $ETCD_VERSION (commit its go.mod and go.sum)" >&2
+    (cd "$dir" && go mod edit -require="go.etcd.io/etcd/server/v3@$ETCD_VERSION" && nice_go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" && nice_go mod tidy)
+  fi
+  echo "building etcd $ETCD_VERSION (one time)" >&2
+  local start=$SECONDS
+  (cd "$dir" && nice_go build -ldflags "-s -w" -o "$target.tmp" . && mv "$target.tmp" "$target")
+  built=1
+  echo "built etcd in $((SECONDS - start)) s" >&2
+}
+
+go_install minio "$MINIO_MODULE" "$MINIO_VERSION"
+build_kubernetes
+build_etcd
+kwok_ld="-s -w -X $KWOK_MODULE/pkg/consts.KubeVersion=${KUBERNETES_VERSION#v}"
+go_install kwok "$KWOK_MODULE" "$KWOK_VERSION" "$KWOK_MODULE/cmd/kwok" "$kwok_ld"
+go_install kwokctl "$KWOK_MODULE" "$KWOK_VERSION" "$KWOK_MODULE/cmd/kwokctl" "$kwok_ld"
+go_install helm "$HELM_MODULE" "$HELM_VERSION" "$HELM_MODULE/cmd/helm" "-s -w -X $HELM_MODULE/internal/version.version=$HELM_VERSION"
+if [ "$built" = 1 ]; then
+  echo "test-bed cold build took $((SECONDS - total_start)) s" >&2
+fi

@@ -1,0 +1,111 @@
+"""The `dreambooth` command: train, generate, serve, crd.
+
+Heavy imports (torch, diffusers) happen inside the commands, so `--help` and `crd` stay fast.
+Exit codes: 0 done; 2 bad config or input (do not retry); 143 stopped by SIGTERM after a
+checkpoint (retry resumes); anything else is a failure worth a retry.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .config import ConfigError, load_config
+
+EXIT_BAD_INPUT = 2
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="DreamBooth fine-tuning for Stable Diffusion.")
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="Training config YAML.")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: dotted.key=value (repeatable).")] = None,
+) -> None:
+    """Fine-tune a model on a subject; resumes from `latest` in output.uri when present."""
+    try:
+        cfg = load_config(config, set_ or [])
+    except ConfigError as error:
+        fail(str(error))
+    from .errors import UserInputError
+    from .train import run_training
+
+    try:
+        code = run_training(cfg)
+    except UserInputError as error:
+        fail(str(error))
+    raise typer.Exit(code)
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Option(help="Model URI: a final/ folder (local or s3://), tiny, or hf://org/name.")],
+    prompt: Annotated[str, typer.Option(help="What to draw.")],
+    out: Annotated[Path, typer.Option(help="Output PNG; with --num-images N, files OUT-0.png ... OUT-(N-1).png.")],
+    negative_prompt: Annotated[str, typer.Option(help="What to avoid.")] = "",
+    steps: Annotated[int, typer.Option(min=1, max=1000)] = 25,
+    guidance_scale: Annotated[float, typer.Option(min=0.0)] = 7.5,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    num_images: Annotated[int, typer.Option(min=1, max=64)] = 1,
+    width: Annotated[Optional[int], typer.Option(help="Multiple of 8; default the model's size.")] = None,
+    height: Annotated[Optional[int], typer.Option(help="Multiple of 8; default the model's size.")] = None,
+    lora: Annotated[Optional[str], typer.Option(help="LoRA weights (diffusers safetensors) applied to the model.")] = None,
+) -> None:
+    """Generate images from a model; the same seed gives the same bytes."""
+    from .generate import ImageRequest, generate_images, png_bytes
+    from .models import load_pipeline
+
+    for name, value in (("width", width), ("height", height)):
+        if value is not None and (value <= 0 or value % 8):
+            fail(f"--{name} must be a positive multiple of 8 (got {value})")
+    pipeline = load_pipeline(model)
+    if lora:
+        from .export import apply_lora
+
+        apply_lora(pipeline, lora)
+    requests = [ImageRequest(prompt, negative_prompt, seed + index) for index in range(num_images)]
+    images = generate_images(pipeline, requests, steps=steps, guidance=guidance_scale, height=height, width=width)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if num_images == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(num_images)]
+    for path, image in zip(paths, images):
+        path.write_bytes(png_bytes(image))
+        typer.echo(str(path))
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="final/ folder (local or s3://), tiny, or a base model with --lora.")],
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    max_batch: Annotated[int, typer.Option(min=1)] = 8,
+    max_queue: Annotated[int, typer.Option(min=1)] = 64,
+    lora: Annotated[Optional[str], typer.Option(help="LoRA weights applied on top of --model.")] = None,
+    compile: Annotated[bool, typer.Option(help="torch.compile the UNet.")] = False,
+) -> None:
+    """Serve the model over HTTP: POST /v1/generate, a web page at /, probes and /metrics."""
+    from .server import run_server
+
+    run_server(model=model, host=host, port=port, device=device, max_batch=max_batch, max_queue=max_queue, lora=lora, compile=compile)
+
+
+@app.command()
+def crd() -> None:
+    """Print the DreamboothJob CustomResourceDefinition generated from the spec model."""
+    from .spec import crd_yaml
+
+    typer.echo(crd_yaml(), nl=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

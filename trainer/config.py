@@ -1,0 +1,239 @@
+"""The training config: one pydantic model, the single source of truth.
+
+Imports only pydantic, yaml and the standard library, so the operator (slim image) can use it.
+Keys are snake_case in YAML files (`training.max_steps`); the CRD spells the same fields in
+camelCase (`training.maxSteps`); both spellings validate.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+MODEL_SOURCE_RE = re.compile(
+    r"^(tiny|hf://[A-Za-z0-9_.\-]+/[A-Za-z0-9_.\-]+(@[A-Za-z0-9_.\-/]+)?|s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|[^:]+)$"
+)
+# Words too common to be a DreamBooth identifier: the token must be rare so the model binds it
+# to the subject instead of overwriting a word it already knows.
+ORDINARY_WORDS = frozenset(
+    "a an the of on in at to and or photo picture image dog cat man woman person car house "
+    "style art painting portrait of with".split()
+)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the dotted key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        validate_assignment=True,
+    )
+
+
+class ModelConfig(Section):
+    source: str = Field(
+        "tiny",
+        description="Base model: `tiny` (built-in random SD), `hf://org/name[@revision]`, `s3://bucket/prefix`, or a local diffusers folder.",
+    )
+    tiny_resolution: int = Field(32, ge=8, description="Sample size in pixels the built-in tiny model is shaped for.")
+
+    @field_validator("source")
+    @classmethod
+    def _source_is_well_formed(cls, value: str) -> str:
+        if not value or not MODEL_SOURCE_RE.match(value) or value.startswith(("hf:/", "s3:/")) and "://" not in value:
+            raise ValueError(f"{value!r} is not tiny, hf://org/name[@revision], s3://bucket/prefix or a local path")
+        return value
+
+
+class DataConfig(Section):
+    instance_uri: str = Field(..., description="Folder or s3://bucket/prefix holding 3-20 photos of the subject.")
+    instance_prompt: str = Field(..., description="Prompt naming the subject with the identifier token, e.g. `a photo of sks dog`.")
+    token: str = Field("sks", min_length=1, description="The rare identifier token bound to the subject.")
+    resolution: int = Field(512, ge=8, description="Training resolution in pixels (multiple of 8).")
+    center_crop: bool = Field(True, description="Center crop after resizing (random crop when false).")
+    random_flip: bool = Field(False, description="Randomly flip images horizontally.")
+    num_workers: int = Field(0, ge=0, description="Dataloader worker processes.")
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_eight(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError("must be a multiple of 8")
+        return value
+
+
+class PriorConfig(Section):
+    enabled: bool = Field(True, description="Prior preservation: train on class images too.")
+    class_prompt: str | None = Field(None, description="Prompt for the subject's class, without the token, e.g. `a photo of dog`.")
+    class_uri: str | None = Field(None, description="Folder or s3:// prefix with existing class images; missing ones are generated.")
+    num_class_images: int = Field(100, ge=1, description="Class images wanted; generated when fewer exist.")
+    loss_weight: float = Field(1.0, ge=0.0, description="λ in loss = mse(instance) + λ·mse(class) (diffusers' prior_loss_weight).")
+    sampler: Literal["ddim", "pndm", "euler", "dpm"] = Field("ddim", description="Scheduler used to generate class images.")
+    sample_steps: int = Field(25, ge=1, le=1000, description="Denoising steps per generated class image.")
+    guidance_scale: float = Field(7.5, ge=0.0, description="Classifier-free guidance for class images.")
+    sample_batch_size: int = Field(4, ge=1, description="Class images generated per batch on each rank.")
+    cache_uri: str | None = Field(
+        None,
+        description="Content-addressed class-image cache. Default: s3://<output bucket>/class-cache, or ~/.cache/dreambooth/class-cache for local output.",
+    )
+
+
+class LoraConfig(Section):
+    enabled: bool = Field(False, description="Train LoRA adapters instead of full weights.")
+    rank: int = Field(4, ge=1, description="LoRA rank.")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha (default: rank).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+class TrainingConfig(Section):
+    max_steps: int = Field(400, gt=0, description="Optimizer steps to train.")
+    seed: int = Field(0, ge=0, description="Seed for data order, noise, timesteps and the tiny model.")
+    learning_rate: float = Field(5e-6, gt=0)
+    text_encoder_learning_rate: float | None = Field(None, gt=0, description="Default: learning_rate.")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    batch_size: int = Field(1, ge=1, description="Instance images per rank per micro-batch (as many class images join them).")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    train_text_encoder: bool = False
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    optimizer: Literal["adamw", "adamw_8bit"] = Field("adamw", description="adamw_8bit needs bitsandbytes and a GPU.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_weight_decay: float = Field(1e-2, ge=0)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    ema: bool = Field(False, description="Keep an exponential moving average of the UNet; exported instead of the raw weights.")
+    ema_decay: float = Field(0.9999, gt=0, lt=1)
+    compile: bool = Field(False, description="torch.compile the UNet.")
+    cache_latents: bool = Field(False, description="Encode images and prompts once; the hot step runs the UNet only.")
+    attention: Literal["sdpa", "default"] = Field("sdpa", description="Attention kernel: PyTorch SDPA or the model's default.")
+    channels_last: bool = Field(False, description="Channels-last memory format for the UNet (faster on GPUs).")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class CheckpointingConfig(Section):
+    every_n_steps: int = Field(500, gt=0, description="Write a full checkpoint every N optimizer steps.")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted after a new one is complete.")
+    on_sigterm: bool = Field(True, description="Write a checkpoint when the process gets SIGTERM, then exit.")
+    resume: bool = Field(True, description="Resume from `latest` when output.uri holds a checkpoint.")
+
+
+class ValidationConfig(Section):
+    prompts: list[str] = Field(default_factory=list, description="Prompts rendered into a grid every N steps and at the end.")
+    every_n_steps: int = Field(0, ge=0, description="0 disables periodic validation.")
+    num_images: int = Field(2, ge=1, le=16)
+    steps: int = Field(25, ge=1, le=1000)
+    guidance_scale: float = Field(7.5, ge=0)
+    seed: int = 0
+
+
+class OutputConfig(Section):
+    uri: str = Field(..., description="Local folder or s3://bucket/prefix for checkpoints, final model, progress, samples, logs.")
+    progress_every_seconds: float = Field(5.0, gt=0, le=10, description="How often rank 0 rewrites progress.json.")
+    tensorboard: bool = True
+    wandb: bool = Field(False, description="Log to Weights & Biases (needs the wandb extra and WANDB_API_KEY).")
+    wandb_project: str = "dreambooth"
+    log_format: Literal["auto", "json", "text"] = Field("auto", description="auto: a progress bar in a terminal, JSON lines otherwise.")
+
+
+class TrainConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    prior: PriorConfig = Field(default_factory=PriorConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    checkpointing: CheckpointingConfig = Field(default_factory=CheckpointingConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    output: OutputConfig
+
+    @model_validator(mode="after")
+    def _token_rules(self) -> "TrainConfig":
+        token = self.data.token
+        if token.lower() in ORDINARY_WORDS or not re.fullmatch(r"[A-Za-z0-9_<>\-]+", token):
+            raise ValueError(f"data.token {token!r} must be one rare word (e.g. sks), not an ordinary word")
+        if not contains_word(self.data.instance_prompt, token):
+            raise ValueError(f"data.instance_prompt {self.data.instance_prompt!r} must contain the token {token!r}")
+        if self.prior.enabled:
+            if not self.prior.class_prompt:
+                raise ValueError("prior.class_prompt is required when prior.enabled is true")
+            if contains_word(self.prior.class_prompt, token):
+                raise ValueError(f"prior.class_prompt {self.prior.class_prompt!r} must not contain the token {token!r}")
+        if self.training.cache_latents and not self.data.center_crop:
+            raise ValueError("training.cache_latents needs data.center_crop=true (a random crop cannot be cached)")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def contains_word(text: str, word: str) -> bool:
+    return re.search(rf"(?<![A-Za-z0-9_]){re.escape(word)}(?![A-Za-z0-9_])", text) is not None
+
+
+def dotted(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc if part != "__root__")
+
+
+def format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = dotted(item["loc"]) or "config"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{key}: {message}")
+    return "; ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`training.max_steps=6` -> (['training', 'max_steps'], 6); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: expected dotted.key=value")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config, apply `--set dotted.key=value` overrides, validate."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as error:
+        raise ConfigError(f"cannot read config {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config {path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections")
+    return config_from_dict(apply_overrides(data, overrides or []))
