@@ -1,0 +1,388 @@
+"""The test bed: a real control plane (kwokctl --runtime binary over the pinned, locally built
+binaries), KWOK GPU nodes, the `local-0` node agent, and MinIO.
+
+`make testbed-up`/`make testbed-down` (``python -m tests.testbed up|down``) and the pytest
+fixtures (tests/testbed/fixtures.py) both use `Testbed` below.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tests.testbed.minio_server import CACHE, MinioServer, cached_binary, free_port, pinned_versions, start_minio
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_ROOT = REPO / ".testbed"
+# Every process the test bed starts carries this variable (value: the test-bed root), so
+# `down` can find and end anything left behind, whoever started it.
+MARKER = "DREAMBOOTH_TESTBED_ROOT"
+LOCAL_NODE = "local-0"
+FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+
+GPU_NODES = 4
+GPU_PER_NODE = 8
+GPU_POOL_LABELS = {
+    "dreambooth.dev/pool": "gpu",
+    "nvidia.com/gpu.present": "true",
+    "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+    "nvidia.com/gpu.count": str(GPU_PER_NODE),
+    "type": "kwok",
+}
+
+
+def log(msg: str) -> None:
+    print(f"[testbed] {msg}", file=sys.stderr, flush=True)
+
+
+def binaries() -> dict[str, Path]:
+    """Every cached binary the test bed runs (build.sh builds them; nothing is fetched here)."""
+    return {
+        "kube-apiserver": cached_binary("kube-apiserver", "KUBERNETES_VERSION"),
+        "kube-controller-manager": cached_binary("kube-controller-manager", "KUBERNETES_VERSION"),
+        "kube-scheduler": cached_binary("kube-scheduler", "KUBERNETES_VERSION"),
+        "kubectl": cached_binary("kubectl", "KUBERNETES_VERSION"),
+        "etcd": cached_binary("etcd", "ETCD_VERSION"),
+        "kwok": cached_binary("kwok", "KWOK_VERSION"),
+        "kwokctl": cached_binary("kwokctl", "KWOK_VERSION"),
+        "helm": cached_binary("helm", "HELM_VERSION"),
+    }
+
+
+def build_binaries() -> float:
+    """Run build.sh (a no-op when the cache is warm); returns the seconds it took."""
+    start = time.monotonic()
+    subprocess.run(["bash", str(Path(__file__).with_name("build.sh"))], check=True)
+    return time.monotonic() - start
+
+
+@dataclass
+class State:
+    """What `down` needs to stop a test bed; saved as <root>/state.json."""
+    name: str
+    root: str
+    kubeconfig: str
+    minio_pid: int = 0
+    minio_endpoint: str = ""
+    minio_access_key: str = ""
+    minio_secret_key: str = ""
+    agent_pid: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def marked_pids(root: Path) -> list[int]:
+    """PIDs of live processes whose environment carries MARKER=<root>."""
+    needle = f"{MARKER}={root}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in env.split(b"\0") and _alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def _terminate(pids: list[int], grace: float = 10.0) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    for pid in pids:
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+class Testbed:
+    """One test bed rooted at `root` (kubeconfig, env, logs, kwok work dir, MinIO data)."""
+
+    def __init__(self, root: Path = DEFAULT_ROOT, name: str = "dreambooth-testbed") -> None:
+        self.root = Path(root).resolve()
+        self.name = name
+        self.kubeconfig = self.root / "kubeconfig"
+        self.env_file = self.root / "env"
+        self.logs = self.root / "logs"
+        self.state_file = self.root / "state.json"
+        self.kwok_workdir = self.root / "kwok"
+        self.bin_dir = self.root / "bin"
+        self.minio: MinioServer | None = None
+        self.state: State | None = None
+
+    # ---------------------------------------------------------------- helpers
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env[MARKER] = str(self.root)
+        env["KWOK_WORKDIR"] = str(self.kwok_workdir)
+        return env
+
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None,
+                timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(self.bin_dir / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
+            capture_output=True, text=True, check=check, input=input, timeout=timeout,
+        )
+
+    def load_state(self) -> State | None:
+        if self.state_file.exists():
+            return State(**json.loads(self.state_file.read_text()))
+        return None
+
+    def _save_state(self) -> None:
+        assert self.state is not None
+        self.state_file.write_text(json.dumps(asdict(self.state), indent=2))
+
+    def is_up(self) -> bool:
+        state = self.load_state()
+        if not state or not _alive(state.agent_pid) or not _alive(state.minio_pid):
+            return False
+        try:
+            return self.kubectl("get", "--raw", "/readyz", check=False, timeout=10).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+
+    # ---------------------------------------------------------------- start
+    def start(self) -> float:
+        """Start everything; returns the start time in seconds (binaries must be built)."""
+        t0 = time.monotonic()
+        if self.root.exists():
+            self.stop(quiet=True)
+        for sub in (self.logs, self.bin_dir, self.kwok_workdir):
+            sub.mkdir(parents=True, exist_ok=True)
+        bins = binaries()
+        for name in ("kubectl", "helm", "kwokctl"):
+            link = self.bin_dir / name
+            link.unlink(missing_ok=True)
+            link.symlink_to(bins[name])
+        self.state = State(name=self.name, root=str(self.root), kubeconfig=str(self.kubeconfig))
+        self._save_state()
+        try:
+            self._start_minio()
+            self._start_control_plane(bins)
+            self._create_nodes()
+            self._start_agent()
+            self._wait_ready()
+            self._write_env()
+        except BaseException:
+            log(f"start failed; logs are in {self.logs} and {self.kwok_workdir}")
+            self.stop(quiet=True)
+            raise
+        return time.monotonic() - t0
+
+    def _start_minio(self) -> None:
+        old = os.environ.get(MARKER)
+        os.environ[MARKER] = str(self.root)  # start_minio passes os.environ on
+        try:
+            self.minio = start_minio(self.root / "minio" / "data", log_path=self.logs / "minio.log")
+        finally:
+            if old is None:
+                os.environ.pop(MARKER, None)
+            else:
+                os.environ[MARKER] = old
+        assert self.state is not None
+        self.state.minio_pid = self.minio.process.pid
+        self.state.minio_endpoint = self.minio.endpoint
+        self.state.minio_access_key = self.minio.access_key
+        self.state.minio_secret_key = self.minio.secret_key
+        self._save_state()
+
+    def _kwokctl_config(self) -> Path:
+        """KwokctlConfiguration: local binaries only, kwok manages annotated nodes only."""
+        pins = pinned_versions()
+        cfg = {
+            "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
+            "kind": "KwokctlConfiguration",
+            "options": {
+                "runtime": "binary",
+                "kubeVersion": pins["KUBERNETES_VERSION"],
+                "etcdVersion": pins["ETCD_VERSION"].lstrip("v"),
+                "kwokVersion": pins["KWOK_VERSION"],
+            },
+            "componentsPatches": [
+                {
+                    # kwokctl runs kwok with --manage-all-nodes=true; local-0 is ours.
+                    "name": "kwok-controller",
+                    "extraArgs": [
+                        {"key": "manage-all-nodes", "value": "false", "override": True},
+                        {"key": "manage-nodes-with-annotation-selector",
+                         "value": f"{FAKE_NODE_ANNOTATION}=fake"},
+                    ],
+                },
+                {
+                    # Pods asking for nvidia.com/gpu tolerate the GPU pool's taint (as on GKE).
+                    "name": "kube-apiserver",
+                    "extraArgs": [
+                        {"key": "enable-admission-plugins", "value": "ExtendedResourceToleration"},
+                    ],
+                },
+            ],
+        }
+        path = self.root / "kwokctl.yaml"
+        path.write_text(json.dumps(cfg, indent=2))  # JSON is YAML
+        return path
+
+    def _start_control_plane(self, bins: dict[str, Path]) -> None:
+        config = self._kwokctl_config()
+        cmd = [
+            str(bins["kwokctl"]), "--name", self.name, "create", "cluster",
+            "--config", str(config),
+            "--runtime", "binary",
+            "--kube-apiserver-binary", str(bins["kube-apiserver"]),
+            "--kube-controller-manager-binary", str(bins["kube-controller-manager"]),
+            "--kube-scheduler-binary", str(bins["kube-scheduler"]),
+            "--etcd-binary", str(bins["etcd"]),
+            "--kwok-controller-binary", str(bins["kwok"]),
+            "--secure-port=true", "--kube-authorization=true", "--kube-admission=true",
+            "--kubeconfig", "",
+            "--wait", "120s", "--timeout", "180s",
+        ]
+        log("starting the control plane (kwokctl --runtime binary)")
+        with open(self.logs / "kwokctl.log", "ab") as out:
+            result = subprocess.run(cmd, env=self._env(), stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, timeout=240)
+        if result.returncode != 0:
+            raise RuntimeError(f"kwokctl create cluster failed ({result.returncode}); see {self.logs / 'kwokctl.log'}")
+        generated = self.kwok_workdir / "clusters" / self.name / "kubeconfig.yaml"
+        shutil.copyfile(generated, self.kubeconfig)
+        self.kubeconfig.chmod(0o600)
+
+    def _create_nodes(self) -> None:
+        """KWOK GPU nodes (kwok keeps them Ready) and the local-0 Node object (the agent's)."""
+        items = []
+        for i in range(GPU_NODES):
+            name = f"gpu-{i}"
+            items.append({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {
+                    "name": name,
+                    "annotations": {FAKE_NODE_ANNOTATION: "fake", "node.alpha.kubernetes.io/ttl": "0"},
+                    "labels": {**GPU_POOL_LABELS, "kubernetes.io/hostname": name,
+                               "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
+                               "node-role.kubernetes.io/gpu": ""},
+                },
+                "spec": {"taints": [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]},
+                "status": {
+                    "allocatable": {"cpu": "96", "memory": "1500Gi", "pods": "110",
+                                    "nvidia.com/gpu": str(GPU_PER_NODE), "ephemeral-storage": "1Ti"},
+                    "capacity": {"cpu": "96", "memory": "1500Gi", "pods": "110",
+                                 "nvidia.com/gpu": str(GPU_PER_NODE), "ephemeral-storage": "1Ti"},
+                    "nodeInfo": {"architecture": "amd64", "operatingSystem": "linux",
+                                 "kubeletVersion": "fake", "kubeProxyVersion": "fake"},
+                },
+            })
+        body = json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
+        self.kubectl("apply", "-f", "-", input=body)
+
+    def _start_agent(self) -> None:
+        assert self.state is not None
+        log_file = open(self.logs / "node-agent.log", "ab")
+        cmd = [sys.executable, "-m", "tests.testbed.node_agent",
+               "--kubeconfig", str(self.kubeconfig), "--root", str(self.root), "--node", LOCAL_NODE]
+        env = self._env()
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        self.state.agent_pid = proc.pid
+        self._save_state()
+
+    def _wait_ready(self, timeout: float = 120) -> None:
+        """All nodes Ready, the default ServiceAccount and root CA published (pods can be made)."""
+        deadline = time.monotonic() + timeout
+        want = {f"gpu-{i}" for i in range(GPU_NODES)} | {LOCAL_NODE}
+        last = ""
+        while time.monotonic() < deadline:
+            if self.state and not _alive(self.state.agent_pid):
+                raise RuntimeError(f"node agent exited; see {self.logs / 'node-agent.log'}")
+            nodes = self.kubectl("get", "nodes", "-o", "json", check=False)
+            ready = set()
+            if nodes.returncode == 0:
+                for node in json.loads(nodes.stdout)["items"]:
+                    for cond in node.get("status", {}).get("conditions") or []:
+                        if cond["type"] == "Ready" and cond["status"] == "True":
+                            ready.add(node["metadata"]["name"])
+            sa = self.kubectl("get", "serviceaccount", "default", "-n", "default", check=False)
+            ca = self.kubectl("get", "configmap", "kube-root-ca.crt", "-n", "default", check=False)
+            if want <= ready and sa.returncode == 0 and ca.returncode == 0:
+                return
+            last = f"ready nodes {sorted(ready)}; default SA {sa.returncode == 0}; root CA {ca.returncode == 0}"
+            time.sleep(0.5)
+        raise TimeoutError(f"test bed not ready in {timeout} s: {last}")
+
+    def env_vars(self) -> dict[str, str]:
+        state = self.state or self.load_state()
+        assert state is not None
+        return {
+            "KUBECONFIG": str(self.kubeconfig),
+            "AWS_ENDPOINT_URL": f"http://{state.minio_endpoint}",
+            "AWS_ACCESS_KEY_ID": state.minio_access_key,
+            "AWS_SECRET_ACCESS_KEY": state.minio_secret_key,
+        }
+
+    def _write_env(self) -> None:
+        lines = ["# Test bed: `source .testbed/env`, then kubectl/helm talk to it."]
+        lines += [f"export {k}='{v}'" for k, v in self.env_vars().items()]
+        lines.append(f'export PATH="{self.bin_dir}:$PATH"')
+        self.env_file.write_text("\n".join(lines) + "\n")
+
+    # ---------------------------------------------------------------- stop
+    def stop(self, quiet: bool = False) -> list[int]:
+        """Stop everything of this root; returns the PIDs still alive afterwards (should be [])."""
+        state = self.load_state()
+        kwokctl = self.bin_dir / "kwokctl"
+        if state and _alive(state.agent_pid):
+            _terminate([state.agent_pid], grace=40)  # the agent ends its pods first
+        cluster_dir = self.kwok_workdir / "clusters" / (state.name if state else self.name)
+        if cluster_dir.exists() and kwokctl.exists():
+            with open(self.logs / "kwokctl.log", "ab") if self.logs.exists() else open(os.devnull, "wb") as out:
+                subprocess.run([str(kwokctl), "--name", state.name if state else self.name, "delete", "cluster"],
+                               env=self._env(), stdout=out, stderr=subprocess.STDOUT, timeout=120, check=False)
+        if self.minio is not None:
+            self.minio.stop()
+        elif state and _alive(state.minio_pid):
+            _terminate([state.minio_pid])
+        leftovers = marked_pids(self.root)
+        if leftovers:
+            if not quiet:
+                log(f"ending leftover test-bed processes {leftovers}")
+            _terminate(leftovers, grace=5)
+        self.state_file.unlink(missing_ok=True)
+        self.env_file.unlink(missing_ok=True)
+        return marked_pids(self.root)
+
+
+def cache_dir() -> Path:
+    return CACHE
+
+
+__all__ = ["Testbed", "build_binaries", "binaries", "marked_pids", "LOCAL_NODE", "GPU_NODES",
+           "GPU_PER_NODE", "GPU_POOL_LABELS", "MARKER", "REPO", "DEFAULT_ROOT", "free_port"]

@@ -1,0 +1,180 @@
+"""The LightningModule: what trains, the step, the optimizer. Side effects live in callbacks."""
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+
+from .config import TrainConfig
+from .data import step_generator
+from .errors import UserInputError
+from .loss import diffusion_target, prior_preservation_loss
+
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def sample_latents(params: torch.Tensor, scaling_factor: float, generator: torch.Generator) -> torch.Tensor:
+    """Draw from the VAE's diagonal Gaussian (mean, logvar stacked on channels), then scale."""
+    mean, logvar = params.float().chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+    return (mean + std * eps) * scaling_factor
+
+
+class DreamBoothModule(pl.LightningModule):
+    def __init__(self, cfg: TrainConfig, unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module,
+                 tokenizer: object, noise_scheduler: object, prompt_embeddings: torch.Tensor | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.tokenizer, self.noise_scheduler = tokenizer, noise_scheduler
+        self.strict_loading = False  # checkpoints hold only what trains
+        self.vae.requires_grad_(False).eval()
+        self.train_text = cfg.training.train_text_encoder
+        self.text_encoder.requires_grad_(False)
+        prompts = [cfg.data.instance_prompt, cfg.prior.class_prompt or ""]
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        self.register_buffer("prompt_ids", ids, persistent=False)
+        # Cached text embeddings (frozen text encoder): the hot step skips the encoder.
+        self.register_buffer("prompt_embeddings", prompt_embeddings, persistent=False)
+        self._configure_trainable()
+        self.ema = None
+        if cfg.training.ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.unet.parameters(), decay=cfg.training.ema_decay)
+        self.last_loss: float = math.nan
+
+    def _configure_trainable(self) -> None:
+        training = self.cfg.training
+        if training.lora.enabled:
+            from peft import LoraConfig
+
+            lora = training.lora
+            self.unet.requires_grad_(False)
+            self.unet.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, lora_dropout=lora.dropout,
+                                             init_lora_weights="gaussian", target_modules=list(lora.target_modules)))
+            if self.train_text:
+                self.text_encoder.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank,
+                                                         init_lora_weights="gaussian", target_modules=TEXT_LORA_TARGETS))
+        else:
+            self.unet.requires_grad_(True)
+            if self.train_text:
+                self.text_encoder.requires_grad_(True)
+        self.unet.train()
+        self.text_encoder.train(self.train_text)
+        if training.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if self.train_text:
+                self.text_encoder.gradient_checkpointing_enable()
+        if training.attention == "default":
+            from diffusers.models.attention_processor import AttnProcessor
+
+            self.unet.set_attn_processor(AttnProcessor())
+        if training.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+
+    # -- what is trained and saved ------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def state_dict(self, *args, **kwargs):  # noqa: D401 - torch signature
+        """Only trained modules: the frozen VAE (and text encoder) come from the base model."""
+        state = super().state_dict(*args, **kwargs)
+        keep = ("unet.",) + (("text_encoder.",) if self.train_text else ())
+        return {key: value for key, value in state.items() if key.startswith(keep)}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+        checkpoint["rng"] = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+        rng = checkpoint.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+    # -- the step -------------------------------------------------------------------------------
+    def encode_prompts(self, kinds: torch.Tensor) -> torch.Tensor:
+        if self.prompt_embeddings is not None and not self.train_text:
+            return self.prompt_embeddings[kinds]
+        return self.text_encoder(self.prompt_ids[kinds])[0]
+
+    def latent_params(self, batch: dict) -> torch.Tensor:
+        if "latent_params" in batch:
+            return batch["latent_params"]
+        with torch.no_grad():
+            pixels = batch["pixels"].to(self.device, next(self.vae.parameters()).dtype)
+            return self.vae.encode(pixels).latent_dist.parameters
+
+    def compute_loss(self, batch: dict) -> torch.Tensor:
+        generator = step_generator(self.cfg.training.seed, int(batch["micro_step"]), self.global_rank)
+        latents = sample_latents(self.latent_params(batch), self.vae.config.scaling_factor, generator).to(self.device)
+        noise = torch.randn(latents.shape, generator=generator).to(self.device)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        hidden = self.encode_prompts(batch["prompt_kind"].to(self.device))
+        if self.cfg.training.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        prediction = self.unet(noisy, timesteps, encoder_hidden_states=hidden).sample
+        target = diffusion_target(self.noise_scheduler, latents, noise, timesteps)
+        parts = prior_preservation_loss(prediction, target, int(batch["num_instance"]), self.cfg.prior.loss_weight)
+        self.log("loss/instance", parts.instance.detach(), on_step=True, prog_bar=False)
+        if parts.prior is not None:
+            self.log("loss/prior", parts.prior.detach(), on_step=True, prog_bar=False)
+        return parts.total
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch)
+        self.log("loss", loss.detach(), on_step=True, prog_bar=True)
+        return loss
+
+    def on_fit_start(self) -> None:
+        if self.ema is not None:
+            self.ema.to(self.device)
+        if self.cfg.training.compile:
+            self.unet.compile()  # in place: parameter names (and checkpoints) stay the same
+
+    def on_train_start(self) -> None:
+        self._ema_step = self.trainer.global_step
+
+    def on_train_batch_end(self, outputs: object, batch: dict, batch_idx: int) -> None:
+        # global_step moves only when the optimizer stepped: the EMA follows real updates only.
+        if self.ema is not None and self.trainer.global_step != self._ema_step:
+            self._ema_step = self.trainer.global_step
+            self.ema.step(self.unet.parameters())
+
+    # -- optimizer -------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict:
+        training = self.cfg.training
+        unet_params = [p for p in self.unet.parameters() if p.requires_grad]
+        groups = [{"params": unet_params, "lr": training.learning_rate}]
+        if self.train_text:
+            text_params = [p for p in self.text_encoder.parameters() if p.requires_grad]
+            groups.append({"params": text_params, "lr": training.text_encoder_learning_rate or training.learning_rate})
+        kwargs = dict(betas=(training.adam_beta1, training.adam_beta2), weight_decay=training.adam_weight_decay, eps=training.adam_epsilon)
+        if training.optimizer == "adamw_8bit":
+            optimizer = eight_bit_adamw(groups, kwargs)
+        else:
+            optimizer = torch.optim.AdamW(groups, fused=self.device.type == "cuda", **kwargs)
+        from diffusers.optimization import get_scheduler
+
+        scheduler = get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=training.lr_warmup_steps,
+                                  num_training_steps=training.max_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def eight_bit_adamw(groups: list[dict], kwargs: dict) -> torch.optim.Optimizer:
+    if not torch.cuda.is_available():
+        raise UserInputError("training.optimizer=adamw_8bit needs a CUDA GPU (bitsandbytes); use adamw on CPU")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UserInputError("training.optimizer=adamw_8bit needs bitsandbytes: pip install 'dreambooth-k8s[gpu]'") from None
+    return bnb.optim.AdamW8bit(groups, **kwargs)

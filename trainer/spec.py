@@ -1,0 +1,516 @@
+"""The DreamboothJob spec: the trainer config sections plus what the cluster needs.
+
+This model is the single source of truth for the CRD (`crd_manifest()` derives the OpenAPI
+schema from it), for the operator (which validates every spec with it) and for the trainer
+config (`train_config_from_spec()` is the one mapping). Imports only pydantic, yaml and the
+standard library, so the slim operator image never pulls torch.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, WithJsonSchema, field_validator, model_validator
+
+from .config import (
+    MODEL_SOURCE_RE,
+    ORDINARY_WORDS,
+    CheckpointingConfig,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    OutputConfig,
+    PriorConfig,
+    Section,
+    TrainConfig,
+    TrainingConfig,
+    ValidationConfig,
+    config_from_dict,
+)
+
+GROUP = "dreambooth.dev"
+VERSION = "v1alpha1"
+KIND = "DreamboothJob"
+PLURAL = "dreamboothjobs"
+SINGULAR = "dreamboothjob"
+SHORT_NAMES = ["dbj"]
+CATEGORIES = ["all", "dreambooth", "ml"]
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Bounds the CRD applies to every string and list, so CEL cost estimates stay finite; the
+# model enforces the same numbers (`_bounded`), so both refuse the same specs.
+MAX_STRING_LENGTH = 1024
+MAX_LIST_ITEMS = 64
+MAX_MAP_ENTRIES = 64
+# metadata.name feeds the Service, Job and pod host names (`<name>-train-<n>-<index>` <= 63).
+MAX_NAME_LENGTH = 40
+NAME_RE = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+MAX_NODES = 512
+MAX_RESTARTS = 100
+TOKEN_RE = r"^[A-Za-z0-9_<>-]+$"
+QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+# Fields the operator treats as the job's identity: changing them mid-run would not resume.
+IMMUTABLE_ONCE_RUNNING = ("model", "data", "prior", "training", "checkpointing", "validation", "resources", "storage")
+MUTABLE_PHASES = ("Pending",)
+
+
+def _quantity(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return str(value)
+    return value
+
+
+def _check_quantity(value: str) -> str:
+    if not QUANTITY_RE.match(value):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 8, 500m, 64Gi)")
+    return value
+
+
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity),
+    WithJsonSchema({"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]}),
+]
+
+
+class SecretKeyRef(Section):
+    name: str = Field(..., min_length=1, max_length=253, description="Secret in the job's namespace holding the storage credentials.")
+    access_key_key: str = Field("AWS_ACCESS_KEY_ID", min_length=1, description="Key of the access key id in the Secret.")
+    secret_key_key: str = Field("AWS_SECRET_ACCESS_KEY", min_length=1, description="Key of the secret access key in the Secret.")
+
+
+class StorageSpec(Section):
+    endpoint: str = Field(
+        ...,
+        pattern=r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$",
+        description="S3/MinIO endpoint as host[:port], no scheme (e.g. minio.storage.svc:9000).",
+    )
+    bucket: str = Field(..., pattern=r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$", description="Bucket for checkpoints, the final model, progress and samples.")
+    secure: bool = Field(False, description="Use https to reach the endpoint.")
+    region: str | None = Field(None, description="S3 region, when the endpoint needs one.")
+    credentials_secret_ref: SecretKeyRef = Field(..., description="Secret with the access key id and secret access key (read by secretKeyRef, never copied).")
+
+
+class ResourcesSpec(Section):
+    nodes: int = Field(1, ge=1, le=MAX_NODES, description="Pods in the gang: one per node, each running NPROC_PER_NODE ranks.")
+    accelerator: Literal["gpu", "cpu"] = Field(
+        "gpu", description="gpu: each pod asks for gpusPerNode nvidia.com/gpu and runs one rank per GPU (NCCL). cpu: no GPU asked, one rank per pod (gloo)."
+    )
+    gpus_per_node: int = Field(1, ge=1, le=16, description="nvidia.com/gpu per pod (and ranks per pod); must stay 1 when accelerator is cpu.")
+    cpu: Quantity = Field("8", description="CPU request and limit per pod.")
+    memory: Quantity = Field("64Gi", description="Memory request and limit per pod.")
+    shared_memory: Quantity = Field("8Gi", description="Size of the in-memory /dev/shm volume (dataloader workers, NCCL).")
+    image: str = Field("dreambooth-trainer:0.1.0", min_length=1, description="Trainer image (runs `dreambooth train`).")
+
+    @field_validator("cpu", "memory", "shared_memory")
+    @classmethod
+    def _quantities(cls, value: str) -> str:
+        return _check_quantity(value)
+
+
+class ServingResources(Section):
+    gpus: int = Field(1, ge=0, le=16, description="nvidia.com/gpu per inference pod (0: CPU).")
+    cpu: Quantity = Field("4", description="CPU request and limit per inference pod.")
+    memory: Quantity = Field("16Gi", description="Memory request and limit per inference pod.")
+
+    @field_validator("cpu", "memory")
+    @classmethod
+    def _quantities(cls, value: str) -> str:
+        return _check_quantity(value)
+
+
+class ServingSpec(Section):
+    enabled: bool = Field(True, description="On success, serve final/ with an inference Deployment and Service.")
+    replicas: int = Field(1, ge=1, le=64, description="Inference pods.")
+    resources: ServingResources = Field(default_factory=ServingResources)
+    image: str = Field("dreambooth-inference:0.1.0", min_length=1, description="Inference image (runs `dreambooth serve`).")
+
+
+class RunPolicySpec(Section):
+    max_restarts: int = Field(3, ge=0, le=MAX_RESTARTS, description="Whole-gang restarts after a failed or preempted pod before the job fails.")
+    active_deadline_seconds: int | None = Field(None, ge=1, description="Fail with DeadlineExceeded after this long running (suspended time excluded).")
+    suspend: bool = Field(False, description="true: remove the pods, keep the checkpoint; false again: resume from it.")
+    clean_pod_policy: Literal["None", "Running", "All"] = Field(
+        "Running", description="Pods removed when the job finishes: All, only still-running ones, or None."
+    )
+    ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the DreamboothJob (and all it owns) this long after it finished.")
+
+
+class Toleration(Section):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(None, ge=0)
+
+
+class SchedulingSpec(Section):
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the trainer pods must match.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations added to the trainer pods (GPU jobs also tolerate nvidia.com/gpu).")
+    priority_class_name: str | None = Field(None, description="PriorityClass of the trainer pods.")
+    scheduler_name: str | None = Field(None, description="Scheduler for the trainer pods (e.g. a gang scheduler).")
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on the Job and its pods (e.g. kueue.x-k8s.io/queue-name).")
+
+
+class DreamboothJobSpec(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    prior: PriorConfig = Field(default_factory=PriorConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    checkpointing: CheckpointingConfig = Field(default_factory=CheckpointingConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    storage: StorageSpec
+    serving: ServingSpec = Field(default_factory=ServingSpec)
+    run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec)
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded(cls, data: Any) -> Any:
+        _check_bounds(data, ())
+        return data
+
+    @model_validator(mode="after")
+    def _cluster_rules(self) -> "DreamboothJobSpec":
+        if not self.data.instance_uri.startswith("s3://"):
+            raise ValueError(f"data.instanceUri {self.data.instance_uri!r} must be an s3://bucket/prefix URI (pods share no volume)")
+        if self.resources.accelerator == "cpu" and self.resources.gpus_per_node != 1:
+            raise ValueError("resources.gpusPerNode must be 1 (or unset) when resources.accelerator is cpu")
+        try:
+            train_config_from_spec(self, f"s3://{self.storage.bucket}/jobs/validate")
+        except ConfigError as error:
+            raise ValueError(camel_keys(str(error))) from None
+        return self
+
+
+def _check_bounds(value: Any, path: tuple[str, ...]) -> None:
+    where = ".".join(path) or "spec"
+    if isinstance(value, str) and len(value) > MAX_STRING_LENGTH:
+        raise ValueError(f"{where}: longer than {MAX_STRING_LENGTH} characters")
+    if isinstance(value, list):
+        if len(value) > MAX_LIST_ITEMS:
+            raise ValueError(f"{where}: more than {MAX_LIST_ITEMS} items")
+        for item in value:
+            _check_bounds(item, path)
+    if isinstance(value, dict):
+        if len(value) > MAX_MAP_ENTRIES:
+            raise ValueError(f"{where}: more than {MAX_MAP_ENTRIES} entries")
+        for key, item in value.items():
+            _check_bounds(item, (*path, str(key)))
+
+
+def camel_keys(message: str) -> str:
+    """'config: data.instance_prompt ...' -> 'data.instancePrompt ...' (the CRD's spelling)."""
+    message = message.removeprefix("config: ")
+    return re.sub(r"\b(model|data|prior|training|checkpointing|validation)\.([a-z0-9_]+)", lambda m: f"{m.group(1)}.{_to_camel(m.group(2))}", message)
+
+
+def _to_camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def train_config_from_spec(spec: DreamboothJobSpec, output_uri: str) -> TrainConfig:
+    """The one mapping from a job spec to the trainer config the pods run."""
+    data = {
+        section: getattr(spec, section).model_dump(mode="json")
+        for section in ("model", "data", "prior", "training", "checkpointing", "validation")
+    }
+    data["output"] = OutputConfig(uri=output_uri, log_format="json").model_dump(mode="json")
+    return config_from_dict(data)
+
+
+def output_uri(spec: DreamboothJobSpec, namespace: str, name: str, uid: str) -> str:
+    return f"s3://{spec.storage.bucket}/jobs/{namespace}/{name}/{uid}"
+
+
+def parse_spec(data: dict[str, Any]) -> DreamboothJobSpec:
+    """Validate a CRD spec; errors name the camelCase field (`training.maxSteps: ...`)."""
+    try:
+        return DreamboothJobSpec.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_spec_error(error)) from None
+
+
+def format_spec_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field"
+        lines.append(f"spec.{key}: {message}" if key else f"spec.{message}")
+    return "; ".join(lines)
+
+
+# --- status -----------------------------------------------------------------------------
+
+
+class Condition(Section):
+    """metav1.Condition."""
+
+    type: str = Field(..., max_length=316)
+    status: Literal["True", "False", "Unknown"]
+    observed_generation: int | None = Field(None, ge=0)
+    last_transition_time: str = Field(..., json_schema_extra={"format": "date-time"})
+    reason: str = Field(..., max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    message: str = Field(..., max_length=32768)
+
+
+class ProgressStatus(Section):
+    step: int | None = None
+    total_steps: int | None = None
+    percent: float | None = None
+    loss: float | None = None
+    images_per_second: float | None = None
+    eta_seconds: float | None = None
+    eta: str | None = Field(None, description="Human form of etaSeconds (printer column).")
+    summary: str | None = Field(None, description="`step/total (percent%)` (printer column).")
+    update_time: str | None = Field(None, description="When rank 0 wrote the progress record.")
+
+
+class DreamboothJobStatus(Section):
+    phase: Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"] | None = None
+    message: str | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = None
+    progress: ProgressStatus | None = None
+    restarts: int | None = None
+    restart_at: str | None = Field(None, description="Earliest time the next gang starts (restart backoff).")
+    start_time: str | None = None
+    completion_time: str | None = None
+    latest_checkpoint: str | None = None
+    output_uri: str | None = None
+    endpoint: str | None = None
+
+
+# --- CRD --------------------------------------------------------------------------------
+
+_WORD_BOUNDARY_LEFT = "(^|[^A-Za-z0-9_])"
+_WORD_BOUNDARY_RIGHT = "([^A-Za-z0-9_]|$)"
+_ORDINARY = "[" + ", ".join(f"'{w}'" for w in sorted(ORDINARY_WORDS)) + "]"
+
+
+def _contains_token(text: str, token: str) -> str:
+    return f"{text}.matches('{_WORD_BOUNDARY_LEFT}' + {token} + '{_WORD_BOUNDARY_RIGHT}')"
+
+
+# CEL rules, by the path of the schema node they sit on. Each message names the field.
+CEL_RULES: dict[str, list[dict[str, str]]] = {
+    "": [
+        {
+            "rule": f"self.metadata.name.matches('{NAME_RE}') && size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+            "message": f"metadata.name must be a DNS-1035 label of at most {MAX_NAME_LENGTH} characters (it names the Service, Job and pods)",
+            "fieldPath": ".metadata.name",
+        },
+        *[
+            {
+                "rule": "!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase in "
+                + "[" + ", ".join(f"'{p}'" for p in MUTABLE_PHASES) + "]"
+                + f" || self.spec.{field} == oldSelf.spec.{field}",
+                "message": f"spec.{field} is immutable once the job is running; create a new DreamboothJob instead",
+                "fieldPath": f".spec.{field}",
+            }
+            for field in IMMUTABLE_ONCE_RUNNING
+        ],
+    ],
+    "spec": [
+        {
+            "rule": "!self.prior.enabled || (has(self.prior.classPrompt) && size(self.prior.classPrompt) > 0)",
+            "message": "spec.prior.classPrompt is required when spec.prior.enabled is true",
+            "fieldPath": ".prior.classPrompt",
+        },
+        {
+            "rule": "!self.prior.enabled || !has(self.prior.classPrompt) || !self.data.token.matches('"
+            + TOKEN_RE
+            + "') || !"
+            + _contains_token("self.prior.classPrompt", "self.data.token"),
+            "message": "spec.prior.classPrompt must not contain the token spec.data.token (it names the class, not the subject)",
+            "fieldPath": ".prior.classPrompt",
+        },
+        {
+            "rule": "!self.training.cacheLatents || self.data.centerCrop",
+            "message": "spec.training.cacheLatents needs spec.data.centerCrop=true (a random crop cannot be cached)",
+            "fieldPath": ".training.cacheLatents",
+        },
+    ],
+    "spec.data": [
+        {
+            "rule": f"self.token.matches('{TOKEN_RE}') && !(self.token.lowerAscii() in {_ORDINARY})",
+            "message": "spec.data.token must be one rare word (e.g. sks), not an ordinary word",
+            "fieldPath": ".token",
+        },
+        {
+            "rule": f"!self.token.matches('{TOKEN_RE}') || " + _contains_token("self.instancePrompt", "self.token"),
+            "message": "spec.data.instancePrompt must contain the token spec.data.token",
+            "fieldPath": ".instancePrompt",
+        },
+        {
+            "rule": "self.instanceUri.startsWith('s3://')",
+            "message": "spec.data.instanceUri must be an s3://bucket/prefix URI (pods share no volume)",
+            "fieldPath": ".instanceUri",
+        },
+        {
+            "rule": "self.resolution % 8 == 0",
+            "message": "spec.data.resolution must be a multiple of 8",
+            "fieldPath": ".resolution",
+        },
+    ],
+    "spec.model": [
+        {
+            "rule": "self.source.matches('" + MODEL_SOURCE_RE.pattern.replace("\\", "\\\\") + "')",
+            "message": "spec.model.source must be tiny, hf://org/name[@revision], s3://bucket/prefix or a local path",
+            "fieldPath": ".source",
+        },
+    ],
+    "spec.resources": [
+        {
+            "rule": "self.accelerator != 'cpu' || self.gpusPerNode == 1",
+            "message": "spec.resources.gpusPerNode must be 1 (or unset) when spec.resources.accelerator is cpu",
+            "fieldPath": ".gpusPerNode",
+        },
+    ],
+}
+
+PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
+    {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},
+    {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def openapi_schema(model: type[BaseModel], with_defaults: bool = True) -> dict[str, Any]:
+    """A structural OpenAPI v3 schema (what a CRD accepts) from a pydantic model."""
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    return _structural(raw, raw.get("$defs", {}), with_defaults)
+
+
+def _structural(node: dict[str, Any], defs: dict[str, Any], with_defaults: bool) -> dict[str, Any]:
+    if "$ref" in node:
+        target = copy.deepcopy(defs[node["$ref"].split("/")[-1]])
+        target.update({k: v for k, v in node.items() if k != "$ref"})
+        return _structural(target, defs, with_defaults)
+    if "x-kubernetes-int-or-string" in node:
+        out = {k: v for k, v in node.items() if k in ("x-kubernetes-int-or-string", "anyOf", "description")}
+        if with_defaults and "default" in node:
+            out["default"] = node["default"]
+        return out
+    node = dict(node)
+    if "anyOf" in node:
+        branches = [b for b in node.pop("anyOf") if b.get("type") != "null"]
+        if len(branches) != 1:
+            raise ValueError(f"cannot express {branches} in a structural schema")
+        allows_null = node.get("default", ...) is not None
+        merged = {**_structural(branches[0], defs, with_defaults), **node}
+        if allows_null and "default" in node:
+            merged["nullable"] = True  # null means "off" here (e.g. maxGradNorm: null), not "unset"
+        node = merged
+    out: dict[str, Any] = {}
+    if "description" in node:
+        out["description"] = node["description"]
+    out["type"] = node["type"]
+    for key in ("format", "minimum", "maximum", "minLength", "maxLength", "pattern", "enum", "nullable", "minItems", "maxItems"):
+        if key in node:
+            out[key] = node[key]
+    if "exclusiveMinimum" in node:
+        out["minimum"], out["exclusiveMinimum"] = node["exclusiveMinimum"], True
+    if "exclusiveMaximum" in node:
+        out["maximum"], out["exclusiveMaximum"] = node["exclusiveMaximum"], True
+    if out["type"] == "string":
+        out.setdefault("maxLength", MAX_STRING_LENGTH)
+    if out["type"] == "object":
+        if "properties" in node:
+            out["properties"] = {k: _structural(v, defs, with_defaults) for k, v in node["properties"].items()}
+            if node.get("required"):
+                out["required"] = list(node["required"])
+        elif isinstance(node.get("additionalProperties"), dict):
+            out["additionalProperties"] = _structural(node["additionalProperties"], defs, with_defaults)
+            out["maxProperties"] = MAX_MAP_ENTRIES
+    if out["type"] == "array":
+        out["items"] = _structural(node["items"], defs, with_defaults)
+        out.setdefault("maxItems", MAX_LIST_ITEMS)
+    if with_defaults and "default" in node and node["default"] is not None:
+        out["default"] = node["default"]
+    elif with_defaults and out["type"] == "object" and "properties" in out and "required" not in out:
+        out["default"] = {}  # so nested defaults apply when the whole section is left out
+    return out
+
+
+def _node_at(schema: dict[str, Any], path: str) -> dict[str, Any]:
+    node = schema
+    for part in filter(None, path.split(".")):
+        node = node["properties"][part]
+    return node
+
+
+def spec_schema() -> dict[str, Any]:
+    schema = openapi_schema(DreamboothJobSpec)
+    schema["description"] = "What to train, on what, and where to keep it. See examples/job.yaml."
+    return schema
+
+
+def status_schema() -> dict[str, Any]:
+    schema = openapi_schema(DreamboothJobStatus, with_defaults=False)
+    schema["description"] = "Observed state, written by the operator."
+    conditions = schema["properties"]["conditions"]
+    conditions["x-kubernetes-list-type"] = "map"
+    conditions["x-kubernetes-list-map-keys"] = ["type"]
+    # kopf keeps its own bookkeeping under status.kopf; keep it from being pruned.
+    schema["properties"]["kopf"] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    return schema
+
+
+def crd_manifest() -> dict[str, Any]:
+    root: dict[str, Any] = {
+        "type": "object",
+        "description": "A DreamBooth fine-tuning job: trains on a few photos of a subject across a gang of pods, then serves the model.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec_schema(),
+            "status": status_schema(),
+        },
+    }
+    for path, rules in CEL_RULES.items():
+        _node_at(root, path)["x-kubernetes-validations"] = copy.deepcopy(rules)
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": SHORT_NAMES,
+                "categories": CATEGORIES,
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {"openAPIV3Schema": root},
+                }
+            ],
+        },
+    }
+
+
+def crd_yaml() -> str:
+    header = "# Generated by `dreambooth crd` from dreambooth_trainer.spec; do not edit by hand.\n"
+    return header + yaml.safe_dump(crd_manifest(), sort_keys=False, width=120)

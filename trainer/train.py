@@ -1,0 +1,242 @@
+"""One training run, start to finish: read data, ensure class images, fit, checkpoint, export.
+
+`run_training(cfg)` is what `dreambooth train` calls in every pod (one process per rank; with
+NPROC_PER_NODE > 1 Lightning re-launches the command for the other local ranks).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+from .errors import UserInputError
+
+log = logging.getLogger("dreambooth.train")
+
+EXIT_OK = 0
+EXIT_SIGTERM = 143
+PRECISION = {"no": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this process runs and who it is in the gang."""
+
+    accelerator: str
+    devices: int
+    num_nodes: int
+    rank: int
+    world: int
+    backend: str
+
+
+def placement_from_env() -> Placement:
+    from .distributed import dist_env_from
+
+    env = dist_env_from()
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return Placement(
+        accelerator="gpu" if cuda else "cpu",
+        devices=env.nproc_per_node,
+        num_nodes=env.nnodes,
+        rank=env.node_rank * env.nproc_per_node + local_rank,
+        world=env.world_size,
+        backend="nccl" if cuda else "gloo",
+    )
+
+
+def json_logs_wanted(cfg: TrainConfig) -> bool:
+    choice = os.environ.get("DREAMBOOTH_LOG_FORMAT") or cfg.output.log_format
+    if choice == "auto":
+        return not sys.stderr.isatty()
+    return choice == "json"
+
+
+def check_runtime(cfg: TrainConfig) -> None:
+    """Refuse, before any work, what this machine cannot run."""
+    if cfg.training.optimizer == "adamw_8bit" and not torch.cuda.is_available():
+        raise UserInputError("training.optimizer=adamw_8bit needs a CUDA GPU (bitsandbytes); use adamw on CPU")
+    if cfg.training.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserInputError("training.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
+
+
+def frozen_dtype(cfg: TrainConfig) -> torch.dtype:
+    """Frozen modules run in half precision under mixed precision on a GPU (as diffusers does)."""
+    if not torch.cuda.is_available():
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.training.mixed_precision, torch.float32)
+
+
+@torch.no_grad()
+def encode_prompt_embeddings(text_encoder: torch.nn.Module, tokenizer: object, prompts: list[str]) -> torch.Tensor:
+    device = next(text_encoder.parameters()).device
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids.to(device))[0].float().cpu()
+
+
+def render_samples(pipeline: object, cfg: TrainConfig, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> bytes:
+    """A grid of validation images (instance prompt when none are configured) as PNG bytes."""
+    from diffusers import StableDiffusionPipeline
+
+    from .generate import ImageRequest, generate_images, image_grid, png_bytes
+
+    view = StableDiffusionPipeline(vae=pipeline.vae, text_encoder=text_encoder, tokenizer=pipeline.tokenizer, unet=unet,
+                                   scheduler=pipeline.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    validation = cfg.validation
+    prompts = validation.prompts or [cfg.data.instance_prompt]
+    requests = [ImageRequest(prompt, "", validation.seed + i) for prompt in prompts for i in range(validation.num_images)]
+    was_training = unet.training
+    unet.eval()
+    try:
+        with torch.autocast(unet.device.type, enabled=False):
+            images = generate_images(view, requests, steps=validation.steps, guidance=validation.guidance_scale,
+                                     height=cfg.data.resolution, width=cfg.data.resolution)
+    finally:
+        unet.train(was_training)
+    return png_bytes(image_grid(images, columns=validation.num_images))
+
+
+def quiet_libraries() -> None:
+    """Library chatter (deprecations, dtype notes, progress bars) drowns the training log."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 of the trained weights: equal on every rank when DDP kept them in sync."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run_training(cfg: TrainConfig) -> int:
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from pytorch_lightning.plugins.environments import LightningEnvironment
+    from pytorch_lightning.strategies import DDPStrategy
+
+    from .callbacks import CheckpointTrigger, ProgressReporter, ValidationSampler, configure_logging
+    from .checkpoint import ObjectStoreCheckpointIO, find_resume_checkpoint, step_of
+    from .class_images import ensure_class_images
+    from .data import DreamBoothBatches, ImageSet, LatentCache, list_images, read_images
+    from .distributed import dist_env_from, wait_for_master
+    from .export import export_pipeline
+    from .models import load_pipeline
+    from .module import DreamBoothModule
+    from .storage import S3Storage, open_storage
+    from .tiny import training_scheduler_for
+
+    json_logs = json_logs_wanted(cfg)
+    configure_logging(json_logs)
+    quiet_libraries()
+    check_runtime(cfg)
+    place = placement_from_env()
+    training = cfg.training
+    output = open_storage(cfg.output.uri)
+    if isinstance(output, S3Storage) and place.rank == 0:
+        output.ensure_bucket()
+
+    instance_storage = open_storage(cfg.data.instance_uri)
+    instance = ImageSet(read_images(instance_storage, list_images(instance_storage, "instance image"), "instance image"), cfg.data.instance_prompt)
+    resume_key = find_resume_checkpoint(output) if cfg.checkpointing.resume else None
+    start_step = step_of(resume_key) if resume_key else 0
+    log.info("starting", extra={"rank": place.rank, "world": place.world, "instance_images": len(instance.images),
+                                "resume_from": resume_key, "start_step": start_step, "output": output.describe()})
+
+    pl.seed_everything(training.seed, workers=True, verbose=False)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if place.accelerator == "gpu" else torch.device("cpu")
+    pipeline = load_pipeline(cfg.model.source, seed=training.seed, tiny_resolution=cfg.model.tiny_resolution)
+    pipeline.vae.to(device, frozen_dtype(cfg))
+    pipeline.text_encoder.to(device, torch.float32 if training.train_text_encoder else frozen_dtype(cfg))
+    pipeline.unet.to(device)
+
+    klass = None
+    generated = 0
+    if cfg.prior.enabled:
+        with torch.autocast(device.type, enabled=False):
+            result = ensure_class_images(cfg, pipeline, place.rank, place.world)
+        klass, generated = result.image_set, result.generated_here
+    rank_record = {"rank": place.rank, "class_images_generated": generated}
+    output.write_text(f"ranks/{place.rank}.json", json.dumps(rank_record))
+
+    latent_cache, prompt_embeddings = None, None
+    if training.cache_latents:
+        latent_cache = LatentCache()
+        flips = (False, True) if cfg.data.random_flip else (False,)
+        latent_cache.fill(pipeline.vae, [instance, klass], cfg.data.resolution, flips)
+        if not training.train_text_encoder:
+            prompt_embeddings = encode_prompt_embeddings(pipeline.text_encoder, pipeline.tokenizer,
+                                                         [cfg.data.instance_prompt, cfg.prior.class_prompt or ""])
+    module = DreamBoothModule(cfg, pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer,
+                              training_scheduler_for(pipeline), prompt_embeddings)
+
+    accumulate = training.gradient_accumulation_steps
+    batches = DreamBoothBatches(instance, klass, cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip,
+                                training.batch_size, training.seed, place.rank, place.world,
+                                start=start_step * accumulate, stop=training.max_steps * accumulate,
+                                latent_cache=latent_cache)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.data.num_workers)
+
+    workdir = Path(tempfile.mkdtemp(prefix="dreambooth-"))
+    tb_logger = TensorBoardLogger(save_dir=str(workdir), name="tb", version="") if cfg.output.tensorboard and place.rank == 0 else False
+    loggers: list = [tb_logger] if tb_logger else []
+    if cfg.output.wandb and place.rank == 0:
+        from pytorch_lightning.loggers import WandbLogger
+
+        loggers.append(WandbLogger(project=cfg.output.wandb_project, save_dir=str(workdir)))
+    trigger = CheckpointTrigger(cfg)
+    progress = ProgressReporter(cfg, output, place.world, start_step, workdir / "tb" if tb_logger else None, json_logs)
+    callbacks: list = [progress, trigger]
+    if cfg.validation.every_n_steps:
+        callbacks.append(ValidationSampler(cfg, output, lambda m: render_samples(pipeline, cfg, m.unet, m.text_encoder)))
+    strategy = (DDPStrategy(process_group_backend=place.backend, find_unused_parameters=False)
+                if place.world > 1 else "auto")
+    trainer = pl.Trainer(
+        accelerator=place.accelerator, devices=place.devices, num_nodes=place.num_nodes, strategy=strategy,
+        precision=PRECISION[training.mixed_precision], max_steps=training.max_steps,
+        accumulate_grad_batches=accumulate, gradient_clip_val=training.max_grad_norm,
+        logger=loggers or False, log_every_n_steps=1, callbacks=callbacks, enable_checkpointing=False,
+        plugins=[ObjectStoreCheckpointIO(output, cfg.checkpointing.keep_last), LightningEnvironment()],
+        use_distributed_sampler=False, enable_progress_bar=not json_logs, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(workdir),
+    )
+    wait_for_master(dist_env_from())
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_key)
+
+    output.write_text(f"ranks/{place.rank}.json", json.dumps({**rank_record, "step": trainer.global_step, "weights_sha256": weights_digest(module)}))
+    if trigger.stopped_by_sigterm:
+        log.info("stopped by SIGTERM after a checkpoint", extra={"step": trainer.global_step})
+        return EXIT_SIGTERM
+    if trainer.is_global_zero:
+        unet = module.unet
+        if module.ema is not None:
+            module.ema.store(unet.parameters())
+            module.ema.copy_to(unet.parameters())
+        final_uri = export_pipeline(pipeline, unet, module.text_encoder, output, lora=training.lora.enabled)
+        output.write_bytes("samples/final.png", render_samples(pipeline, cfg, unet, module.text_encoder))
+        progress.flush("succeeded")
+        log.info("done", extra={"final": final_uri, "step": trainer.global_step})
+    trainer.strategy.barrier("export")
+    return EXIT_OK
