@@ -134,8 +134,13 @@ class CheckpointTrigger(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         # Replaces Lightning's own handler (registered just before): we decide when to stop.
-        signal.signal(signal.SIGTERM, self._handle_sigterm)
+        self.previous_handler = signal.signal(signal.SIGTERM, self._handle_sigterm)
         self.seen_step = trainer.global_step
+
+    def teardown(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
+        if getattr(self, "previous_handler", None) is not None:
+            signal.signal(signal.SIGTERM, self.previous_handler)
+            self.previous_handler = None
 
     def stop_requested(self, trainer: pl.Trainer) -> bool:
         flag = torch.tensor(1.0 if self.sigterm else 0.0, device=trainer.strategy.root_device)

@@ -83,7 +83,8 @@ class DreamBoothModule(pl.LightningModule):
         """Only trained modules: the frozen VAE (and text encoder) come from the base model."""
         state = super().state_dict(*args, **kwargs)
         keep = ("unet.",) + (("text_encoder.",) if self.train_text else ())
-        return {key: value for key, value in state.items() if key.startswith(keep)}
+        lora_only = self.cfg.training.lora.enabled
+        return {key: value for key, value in state.items() if key.startswith(keep) and (not lora_only or "lora_" in key)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.ema is not None:
@@ -139,7 +140,7 @@ class DreamBoothModule(pl.LightningModule):
         if self.ema is not None:
             self.ema.to(self.device)
         if self.cfg.training.compile:
-            self.unet.compile()  # in place: parameter names (and checkpoints) stay the same
+            self.unet.compile(backend=self.cfg.training.compile_backend)  # in place: parameter names (and checkpoints) stay the same
 
     def on_train_start(self) -> None:
         self._ema_step = self.trainer.global_step

@@ -19,14 +19,14 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from .batcher import BatcherClosed, BatchShape, MicroBatcher, QueueFull
 
@@ -60,6 +60,22 @@ def api_token_from_env() -> str | None:
 # ---- HTTP bodies -------------------------------------------------------------------------
 
 
+def integral_number(value: Any) -> Any:
+    """JSON Schema counts 5.0 as an integer; strings and booleans still fail the strict check."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def json_int(**bounds: int) -> Any:
+    """An int with bounds; the bounds come before the validator so the JSON schema keeps them."""
+    return Annotated[int, Field(**bounds), BeforeValidator(integral_number)]
+
+
+Seed = json_int(ge=0, le=MAX_SEED)
+Side = json_int(ge=8, le=1024, multiple_of=8)
+ImageCount = json_int(ge=1, le=8)
+StepCount = json_int(ge=1, le=150)
+
+
 class GenerateBody(BaseModel):
     """One generation request. Unknown fields and wrong types are refused (strict)."""
 
@@ -67,12 +83,12 @@ class GenerateBody(BaseModel):
 
     prompt: str = Field(min_length=1, max_length=2000, description="What to draw.")
     negative_prompt: str = Field("", max_length=2000, description="What to avoid.")
-    num_images: int = Field(1, ge=1, le=8, description="1 answers image/png; more answer JSON.")
-    steps: int = Field(25, ge=1, le=150, description="Denoising steps.")
+    num_images: ImageCount = Field(1, description="1 answers image/png; more answer JSON.")
+    steps: StepCount = Field(25, description="Denoising steps.")
     guidance_scale: float = Field(7.5, ge=0, le=30, description="Classifier-free guidance; ≤ 1 turns it off.")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Image i uses seed + i; random when omitted.")
-    width: int | None = Field(None, ge=8, le=1024, multiple_of=8, description="Pixels; the model's size when omitted.")
-    height: int | None = Field(None, ge=8, le=1024, multiple_of=8, description="Pixels; the model's size when omitted.")
+    seed: Seed | None = Field(None, description="Image i uses seed + i; random when omitted.")
+    width: Side | None = Field(None, description="Pixels, a multiple of 8; the model's size when omitted.")
+    height: Side | None = Field(None, description="Pixels, a multiple of 8; the model's size when omitted.")
 
 
 class GeneratedImage(BaseModel):
@@ -304,8 +320,6 @@ def create_app(settings: ServerSettings | None = None, load: Callable[[], Any] |
     app.add_exception_handler(RequestValidationError, validation_errors)
 
     def require_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if settings.api_token is None:
-            return
         given = credentials.credentials if credentials else ""
         if not hmac.compare_digest(given.encode(), settings.api_token.encode()):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
@@ -316,7 +330,8 @@ def create_app(settings: ServerSettings | None = None, load: Callable[[], Any] |
         "/v1/generate",
         summary="Generate images",
         response_model=GenerateResult,
-        dependencies=[Depends(require_token)],
+        # Only a server with a token declares (and checks) bearer auth in its OpenAPI spec.
+        dependencies=[Depends(require_token)] if settings.api_token else [],
         responses={
             200: {
                 "description": "One image: the PNG itself (seed in X-Seed). Several: JSON with base64 PNGs and seeds.",

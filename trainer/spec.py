@@ -300,13 +300,20 @@ def _contains_token(text: str, token: str) -> str:
     return f"{text}.matches('{_WORD_BOUNDARY_LEFT}' + {token} + '{_WORD_BOUNDARY_RIGHT}')"
 
 
+def _quantity_rule(path: str, field: str) -> dict[str, str]:
+    return {
+        "rule": f"!has(self.{field}) || isQuantity(string(self.{field}))",
+        "message": f"{path}.{field} must be a Kubernetes quantity (e.g. 8, 500m, 64Gi)",
+        "fieldPath": f".{field}",
+    }
+
+
 # CEL rules, by the path of the schema node they sit on. Each message names the field.
 CEL_RULES: dict[str, list[dict[str, str]]] = {
     "": [
         {
             "rule": f"self.metadata.name.matches('{NAME_RE}') && size(self.metadata.name) <= {MAX_NAME_LENGTH}",
             "message": f"metadata.name must be a DNS-1035 label of at most {MAX_NAME_LENGTH} characters (it names the Service, Job and pods)",
-            "fieldPath": ".metadata.name",
         },
         *[
             {
@@ -374,7 +381,9 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
             "message": "spec.resources.gpusPerNode must be 1 (or unset) when spec.resources.accelerator is cpu",
             "fieldPath": ".gpusPerNode",
         },
+        *[_quantity_rule("spec.resources", field) for field in ("cpu", "memory", "sharedMemory")],
     ],
+    "spec.serving.resources": [_quantity_rule("spec.serving.resources", field) for field in ("cpu", "memory")],
 }
 
 PRINTER_COLUMNS = [
@@ -407,9 +416,11 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], with_defaults: bool)
         branches = [b for b in node.pop("anyOf") if b.get("type") != "null"]
         if len(branches) != 1:
             raise ValueError(f"cannot express {branches} in a structural schema")
-        allows_null = node.get("default", ...) is not None
-        merged = {**_structural(branches[0], defs, with_defaults), **node}
-        if allows_null and "default" in node:
+        branch = branches[0]
+        if "$ref" in branch:
+            branch = copy.deepcopy(defs[branch["$ref"].split("/")[-1]])
+        merged = {**branch, **node}
+        if "default" in node and node["default"] is not None:
             merged["nullable"] = True  # null means "off" here (e.g. maxGradNorm: null), not "unset"
         node = merged
     out: dict[str, Any] = {}
@@ -439,7 +450,8 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], with_defaults: bool)
     if with_defaults and "default" in node and node["default"] is not None:
         out["default"] = node["default"]
     elif with_defaults and out["type"] == "object" and "properties" in out and "required" not in out:
-        out["default"] = {}  # so nested defaults apply when the whole section is left out
+        # A section left out gets its fields' defaults (the API server checks CEL rules on it as is).
+        out["default"] = {key: child["default"] for key, child in out["properties"].items() if "default" in child}
     return out
 
 

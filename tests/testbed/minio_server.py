@@ -69,12 +69,13 @@ class MinioServer:
                 self.process.wait()
 
 
-def start_minio(data_dir: Path, log_path: Path | None = None, port: int | None = None) -> MinioServer:
+def start_minio(data_dir: Path, log_path: Path | None = None, port: int | None = None,
+                credentials: tuple[str, str] | None = None) -> MinioServer:
     """Start MinIO on 127.0.0.1 with random credentials and wait until it is live."""
     binary = cached_binary("minio", "MINIO_VERSION")
     port = port or free_port()
     console = free_port()
-    access, secret = "test" + secrets.token_hex(6), secrets.token_hex(20)
+    access, secret = credentials or ("test" + secrets.token_hex(6), secrets.token_hex(20))
     data_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, MINIO_ROOT_USER=access, MINIO_ROOT_PASSWORD=secret, MINIO_BROWSER="off")
     log = open(log_path or data_dir.parent / "minio.log", "ab")

@@ -1,0 +1,75 @@
+"""Tiny-model training fixtures: a subject folder, a config builder, a CLI runner."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dreambooth_trainer.config import TrainConfig, config_from_dict
+
+REPO = Path(__file__).resolve().parents[2]
+SUBJECT = REPO / "examples" / "tiny-subject"
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def tiny_config_dict(output: str, instance: str = str(SUBJECT), **sections: dict[str, Any]) -> dict[str, Any]:
+    base = {
+        "model": {"source": "tiny", "tiny_resolution": 32},
+        "data": {"instance_uri": instance, "instance_prompt": "a photo of sks toy", "resolution": 32},
+        "prior": {"class_prompt": "a photo of toy", "num_class_images": 2, "sample_steps": 2, "sample_batch_size": 2},
+        "training": {"max_steps": 2, "seed": 0, "learning_rate": 1e-3},
+        "checkpointing": {"every_n_steps": 100},
+        "output": {"uri": output, "tensorboard": False, "progress_every_seconds": 1},
+    }
+    return deep_merge(base, sections)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Class-image and model caches per test session, never the user's home."""
+    cache = tmp_path_factory.getbasetemp() / "dreambooth-cache"
+    monkeypatch.setenv("DREAMBOOTH_CACHE", str(cache))
+    monkeypatch.setenv("DREAMBOOTH_LOG_FORMAT", "json")
+    return cache
+
+
+@pytest.fixture()
+def make_config(tmp_path: Path):
+    def build(**sections: dict[str, Any]) -> TrainConfig:
+        return config_from_dict(tiny_config_dict(str(tmp_path / "out"), **sections))
+
+    return build
+
+
+def write_config(path: Path, data: dict[str, Any]) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the installed `dreambooth` command (the one pods run)."""
+    command = [str(Path(sys.executable).with_name("dreambooth")), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def metric_lines(folder: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def copy_subject(target: Path) -> Path:
+    shutil.copytree(SUBJECT, target)
+    return target
