@@ -25,6 +25,7 @@ from .storage import Storage
 
 log = logging.getLogger("dreambooth.train")
 
+SIGTERM_POLL_STEPS = 5
 METRICS = "metrics.jsonl"
 PROGRESS = "progress.json"
 
@@ -49,22 +50,26 @@ def read_metrics(storage: Storage, up_to_step: int) -> list[str]:
 
 
 class ProgressReporter(pl.Callback):
+    """Rank 0's record of training. Losses stay on the device until a flush, so the hot loop
+    never waits for the GPU; a flush (every `progress_every_seconds`) syncs once."""
+
     def __init__(self, cfg: TrainConfig, storage: Storage, world: int, start_step: int, tb_dir: Path | None, json_logs: bool):
         self.cfg, self.storage, self.world = cfg, storage, world
-        self.start_step = start_step
         self.tb_dir = tb_dir
         self.json_logs = json_logs
         self.lines: list[str] = read_metrics(storage, start_step)
+        self.pending: list[tuple[int, torch.Tensor, float, float]] = []  # step, loss (device), lr, time
         self.step_seconds: float | None = None
         self.last_step_time = time.monotonic()
         self.last_flush = 0.0
-        self.loss_sum, self.loss_count = 0.0, 0
+        self.loss_sum: torch.Tensor | None = None
+        self.loss_count = 0
         self.last_loss = math.nan
         self.step = start_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.loss_sum += float(loss.detach()) if torch.is_tensor(loss) else float(loss)
+        loss = (outputs["loss"] if isinstance(outputs, dict) else outputs).detach()
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
         self.loss_count += 1
         if trainer.global_step == self.step:
             return  # still accumulating
@@ -72,20 +77,26 @@ class ProgressReporter(pl.Callback):
         elapsed = now - self.last_step_time
         self.last_step_time = now
         self.step_seconds = elapsed if self.step_seconds is None else 0.8 * self.step_seconds + 0.2 * elapsed
-        loss_value = self.loss_sum / max(1, self.loss_count)
+        mean_loss = self.loss_sum / self.loss_count
         if self.world > 1:
-            reduced = trainer.strategy.reduce(torch.tensor(loss_value, device=module.device), reduce_op="mean")
-            loss_value = float(reduced)
-        self.loss_sum, self.loss_count = 0.0, 0
-        self.step, self.last_loss = trainer.global_step, loss_value
+            mean_loss = trainer.strategy.reduce(mean_loss, reduce_op="mean")
+        self.loss_sum, self.loss_count = None, 0
+        self.step = trainer.global_step
         if not trainer.is_global_zero:
             return
-        record = {"step": self.step, "loss": loss_value, "lr": trainer.optimizers[0].param_groups[0]["lr"], "time": time.time()}
-        self.lines.append(json.dumps(record))
-        if self.json_logs:
-            log.info("step", extra={**self.progress_record(), "lr": record["lr"]})
-        if now - self.last_flush >= self.cfg.output.progress_every_seconds or self.step == self.cfg.training.max_steps:
+        self.pending.append((self.step, mean_loss, trainer.optimizers[0].param_groups[0]["lr"], time.time()))
+        if now - self.last_flush >= self.cfg.output.progress_every_seconds or self.step >= self.cfg.training.max_steps:
             self.flush()
+
+    def drain(self) -> None:
+        """Move pending losses to metric lines: one device sync for all of them."""
+        if not self.pending:
+            return
+        values = torch.stack([loss.float() for _, loss, _, _ in self.pending]).cpu().tolist()
+        for (step, _, lr, stamp), value in zip(self.pending, values):
+            self.lines.append(json.dumps({"step": step, "loss": value, "lr": lr, "time": stamp}))
+        self.last_loss = values[-1]
+        self.pending.clear()
 
     def progress_record(self, state: str = "training") -> dict[str, Any]:
         total = self.cfg.training.max_steps
@@ -103,9 +114,13 @@ class ProgressReporter(pl.Callback):
         }
 
     def flush(self, state: str = "training") -> None:
+        self.drain()
         self.last_flush = time.monotonic()
+        record = self.progress_record(state)
+        if self.json_logs:
+            log.info("progress", extra=record)
         self.storage.write_text(METRICS, "\n".join(self.lines) + ("\n" if self.lines else ""))
-        self.storage.write_text(PROGRESS, json.dumps(self.progress_record(state)))
+        self.storage.write_text(PROGRESS, json.dumps(record))
         if self.tb_dir is not None and self.tb_dir.exists():
             self.storage.upload_tree("tb", self.tb_dir)
 
@@ -142,10 +157,15 @@ class CheckpointTrigger(pl.Callback):
             signal.signal(signal.SIGTERM, self.previous_handler)
             self.previous_handler = None
 
-    def stop_requested(self, trainer: pl.Trainer) -> bool:
+    def stop_requested(self, trainer: pl.Trainer, step: int) -> bool:
+        """Did any rank get SIGTERM? Asked every SIGTERM_POLL_STEPS steps in a gang: the
+        all-reduce makes the host wait for the GPU, and the grace period allows a few steps."""
+        if trainer.world_size == 1:
+            return self.sigterm
+        if step % SIGTERM_POLL_STEPS and step < self.max_steps:
+            return False
         flag = torch.tensor(1.0 if self.sigterm else 0.0, device=trainer.strategy.root_device)
-        if trainer.world_size > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -153,7 +173,7 @@ class CheckpointTrigger(pl.Callback):
         if step == self.seen_step:
             return  # mid-accumulation: the optimizer has not stepped
         self.seen_step = step
-        stop = self.on_sigterm and self.stop_requested(trainer)
+        stop = self.on_sigterm and self.stop_requested(trainer, step)
         if stop or step % self.every == 0 or step >= self.max_steps:
             self.save(trainer, step)
         if stop:

@@ -117,6 +117,8 @@ class TrainingConfig(Section):
     ema_decay: float = Field(0.9999, gt=0, lt=1)
     compile: bool = Field(False, description="torch.compile the UNet.")
     compile_backend: str = Field("inductor", description="torch.compile backend (inductor on GPUs; aot_eager compiles fast for checks).")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode; reduce-overhead adds CUDA graphs.")
     cache_latents: bool = Field(False, description="Encode images and prompts once; the hot step runs the UNet only.")
     attention: Literal["sdpa", "default"] = Field("sdpa", description="Attention kernel: PyTorch SDPA or the model's default.")
     channels_last: bool = Field(False, description="Channels-last memory format for the UNet (faster on GPUs).")

@@ -140,7 +140,10 @@ class DreamBoothModule(pl.LightningModule):
         if self.ema is not None:
             self.ema.to(self.device)
         if self.cfg.training.compile:
-            self.unet.compile(backend=self.cfg.training.compile_backend)  # in place: parameter names (and checkpoints) stay the same
+            training = self.cfg.training
+            mode = None if training.compile_mode == "default" else training.compile_mode
+            # In place: parameter names (and so checkpoints) stay the same.
+            self.unet.compile(backend=training.compile_backend, mode=mode)
 
     def on_train_start(self) -> None:
         self._ema_step = self.trainer.global_step

@@ -131,14 +131,50 @@ def weights_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def run_training(cfg: TrainConfig) -> int:
+def make_trainer(cfg: TrainConfig, place: Placement, output: "object", json_logs: bool, start_step: int,
+                 pipeline: object | None = None, extra_callbacks: list | None = None) -> tuple:
+    """The Lightning Trainer every run uses (and the benchmark measures): returns it with the
+    checkpoint trigger and the progress reporter, whose state the caller reads afterwards."""
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import TensorBoardLogger
     from pytorch_lightning.plugins.environments import LightningEnvironment
     from pytorch_lightning.strategies import DDPStrategy
 
-    from .callbacks import CheckpointTrigger, ProgressReporter, ValidationSampler, configure_logging
-    from .checkpoint import ObjectStoreCheckpointIO, find_resume_checkpoint, step_of
+    from .callbacks import CheckpointTrigger, ProgressReporter, ValidationSampler
+    from .checkpoint import ObjectStoreCheckpointIO
+
+    training = cfg.training
+    workdir = Path(tempfile.mkdtemp(prefix="dreambooth-"))
+    tb_logger = TensorBoardLogger(save_dir=str(workdir), name="tb", version="") if cfg.output.tensorboard and place.rank == 0 else False
+    loggers: list = [tb_logger] if tb_logger else []
+    if cfg.output.wandb and place.rank == 0:
+        from pytorch_lightning.loggers import WandbLogger
+
+        loggers.append(WandbLogger(project=cfg.output.wandb_project, save_dir=str(workdir)))
+    trigger = CheckpointTrigger(cfg)
+    progress = ProgressReporter(cfg, output, place.world, start_step, workdir / "tb" if tb_logger else None, json_logs)
+    callbacks: list = [progress, trigger, *(extra_callbacks or [])]
+    if cfg.validation.every_n_steps and pipeline is not None:
+        callbacks.append(ValidationSampler(cfg, output, lambda m: render_samples(pipeline, cfg, m.unet, m.text_encoder)))
+    strategy = (DDPStrategy(process_group_backend=place.backend, find_unused_parameters=False, gradient_as_bucket_view=True)
+                if place.world > 1 else "auto")
+    trainer = pl.Trainer(
+        accelerator=place.accelerator, devices=place.devices, num_nodes=place.num_nodes, strategy=strategy,
+        precision=PRECISION[training.mixed_precision], max_steps=training.max_steps,
+        accumulate_grad_batches=training.gradient_accumulation_steps, gradient_clip_val=training.max_grad_norm,
+        logger=loggers or False, log_every_n_steps=10, callbacks=callbacks, enable_checkpointing=False,
+        plugins=[ObjectStoreCheckpointIO(output, cfg.checkpointing.keep_last), LightningEnvironment()],
+        use_distributed_sampler=False, enable_progress_bar=not json_logs, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(workdir),
+    )
+    return trainer, trigger, progress
+
+
+def run_training(cfg: TrainConfig) -> int:
+    import pytorch_lightning as pl
+
+    from .callbacks import configure_logging
+    from .checkpoint import find_resume_checkpoint, step_of
     from .class_images import ensure_class_images
     from .data import DreamBoothBatches, ImageSet, LatentCache, list_images, read_images
     from .distributed import dist_env_from, wait_for_master
@@ -199,29 +235,7 @@ def run_training(cfg: TrainConfig) -> int:
                                 latent_cache=latent_cache)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.data.num_workers)
 
-    workdir = Path(tempfile.mkdtemp(prefix="dreambooth-"))
-    tb_logger = TensorBoardLogger(save_dir=str(workdir), name="tb", version="") if cfg.output.tensorboard and place.rank == 0 else False
-    loggers: list = [tb_logger] if tb_logger else []
-    if cfg.output.wandb and place.rank == 0:
-        from pytorch_lightning.loggers import WandbLogger
-
-        loggers.append(WandbLogger(project=cfg.output.wandb_project, save_dir=str(workdir)))
-    trigger = CheckpointTrigger(cfg)
-    progress = ProgressReporter(cfg, output, place.world, start_step, workdir / "tb" if tb_logger else None, json_logs)
-    callbacks: list = [progress, trigger]
-    if cfg.validation.every_n_steps:
-        callbacks.append(ValidationSampler(cfg, output, lambda m: render_samples(pipeline, cfg, m.unet, m.text_encoder)))
-    strategy = (DDPStrategy(process_group_backend=place.backend, find_unused_parameters=False)
-                if place.world > 1 else "auto")
-    trainer = pl.Trainer(
-        accelerator=place.accelerator, devices=place.devices, num_nodes=place.num_nodes, strategy=strategy,
-        precision=PRECISION[training.mixed_precision], max_steps=training.max_steps,
-        accumulate_grad_batches=accumulate, gradient_clip_val=training.max_grad_norm,
-        logger=loggers or False, log_every_n_steps=1, callbacks=callbacks, enable_checkpointing=False,
-        plugins=[ObjectStoreCheckpointIO(output, cfg.checkpointing.keep_last), LightningEnvironment()],
-        use_distributed_sampler=False, enable_progress_bar=not json_logs, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(workdir),
-    )
+    trainer, trigger, progress = make_trainer(cfg, place, output, json_logs, start_step, pipeline)
     wait_for_master(dist_env_from())
     trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_key)
 
