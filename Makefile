@@ -37,7 +37,7 @@ test-trainer: $(STAMP) testbed-binaries
 	$(PY) -m pytest tests/trainer $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) -m dreambooth_trainer.demo --out demo-output
+	$(PY) examples/demo.py --out demo-output
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_trainer.py --tiny

@@ -34,7 +34,8 @@ from dreambooth_trainer.data import DreamBoothBatches, ImageSet, LatentCache  # 
 from dreambooth_trainer.module import DreamBoothModule  # noqa: E402
 from dreambooth_trainer.storage import LocalStorage  # noqa: E402
 from dreambooth_trainer.tiny import tiny_tokenizer  # noqa: E402
-from dreambooth_trainer.train import Placement, encode_prompt_embeddings, make_trainer, quiet_libraries  # noqa: E402
+from dreambooth_trainer.models import quiet_libraries  # noqa: E402
+from dreambooth_trainer.train import Placement, encode_prompt_embeddings, make_trainer  # noqa: E402
 
 H100_H200_BF16_DENSE_TFLOPS = 989.4  # spec-sheet dense bf16 peak used for MFU
 

@@ -6,6 +6,8 @@ checkpoint (retry resumes); anything else is a failure worth a retry.
 """
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,6 +16,8 @@ import typer
 from .config import ConfigError, load_config
 
 EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is first imported
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="DreamBooth fine-tuning for Stable Diffusion.")
 
@@ -21,6 +25,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="DreamBooth f
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+@contextmanager
+def user_errors():
+    """Errors a user can act on become one line and an exit code, never a traceback."""
+    from .errors import UserInputError
+    from .storage import StorageError
+
+    try:
+        yield
+    except UserInputError as error:
+        fail(str(error))
+    except StorageError as error:
+        fail(str(error), EXIT_FAILED)
 
 
 @app.command()
@@ -33,13 +51,10 @@ def train(
         cfg = load_config(config, set_ or [])
     except ConfigError as error:
         fail(str(error))
-    from .errors import UserInputError
     from .train import run_training
 
-    try:
+    with user_errors():
         code = run_training(cfg)
-    except UserInputError as error:
-        fail(str(error))
     raise typer.Exit(code)
 
 
@@ -59,18 +74,20 @@ def generate(
 ) -> None:
     """Generate images from a model; the same seed gives the same bytes."""
     from .generate import ImageRequest, generate_images, png_bytes
-    from .models import load_pipeline
+    from .models import load_pipeline, quiet_libraries
 
+    quiet_libraries()
     for name, value in (("width", width), ("height", height)):
         if value is not None and (value <= 0 or value % 8):
             fail(f"--{name} must be a positive multiple of 8 (got {value})")
-    pipeline = load_pipeline(model)
-    if lora:
-        from .export import apply_lora
+    with user_errors():
+        pipeline = load_pipeline(model)
+        if lora:
+            from .export import apply_lora
 
-        apply_lora(pipeline, lora)
-    requests = [ImageRequest(prompt, negative_prompt, seed + index) for index in range(num_images)]
-    images = generate_images(pipeline, requests, steps=steps, guidance=guidance_scale, height=height, width=width)
+            apply_lora(pipeline, lora)
+        requests = [ImageRequest(prompt, negative_prompt, seed + index) for index in range(num_images)]
+        images = generate_images(pipeline, requests, steps=steps, guidance=guidance_scale, height=height, width=width)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if num_images == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(num_images)]
     for path, image in zip(paths, images):

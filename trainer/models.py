@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline
 
+from .errors import UserInputError
 from .storage import StorageError, is_s3, open_storage
 from .tiny import tiny_pipeline
 
@@ -38,7 +39,7 @@ def fetch_s3_model(uri: str) -> Path:
     if not done.exists():
         storage = open_storage(uri)
         if not storage.exists("model_index.json"):
-            raise StorageError(f"{uri} holds no model_index.json: not a diffusers model folder")
+            raise UserInputError(f"{uri} holds no model_index.json: not a diffusers model folder")
         storage.download_tree("", folder)
         done.write_text(uri)
     return folder
@@ -54,10 +55,25 @@ def load_pipeline(source: str, seed: int = 0, tiny_resolution: int = 32, dtype: 
         return StableDiffusionPipeline.from_pretrained(repo, revision=revision, **kwargs)
     folder = fetch_s3_model(source) if is_s3(source) else Path(source).expanduser()
     if not (folder / "model_index.json").exists():
-        raise FileNotFoundError(f"model source {source} has no model_index.json (not a diffusers folder)")
+        raise UserInputError(f"model source {source} has no model_index.json (not a diffusers folder)")
     return StableDiffusionPipeline.from_pretrained(str(folder), **kwargs)
 
 
 def sampler_for(pipeline: StableDiffusionPipeline, name: str) -> object:
     """A fresh inference scheduler of the named kind with the pipeline's beta schedule."""
     return SAMPLERS[name].from_config(pipeline.scheduler.config)
+
+
+def quiet_libraries() -> None:
+    """Library chatter (deprecations, dtype notes, progress bars) drowns the training log."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()

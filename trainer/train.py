@@ -105,21 +105,6 @@ def render_samples(pipeline: object, cfg: TrainConfig, unet: torch.nn.Module, te
     return png_bytes(image_grid(images, columns=validation.num_images))
 
 
-def quiet_libraries() -> None:
-    """Library chatter (deprecations, dtype notes, progress bars) drowns the training log."""
-    import warnings
-
-    import diffusers
-    import transformers
-
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-
-
 def weights_digest(module: torch.nn.Module) -> str:
     """sha256 of the trained weights: equal on every rank when DDP kept them in sync."""
     import hashlib
@@ -179,7 +164,7 @@ def run_training(cfg: TrainConfig) -> int:
     from .data import DreamBoothBatches, ImageSet, LatentCache, list_images, read_images
     from .distributed import dist_env_from, wait_for_master
     from .export import export_pipeline
-    from .models import load_pipeline
+    from .models import load_pipeline, quiet_libraries
     from .module import DreamBoothModule
     from .storage import S3Storage, open_storage
     from .tiny import training_scheduler_for
