@@ -94,7 +94,7 @@ def our_case(dev: str, tiny: bool, per_side: int, steps: int, warmup: int, compi
     timer = StepTimer(warmup, steps)
     place = Placement("gpu" if gpu else "cpu", 1, 1, 0, 1, "nccl" if gpu else "gloo")
     trainer, _, _ = make_trainer(cfg, place, LocalStorage(Path(cfg.output.uri)), True, 0, extra_callbacks=[timer])
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None, pin_memory=gpu))
     seconds = (timer.t1 - timer.t0) / steps
     images = 2 * per_side
     result = {"case": f"ours per_side={per_side} cached compile={compile_mode}", "s_per_step": round(seconds, 4),

@@ -90,9 +90,10 @@ def draw_indices(seed: int, stream: int, count: int, micro_step: int, rank: int,
     return draws
 
 
-def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
-    """The RNG for one micro-step's latent sampling, noise and timesteps."""
-    return torch.Generator().manual_seed(mix_seed(seed, 7, micro_step, rank))
+def step_generator(seed: int, micro_step: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The RNG for one micro-step's latent sampling, noise and timesteps, on the device that
+    draws them (a host-drawn tensor copied to a GPU would make the host wait for the GPU)."""
+    return torch.Generator(device).manual_seed(mix_seed(seed, 7, micro_step, rank))
 
 
 @dataclass

@@ -18,7 +18,7 @@ def sample_latents(params: torch.Tensor, scaling_factor: float, generator: torch
     """Draw from the VAE's diagonal Gaussian (mean, logvar stacked on channels), then scale."""
     mean, logvar = params.float().chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    eps = torch.randn(mean.shape, generator=generator).to(mean.device)
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device)
     return (mean + std * eps) * scaling_factor
 
 
@@ -114,11 +114,11 @@ class DreamBoothModule(pl.LightningModule):
             return self.vae.encode(pixels).latent_dist.parameters
 
     def compute_loss(self, batch: dict) -> torch.Tensor:
-        generator = step_generator(self.cfg.training.seed, int(batch["micro_step"]), self.global_rank)
-        latents = sample_latents(self.latent_params(batch), self.vae.config.scaling_factor, generator).to(self.device)
-        noise = torch.randn(latents.shape, generator=generator).to(self.device)
+        generator = step_generator(self.cfg.training.seed, int(batch["micro_step"]), self.global_rank, self.device)
+        latents = sample_latents(self.latent_params(batch).to(self.device), self.vae.config.scaling_factor, generator)
+        noise = torch.randn(latents.shape, generator=generator, device=self.device)
         steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(self.device)
+        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         hidden = self.encode_prompts(batch["prompt_kind"].to(self.device))
         if self.cfg.training.channels_last:

@@ -218,7 +218,9 @@ def run_training(cfg: TrainConfig) -> int:
                                 training.batch_size, training.seed, place.rank, place.world,
                                 start=start_step * accumulate, stop=training.max_steps * accumulate,
                                 latent_cache=latent_cache)
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.data.num_workers)
+    # Pinned host memory lets Lightning copy batches to the GPU without making the host wait.
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.data.num_workers,
+                                         pin_memory=place.accelerator == "gpu")
 
     trainer, trigger, progress = make_trainer(cfg, place, output, json_logs, start_step, pipeline)
     wait_for_master(dist_env_from())
