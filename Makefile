@@ -40,7 +40,7 @@ demo: $(STAMP)
 	$(PY) examples/demo.py --out demo-output
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_trainer.py --tiny
+	$(PY) benchmarks/bench_trainer.py
 
 clean:
 	rm -rf demo-output bench-output .pytest_cache

@@ -5,8 +5,8 @@ embeddings) driven by the same Lightning Trainer `dreambooth train` builds (make
 the progress reporter writing metrics.jsonl/progress.json as in a job. The baseline is
 diffusers' train_dreambooth.py inner loop (benchmarks/diffusers_loop_baseline.py).
 
-    python benchmarks/bench_trainer.py --tiny          # CPU, tiny shapes, seconds
-    python benchmarks/bench_trainer.py                 # GPU, SD1.5 shapes at 512 px, 1 + 1 images
+    python benchmarks/bench_trainer.py                 # GPU: SD1.5 shapes at 512 px, 1 + 1 images; CPU: tiny shapes
+    python benchmarks/bench_trainer.py --tiny          # tiny shapes anywhere (seconds)
 
 Prints one JSON line per case and `trainer_speedup: X.XX` (images/s, best of ours / baseline).
 """
@@ -118,12 +118,13 @@ def count_step_flops(module: DreamBoothModule, batches: DreamBoothBatches, dev: 
 def main() -> int:
     warnings.filterwarnings("ignore")
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU-friendly)")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (the default without a GPU)")
     parser.add_argument("--per-side", type=int, default=1, help="instance images per step (as many class images)")
     parser.add_argument("--modes", default="default,reduce-overhead", help="compile modes to try on a GPU")
     args = parser.parse_args()
     quiet_libraries()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    args.tiny = args.tiny or dev == "cpu"
     if dev == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
