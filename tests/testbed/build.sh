@@ -9,6 +9,9 @@ source "$here/versions.env"
 cache="${TESTBED_CACHE:-$HOME/.cache/dreambooth-testbed}"
 mkdir -p "$cache/bin"
 export GOFLAGS="${GOFLAGS:-} -trimpath"
+# Modules come from the configured Go module proxy only: no fallback to fetching from VCS.
+GOPROXY="$(go env GOPROXY)"; GOPROXY="${GOPROXY//,direct/}"; GOPROXY="${GOPROXY//|direct/}"
+export GOPROXY
 # Builds share the CPU with everything else on the machine: stay polite.
 nice_go() { nice -n "${TESTBED_NICE:-10}" go "$@"; }
 total_start=$SECONDS
@@ -16,7 +19,7 @@ built=0
 
 # Debian tools the node agent needs (present on the CI image; installed when missing).
 need_debs=()
-command -v unshare >/dev/null || need_debs+=(util-linux)
+{ command -v unshare && command -v nsenter; } >/dev/null || need_debs+=(util-linux)
 command -v ip >/dev/null || need_debs+=(iproute2)
 if [ ${#need_debs[@]} -gt 0 ]; then
   echo "installing ${need_debs[*]} (node agent)" >&2

@@ -16,7 +16,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tests.testbed.minio_server import CACHE, MinioServer, cached_binary, free_port, pinned_versions, start_minio
+from tests.testbed import podnet
+from tests.testbed.minio_server import MinioServer, cached_binary, free_port, pinned_versions, start_minio
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_ROOT = REPO / ".testbed"
@@ -127,8 +128,13 @@ def _terminate(pids: list[int], grace: float = 10.0) -> None:
 class Testbed:
     """One test bed rooted at `root` (kubeconfig, env, logs, kwok work dir, MinIO data)."""
 
-    def __init__(self, root: Path = DEFAULT_ROOT, name: str = "dreambooth-testbed") -> None:
+    def __init__(self, root: Path = DEFAULT_ROOT, name: str = "dreambooth-testbed",
+                 local_gpus: int | None = None) -> None:
         self.root = Path(root).resolve()
+        # nvidia.com/gpu that local-0 advertises (bookkeeping only; its pods run on the CPU).
+        self.local_gpus = int(os.environ.get("TESTBED_LOCAL_GPUS", "0")) if local_gpus is None else local_gpus
+        # Pod network on local-0: "netns" (a namespace and address per pod) or "loopback".
+        self.network = os.environ.get("TESTBED_NETWORK", "netns")
         self.name = name
         self.kubeconfig = self.root / "kubeconfig"
         self.env_file = self.root / "env"
@@ -138,6 +144,7 @@ class Testbed:
         self.bin_dir = self.root / "bin"
         self.minio: MinioServer | None = None
         self.state: State | None = None
+        self._agent: subprocess.Popen | None = None
 
     # ---------------------------------------------------------------- helpers
     def _env(self) -> dict[str, str]:
@@ -148,10 +155,13 @@ class Testbed:
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None,
                 timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(
+        result = subprocess.run(
             [str(self.bin_dir / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args],
-            capture_output=True, text=True, check=check, input=input, timeout=timeout,
+            capture_output=True, text=True, input=input, timeout=timeout,
         )
+        if check and result.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
+        return result
 
     def load_state(self) -> State | None:
         if self.state_file.exists():
@@ -177,6 +187,9 @@ class Testbed:
         t0 = time.monotonic()
         if self.root.exists():
             self.stop(quiet=True)
+            # A fresh start: the previous run's logs, pods, names, cluster and objects go.
+            for sub in ("logs", "pods", "hosts", "kwok", "minio"):
+                shutil.rmtree(self.root / sub, ignore_errors=True)
         for sub in (self.logs, self.bin_dir, self.kwok_workdir):
             sub.mkdir(parents=True, exist_ok=True)
         bins = binaries()
@@ -224,6 +237,7 @@ class Testbed:
             "kind": "KwokctlConfiguration",
             "options": {
                 "runtime": "binary",
+                "bindAddress": "127.0.0.1",  # nothing of the test bed listens beyond loopback
                 "kubeVersion": pins["KUBERNETES_VERSION"],
                 "etcdVersion": pins["ETCD_VERSION"].lstrip("v"),
                 "kwokVersion": pins["KWOK_VERSION"],
@@ -296,8 +310,6 @@ class Testbed:
                                     "nvidia.com/gpu": str(GPU_PER_NODE), "ephemeral-storage": "1Ti"},
                     "capacity": {"cpu": "96", "memory": "1500Gi", "pods": "110",
                                  "nvidia.com/gpu": str(GPU_PER_NODE), "ephemeral-storage": "1Ti"},
-                    "nodeInfo": {"architecture": "amd64", "operatingSystem": "linux",
-                                 "kubeletVersion": "fake", "kubeProxyVersion": "fake"},
                 },
             })
         body = json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
@@ -307,11 +319,18 @@ class Testbed:
         assert self.state is not None
         log_file = open(self.logs / "node-agent.log", "ab")
         cmd = [sys.executable, "-m", "tests.testbed.node_agent",
-               "--kubeconfig", str(self.kubeconfig), "--root", str(self.root), "--node", LOCAL_NODE]
+               "--kubeconfig", str(self.kubeconfig), "--root", str(self.root), "--node", LOCAL_NODE,
+               "--gpus", str(self.local_gpus), "--network", self.network]
+        if self.minio is not None:
+            cmd += ["--forward-port", self.minio.endpoint.rsplit(":", 1)[1]]
+        pki = self.kwok_workdir / "clusters" / self.name / "pki"
+        if (pki / "admin.crt").exists():  # kwok serves its kubelet API with the same pair
+            cmd += ["--tls-cert", str(pki / "admin.crt"), "--tls-key", str(pki / "admin.key")]
         env = self._env()
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        env.pop("PYTHONPATH", None)  # -m with cwd=REPO finds tests.testbed; a path entry would shadow stdlib `operator`
         proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
+        self._agent = proc
         self.state.agent_pid = proc.pid
         self._save_state()
 
@@ -361,6 +380,13 @@ class Testbed:
         kwokctl = self.bin_dir / "kwokctl"
         if state and _alive(state.agent_pid):
             _terminate([state.agent_pid], grace=40)  # the agent ends its pods first
+        if self._agent is not None:  # reap our child
+            try:
+                self._agent.wait(5)
+            except subprocess.TimeoutExpired:
+                self._agent.kill()
+                self._agent.wait()
+            self._agent = None
         cluster_dir = self.kwok_workdir / "clusters" / (state.name if state else self.name)
         if cluster_dir.exists() and kwokctl.exists():
             with open(self.logs / "kwokctl.log", "ab") if self.logs.exists() else open(os.devnull, "wb") as out:
@@ -375,13 +401,10 @@ class Testbed:
             if not quiet:
                 log(f"ending leftover test-bed processes {leftovers}")
             _terminate(leftovers, grace=5)
+        podnet.cleanup_after(self.root)  # network namespaces and bridge of local-0
         self.state_file.unlink(missing_ok=True)
         self.env_file.unlink(missing_ok=True)
         return marked_pids(self.root)
-
-
-def cache_dir() -> Path:
-    return CACHE
 
 
 __all__ = ["Testbed", "build_binaries", "binaries", "marked_pids", "LOCAL_NODE", "GPU_NODES",

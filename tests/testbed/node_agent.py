@@ -25,7 +25,7 @@ import argparse
 import base64
 import concurrent.futures
 import datetime as dt
-import hashlib
+import http.server
 import json
 import logging
 import os
@@ -39,12 +39,15 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
+
+from tests.testbed.podnet import Network, acquire_prefix, write_info
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
@@ -121,6 +124,7 @@ class PodRun:
         self.init_containers = [Container(c, True) for c in spec.get("initContainers") or []]
         self.containers = [Container(c, False) for c in spec.get("containers") or []]
         self.prepared = False
+        self.net_ready = False
         self.prepare_error: str | None = None
         self.phase = "Pending"
         self.terminating_since: float | None = None
@@ -139,6 +143,13 @@ class PodRun:
     @property
     def subdomain(self) -> str | None:
         return self.pod["spec"].get("subdomain")
+
+    @property
+    def host_network(self) -> bool:
+        return bool(self.pod["spec"].get("hostNetwork"))
+
+    def wrap_net(self, argv: list[str]) -> list[str]:
+        return self.agent.net.wrap(self.uid, argv) if self.net_ready else argv
 
     @property
     def restart_policy(self) -> str:
@@ -355,7 +366,10 @@ class PodRun:
             for c in self.init_containers + self.containers:
                 self.env_cache[c.name] = self.build_env(c.spec)
                 self.mounts_cache[c.name] = self.mounts_for(c.spec, volumes)
-        except ConfigError as e:
+            if not self.net_ready and not self.host_network:
+                self.agent.net.create(self.uid, self.ip)
+                self.net_ready = True
+        except (ConfigError, OSError) as e:
             if self.prepare_error != str(e):
                 log.info("pod %s/%s: %s", self.ns, self.name, e)
             self.prepare_error = str(e)
@@ -390,8 +404,9 @@ class PodRun:
             out.write(f"--- {now()} start {c.name} (restart {c.restart_count}): {argv}\n".encode())
             out.flush()
             c.proc = subprocess.Popen(
-                ["unshare", "--mount", "--uts", "--propagation", "private", "--",
-                 sys.executable, "-I", str(POD_EXEC), str(spec_path)],
+                self.wrap_net([
+                    "unshare", "--mount", "--uts", "--propagation", "private", "--",
+                    sys.executable, "-I", str(POD_EXEC), str(spec_path)]),
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, cwd=str(self.dir),
                 env={"PATH": os.environ.get("PATH", os.defpath), MARKER: str(self.agent.root)},
@@ -414,6 +429,10 @@ class PodRun:
         if rc is None:
             return False
         code = rc if rc >= 0 else 128 - rc
+        try:  # as when a container's PID 1 exits: whatever it left behind goes too
+            os.killpg(c.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         reason = "Completed" if code == 0 else "Error"
         c.terminated = {"exitCode": code, "reason": reason, "startedAt": c.started_at,
                         "finishedAt": now(), "containerID": c.container_id}
@@ -541,7 +560,8 @@ class PodRun:
             if "exec" in probe:
                 if c.proc is None:
                     return False
-                argv = ["nsenter", "-t", str(c.proc.pid), "-m", "-u", "--", *probe["exec"]["command"]]
+                spaces = ["-m", "-u", "-n"] if self.net_ready else ["-m", "-u"]
+                argv = ["nsenter", "-t", str(c.proc.pid), *spaces, "--", *probe["exec"]["command"]]
                 result = subprocess.run(argv, env=self.env_cache[c.name], cwd=str(self.dir),
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         timeout=max(timeout, 1.0))
@@ -651,9 +671,71 @@ class PodRun:
 
 
 # --------------------------------------------------------------------------------------
+MARK_LINE = re.compile(rb"^--- \d{4}-\d\d-\d\dT[0-9:]+Z (start|exit) ")
+
+
+class KubeletHandler(http.server.BaseHTTPRequestHandler):
+    """The part of the kubelet API the apiserver proxies for `kubectl logs` (containerLogs)."""
+
+    agent: "Agent"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        url = urllib.parse.urlsplit(self.path)
+        parts = url.path.strip("/").split("/")
+        if parts == ["healthz"]:
+            self._reply(200, b"ok")
+            return
+        if len(parts) != 4 or parts[0] != "containerLogs":
+            self._reply(501, b"local-0 serves only containerLogs (no exec, attach or port-forward)")
+            return
+        _, ns, pod, container = parts
+        query = urllib.parse.parse_qs(url.query)
+        path = self.agent.logs / f"{ns}_{pod}_{container}.log"
+        if not path.exists():
+            self._reply(404, f"no log for {ns}/{pod}/{container} on local-0".encode())
+            return
+        follow = query.get("follow", ["false"])[0] == "true"
+        tail = int(query.get("tailLines", ["-1"])[0])
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.end_headers()
+        with open(path, "rb") as f:
+            lines = [ln for ln in f.readlines() if not MARK_LINE.match(ln)]
+            if tail >= 0:
+                lines = lines[-tail:] if tail else []
+            self.wfile.write(b"".join(lines))
+            self.wfile.flush()
+            while follow and self.agent.container_running(ns, pod, container):
+                chunk = f.readline()
+                if not chunk:
+                    time.sleep(0.2)
+                    continue
+                if not MARK_LINE.match(chunk):
+                    self.wfile.write(chunk)
+                    self.wfile.flush()
+            for chunk in f.readlines() if follow else []:
+                if not MARK_LINE.match(chunk):
+                    self.wfile.write(chunk)
+
+    def _reply(self, code: int, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
 class Agent:
-    def __init__(self, kubeconfig: str, root: Path, node: str) -> None:
+    def __init__(self, kubeconfig: str, root: Path, node: str, tls_cert: str | None = None,
+                 tls_key: str | None = None, gpus: int = 0, network: str = "netns",
+                 forward_ports: list[int] | None = None) -> None:
         self.root = root
+        self.gpus = gpus
+        self.kubelet_port = 0
+        self.tls = (tls_cert, tls_key) if tls_cert and tls_key else None
         self.node = node
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -669,7 +751,8 @@ class Agent:
         self.runs: dict[str, PodRun] = {}
         self.probes = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="probe")
         # Each test bed gets its own 127.B.0.0/16 for pod addresses.
-        self.ip_prefix = 100 + int(hashlib.sha1(str(root).encode()).hexdigest(), 16) % 100
+        self.ip_prefix, self._prefix_lock = acquire_prefix(root)
+        self.net = Network(network, self.ip_prefix, [self.api_port, *(forward_ports or [])])
         self.free_ips: list[str] = []
         self.next_ip = 0
         self.stopping = False
@@ -681,13 +764,19 @@ class Agent:
     # ---------------------------------------------------------------- api helpers
     def raw(self, method: str, path: str, body: Any = None, query: list | None = None,
             content_type: str = "application/json") -> Any:
-        resp = self.api_client.call_api(
-            path, method, query_params=query or [], body=body,
+        """One API request, JSON in and out; ApiException on a non-2xx answer."""
+        m, url, headers, data, post = self.api_client.param_serialize(
+            method, path, query_params=query or [], body=body,
             header_params={"Content-Type": content_type, "Accept": "application/json"},
-            auth_settings=["BearerToken"], _preload_content=False, _request_timeout=30,
-        )[0]
-        data = resp.data
-        return json.loads(data) if data else None
+            auth_settings=["BearerToken"],
+        )
+        resp = self.api_client.call_api(m, url, header_params=headers, body=data, post_params=post,
+                                        _request_timeout=30)
+        payload = resp.read()
+        if not 200 <= resp.status < 300:
+            raise ApiException(status=resp.status, reason=resp.reason,
+                               body=payload.decode("utf-8", "replace") if payload else None)
+        return json.loads(payload) if payload else None
 
     def _get_cached(self, kind: str, ns: str, name: str, optional: bool) -> dict | None:
         key = (kind, ns, name)
@@ -744,7 +833,8 @@ class Agent:
             "metadata": {"name": self.node, "labels": {
                 "kubernetes.io/hostname": self.node, "kubernetes.io/os": "linux",
                 "kubernetes.io/arch": "amd64", "dreambooth.dev/pool": "local",
-                "node.kubernetes.io/instance-type": "local-process"}},
+                "node.kubernetes.io/instance-type": "local-process",
+                "testbed.dreambooth.dev/pod-network": self.net.mode}},
             "spec": {},
         }
         try:
@@ -753,10 +843,13 @@ class Agent:
             if e.status != 409:
                 raise
         capacity = {"cpu": "32", "memory": "64Gi", "pods": "110", "ephemeral-storage": "100Gi"}
+        if self.gpus:  # bookkeeping only: pods asking for them still run on the CPU
+            capacity["nvidia.com/gpu"] = str(self.gpus)
         self.raw("PATCH", f"/api/v1/nodes/{self.node}/status", {"status": {
             "capacity": capacity, "allocatable": capacity,
-            "addresses": [{"type": "InternalIP", "address": HOST_IP}, {"type": "Hostname", "address": self.node}],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+            # No Hostname address: the apiserver would dial "local-0" for logs.
+            "addresses": [{"type": "InternalIP", "address": HOST_IP}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.kubelet_port}},
             "nodeInfo": {"architecture": "amd64", "operatingSystem": "linux", "osImage": "local processes",
                          "kernelVersion": os.uname().release, "kubeletVersion": version,
                          "kubeProxyVersion": version, "containerRuntimeVersion": "local-process://1",
@@ -804,8 +897,7 @@ class Agent:
         if self.free_ips:
             return self.free_ips.pop(0)
         self.next_ip += 1
-        n = self.next_ip
-        return f"127.{self.ip_prefix}.{n // 250}.{n % 250 + 2}"
+        return self.net.address(self.next_ip)
 
     def hosts_file(self, ns: str) -> Path:
         path = self.root / "hosts" / ns
@@ -904,48 +996,33 @@ class Agent:
         run.deleted = True
         log.info("pod %s/%s: deleted", run.ns, run.name)
 
+    def agent_net_destroy(self, run: PodRun) -> None:
+        try:
+            self.net.destroy(run.uid)
+        except OSError:
+            log.exception("pod %s/%s: removing its network namespace failed", run.ns, run.name)
+
     def release(self, run: PodRun) -> None:
         for c in run.init_containers + run.containers:
             if c.proc is not None and c.proc.poll() is None:
                 run.kill_all()
                 break
         self.runs.pop(run.uid, None)
-        self.free_ips.append(run.ip)
+        if run.net_ready:
+            self.agent_net_destroy(run)
+        if run.ip != HOST_IP:
+            self.free_ips.append(run.ip)
         shutil.rmtree(run.dir, ignore_errors=True)
 
     def reconcile(self) -> None:
         pods = self.list_pods()
         seen = set()
         for pod in pods:
-            uid = pod["metadata"]["uid"]
-            seen.add(uid)
-            run = self.runs.get(uid)
-            deleting = pod["metadata"].get("deletionTimestamp") is not None
-            if run is None:
-                phase = (pod.get("status") or {}).get("phase")
-                if phase in ("Succeeded", "Failed"):
-                    if deleting:
-                        self.finalize_delete(PodRun(self, pod, "0.0.0.0"))
-                    continue  # finished before this agent started: nothing to run
-                if deleting:
-                    self.finalize_delete(PodRun(self, pod, "0.0.0.0"))
-                    continue
-                run = PodRun(self, pod, self.alloc_ip())
-                self.runs[uid] = run
-                log.info("pod %s/%s: admitted with IP %s", run.ns, run.name, run.ip)
-            run.pod = pod
-            if deleting:
-                grace = pod["metadata"].get("deletionGracePeriodSeconds")
-                run.begin_termination(float(30 if grace is None else grace))
-                if run.termination_done():
-                    if not run.terminal:
-                        run.phase = "Failed" if run.restart_policy == "Always" or any(
-                            c.terminated is None or c.terminated["exitCode"] != 0 for c in run.containers) else "Succeeded"
-                    self.push_status(run)
-                    self.finalize_delete(run)
-                continue
-            run.step()
-            self.push_status(run)
+            seen.add(pod["metadata"]["uid"])
+            try:
+                self.reconcile_pod(pod)
+            except Exception:  # noqa: BLE001 - one broken pod must not stall the others
+                log.exception("pod %s/%s: reconcile failed", pod["metadata"]["namespace"], pod["metadata"]["name"])
         for uid in list(self.runs):
             if uid not in seen:
                 run = self.runs[uid]
@@ -953,8 +1030,61 @@ class Agent:
                 self.release(run)
         self.refresh_hosts()
 
+    def reconcile_pod(self, pod: dict) -> None:
+        uid = pod["metadata"]["uid"]
+        run = self.runs.get(uid)
+        deleting = pod["metadata"].get("deletionTimestamp") is not None
+        if run is None:
+            phase = (pod.get("status") or {}).get("phase")
+            if phase in ("Succeeded", "Failed"):
+                if deleting:
+                    self.finalize_delete(PodRun(self, pod, "0.0.0.0"))
+                return  # finished before this agent started: nothing to run
+            if deleting:
+                self.finalize_delete(PodRun(self, pod, "0.0.0.0"))
+                return
+            run = PodRun(self, pod, HOST_IP if pod["spec"].get("hostNetwork") else self.alloc_ip())
+            self.runs[uid] = run
+            log.info("pod %s/%s: admitted with IP %s", run.ns, run.name, run.ip)
+        run.pod = pod
+        if deleting:
+            grace = pod["metadata"].get("deletionGracePeriodSeconds")
+            run.begin_termination(float(30 if grace is None else grace))
+            if run.termination_done():
+                if not run.terminal:
+                    run.phase = "Failed" if run.restart_policy == "Always" or any(
+                        c.terminated is None or c.terminated["exitCode"] != 0 for c in run.containers) else "Succeeded"
+                self.push_status(run)
+                self.finalize_delete(run)
+            return
+        run.step()
+        self.push_status(run)
+
+    def container_running(self, ns: str, pod: str, container: str) -> bool:
+        for run in list(self.runs.values()):
+            if run.ns == ns and run.name == pod:
+                return any(c.name == container and (c.running or c.proc is None and not run.terminal)
+                           for c in run.init_containers + run.containers) and not self.stopping
+        return False
+
+    def serve_kubelet_api(self) -> None:
+        """HTTPS on 127.0.0.1:<free port>: the apiserver proxies `kubectl logs` here."""
+        handler = type("Handler", (KubeletHandler,), {"agent": self})
+        server = http.server.ThreadingHTTPServer((HOST_IP, 0), handler)
+        server.daemon_threads = True
+        if self.tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*self.tls)
+            server.socket = ctx.wrap_socket(server.socket, server_side=True)
+        self.kubelet_port = server.server_address[1]
+        threading.Thread(target=server.serve_forever, daemon=True, name="kubelet-api").start()
+
     def run(self) -> None:
         self.started_at = now()
+        self.net.setup()
+        write_info(self.root, self.ip_prefix, self.net.mode)
+        log.info("pod network: %s, prefix %d", self.net.mode, self.ip_prefix)
+        self.serve_kubelet_api()
         self.register_node()
         threading.Thread(target=self.heartbeat_loop, daemon=True, name="heartbeat").start()
         while not self.stopping:
@@ -978,6 +1108,7 @@ class Agent:
         for run in runs:
             run.kill_all()
         self.probes.shutdown(wait=False, cancel_futures=True)
+        self.net.teardown()
         log.info("node agent stopped")
 
 
@@ -986,9 +1117,16 @@ def main() -> None:
     parser.add_argument("--kubeconfig", required=True)
     parser.add_argument("--root", required=True, type=Path)
     parser.add_argument("--node", default="local-0")
+    parser.add_argument("--tls-cert", help="serving certificate for the kubelet API (logs)")
+    parser.add_argument("--tls-key")
+    parser.add_argument("--network", choices=["netns", "loopback"], default="netns")
+    parser.add_argument("--forward-port", type=int, action="append", default=[],
+                        help="host 127.0.0.1 port that pods reach at their own 127.0.0.1 (netns mode)")
+    parser.add_argument("--gpus", type=int, default=0, help="nvidia.com/gpu capacity to advertise (no real GPUs)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    agent = Agent(args.kubeconfig, args.root.resolve(), args.node)
+    agent = Agent(args.kubeconfig, args.root.resolve(), args.node, args.tls_cert, args.tls_key, args.gpus,
+                  args.network, args.forward_port)
 
     def stop(signum: int, _frame: Any) -> None:
         agent.stopping = True

@@ -1,0 +1,169 @@
+"""pytest fixtures for the test bed (register with `pytest_plugins = ["tests.testbed.fixtures"]`).
+
+`testbed` (session): one test bed per session, started with the same code as
+`make testbed-up` (tests/testbed/cluster.py) under .testbed/pytest-<pid>/ and stopped at the
+end. `namespace` (function): a fresh namespace, deleted afterwards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.testbed.cluster import DEFAULT_ROOT, Testbed, marked_pids
+from tests.testbed.minio_server import MinioServer
+
+
+@dataclass
+class TestbedHandle:
+    """What tests get: paths, clients and helpers for the running test bed."""
+    __test__ = False  # not a test class
+
+    bed: Testbed
+    kubeconfig: Path
+    api_client: Any  # kubernetes.client.ApiClient
+    minio: MinioServer
+
+    @property
+    def root(self) -> Path:
+        return self.bed.root
+
+    @property
+    def logs(self) -> Path:
+        return self.bed.logs
+
+    @property
+    def bin_dir(self) -> Path:
+        return self.bed.bin_dir
+
+    def env(self) -> dict[str, str]:
+        """os.environ plus KUBECONFIG, the MinIO contract and the test-bed kubectl/helm on PATH."""
+        env = dict(os.environ, **self.bed.env_vars())
+        env["PATH"] = f"{self.bed.bin_dir}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None,
+                timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run the test-bed kubectl (admin kubeconfig); RuntimeError with stderr if check fails."""
+        return self.bed.kubectl(*args, check=check, input=input, timeout=timeout)
+
+    def apply(self, manifest: dict | list | str, namespace: str | None = None) -> None:
+        if isinstance(manifest, list):
+            manifest = {"apiVersion": "v1", "kind": "List", "items": manifest}
+        body = manifest if isinstance(manifest, str) else json.dumps(manifest)
+        self.kubectl("apply", *(["-n", namespace] if namespace else []), "-f", "-", input=body)
+
+    def get(self, kind: str, name: str, namespace: str | None = None) -> dict | None:
+        result = self.kubectl("get", kind, name, *(["-n", namespace] if namespace else []), "-o", "json",
+                              check=False)
+        if result.returncode != 0:
+            if "NotFound" in result.stderr:
+                return None
+            raise RuntimeError(result.stderr)
+        return json.loads(result.stdout)
+
+    def wait_for(self, what: str, predicate: Callable[[], Any], timeout: float = 60,
+                 interval: float = 0.3) -> Any:
+        """Poll predicate until it returns something truthy; TimeoutError naming `what`."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            last = predicate()
+            if last:
+                return last
+            time.sleep(interval)
+        raise TimeoutError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+    def pod_phase(self, name: str, namespace: str) -> str | None:
+        pod = self.get("pod", name, namespace)
+        return None if pod is None else (pod.get("status") or {}).get("phase")
+
+    def set_pod_phase(self, name: str, namespace: str, phase: str, exit_code: int | None = None) -> None:
+        """Drive a pod on a KWOK node to Succeeded/Failed (kwok only takes pods to Running)."""
+        code = exit_code if exit_code is not None else (0 if phase == "Succeeded" else 1)
+        pod = self.get("pod", name, namespace)
+        assert pod is not None, f"pod {namespace}/{name} not found"
+        finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        statuses = [{
+            "name": c["name"], "image": c.get("image", ""), "imageID": "", "ready": False,
+            "restartCount": 0, "started": False,
+            "state": {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                                     "finishedAt": finished, "startedAt": finished}},
+        } for c in pod["spec"]["containers"]]
+        patch = {"status": {"phase": phase, "containerStatuses": statuses,
+                            "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted"},
+                                           {"type": "ContainersReady", "status": "False",
+                                            "reason": "PodCompleted"}]}}
+        self.kubectl("patch", "pod", name, "-n", namespace, "--subresource=status", "--type=strategic",
+                     "-p", json.dumps(patch))
+
+    def pod_log(self, name: str, namespace: str, container: str | None = None) -> str:
+        """The log the local-0 agent wrote for a pod's container (first container by default)."""
+        if container is None:
+            pod = self.get("pod", name, namespace)
+            container = pod["spec"]["containers"][0]["name"] if pod else "main"
+        path = self.logs / f"{namespace}_{name}_{container}.log"
+        return path.read_text() if path.exists() else ""
+
+
+def _clean_stale_roots(base: Path) -> None:
+    """Remove .testbed/pytest-<pid> folders of sessions that are no longer running."""
+    for old in base.glob("pytest-*"):
+        m = re.fullmatch(r"pytest-(\d+)", old.name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid == os.getpid() or Path(f"/proc/{pid}").exists():
+            continue
+        Testbed(old, name=old.name).stop(quiet=True)
+        if not marked_pids(old.resolve()):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def testbed() -> Iterator[TestbedHandle]:
+    """A running test bed for the whole session (control plane, GPU nodes, local-0, MinIO)."""
+    from kubernetes import config
+
+    base = Path(os.environ.get("TESTBED_PYTEST_BASE", DEFAULT_ROOT))
+    base.mkdir(parents=True, exist_ok=True)
+    _clean_stale_roots(base)
+    name = f"pytest-{os.getpid()}"
+    bed = Testbed(base / name, name=name)
+    seconds = bed.start()
+    print(f"\n[testbed] started in {seconds:.1f} s at {bed.root}")
+    api_client = config.new_client_from_config(config_file=str(bed.kubeconfig))
+    assert bed.minio is not None
+    try:
+        yield TestbedHandle(bed=bed, kubeconfig=bed.kubeconfig, api_client=api_client, minio=bed.minio)
+    finally:
+        api_client.close()
+        left = bed.stop()
+        # Keep the logs for a failed run; drop the bulky rest.
+        for sub in ("kwok", "minio", "pods", "bin"):
+            shutil.rmtree(bed.root / sub, ignore_errors=True)
+        if left:
+            raise RuntimeError(f"test-bed processes left after stop: {left}")
+
+
+@pytest.fixture()
+def namespace(testbed: TestbedHandle, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace named after the test (the default ServiceAccount is waited for)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"{slug}-{uuid.uuid4().hex[:5]}"
+    testbed.kubectl("create", "namespace", name)
+    testbed.wait_for(f"default ServiceAccount in {name}",
+                     lambda: testbed.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0,
+                     timeout=30)
+    yield name
+    testbed.kubectl("delete", "namespace", name, "--wait=false", check=False)
