@@ -125,6 +125,25 @@ def _terminate(pids: list[int], grace: float = 10.0) -> None:
                 pass
 
 
+
+KWOK_STAGES = (
+    "node/fast/node-initialize.yaml",
+    "node/heartbeat-with-lease/node-heartbeat-with-lease.yaml",
+    "pod/fast/pod-ready.yaml",
+    "pod/fast/pod-delete.yaml",
+)
+
+
+def kwok_module_dir(version: str) -> Path:
+    """kwok's module source (its Stage YAMLs), from the module cache; fetched through the module
+    proxy if the cache lacks it (build.sh normally left it there when it built kwok)."""
+    result = subprocess.run(["go", "mod", "download", "-json", f"sigs.k8s.io/kwok@{version}"],
+                            capture_output=True, text=True, timeout=300, cwd="/")
+    if result.returncode != 0:
+        raise RuntimeError(f"cannot fetch the kwok {version} module: {result.stderr.strip() or result.stdout.strip()}")
+    return Path(json.loads(result.stdout)["Dir"])
+
+
 class Testbed:
     """One test bed rooted at `root` (kubeconfig, env, logs, kwok work dir, MinIO data)."""
 
@@ -261,8 +280,13 @@ class Testbed:
                 },
             ],
         }
+        # Our Stage set replaces kwokctl's defaults (a config holding any Stage uses only those):
+        # nodes initialise and heartbeat, pods go Running and deletions complete, but KWOK
+        # never completes Job pods by itself; lifecycle tests set those phases.
+        stage_dir = kwok_module_dir(pins["KWOK_VERSION"]) / "kustomize" / "stage"
+        stages = [(stage_dir / rel).read_text() for rel in KWOK_STAGES]
         path = self.root / "kwokctl.yaml"
-        path.write_text(json.dumps(cfg, indent=2))  # JSON is YAML
+        path.write_text("\n---\n".join([json.dumps(cfg, indent=2), *stages]))  # JSON is YAML
         return path
 
     def _start_control_plane(self, bins: dict[str, Path]) -> None:

@@ -1,0 +1,47 @@
+"""Prometheus metrics of the operator: jobs by phase, reconcile latency, gang restarts."""
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+PHASES = ("Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
+
+JOBS = Gauge("dreambooth_jobs", "DreamboothJobs known to this operator, by phase.", ["phase"])
+RECONCILE_SECONDS = Histogram(
+    "dreambooth_reconcile_seconds",
+    "Time to reconcile one DreamboothJob (read the world, decide, act, record).",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+RESTARTS = Counter("dreambooth_gang_restarts_total", "Whole-gang restarts after a failed or preempted pod.")
+TRANSITIONS = Counter("dreambooth_phase_transitions_total", "Phase changes, by the phase entered.", ["phase"])
+
+_phases: dict[str, str] = {}
+_lock = threading.Lock()
+
+
+def record_phase(key: str, phase: str) -> None:
+    with _lock:
+        previous = _phases.get(key)
+        _phases[key] = phase
+        _refresh()
+    if previous != phase:
+        TRANSITIONS.labels(phase=phase).inc()
+
+
+def forget(key: str) -> None:
+    with _lock:
+        _phases.pop(key, None)
+        _refresh()
+
+
+def _refresh() -> None:
+    counts = {phase: 0 for phase in PHASES}
+    for phase in _phases.values():
+        counts[phase] = counts.get(phase, 0) + 1
+    for phase, count in counts.items():
+        JOBS.labels(phase=phase).set(count)
+
+
+def serve(port: int) -> None:
+    start_http_server(port)

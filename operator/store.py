@@ -1,0 +1,178 @@
+"""The one module that reads object storage for the operator (through dreambooth_trainer.storage).
+
+Credentials come from the job's Secret (read by `kube`), never from the operator's own env.
+Reads are small: progress.json, `latest`, the first bytes of instance images.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from dreambooth_trainer.storage import S3Storage, StorageError, join_key, split_s3_uri, with_retries
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+MAGIC = {
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"BM": "BMP",
+}
+# Few attempts: a reconcile must not block a worker thread for long; the next tick retries.
+ATTEMPTS = 3
+
+
+class StoreUnavailable(RuntimeError):
+    """Storage could not be reached now; retry later."""
+
+
+class StoreRefused(RuntimeError):
+    """Storage answered, and the answer makes the job unrunnable (the message names the object)."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    endpoint: str
+    secure: bool
+    access_key: str
+    secret_key: str
+    region: str | None = None
+
+
+_clients: dict[Credentials, Any] = {}
+_clients_lock = threading.Lock()
+
+
+def _client(creds: Credentials) -> Any:
+    import urllib3
+    from minio import Minio
+
+    with _clients_lock:
+        if creds not in _clients:
+            # Short timeouts and few retries: an outage must not hold a reconcile for minutes.
+            http = urllib3.PoolManager(
+                timeout=urllib3.Timeout(connect=3, read=15),
+                retries=urllib3.Retry(total=1, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
+                maxsize=16,
+            )
+            _clients[creds] = Minio(
+                creds.endpoint, access_key=creds.access_key, secret_key=creds.secret_key,
+                secure=creds.secure, region=creds.region, http_client=http,
+            )
+        return _clients[creds]
+
+
+class _OperatorS3(S3Storage):
+    """dreambooth_trainer.storage's S3 access with the operator's shorter retry budget."""
+
+    def _call(self, action: Any, key: str) -> Any:
+        from minio.error import S3Error
+
+        try:
+            return with_retries(action, self.describe(key), attempts=ATTEMPTS)
+        except S3Error as error:
+            raise StorageError(self._explain(error, key)) from None
+
+
+def _storage(creds: Credentials, uri: str) -> S3Storage:
+    try:
+        bucket, prefix = split_s3_uri(uri)
+    except StorageError as error:
+        raise StoreRefused(str(error)) from None
+    return _OperatorS3(bucket, prefix, client=_client(creds))
+
+
+def _classify(error: Exception) -> Exception:
+    text = str(error)
+    if "unreachable" in text or isinstance(error, (OSError, ConnectionError)) or "urllib3" in type(error).__module__:
+        return StoreUnavailable(text)
+    return StoreRefused(text)
+
+
+def read_progress(creds: Credentials, output_uri: str) -> dict[str, Any] | None:
+    """progress.json written by rank 0, or None before the first record."""
+    text = _read_optional(creds, output_uri, "progress.json")
+    if text is None:
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        return None  # a torn read of a record being replaced; the next tick gets a whole one
+    return record if isinstance(record, dict) else None
+
+
+def read_latest_checkpoint(creds: Credentials, output_uri: str) -> str | None:
+    """The `latest` pointer as a full URI (s3://.../checkpoints/step-NNNNNNNN), or None."""
+    text = _read_optional(creds, output_uri, "latest")
+    if not text or not text.strip():
+        return None
+    return f"{output_uri.rstrip('/')}/{text.strip().strip('/')}"
+
+
+def _read_optional(creds: Credentials, uri: str, key: str) -> str | None:
+    storage = _storage(creds, uri)
+    try:
+        if not storage.exists(key):
+            return None
+        return storage.read_text(key)
+    except StorageError as error:
+        if "does not exist" in str(error):
+            return None
+        raise _classify(error) from None
+    except Exception as error:  # network errors that escaped the retries
+        raise _classify(error) from None
+
+
+def check_instance_images(creds: Credentials, instance_uri: str) -> int:
+    """Count the readable images under the instance prefix; refuse with the object's name."""
+    storage = _storage(creds, instance_uri)
+    try:
+        keys = storage.list()
+    except Exception as error:  # StorageError, or network errors that outlived the retries
+        raise _classify(error) from None
+    images = [k for k in keys if k.lower().endswith(IMAGE_SUFFIXES)]
+    if not images:
+        raise StoreRefused(f"no images (*.jpg, *.png, *.webp) under {instance_uri}")
+    for key in images:
+        head = _head(storage, key)
+        if not _looks_like_image(head):
+            raise StoreRefused(f"instance image {storage.describe(key)} is not a readable image (unknown header {head[:8].hex()})")
+    return len(images)
+
+
+def check_model_source(creds: Credentials, source: str) -> None:
+    """s3:// sources must hold a diffusers model (model_index.json); others are checked by the trainer."""
+    if not source.startswith("s3://"):
+        return
+    storage = _storage(creds, source)
+    try:
+        present = storage.exists("model_index.json")
+    except Exception as error:
+        raise _classify(error) from None
+    if not present:
+        raise StoreRefused(f"model source {source} holds no model_index.json (not a diffusers model folder)")
+
+
+def _head(storage: S3Storage, key: str, size: int = 16) -> bytes:
+    def action() -> bytes:
+        response = storage.client.get_object(storage.bucket, join_key(storage.prefix, key), offset=0, length=size)
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    try:
+        return with_retries(action, storage.describe(key), attempts=ATTEMPTS)
+    except StorageError as error:
+        raise _classify(error) from None
+    except Exception as error:
+        if "S3Error" in type(error).__name__:
+            raise StoreRefused(f"instance image {storage.describe(key)} cannot be read ({getattr(error, 'code', error)})") from None
+        raise _classify(error) from None
+
+
+def _looks_like_image(head: bytes) -> bool:
+    if any(head.startswith(magic) for magic in MAGIC):
+        return True
+    return head[:4] == b"RIFF" and head[8:12] == b"WEBP"

@@ -1,0 +1,100 @@
+"""Bad DreamboothJobs are refused by `kubectl apply` (OpenAPI schema + CEL), naming the field."""
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.testbed
+
+GOOD: dict[str, Any] = {
+    "data": {"instanceUri": "s3://dreambooth/subjects/rex", "instancePrompt": "a photo of sks dog"},
+    "prior": {"classPrompt": "a photo of dog"},
+    "resources": {"nodes": 2, "gpusPerNode": 8},
+    "storage": {"endpoint": "minio:9000", "bucket": "dreambooth", "credentialsSecretRef": {"name": "s3"}},
+}
+
+# (what, dotted changes, text the refusal must contain: the field)
+BAD = [
+    ("zero steps", {"training.maxSteps": 0}, "spec.training.maxSteps"),
+    ("zero gpus per node", {"resources.gpusPerNode": 0}, "spec.resources.gpusPerNode"),
+    ("zero nodes", {"resources.nodes": 0}, "spec.resources.nodes"),
+    ("token missing from the instance prompt", {"data.instancePrompt": "a photo of a dog"}, "spec.data.instancePrompt"),
+    ("token in the class prompt", {"prior.classPrompt": "a photo of sks dog"}, "spec.prior.classPrompt"),
+    ("ordinary word as token", {"data.token": "photo"}, "spec.data.token"),
+    ("prior without a class prompt", {"prior.classPrompt": None}, "spec.prior.classPrompt"),
+    ("resolution not a multiple of 8", {"data.resolution": 500}, "spec.data.resolution"),
+    ("unknown precision", {"training.mixedPrecision": "fp8"}, "spec.training.mixedPrecision"),
+    ("unknown field", {"training.maxStep": 10}, "spec.training.maxStep"),
+    ("instance data on a local path", {"data.instanceUri": "/data/rex"}, "spec.data.instanceUri"),
+    ("bad bucket name", {"storage.bucket": "Bad_Bucket"}, "spec.storage.bucket"),
+    ("endpoint with a scheme", {"storage.endpoint": "http://minio:9000"}, "spec.storage.endpoint"),
+    ("cpu job asking for several gpus", {"resources.accelerator": "cpu", "resources.gpusPerNode": 4}, "spec.resources.gpusPerNode"),
+    ("negative restarts", {"runPolicy.maxRestarts": -1}, "spec.runPolicy.maxRestarts"),
+    ("malformed model source", {"model.source": "hf://only-org"}, "spec.model.source"),
+    ("not a quantity", {"resources.memory": "lots"}, "spec.resources.memory"),
+    ("secret without a name", {"storage.credentialsSecretRef": {}}, "spec.storage.credentialsSecretRef.name"),
+    ("cached latents with a random crop", {"training.cacheLatents": True, "data.centerCrop": False}, "spec.training.cacheLatents"),
+]
+
+
+def with_changes(changes: dict[str, Any]) -> dict[str, Any]:
+    spec = copy.deepcopy(GOOD)
+    for dotted, value in changes.items():
+        node = spec
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value is None:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    return spec
+
+
+def apply(testbed: Any, namespace: str, name: str, spec: dict[str, Any]) -> Any:
+    manifest = {"apiVersion": "dreambooth.dev/v1alpha1", "kind": "DreamboothJob", "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+    return testbed.kubectl("apply", "-f", "-", input=json.dumps(manifest), check=False)
+
+
+def test_a_good_spec_is_accepted_with_defaults(testbed: Any, crd: str, namespace: str) -> None:
+    result = apply(testbed, namespace, "good", GOOD)
+    assert result.returncode == 0, result.stderr
+    stored = testbed.get("dreamboothjob", "good", namespace)["spec"]
+    assert stored["training"]["maxSteps"] == 400 and stored["prior"]["enabled"] is True
+    assert stored["runPolicy"] == {"maxRestarts": 3, "suspend": False, "cleanPodPolicy": "Running"}
+    short = testbed.kubectl("get", "dbj", "-n", namespace).stdout.split("\n")[0].split()
+    assert short == ["NAME", "PHASE", "PROGRESS", "ETA", "RESTARTS", "AGE"]
+
+
+@pytest.mark.parametrize(("what", "changes", "field"), BAD, ids=[b[0] for b in BAD])
+def test_a_bad_spec_is_refused_naming_the_field(testbed: Any, crd: str, namespace: str, what: str, changes: dict[str, Any], field: str) -> None:
+    result = apply(testbed, namespace, "bad", with_changes(changes))
+    assert result.returncode != 0, f"{what}: accepted"
+    assert field in result.stderr, result.stderr
+    assert testbed.get("dreamboothjob", "bad", namespace) is None
+
+
+def test_a_bad_name_is_refused(testbed: Any, crd: str, namespace: str) -> None:
+    result = apply(testbed, namespace, "a" * 41, GOOD)
+    assert result.returncode != 0 and "metadata.name" in result.stderr, result.stderr
+
+
+def test_training_fields_are_immutable_once_running(testbed: Any, crd: str, namespace: str) -> None:
+    assert apply(testbed, namespace, "frozen", GOOD).returncode == 0
+    changed = with_changes({"training.maxSteps": 10})
+    if not (testbed.get("dreamboothjob", "frozen", namespace).get("status") or {}).get("phase"):
+        # (an operator running in this session may already have judged it; then it is not Pending)
+        assert apply(testbed, namespace, "frozen", changed).returncode == 0, "a job that has not started may change"
+    status = {"status": {"phase": "Running", "restarts": 0}}
+    testbed.kubectl("patch", "dreamboothjob", "frozen", "-n", namespace, "--subresource=status", "--type=merge", "-p", json.dumps(status))
+    refused = apply(testbed, namespace, "frozen", with_changes({"training.maxSteps": 30}))
+    assert refused.returncode != 0 and "spec.training" in refused.stderr and "immutable" in refused.stderr, refused.stderr
+    refused = apply(testbed, namespace, "frozen", with_changes({"resources.nodes": 4}))
+    assert refused.returncode != 0 and "spec.resources" in refused.stderr, refused.stderr
+    allowed = copy.deepcopy(testbed.get("dreamboothjob", "frozen", namespace)["spec"])
+    allowed["runPolicy"]["suspend"] = True
+    result = apply(testbed, namespace, "frozen", allowed)
+    assert result.returncode == 0, f"runPolicy stays mutable: {result.stderr}"

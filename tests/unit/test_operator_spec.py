@@ -1,0 +1,223 @@
+"""The DreamboothJob spec model: CRD generation and sync, spec -> trainer config, bad specs."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from dreambooth_trainer.config import ConfigError, TrainConfig
+from dreambooth_trainer.spec import (
+    CEL_RULES,
+    crd_manifest,
+    crd_yaml,
+    output_uri,
+    parse_spec,
+    train_config_from_spec,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+CRD_FILE = REPO / "crds" / "dreambooth.dev_dreamboothjobs.yaml"
+
+MINIMAL: dict[str, Any] = {
+    "data": {"instanceUri": "s3://subjects/rex", "instancePrompt": "a photo of sks dog"},
+    "prior": {"classPrompt": "a photo of dog"},
+    "storage": {"endpoint": "minio:9000", "bucket": "dreambooth", "credentialsSecretRef": {"name": "s3"}},
+}
+
+
+def spec_with(**changes: Any) -> dict[str, Any]:
+    """MINIMAL with dotted keys replaced: spec_with(**{"training.maxSteps": 0})."""
+    spec = copy.deepcopy(MINIMAL)
+    for dotted, value in changes.items():
+        node = spec
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return spec
+
+
+# --- the CRD --------------------------------------------------------------------------
+
+
+def test_committed_crd_matches_the_model() -> None:
+    assert CRD_FILE.read_text() == crd_yaml(), "run `dreambooth crd > crds/dreambooth.dev_dreamboothjobs.yaml`"
+
+
+def test_cli_prints_the_crd() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "from dreambooth_trainer.cli import main; main()", "crd"],
+        capture_output=True, text=True, check=True,
+    )
+    assert result.stdout == crd_yaml()
+
+
+def test_crd_identity_and_printer_columns() -> None:
+    crd = crd_manifest()
+    assert crd["metadata"]["name"] == "dreamboothjobs.dreambooth.dev"
+    spec = crd["spec"]
+    assert spec["scope"] == "Namespaced"
+    assert spec["names"]["kind"] == "DreamboothJob"
+    assert spec["names"]["shortNames"] == ["dbj"]
+    assert spec["names"]["categories"]
+    (version,) = spec["versions"]
+    assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
+    assert version["subresources"] == {"status": {}}
+    assert [c["name"].upper() for c in version["additionalPrinterColumns"]] == ["PHASE", "PROGRESS", "ETA", "RESTARTS", "AGE"]
+
+
+def _walk(node: dict[str, Any], path: str = ""):
+    yield path, node
+    for key, child in (node.get("properties") or {}).items():
+        yield from _walk(child, f"{path}.{key}")
+    if isinstance(node.get("items"), dict):
+        yield from _walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _walk(node["additionalProperties"], f"{path}{{}}")
+
+
+def test_schema_is_structural() -> None:
+    root = crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, node in _walk(root):
+        assert "$ref" not in node and "$defs" not in node and "title" not in node, path
+        assert "type" in node or node.get("x-kubernetes-int-or-string"), f"{path} has no type"
+        assert not ("properties" in node and "additionalProperties" in node), path
+        if "anyOf" in node:
+            assert node.get("x-kubernetes-int-or-string"), f"{path}: anyOf only for int-or-string"
+        if "exclusiveMinimum" in node:
+            assert node["exclusiveMinimum"] is True and "minimum" in node, path
+        if node.get("type") == "string" and path.startswith((".spec", ".status")):
+            assert "maxLength" in node, f"{path}: CEL cost needs a bound"
+        if node.get("type") == "array":
+            assert "maxItems" in node, path
+
+
+def test_spec_defaults_are_valid_and_status_has_none() -> None:
+    root = crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, node in _walk(root["properties"]["status"], ".status"):
+        assert "default" not in node, path
+    spec = root["properties"]["spec"]["properties"]
+    assert spec["training"]["properties"]["maxSteps"] == {
+        "description": "Optimizer steps to train.", "type": "integer", "minimum": 0, "exclusiveMinimum": True, "default": 400,
+    }
+    # A section left out gets its fields' defaults, so CEL rules see prior.enabled etc.
+    assert spec["prior"]["default"]["enabled"] is True
+    assert spec["training"]["default"]["lora"] == {"enabled": False, "rank": 4, "dropout": 0.0}
+    assert "default" not in spec["data"]  # required sections get no default
+    assert spec["training"]["properties"]["maxGradNorm"]["nullable"] is True  # null disables clipping
+
+
+def test_status_keeps_every_operator_field() -> None:
+    status = crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    assert set(status["properties"]) >= {
+        "phase", "conditions", "progress", "restarts", "latestCheckpoint", "endpoint", "observedGeneration", "kopf",
+    }
+    condition = status["properties"]["conditions"]["items"]
+    assert set(condition["properties"]) == {"type", "status", "reason", "message", "lastTransitionTime", "observedGeneration"}
+    assert set(condition["required"]) == {"type", "status", "reason", "message", "lastTransitionTime"}
+    assert status["properties"]["conditions"]["x-kubernetes-list-map-keys"] == ["type"]
+    assert set(status["properties"]["progress"]["properties"]) >= {"step", "totalSteps", "percent", "loss", "imagesPerSecond", "etaSeconds"}
+
+
+def test_cel_rules_name_their_field() -> None:
+    root = crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    count = 0
+    for path, rules in CEL_RULES.items():
+        node = root
+        for part in filter(None, path.split(".")):
+            node = node["properties"][part]
+        assert node["x-kubernetes-validations"] == rules
+        for rule in rules:
+            count += 1
+            field = rule.get("fieldPath", ".metadata.name").lstrip(".")
+            assert field.split(".")[-1] in rule["message"], rule
+            assert "\n" not in rule["rule"]
+    assert count >= 12
+
+
+# --- spec -> trainer config -------------------------------------------------------------
+
+
+def test_train_config_from_spec_is_the_trainer_config() -> None:
+    spec = parse_spec(spec_with(**{"training.maxSteps": 12, "resources.nodes": 2}))
+    uri = output_uri(spec, "team-a", "rex", "u-1")
+    assert uri == "s3://dreambooth/jobs/team-a/rex/u-1"
+    config = train_config_from_spec(spec, uri)
+    assert isinstance(config, TrainConfig)
+    dumped = yaml.safe_load(config.to_yaml())
+    assert set(dumped) == {"model", "data", "prior", "training", "checkpointing", "validation", "output"}
+    assert dumped["training"]["max_steps"] == 12
+    assert dumped["data"] == {
+        "instance_uri": "s3://subjects/rex",
+        "instance_prompt": "a photo of sks dog",
+        "token": "sks",
+        "resolution": 512,
+        "center_crop": True,
+        "random_flip": False,
+        "num_workers": 0,
+    }
+    assert dumped["output"]["uri"] == uri
+    assert dumped["output"]["log_format"] == "json"
+    # The trainer reads its YAML back to the same config.
+    assert TrainConfig.model_validate(dumped) == config
+
+
+def test_examples_are_valid_specs() -> None:
+    for name in ("job.yaml", "job-tiny.yaml"):
+        manifest = yaml.safe_load((REPO / "examples" / name).read_text())
+        assert manifest["apiVersion"] == "dreambooth.dev/v1alpha1" and manifest["kind"] == "DreamboothJob"
+        parse_spec(manifest["spec"])
+    big = parse_spec(yaml.safe_load((REPO / "examples" / "job.yaml").read_text())["spec"])
+    assert (big.resources.nodes, big.resources.gpus_per_node, big.resources.accelerator) == (2, 8, "gpu")
+    assert big.model.source.startswith("hf://")
+    tiny = parse_spec(yaml.safe_load((REPO / "examples" / "job-tiny.yaml").read_text())["spec"])
+    assert (tiny.resources.nodes, tiny.resources.accelerator, tiny.model.source) == (2, "cpu", "tiny")
+
+
+def test_quantities_accept_numbers_and_strings() -> None:
+    spec = parse_spec(spec_with(**{"resources.cpu": 4, "resources.memory": "64Gi", "serving.resources.cpu": "500m"}))
+    assert (spec.resources.cpu, spec.resources.memory, spec.serving.resources.cpu) == ("4", "64Gi", "500m")
+
+
+# --- bad specs: refused, and the message names the field ---------------------------------
+
+BAD_SPECS = [
+    ("zero steps", {"training.maxSteps": 0}, "training.maxSteps"),
+    ("zero gpus", {"resources.gpusPerNode": 0}, "resources.gpusPerNode"),
+    ("zero nodes", {"resources.nodes": 0}, "resources.nodes"),
+    ("token missing from instance prompt", {"data.instancePrompt": "a photo of a dog"}, "data.instancePrompt"),
+    ("token in class prompt", {"prior.classPrompt": "a photo of sks dog"}, "prior.classPrompt"),
+    ("ordinary word as token", {"data.token": "dog", "data.instancePrompt": "a photo of dog"}, "data.token"),
+    ("class prompt missing", {"prior.classPrompt": None}, "prior.classPrompt"),
+    ("resolution not a multiple of 8", {"data.resolution": 500}, "data.resolution"),
+    ("unknown precision", {"training.mixedPrecision": "fp8"}, "training.mixedPrecision"),
+    ("unknown field", {"training.maxStep": 10}, "training.maxStep"),
+    ("instance data not in object storage", {"data.instanceUri": "/data/rex"}, "data.instanceUri"),
+    ("bad bucket name", {"storage.bucket": "Bad_Bucket"}, "storage.bucket"),
+    ("endpoint with a scheme", {"storage.endpoint": "http://minio:9000"}, "storage.endpoint"),
+    ("cpu job asking for gpus", {"resources.accelerator": "cpu", "resources.gpusPerNode": 4}, "resources.gpusPerNode"),
+    ("negative restarts", {"runPolicy.maxRestarts": -1}, "runPolicy.maxRestarts"),
+    ("malformed model source", {"model.source": "hf://only-org"}, "model.source"),
+    ("bad quantity", {"resources.memory": "lots"}, "resources.memory"),
+    ("missing secret name", {"storage.credentialsSecretRef": {}}, "storage.credentialsSecretRef.name"),
+    ("cached latents with random crop", {"training.cacheLatents": True, "data.centerCrop": False}, "training.cacheLatents"),
+]
+
+
+@pytest.mark.parametrize(("what", "changes", "field"), BAD_SPECS, ids=[b[0] for b in BAD_SPECS])
+def test_bad_spec_is_refused_naming_the_field(what: str, changes: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        parse_spec(spec_with(**changes))
+    assert f"spec.{field}" in str(refused.value), str(refused.value)
+
+
+def test_overlong_strings_and_lists_are_refused() -> None:
+    with pytest.raises(ConfigError, match="validation.prompts"):
+        parse_spec(spec_with(**{"validation.prompts": ["a photo of sks dog"] * 65}))
+    with pytest.raises(ConfigError, match="data.instancePrompt"):
+        parse_spec(spec_with(**{"data.instancePrompt": "a photo of sks dog " + "x" * 2000}))
