@@ -12,6 +12,8 @@ help:
 	@echo "make demo   - run the product end to end on this machine"
 	@echo "make test   - build what the tests need and run the whole suite"
 	@echo "make bench  - trainer throughput vs the diffusers-style baseline"
+	@echo "make bench-operator - 200 DreamboothJobs on 50 KWOK GPU nodes: apply->Job p50/p99, time to Running, operator RSS"
+	@echo "make testbed-up / testbed-down - the local Kubernetes test bed (source .testbed/env to use it)"
 
 # The venv is created once; packages are installed only when pyproject.toml changes
 # (uv links wheels from its cache, so a fresh clone installs in seconds once warm).
@@ -36,11 +38,14 @@ test-unit: $(STAMP)
 test-trainer: $(STAMP) testbed-binaries
 	$(PY) -m pytest tests/trainer $(PYTEST_ARGS)
 
-demo: $(STAMP)
+demo: $(STAMP) testbed-binaries
 	$(PY) examples/demo.py --out demo-output
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_trainer.py
+
+bench-operator: $(STAMP) testbed-binaries
+	$(PY) benchmarks/bench_operator.py
 
 clean:
 	rm -rf demo-output bench-output .pytest_cache

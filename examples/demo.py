@@ -1,7 +1,13 @@
-"""`make demo`: the product's main job on this machine, end to end, with the tiny model.
+"""`make demo`: the whole product on this machine.
 
-Trains examples/train-tiny.yaml (prior preservation, checkpoints, export), then generates
-images of the learned subject into demo-output/. Prints where everything is.
+1. the test bed comes up (a real control plane, KWOK GPU nodes, the process-running node
+   local-0, MinIO; built once from pinned Go modules);
+2. the DreamboothJob CRD is installed and the operator starts (`kopf run`);
+3. the tiny subject's photos go to MinIO and `examples/job-tiny.yaml` is applied;
+4. phase, progress and ETA are printed as `kubectl get dbj` shows them, through Succeeded and
+   ServingReady (2 trainer pods x 1 process over gloo, then an inference Deployment);
+5. an image is fetched from the endpoint into demo-output/, and a summary says where
+   everything is and how to tear it down.
 """
 from __future__ import annotations
 
@@ -11,37 +17,143 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.testbed.cluster import MARKER, Testbed, build_binaries  # noqa: E402
+
+NAMESPACE = "demo"
+BUCKET = "dreambooth"
+SECRET = "dreambooth-s3"
+EXAMPLE = REPO / "examples" / "job-tiny.yaml"
+SUBJECT = REPO / "examples" / "tiny-subject"
 
 
-def dreambooth(*args: str) -> None:
-    command = [str(Path(sys.executable).with_name("dreambooth")), *args]
-    print("$ dreambooth " + " ".join(args), flush=True)
-    subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "DREAMBOOTH_LOG_FORMAT": "text"})
+def say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def start_testbed(root: Path) -> Testbed:
+    bed = Testbed(root)
+    built = build_binaries()
+    if bed.is_up():
+        say(f"test bed already up at {root}")
+    else:
+        say(f"starting the test bed (binaries: {built:.0f} s) ...")
+        say(f"test bed up in {bed.start():.0f} s")
+    return bed
+
+
+def start_operator(bed: Testbed, log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, **bed.env_vars(), MARKER: str(bed.root), "DREAMBOOTH_OPERATOR_METRICS_PORT": "0"}
+    kopf = Path(sys.executable).with_name("kopf")
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([str(kopf), "run", "-m", "dreambooth_operator.handlers", "--all-namespaces", "--standalone"],
+                                env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+
+def upload_subject(bed: Testbed, prefix: str) -> str:
+    from minio import Minio
+
+    env = bed.env_vars()
+    client = Minio(env["AWS_ENDPOINT_URL"].removeprefix("http://"), env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], secure=False)
+    if not client.bucket_exists(BUCKET):
+        client.make_bucket(BUCKET)
+    for photo in sorted(SUBJECT.glob("*.png")):
+        client.fput_object(BUCKET, f"{prefix}/{photo.name}", str(photo))
+    return f"s3://{BUCKET}/{prefix}"
+
+
+def apply(bed: Testbed, manifest: dict[str, Any]) -> None:
+    bed.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(manifest))
+
+
+def condition(job: dict[str, Any], kind: str) -> str | None:
+    found = [c for c in (job.get("status") or {}).get("conditions") or [] if c["type"] == kind]
+    return found[0]["status"] if found else None
+
+
+def follow(bed: Testbed, name: str, timeout: float = 1200) -> dict[str, Any]:
+    """Print `kubectl get dbj` whenever its row changes, until Succeeded and ServingReady."""
+    deadline = time.monotonic() + timeout
+    last_row = ""
+    print(bed.kubectl("get", "dbj", name, "-n", NAMESPACE).stdout.splitlines()[0], flush=True)
+    while time.monotonic() < deadline:
+        row = bed.kubectl("get", "dbj", name, "-n", NAMESPACE, "--no-headers").stdout.strip()
+        if row != last_row:
+            print(row, flush=True)
+            last_row = row
+        job = json.loads(bed.kubectl("get", "dbj", name, "-n", NAMESPACE, "-o", "json").stdout)
+        phase = (job.get("status") or {}).get("phase")
+        if phase == "Failed":
+            raise SystemExit(f"[demo] the job failed: {json.dumps(job['status'], indent=1)}")
+        if phase == "Succeeded" and condition(job, "ServingReady") == "True":
+            return job
+        time.sleep(1)
+    raise SystemExit(f"[demo] the job did not finish in {timeout:.0f} s")
+
+
+def fetch_image(bed: Testbed, prompt: str, target: Path) -> None:
+    pods = json.loads(bed.kubectl("get", "pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=inference", "-o", "json").stdout)["items"]
+    ip = next(p["status"]["podIP"] for p in pods if p["status"].get("phase") == "Running")
+    body = json.dumps({"prompt": prompt, "steps": 10, "seed": 1}).encode()
+    request = urllib.request.Request(f"http://{ip}:8080/v1/generate", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        target.write_bytes(response.read())
+    say(f'POST http://{ip}:8080/v1/generate {{"prompt": "{prompt}"}} -> {target}')
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo-output", type=Path)
+    parser.add_argument("--root", default=REPO / ".testbed", type=Path)
     args = parser.parse_args()
     out = (REPO / args.out).resolve()
-    run = out / "run"
+    out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    dreambooth("train", "examples/train-tiny.yaml", "--set", f"output.uri={run}")
-    prompts = {"subject.png": "a photo of sks toy", "subject-on-the-moon.png": "a photo of sks toy on the moon"}
-    for name, prompt in prompts.items():
-        dreambooth("generate", "--model", str(run / "final"), "--prompt", prompt, "--steps", "10", "--seed", "1",
-                   "--out", str(out / name))
-    progress = json.loads((run / "progress.json").read_text())
-    print(f"\nDemo finished in {time.monotonic() - started:.0f} s: {progress['step']}/{progress['total_steps']} steps, "
-          f"final loss {progress['loss']}")
-    print(f"  model (diffusers layout): {run / 'final'}")
-    print(f"  checkpoints:              {run / 'checkpoints'} (latest: {(run / 'latest').read_text()})")
-    print(f"  metrics and progress:     {run / 'metrics.jsonl'}, {run / 'progress.json'}")
-    print(f"  images:                   {', '.join(str(out / name) for name in prompts)}")
-    print(f"  remove everything:        rm -rf {out}")
+
+    bed = start_testbed(args.root.resolve())
+    bed.kubectl("apply", "-f", str(REPO / "crds" / "dreambooth.dev_dreamboothjobs.yaml"))
+    bed.kubectl("wait", "--for=condition=Established", "crd/dreamboothjobs.dreambooth.dev", "--timeout=60s")
+    operator_log = bed.logs / "operator-demo.log"
+    operator = start_operator(bed, operator_log)
+    say(f"operator running (pid {operator.pid}, log {operator_log})")
+    try:
+        bed.kubectl("create", "namespace", NAMESPACE, check=False)
+        bed.kubectl("delete", "dbj", "--all", "-n", NAMESPACE, "--wait=true", "--timeout=120s", check=False)
+        env = bed.env_vars()
+        apply(bed, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": SECRET},
+                    "stringData": {"AWS_ACCESS_KEY_ID": env["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": env["AWS_SECRET_ACCESS_KEY"]}})
+        manifest = yaml.safe_load(EXAMPLE.read_text())
+        name = manifest["metadata"]["name"]
+        instance = upload_subject(bed, f"subjects/{name}")
+        say(f"subject photos uploaded to {instance}")
+        manifest["spec"]["storage"]["endpoint"] = env["AWS_ENDPOINT_URL"].removeprefix("http://")
+        manifest["spec"]["data"]["instanceUri"] = instance
+        apply(bed, manifest)
+        say(f"applied {EXAMPLE.relative_to(REPO)} (namespace {NAMESPACE}); following `kubectl get dbj {name}`:")
+        job = follow(bed, name)
+        status = job["status"]
+        for prompt, file in (("a photo of sks dog", "subject.png"), ("a photo of sks dog on the moon", "subject-on-the-moon.png")):
+            fetch_image(bed, prompt, out / file)
+    finally:
+        operator.terminate()
+        operator.wait(timeout=30)
+    print(f"""
+[demo] done in {time.monotonic() - started:.0f} s: {name} {status['phase']}, {status['progress']['step']}/{status['progress']['totalSteps']} steps, restarts {status.get('restarts', 0)}
+  images:        {out / 'subject.png'}, {out / 'subject-on-the-moon.png'}
+  model:         {status.get('outputUri')}/final   (checkpoints: {status.get('latestCheckpoint')})
+  endpoint:      {status.get('endpoint')}
+  by hand:       source {bed.env_file}; kubectl get dbj -n {NAMESPACE}; kubectl describe dbj {name} -n {NAMESPACE}
+  logs:          {bed.logs}/ (pods, operator-demo.log)
+  tear down:     make testbed-down   (stops the cluster, MinIO and every pod process)""")
     return 0
 
 
