@@ -87,9 +87,9 @@ def follow(bed: Testbed, name: str, timeout: float = 1200) -> dict[str, Any]:
     print(bed.kubectl("get", "dbj", name, "-n", NAMESPACE).stdout.splitlines()[0], flush=True)
     while time.monotonic() < deadline:
         row = bed.kubectl("get", "dbj", name, "-n", NAMESPACE, "--no-headers").stdout.strip()
-        if row != last_row:
+        if row.rsplit(None, 1)[0] != last_row:  # the AGE column alone changing is no news
             print(row, flush=True)
-            last_row = row
+            last_row = row.rsplit(None, 1)[0]
         job = json.loads(bed.kubectl("get", "dbj", name, "-n", NAMESPACE, "-o", "json").stdout)
         phase = (job.get("status") or {}).get("phase")
         if phase == "Failed":
