@@ -6,12 +6,13 @@ UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-unit test-trainer demo bench bench-serve bench-operator clean
+.PHONY: help venv test test-unit test-trainer test-server test-chart browser demo bench bench-serve bench-operator clean
 
 help:
 	@echo "make demo   - run the product end to end on this machine"
 	@echo "make test   - build what the tests need and run the whole suite"
 	@echo "make bench  - trainer throughput vs the diffusers-style baseline"
+	@echo "make bench-serve - the server vs a one-request-at-a-time diffusers loop (tiny on CPU, SD1.5 on a GPU)"
 	@echo "make bench-operator - 200 DreamboothJobs on 50 KWOK GPU nodes: apply->Job p50/p99, time to Running, operator RSS"
 	@echo "make testbed-up / testbed-down - the local Kubernetes test bed (source .testbed/env to use it)"
 
@@ -29,8 +30,18 @@ $(STAMP): pyproject.toml | $(UV)
 
 venv: $(STAMP)
 
-test: $(STAMP) testbed-binaries
+test: $(STAMP) testbed-binaries browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Debian's chromium for the web-page test (installed once; a no-op when present).
+browser:
+	bash tests/server/install-browser.sh
+
+test-server: $(STAMP) browser
+	$(PY) -m pytest tests/server $(PYTEST_ARGS)
+
+test-chart: $(STAMP) testbed-binaries
+	$(PY) -m pytest tests/chart tests/unit/test_images.py tests/unit/test_chart_crds.py tests/unit/test_chart_values.py $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
@@ -43,6 +54,9 @@ demo: $(STAMP) testbed-binaries
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_trainer.py
+
+bench-serve: $(STAMP)
+	$(PY) benchmarks/bench_serve.py
 
 bench-operator: $(STAMP) testbed-binaries
 	$(PY) benchmarks/bench_operator.py

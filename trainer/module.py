@@ -166,7 +166,9 @@ class DreamBoothModule(pl.LightningModule):
         if training.optimizer == "adamw_8bit":
             optimizer = eight_bit_adamw(groups, kwargs)
         else:
-            optimizer = torch.optim.AdamW(groups, fused=self.device.type == "cuda", **kwargs)
+            # Fused AdamW unscales inside its kernel, which fp16 loss scaling with clipping cannot allow.
+            fused = self.device.type == "cuda" and training.mixed_precision != "fp16"
+            optimizer = torch.optim.AdamW(groups, fused=fused, **kwargs)
         from diffusers.optimization import get_scheduler
 
         scheduler = get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=training.lr_warmup_steps,

@@ -13,6 +13,7 @@ import hmac
 import logging
 import os
 import secrets
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,7 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from .batcher import BatcherClosed, BatchShape, MicroBatcher, QueueFull
 
@@ -34,6 +35,7 @@ log = logging.getLogger("dreambooth.serve")
 
 TOKEN_ENV = "DREAMBOOTH_API_TOKEN"
 MAX_SEED = 2**32 - 1
+MAX_BODY_BYTES = 64 * 1024
 KNOWN_PATHS = {"/", "/v1/generate", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"}
 
 
@@ -91,6 +93,24 @@ class GenerateBody(BaseModel):
     height: Side | None = Field(None, description="Pixels, a multiple of 8; the model's size when omitted.")
 
 
+def parse_generate_body(raw: bytes) -> GenerateBody:
+    """Validate the raw body ourselves: bad JSON, bad UTF-8 or a bad field all become a 422."""
+    try:
+        return GenerateBody.model_validate_json(raw)
+    except ValidationError as error:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in error.errors()]) from None
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class GeneratedImage(BaseModel):
     seed: int
     png_base64: str
@@ -111,6 +131,16 @@ class ProbeStatus(BaseModel):
 
 class ErrorMessage(BaseModel):
     detail: str
+
+
+class FieldError(BaseModel):
+    type: str
+    loc: list[str | int] = Field(description="Where: ['body', field], or ['body'] for the body as a whole.")
+    msg: str
+
+
+class InvalidRequest(BaseModel):
+    detail: list[FieldError]
 
 
 # ---- metrics ------------------------------------------------------------------------------
@@ -183,27 +213,33 @@ def resolve_device(device: str) -> str:
 
 
 def prepare_pipeline(settings: ServerSettings) -> Any:
-    """Load weights, apply LoRA, move to the device; bf16 + channels-last (and compile) on GPU."""
+    """Load weights, apply LoRA, then `ready_for_serving` on the chosen device."""
     import torch
 
     from .models import load_pipeline
 
     device = resolve_device(settings.device)
-    on_gpu = device.startswith("cuda")
-    pipeline = load_pipeline(settings.model, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    pipeline = load_pipeline(settings.model, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if settings.lora:
         from .export import apply_lora
 
         apply_lora(pipeline, settings.lora)
+    return ready_for_serving(pipeline, device, settings.compile)
+
+
+def ready_for_serving(pipeline: Any, device: str, compile: bool = False) -> Any:
+    """Inference mode on the device; channels-last (and TF32) on GPU; optionally compile the UNet."""
+    import torch
+
     pipeline.to(device)
     for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
         module.eval().requires_grad_(False)
-    if on_gpu:
+    if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         pipeline.unet.to(memory_format=torch.channels_last)
         pipeline.vae.to(memory_format=torch.channels_last)
-    if settings.compile:
+    if compile:
         pipeline.unet.compile()  # in place: the pipeline keeps its UNet2DConditionModel
     return pipeline
 
@@ -223,6 +259,7 @@ class ModelRuntime:
         self.pipeline: Any = None
         self.state = "loading"
         self.error: str | None = None
+        self.failure: Exception | None = None
         self.batcher: MicroBatcher | None = None
         self.starting: asyncio.Task | None = None
 
@@ -260,7 +297,7 @@ class ModelRuntime:
             shape = BatchShape(self.settings.warmup_steps, 7.5, size, size)
             await self.batcher.submit(shape, [ImageRequest("warm-up", "", 0)])
         except Exception as error:  # the pod must say why it never gets ready
-            self.state, self.error = "failed", f"{type(error).__name__}: {error}"
+            self.state, self.error, self.failure = "failed", f"{type(error).__name__}: {error}", error
             log.error("model failed to load", extra={"model": self.settings.model, "error": self.error})
             return
         self.state = "ready"
@@ -339,13 +376,24 @@ def create_app(settings: ServerSettings | None = None, load: Callable[[], Any] |
                 "headers": seed_header,
             },
             401: {"model": ErrorMessage, "description": "A token is set on the server and this one is missing or wrong."},
+            413: {"model": ErrorMessage, "description": f"The body is larger than {MAX_BODY_BYTES} bytes."},
+            422: {"model": InvalidRequest, "description": "The body is not JSON, or a field is unknown, of the wrong type or out of range."},
             429: {"model": ErrorMessage, "description": "The queue is full; retry later."},
             503: {"model": ErrorMessage, "description": "The model is still loading, failed to load, or the server is stopping."},
         },
+        # The body is parsed by parse_generate_body (so even non-JSON bytes give a 422); the
+        # spec still shows its schema.
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": GenerateBody.model_json_schema()}},
+            }
+        },
     )
-    async def generate(body: GenerateBody) -> Response:
+    async def generate(request: Request) -> Response:
         from .generate import ImageRequest
 
+        body = parse_generate_body(await read_body(request))
         if not runtime.ready:
             detail = "model failed to load" if runtime.state == "failed" else f"model is {runtime.state}; retry shortly"
             raise HTTPException(503, detail, headers={"Retry-After": "5"})
@@ -415,7 +463,9 @@ def run_server(
     if settings.api_token is None:
         log.warning(f"{TOKEN_ENV} is not set: /v1/generate is open to anyone who can reach it")
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False))
+    # A batch already on the GPU cannot be interrupted; after 30 s of draining, stop anyway.
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False, timeout_graceful_shutdown=30)
+    server = uvicorn.Server(config)
 
     def stop_when_failed() -> None:
         runtime: ModelRuntime = app.state.runtime
@@ -426,5 +476,10 @@ def run_server(
 
     threading.Thread(target=stop_when_failed, daemon=True, name="load-watch").start()
     server.run()
-    if app.state.runtime.state == "failed":
-        raise SystemExit(f"error: cannot serve {model}: {app.state.runtime.error}")
+    runtime = app.state.runtime
+    if runtime.state == "failed":
+        from .errors import UserInputError
+
+        print(f"error: cannot serve {model}: {runtime.error}", file=sys.stderr)
+        # 2: bad input, a restart will not help (the CLI's convention); 1: worth a restart
+        raise SystemExit(2 if isinstance(runtime.failure, UserInputError) else 1)
