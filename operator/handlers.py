@@ -36,6 +36,11 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any)
     settings.execution.max_workers = int(os.environ.get("DREAMBOOTH_OPERATOR_WORKERS", "8"))
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    # With Roles limited to some namespaces (the chart's rbac.namespaces), cluster-wide
+    # scanning is forbidden: skip it instead of retrying for a minute at start-up.
+    settings.scanning.disabled = os.environ.get("DREAMBOOTH_OPERATOR_SCANNING", "true").lower() == "false"
+    # A deleted job's timer is noticed within seconds, so its finalizer goes promptly.
+    settings.background.cancellation_polling = 2
     port = int(os.environ.get("DREAMBOOTH_OPERATOR_METRICS_PORT", "9464"))
     if port:
         metrics.serve(port)
