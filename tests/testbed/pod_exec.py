@@ -41,18 +41,43 @@ def bind(source: str, target: str, read_only: bool) -> None:
         _mount(source, target, MS_BIND | MS_REMOUNT | MS_RDONLY)
 
 
+# The checkout (its .venv runs the pod, its .testbed holds the volume sources). A volume mounted
+# over one of its ancestors (an emptyDir at /tmp when the checkout lives under /tmp) must not
+# hide it: sources are opened before any mount, and the checkout is bound back afterwards.
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def held(path: str) -> str:
+    """A /proc/self/fd path that keeps reaching `path` after mounts cover it."""
+    return f"/proc/self/fd/{os.open(path, os.O_PATH)}"
+
+
+def restore_checkout(fd_path: str, before: os.stat_result) -> None:
+    try:
+        now = os.stat(CHECKOUT)
+        if (now.st_dev, now.st_ino) == (before.st_dev, before.st_ino):
+            return
+    except FileNotFoundError:
+        pass
+    os.makedirs(CHECKOUT, exist_ok=True)
+    _mount(fd_path, CHECKOUT, MS_BIND | MS_REC)
+
+
 def main() -> None:
     with open(sys.argv[1]) as f:
         spec = json.load(f)
     try:
+        checkout, checkout_stat = held(CHECKOUT), os.stat(CHECKOUT)
+        mounts = [(held(m["source"]), m["target"], bool(m.get("readOnly"))) for m in spec.get("mounts", [])]
         if spec.get("hosts"):
             bind(spec["hosts"], "/etc/hosts", read_only=True)
         if spec.get("hostname"):
             socket.sethostname(spec["hostname"][:63])
             if spec.get("hostnameFile"):
                 bind(spec["hostnameFile"], "/etc/hostname", read_only=True)
-        for m in spec.get("mounts", []):
-            bind(m["source"], m["target"], bool(m.get("readOnly")))
+        for source, target, read_only in mounts:
+            bind(source, target, read_only)
+        restore_checkout(checkout, checkout_stat)
         if spec.get("cwd"):
             os.makedirs(spec["cwd"], exist_ok=True)
             os.chdir(spec["cwd"])

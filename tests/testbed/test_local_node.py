@@ -342,3 +342,21 @@ def test_children_left_behind_end_with_the_container(testbed, namespace):
         return found
 
     testbed.wait_for("no orphan left", lambda: not orphans(), timeout=10)
+
+
+def test_a_volume_over_an_ancestor_of_the_checkout_does_not_hide_the_venv(testbed, namespace):
+    """CI may clone under /tmp, and pods mount an emptyDir at /tmp: the pod must still run."""
+    ancestor = str(REPO.parent)
+    code = f"""
+        import os, sys
+        assert os.path.isdir({ancestor!r}), "the volume is mounted"
+        open(os.path.join({ancestor!r}, "scratch"), "w").write("x")
+        assert os.path.exists(sys.executable), sys.executable
+        print("ran from", sys.executable, flush=True)
+    """
+    testbed.apply(_pod("covered", code, container={"volumeMounts": [{"name": "scratch", "mountPath": ancestor}]},
+                       volumes=[{"name": "scratch", "emptyDir": {}}]), namespace)
+    testbed.wait_for("covered Succeeded", lambda: testbed.pod_phase("covered", namespace) in ("Succeeded", "Failed"), timeout=60)
+    assert testbed.pod_phase("covered", namespace) == "Succeeded", testbed.pod_log("covered", namespace)
+    assert not (REPO.parent / "scratch").exists(), "the pod wrote into its own emptyDir, not the host folder"
+
