@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import sys
+from pathlib import Path
 import time
 import warnings
 
@@ -25,22 +26,18 @@ import torch
 
 
 def sd15_random_pipeline() -> object:
-    """StableDiffusionPipeline with SD1.5's architecture and random weights (nothing downloaded)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """StableDiffusionPipeline with SD1.5's architecture and random weights (nothing downloaded):
+    the very modules the baseline benchmark builds."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from dreambooth_trainer.tiny import tiny_tokenizer
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    import diffusers_loop_baseline as baseline
+
     torch.manual_seed(0)
     with torch.device("cuda"):
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-                                    block_out_channels=(320, 640, 1280, 1280))
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                            down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
-        text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                                    num_hidden_layers=12, num_attention_heads=12,
-                                                    max_position_embeddings=77, hidden_act="quick_gelu"))
+        unet, vae, text_encoder, _ = baseline.build(tiny=False)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(), unet=unet,
