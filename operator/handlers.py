@@ -13,7 +13,7 @@ from typing import Any
 import kopf
 
 from dreambooth_trainer.config import ConfigError
-from dreambooth_trainer.spec import GROUP, PLURAL, VERSION, DreamboothJobSpec, parse_spec
+from dreambooth_trainer.spec import GROUP, PLURAL, VERSION, DreamboothJobSpec, parse_spec, with_operator_defaults
 
 from . import builders, kube, lifecycle, metrics, store
 from .conditions import ACCEPTED, FAILED, TERMINAL_PHASES, is_true
@@ -22,6 +22,27 @@ from .conditions import ACCEPTED, FAILED, TERMINAL_PHASES, is_true
 RECONCILE_INTERVAL = 10.0
 TEMPORARY_DELAY = 15.0
 CHILD_LABELS = {builders.LABEL_MANAGED_BY: "dreambooth-operator"}
+
+def operator_defaults(environ: dict[str, str] | os._Environ = os.environ) -> dict[str, Any]:
+    """What this installation fills in for jobs that leave it out (the chart sets these env vars)."""
+    secure = environ.get("DREAMBOOTH_STORAGE_SECURE", "").strip().lower()
+    secret = environ.get("DREAMBOOTH_STORAGE_CREDENTIALS_SECRET") or None
+    return {
+        "resources.image": environ.get("DREAMBOOTH_TRAINER_IMAGE") or None,
+        "serving.image": environ.get("DREAMBOOTH_INFERENCE_IMAGE") or None,
+        "storage.endpoint": environ.get("DREAMBOOTH_STORAGE_ENDPOINT") or None,
+        "storage.bucket": environ.get("DREAMBOOTH_STORAGE_BUCKET") or None,
+        "storage.secure": {"true": True, "false": False}.get(secure),
+        "storage.credentialsSecretRef": {"name": secret} if secret else None,
+    }
+
+
+def spec_with_defaults(raw: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The job's spec completed by the installation's defaults; `secure` goes with the endpoint."""
+    if "endpoint" in (raw.get("storage") or {}):
+        defaults = {path: value for path, value in defaults.items() if path != "storage.secure"}
+    return with_operator_defaults(raw, defaults)
+
 
 _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
@@ -114,7 +135,7 @@ def _reconcile(body: dict[str, Any], logger: logging.Logger) -> None:
     generation = meta.get("generation")
     conditions = status.get("conditions") or []
     try:
-        spec = parse_spec(body.get("spec") or {})
+        spec = parse_spec(spec_with_defaults(body.get("spec") or {}, operator_defaults()))
     except ConfigError as error:
         if status.get("phase") != "Failed":
             _commit(body, lifecycle.reject(status, generation, now, "InvalidSpec", str(error)), logger)

@@ -54,6 +54,13 @@ QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$
 # Fields the operator treats as the job's identity: changing them mid-run would not resume.
 IMMUTABLE_ONCE_RUNNING = ("model", "data", "prior", "training", "checkpointing", "validation", "resources", "storage")
 MUTABLE_PHASES = ("Pending",)
+DEFAULT_TRAINER_IMAGE = "dreambooth/trainer:0.1.0"
+DEFAULT_INFERENCE_IMAGE = "dreambooth/inference:0.1.0"
+# What an operator installation may default for every job (the Helm chart's images and storage
+# values): the CRD leaves these optional and without a default, and the operator fills what a
+# job leaves out before validating it with this model (`with_operator_defaults`).
+OPERATOR_DEFAULTED = ("resources.image", "serving.image", "storage", "storage.endpoint", "storage.bucket",
+                      "storage.secure", "storage.credentialsSecretRef")
 
 
 def _quantity(value: Any) -> Any:
@@ -104,7 +111,7 @@ class ResourcesSpec(Section):
     cpu: Quantity = Field("8", description="CPU request and limit per pod.")
     memory: Quantity = Field("64Gi", description="Memory request and limit per pod.")
     shared_memory: Quantity = Field("8Gi", description="Size of the in-memory /dev/shm volume (dataloader workers, NCCL).")
-    image: str = Field("dreambooth-trainer:0.1.0", min_length=1, description="Trainer image (runs `dreambooth train`).")
+    image: str = Field(DEFAULT_TRAINER_IMAGE, min_length=1, description="Trainer image (runs `dreambooth train`); default: the operator's (the chart's images.trainer).")
 
     @field_validator("cpu", "memory", "shared_memory")
     @classmethod
@@ -127,7 +134,7 @@ class ServingSpec(Section):
     enabled: bool = Field(True, description="On success, serve final/ with an inference Deployment and Service.")
     replicas: int = Field(1, ge=1, le=64, description="Inference pods.")
     resources: ServingResources = Field(default_factory=ServingResources)
-    image: str = Field("dreambooth-inference:0.1.0", min_length=1, description="Inference image (runs `dreambooth serve`).")
+    image: str = Field(DEFAULT_INFERENCE_IMAGE, min_length=1, description="Inference image (runs `dreambooth serve`); default: the operator's (the chart's images.inference).")
 
 
 class RunPolicySpec(Section):
@@ -308,6 +315,47 @@ def _quantity_rule(path: str, field: str) -> dict[str, str]:
     }
 
 
+def _unchanged(field: str) -> str:
+    """CEL: spec.<field> did not change (a field the operator may default can be absent)."""
+    same = f"self.spec.{field} == oldSelf.spec.{field}"
+    if field not in OPERATOR_DEFAULTED:
+        return same
+    return (f"(has(self.spec.{field}) == has(oldSelf.spec.{field}) && "
+            f"(!has(self.spec.{field}) || {same}))")
+
+
+def with_operator_defaults(spec: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a raw (camelCase) spec with the operator's defaults where the job is silent.
+
+    `defaults` maps dotted paths of OPERATOR_DEFAULTED to values; None means no default."""
+    merged = copy.deepcopy(spec)
+    for path, value in defaults.items():
+        if path not in OPERATOR_DEFAULTED:
+            raise ValueError(f"{path} is not a field the operator may default")
+        if value is None:
+            continue
+        *parents, leaf = path.split(".")
+        node = merged
+        for part in parents:
+            node = node.setdefault(part, {})
+        node.setdefault(leaf, copy.deepcopy(value))
+    return merged
+
+
+def _leave_to_operator(spec: dict[str, Any]) -> None:
+    """Make OPERATOR_DEFAULTED optional in the spec schema, with no default of the CRD's own."""
+    for path in OPERATOR_DEFAULTED:
+        *parents, leaf = path.split(".")
+        parent = _node_at(spec, ".".join(parents))
+        parent["properties"][leaf].pop("default", None)
+        if isinstance(parent.get("default"), dict):
+            parent["default"].pop(leaf, None)
+        if leaf in parent.get("required", []):
+            parent["required"].remove(leaf)
+            if not parent["required"]:
+                del parent["required"]
+
+
 # CEL rules, by the path of the schema node they sit on. Each message names the field.
 CEL_RULES: dict[str, list[dict[str, str]]] = {
     "": [
@@ -319,7 +367,7 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
             {
                 "rule": "!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase in "
                 + "[" + ", ".join(f"'{p}'" for p in MUTABLE_PHASES) + "]"
-                + f" || self.spec.{field} == oldSelf.spec.{field}",
+                + f" || {_unchanged(field)}",
                 "message": f"spec.{field} is immutable once the job is running; create a new DreamboothJob instead",
                 "fieldPath": f".spec.{field}",
             }
@@ -465,6 +513,7 @@ def _node_at(schema: dict[str, Any], path: str) -> dict[str, Any]:
 def spec_schema() -> dict[str, Any]:
     schema = openapi_schema(DreamboothJobSpec)
     schema["description"] = "What to train, on what, and where to keep it. See examples/job.yaml."
+    _leave_to_operator(schema)
     return schema
 
 

@@ -139,7 +139,12 @@ def release(testbed: Any, helm: Helm) -> Iterator[Release]:
     namespace = f"dbop-{uuid.uuid4().hex[:5]}"
     testbed.kubectl("create", "namespace", namespace)
     started = time.monotonic()
-    installed = helm.run("install", RELEASE, str(CHART), "-n", namespace, "--wait", "--timeout", "180s", timeout=240)
+    # Storage defaults for every job (the test bed's MinIO), so jobs may leave `storage` out.
+    installed = helm.run("install", RELEASE, str(CHART), "-n", namespace,
+                         "--set", f"defaults.storage.endpoint={testbed.minio.endpoint}",
+                         "--set", f"defaults.storage.bucket={BUCKET}", "--set", f"defaults.storage.credentialsSecret={SECRET}",
+                         "--set", "defaults.trainerImage.tag=chart-default",
+                         "--wait", "--timeout", "180s", timeout=240)
     yield Release(namespace, time.monotonic() - started, installed.stdout)
     helm.run("uninstall", RELEASE, "-n", namespace, "--wait", check=False)
     testbed.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
@@ -261,15 +266,19 @@ def wait_phase_in(testbed: Any, namespace: str, name: str, phases: set[str], tim
         raise TimeoutError(f"{name} never reached {sorted(phases)}; status: {json.dumps(status, indent=1)}") from None
 
 
-def take_a_job_through_its_lifecycle(testbed: Any, namespace: str, subject: str, first_timeout: float = 90) -> None:
+def take_a_job_through_its_lifecycle(testbed: Any, namespace: str, subject: str, first_timeout: float = 90,
+                                     operator_env: dict[str, str] | None = None) -> None:
     """Suspended at creation, resumed, trained on two 8-GPU KWOK nodes, served, then deleted by its
-    own ttlSecondsAfterFinished. Whoever runs the operator does every step."""
+    own ttlSecondsAfterFinished. Whoever runs the operator does every step. With `operator_env`
+    (the chart's DREAMBOOTH_* defaults), the job leaves storage and images to the installation."""
     testbed.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": SECRET, "namespace": namespace},
                    "stringData": {"AWS_ACCESS_KEY_ID": testbed.minio.access_key,
                                   "AWS_SECRET_ACCESS_KEY": testbed.minio.secret_key}})
     spec = gpu_spec(testbed, subject, runPolicy={"suspend": True, "ttlSecondsAfterFinished": 30},
                     serving={"replicas": 1, "resources": {"gpus": 1, "cpu": "2", "memory": "8Gi"}})
     assert spec["storage"]["bucket"] == BUCKET
+    if operator_env:
+        del spec["storage"]
     testbed.apply({"apiVersion": "dreambooth.dev/v1alpha1", "kind": "DreamboothJob",
                    "metadata": {"name": "rex", "namespace": namespace}, "spec": spec})
 
@@ -282,6 +291,12 @@ def take_a_job_through_its_lifecycle(testbed: Any, namespace: str, subject: str,
     if wait_phase_in(testbed, namespace, "rex", {"Running", "Succeeded"}) == "Running":
         pods = trainer_pods(testbed, namespace, "rex", 0)
         assert len(pods) == 2 and all(p["spec"]["nodeName"].startswith("gpu-") for p in pods)
+        if operator_env:
+            container = pods[0]["spec"]["containers"][0]
+            env = {e["name"]: e for e in container["env"]}
+            assert container["image"] == operator_env["DREAMBOOTH_TRAINER_IMAGE"] == "dreambooth/trainer:chart-default"
+            assert env["AWS_ENDPOINT_URL"]["value"] == f"http://{operator_env['DREAMBOOTH_STORAGE_ENDPOINT']}"
+            assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == operator_env["DREAMBOOTH_STORAGE_CREDENTIALS_SECRET"]
         for pod in pods:  # play the trainer: both ranks finish
             if pod["status"].get("phase") == "Running":
                 testbed.set_pod_phase(pod["metadata"]["name"], namespace, "Succeeded")
@@ -317,9 +332,11 @@ def assert_handled_without_denials(testbed: Any, pod: dict[str, Any], job_namesp
 def test_the_charts_operator_takes_a_job_through_its_lifecycle(
     testbed: Any, release: Release, namespace: str, subject: str
 ) -> None:
-    """The cluster-wide operator pod, with the chart's ServiceAccount token and nothing else."""
-    take_a_job_through_its_lifecycle(testbed, namespace, subject)
+    """The cluster-wide operator pod, with the chart's ServiceAccount token and nothing else; the job
+    names no storage and no images: the chart's defaults fill them in."""
     (pod,) = operator_pods(testbed, release.namespace, RELEASE)
+    operator_env = {e["name"]: e.get("value", "") for e in pod["spec"]["containers"][0]["env"]}
+    take_a_job_through_its_lifecycle(testbed, namespace, subject, operator_env=operator_env)
     assert_handled_without_denials(testbed, pod, namespace)
 
 

@@ -157,7 +157,7 @@ def test_success_serves_the_model_and_follows_readiness() -> None:
     assert done.status["endpoint"] == "http://rex-serve.ns.svc:8080"
     assert done.status["progress"]["summary"] == "100/100 (100%)"
     assert {c["type"]: c["status"] for c in done.status["conditions"]}["ServingReady"] == "False"
-    ready = step(done.status, TrainerJobState(gang=0, succeeded=True), serving=ServingState(1, 1, "dreambooth-inference:0.1.0"))
+    ready = step(done.status, TrainerJobState(gang=0, succeeded=True), serving=ServingState(1, 1, "dreambooth/inference:0.1.0"))
     assert ready.actions == [] and "ServingReady" in types_true(ready.status)
     assert ready.events == [("Normal", "DeploymentReady", "ServingReady=True: 1/1 inference pods ready at http://rex-serve.ns.svc:8080")]
 
@@ -165,7 +165,7 @@ def test_success_serves_the_model_and_follows_readiness() -> None:
 def test_ttl_after_finished_deletes_the_job() -> None:
     status = lifecycle.decide(observe(accepted(), TrainerJobState(gang=0, succeeded=True), the_spec=spec(ttlSecondsAfterFinished=60))).status
     the_spec = spec(ttlSecondsAfterFinished=60)
-    serving = ServingState(1, 1, "dreambooth-inference:0.1.0")
+    serving = ServingState(1, 1, "dreambooth/inference:0.1.0")
     early = lifecycle.decide(observe(status, None, T0 + timedelta(seconds=30), the_spec=the_spec, serving=serving))
     assert early.actions == [] and early.requeue_after == 30
     late = lifecycle.decide(observe(status, None, T0 + timedelta(seconds=61), the_spec=the_spec, serving=serving))

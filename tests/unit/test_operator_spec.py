@@ -221,3 +221,29 @@ def test_overlong_strings_and_lists_are_refused() -> None:
         parse_spec(spec_with(**{"validation.prompts": ["a photo of sks dog"] * 65}))
     with pytest.raises(ConfigError, match="data.instancePrompt"):
         parse_spec(spec_with(**{"data.instancePrompt": "a photo of sks dog " + "x" * 2000}))
+
+
+def test_the_installation_defaults_fill_only_what_a_job_leaves_out() -> None:
+    from dreambooth_operator.handlers import operator_defaults, spec_with_defaults
+
+    env = {"DREAMBOOTH_TRAINER_IMAGE": "reg/trainer:1", "DREAMBOOTH_INFERENCE_IMAGE": "reg/inference:1",
+           "DREAMBOOTH_STORAGE_ENDPOINT": "minio.storage.svc:9000", "DREAMBOOTH_STORAGE_BUCKET": "shared",
+           "DREAMBOOTH_STORAGE_SECURE": "true", "DREAMBOOTH_STORAGE_CREDENTIALS_SECRET": "team-s3"}
+    bare = {k: v for k, v in MINIMAL.items() if k != "storage"}
+    spec = parse_spec(spec_with_defaults(bare, operator_defaults(env)))
+    assert (spec.resources.image, spec.serving.image) == ("reg/trainer:1", "reg/inference:1")
+    assert (spec.storage.endpoint, spec.storage.bucket, spec.storage.secure) == ("minio.storage.svc:9000", "shared", True)
+    assert spec.storage.credentials_secret_ref.name == "team-s3"
+    own = parse_spec(spec_with_defaults(MINIMAL, operator_defaults(env)))
+    assert (own.storage.endpoint, own.storage.bucket, own.storage.secure) == ("minio:9000", "dreambooth", False), \
+        "a job's own storage wins, and `secure` goes with its endpoint"
+    with pytest.raises(ConfigError, match="storage"):
+        parse_spec(spec_with_defaults(bare, operator_defaults({})))
+
+
+def test_the_crd_leaves_storage_and_images_to_the_installation() -> None:
+    spec = crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert "storage" not in spec.get("required", [])
+    assert "required" not in spec["properties"]["storage"]
+    assert "image" not in spec["properties"]["resources"]["default"]
+    assert "default" not in spec["properties"]["serving"]["properties"]["image"]
