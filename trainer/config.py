@@ -150,13 +150,18 @@ class OutputConfig(Section):
     log_format: Literal["auto", "json", "text"] = Field("auto", description="auto: a progress bar in a terminal, JSON lines otherwise.")
 
 
-class TrainConfig(Section):
+class TrainerSections(Section):
+    """What to train and how: the sections a `dreambooth train` config and a DreamboothJob share."""
+
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     prior: PriorConfig = Field(default_factory=PriorConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     checkpointing: CheckpointingConfig = Field(default_factory=CheckpointingConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
+
+
+class TrainConfig(TrainerSections):
     output: OutputConfig
 
     @model_validator(mode="after")

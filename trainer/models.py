@@ -9,7 +9,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline
 
 from .errors import UserInputError
-from .storage import StorageError, is_s3, open_storage
+from .storage import is_s3, open_storage
 from .tiny import tiny_pipeline
 
 SAMPLERS = {

@@ -17,16 +17,11 @@ from pydantic import BaseModel, BeforeValidator, Field, ValidationError, WithJso
 from .config import (
     MODEL_SOURCE_RE,
     ORDINARY_WORDS,
-    CheckpointingConfig,
     ConfigError,
-    DataConfig,
-    ModelConfig,
     OutputConfig,
-    PriorConfig,
     Section,
     TrainConfig,
-    TrainingConfig,
-    ValidationConfig,
+    TrainerSections,
     config_from_dict,
 )
 
@@ -163,13 +158,7 @@ class SchedulingSpec(Section):
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on the Job and its pods (e.g. kueue.x-k8s.io/queue-name).")
 
 
-class DreamboothJobSpec(Section):
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig
-    prior: PriorConfig = Field(default_factory=PriorConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    checkpointing: CheckpointingConfig = Field(default_factory=CheckpointingConfig)
-    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+class DreamboothJobSpec(TrainerSections):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     storage: StorageSpec
     serving: ServingSpec = Field(default_factory=ServingSpec)
