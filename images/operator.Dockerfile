@@ -15,6 +15,7 @@ RUN /opt/venv/bin/pip install -r images/operator-requirements.txt -c images/cons
 COPY pyproject.toml README.md ./
 COPY trainer/ trainer/
 COPY operator/ operator/
+COPY cli/ cli/
 # --no-deps: the project's own dependency list is the trainer's (torch & co); the operator needs
 # only operator-requirements.txt.
 RUN /opt/venv/bin/pip install --no-deps . \

@@ -21,6 +21,7 @@ COPY images/constraints.txt images/
 COPY pyproject.toml README.md ./
 COPY trainer/ trainer/
 COPY operator/ operator/
+COPY cli/ cli/
 RUN /opt/venv/bin/pip install -c images/constraints.txt . \
     && /opt/venv/bin/python -c "import torch, torch.distributed; assert torch.distributed.is_nccl_available()"
 

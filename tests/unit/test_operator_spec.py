@@ -51,7 +51,7 @@ def test_committed_crd_matches_the_model() -> None:
 
 def test_cli_prints_the_crd() -> None:
     result = subprocess.run(
-        [sys.executable, "-c", "from dreambooth_trainer.cli import main; main()", "crd"],
+        [sys.executable, "-c", "from dreambooth_cli.main import main; main()", "crd"],
         capture_output=True, text=True, check=True,
     )
     assert result.stdout == crd_yaml()

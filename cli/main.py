@@ -1,6 +1,7 @@
-"""The `dreambooth` command: train, generate, serve, crd.
+"""The `dreambooth` command, above every room it dispatches to: train, generate, serve, crd.
 
-Heavy imports (torch, diffusers) happen inside the commands, so `--help` and `crd` stay fast.
+Each command imports its room (trainer, server, spec) lazily, so `--help` and `crd` stay fast
+and `dreambooth train` in a pod loads only the trainer. Nothing imports this module.
 Exit codes: 0 done; 2 bad config or input (do not retry); 143 stopped by SIGTERM after a
 checkpoint (retry resumes); anything else is a failure worth a retry.
 """
@@ -13,7 +14,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from .config import ConfigError, load_config
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -30,8 +30,8 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
 @contextmanager
 def user_errors():
     """Errors a user can act on become one line and an exit code, never a traceback."""
-    from .errors import UserInputError
-    from .storage import StorageError
+    from dreambooth_trainer.errors import UserInputError
+    from dreambooth_trainer.storage import StorageError
 
     try:
         yield
@@ -47,11 +47,13 @@ def train(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: dotted.key=value (repeatable).")] = None,
 ) -> None:
     """Fine-tune a model on a subject; resumes from `latest` in output.uri when present."""
+    from dreambooth_trainer.config import ConfigError, load_config
+
     try:
         cfg = load_config(config, set_ or [])
     except ConfigError as error:
         fail(str(error))
-    from .train import run_training
+    from dreambooth_trainer.train import run_training
 
     with user_errors():
         code = run_training(cfg)
@@ -73,8 +75,8 @@ def generate(
     lora: Annotated[Optional[str], typer.Option(help="LoRA weights (diffusers safetensors) applied to the model.")] = None,
 ) -> None:
     """Generate images from a model; the same seed gives the same bytes."""
-    from .generate import ImageRequest, generate_images, png_bytes
-    from .models import load_pipeline, quiet_libraries
+    from dreambooth_trainer.generate import ImageRequest, generate_images, png_bytes
+    from dreambooth_trainer.models import load_pipeline, quiet_libraries
 
     quiet_libraries()
     for name, value in (("width", width), ("height", height)):
@@ -83,7 +85,7 @@ def generate(
     with user_errors():
         pipeline = load_pipeline(model)
         if lora:
-            from .export import apply_lora
+            from dreambooth_trainer.export import apply_lora
 
             apply_lora(pipeline, lora)
         requests = [ImageRequest(prompt, negative_prompt, seed + index) for index in range(num_images)]
@@ -107,7 +109,7 @@ def serve(
     compile: Annotated[bool, typer.Option(help="torch.compile the UNet.")] = False,
 ) -> None:
     """Serve the model over HTTP: POST /v1/generate, a web page at /, probes and /metrics."""
-    from .server import run_server
+    from dreambooth_trainer.server import run_server
 
     run_server(model=model, host=host, port=port, device=device, max_batch=max_batch, max_queue=max_queue, lora=lora, compile=compile)
 
@@ -115,7 +117,7 @@ def serve(
 @app.command()
 def crd() -> None:
     """Print the DreamboothJob CustomResourceDefinition generated from the spec model."""
-    from .spec import crd_yaml
+    from dreambooth_trainer.spec import crd_yaml
 
     typer.echo(crd_yaml(), nl=False)
 
