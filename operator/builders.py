@@ -5,9 +5,12 @@ Owner references are added by the handlers (`kopf.adopt`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import dataclass, field
 from typing import Any
 
+from dreambooth_trainer.pod_template import PodPlacement
 from dreambooth_trainer.spec import DreamboothJobSpec, output_uri, train_config_from_spec
 
 CONFIG_DIR = "/etc/dreambooth"
@@ -15,12 +18,12 @@ CONFIG_KEY = "config.yaml"
 MASTER_PORT = 29500
 SERVE_PORT = 8080
 RUN_AS_USER = 1000
-# Long enough for rank 0 to write a full SD checkpoint to object storage after SIGTERM.
-CHECKPOINT_GRACE_SECONDS = 600
 TRAINER_CONTAINER = "trainer"
 SERVER_CONTAINER = "server"
 # The trainer's exit code for bad config or input: restarting cannot help.
 EXIT_BAD_INPUT = 2
+EXIT_SIGTERM = 143
+EXIT_SIGKILL = 137
 GPU_RESOURCE = "nvidia.com/gpu"
 
 LABEL_NAME = "app.kubernetes.io/name"
@@ -30,6 +33,26 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_JOB = "dreambooth.dev/job-name"
 LABEL_GANG = "dreambooth.dev/gang"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+# Hash of what a trainer Job was built from (scheduling + podTemplate): edits show as a difference.
+ANNOTATION_TEMPLATE_HASH = "dreambooth.dev/template-hash"
+# Hash of the inference Deployment as built: an edit of serving/podTemplate rolls it.
+ANNOTATION_SPEC_HASH = "dreambooth.dev/spec-hash"
+# Kueue: a Job with this label is queued; it is created suspended and only Kueue unsuspends it.
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+# Labels of the DreamboothJob itself that its trainer Job carries (how users label Kubeflow jobs for Kueue).
+FORWARDED_JOB_LABELS = (KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_LABEL)
+
+# The trainer Job's podFailurePolicy, in order (the first rule that matches decides). The Job's
+# Failed condition names the index of the rule, which failures.rule_kinds() maps to a class:
+# exit 2 is bad input (permanent); DisruptionTarget and exit 143 (SIGTERM) are disruptions;
+# exit 137 (SIGKILL) is looked at for OOMKilled. Everything else fails the Job (backoffLimit 0).
+POD_FAILURE_RULES: list[dict[str, Any]] = [
+    {"action": "FailJob", "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT]}},
+    {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    {"action": "FailJob", "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": [EXIT_SIGTERM]}},
+    {"action": "FailJob", "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": [EXIT_SIGKILL]}},
+]
 
 
 @dataclass(frozen=True)
@@ -40,10 +63,21 @@ class JobRef:
     namespace: str
     uid: str
     spec: DreamboothJobSpec
+    labels: dict[str, str] = field(default_factory=dict)  # the DreamboothJob's own metadata.labels
 
     @property
     def output_uri(self) -> str:
         return output_uri(self.spec, self.namespace, self.name, self.uid)
+
+    @property
+    def queue_name(self) -> str:
+        """The Kueue LocalQueue of the trainer Jobs: the job's label, else spec.scheduling.labels."""
+        return self.labels.get(KUEUE_QUEUE_LABEL) or self.spec.scheduling.labels.get(KUEUE_QUEUE_LABEL, "")
+
+
+def owner_reference(api_version: str, kind: str, name: str, uid: str) -> dict[str, Any]:
+    """The job as the controller of what it creates (the garbage collector deletes them with it)."""
+    return {"apiVersion": api_version, "kind": kind, "name": name, "uid": uid, "controller": True, "blockOwnerDeletion": True}
 
 
 # --- names ------------------------------------------------------------------------------
@@ -196,27 +230,83 @@ def trainer_env(job: JobRef, gang: int) -> list[dict[str, Any]]:
     return env
 
 
+def _spec_hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def trainer_template_hash(spec: DreamboothJobSpec) -> str:
+    """What a gang's pods take from the editable sections (scheduling, podTemplate, the grace period)."""
+    return _spec_hash([
+        spec.scheduling.model_dump(mode="json", by_alias=True),
+        spec.pod_template.model_dump(mode="json", by_alias=True),
+        spec.run_policy.termination_grace_period_seconds,
+    ])
+
+
+def _placement(placement: PodPlacement, gpus: int) -> dict[str, Any]:
+    """nodeSelector, tolerations, affinity, spread and priority of a pod spec."""
+    pod: dict[str, Any] = {
+        "tolerations": _gpu_tolerations(gpus) + [t.model_dump(by_alias=True, exclude_none=True) for t in placement.tolerations],
+    }
+    if placement.node_selector:
+        pod["nodeSelector"] = dict(placement.node_selector)
+    if placement.affinity:
+        pod["affinity"] = placement.affinity
+    if placement.topology_spread_constraints:
+        pod["topologySpreadConstraints"] = list(placement.topology_spread_constraints)
+    if placement.priority_class_name:
+        pod["priorityClassName"] = placement.priority_class_name
+    return pod
+
+
+def _template_pieces(spec: DreamboothJobSpec) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """podTemplate: (pod-spec fields, extra env, extra volume mounts) shared by trainer and server."""
+    template = spec.pod_template
+    pod: dict[str, Any] = {}
+    if template.service_account_name:
+        pod["serviceAccountName"] = template.service_account_name
+    if template.image_pull_secrets:
+        pod["imagePullSecrets"] = [ref.model_dump(by_alias=True) for ref in template.image_pull_secrets]
+    env = [e.model_dump(by_alias=True, exclude_none=True) for e in template.env]
+    mounts = [m.model_dump(by_alias=True, exclude_none=True) for m in template.volume_mounts]
+    return pod, env, mounts
+
+
+def _pod_metadata(labels: dict[str, str], spec: DreamboothJobSpec) -> dict[str, Any]:
+    """The pods' labels (ours win over the user's) and annotations."""
+    metadata: dict[str, Any] = {"labels": {**spec.pod_template.labels, **labels}}
+    if spec.pod_template.annotations:
+        metadata["annotations"] = dict(spec.pod_template.annotations)
+    return metadata
+
+
 def build_trainer_job(job: JobRef, gang: int) -> dict[str, Any]:
-    """Indexed Job, one pod per node; any failed pod fails the Job so the gang restarts whole."""
+    """Indexed Job, one pod per node; any failed pod fails the Job so the gang restarts whole.
+
+    A queued job (Kueue) is created suspended with the queue label; only Kueue unsuspends it."""
     spec = job.spec
     nodes = spec.resources.nodes
     gpus = gpus_per_pod(spec)
-    labels = {**spec.scheduling.labels, LABEL_GANG: str(gang)}
+    forwarded = {key: job.labels[key] for key in FORWARDED_JOB_LABELS if job.labels.get(key)}
+    labels = {**spec.scheduling.labels, **forwarded, LABEL_GANG: str(gang)}
     metadata = _metadata(job, trainer_job_name(job.name, gang), "trainer", labels)
+    metadata["annotations"] = {ANNOTATION_TEMPLATE_HASH: trainer_template_hash(spec)}
+    template_pod, extra_env, extra_mounts = _template_pieces(spec)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "subdomain": worker_service_name(job.name),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": pod_security_context(),
-        "terminationGracePeriodSeconds": CHECKPOINT_GRACE_SECONDS,
+        "terminationGracePeriodSeconds": spec.run_policy.termination_grace_period_seconds,
+        **template_pod,
         "containers": [
             {
                 "name": TRAINER_CONTAINER,
                 "image": spec.resources.image,
                 "imagePullPolicy": "IfNotPresent",
                 "command": ["dreambooth", "train", f"{CONFIG_DIR}/{CONFIG_KEY}"],
-                "env": trainer_env(job, gang),
+                "env": trainer_env(job, gang) + extra_env,
                 "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"}],
                 "resources": _resources(spec.resources.cpu, spec.resources.memory, gpus),
                 "securityContext": container_security_context(),
@@ -224,6 +314,7 @@ def build_trainer_job(job: JobRef, gang: int) -> dict[str, Any]:
                     {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
                     {"name": "dshm", "mountPath": "/dev/shm"},
                     {"name": "scratch", "mountPath": "/tmp"},
+                    *extra_mounts,
                 ],
             }
         ],
@@ -231,13 +322,10 @@ def build_trainer_job(job: JobRef, gang: int) -> dict[str, Any]:
             {"name": "config", "configMap": {"name": config_map_name(job.name)}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}},
             {"name": "scratch", "emptyDir": {}},
+            *[volume.model_dump(by_alias=True, exclude_none=True) for volume in spec.pod_template.volumes],
         ],
-        "tolerations": _gpu_tolerations(gpus) + [t.model_dump(by_alias=True, exclude_none=True) for t in spec.scheduling.tolerations],
+        **_placement(spec.scheduling, gpus),
     }
-    if spec.scheduling.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.scheduling.node_selector)
-    if spec.scheduling.priority_class_name:
-        pod_spec["priorityClassName"] = spec.scheduling.priority_class_name
     if spec.scheduling.scheduler_name:
         pod_spec["schedulerName"] = spec.scheduling.scheduler_name
     return {
@@ -250,16 +338,10 @@ def build_trainer_job(job: JobRef, gang: int) -> dict[str, Any]:
             "parallelism": nodes,
             # The operator restarts the whole gang itself; the Job never replaces one pod.
             "backoffLimit": 0,
-            "podFailurePolicy": {
-                "rules": [
-                    {
-                        "action": "FailJob",
-                        "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT]},
-                    }
-                ]
-            },
-            "suspend": spec.run_policy.suspend,
-            "template": {"metadata": {"labels": dict(metadata["labels"])}, "spec": pod_spec},
+            "podFailurePolicy": {"rules": [dict(rule) for rule in POD_FAILURE_RULES]},
+            # Only Kueue unsuspends a queued Job; runPolicy.suspend is handled before any Job exists.
+            "suspend": bool(job.queue_name),
+            "template": {"metadata": _pod_metadata(dict(metadata["labels"]), spec), "spec": pod_spec},
         },
     }
 
@@ -267,11 +349,18 @@ def build_trainer_job(job: JobRef, gang: int) -> dict[str, Any]:
 # --- serving ----------------------------------------------------------------------------
 
 
+def serving_hash(spec: DreamboothJobSpec) -> str:
+    """What the inference Deployment is built from: an edit of it rolls the Deployment."""
+    return _spec_hash([spec.serving.model_dump(mode="json", by_alias=True), spec.pod_template.model_dump(mode="json", by_alias=True)])
+
+
 def build_inference_deployment(job: JobRef) -> dict[str, Any]:
     serving = job.spec.serving
     name = inference_name(job.name)
     metadata = _metadata(job, name, "inference")
+    metadata["annotations"] = {ANNOTATION_SPEC_HASH: serving_hash(job.spec)}
     probe = {"httpGet": {"port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5}
+    template_pod, extra_env, extra_mounts = _template_pieces(job.spec)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -280,11 +369,12 @@ def build_inference_deployment(job: JobRef) -> dict[str, Any]:
             "replicas": serving.replicas,
             "selector": {"matchLabels": selector_labels(job.name, "inference")},
             "template": {
-                "metadata": {"labels": dict(metadata["labels"])},
+                "metadata": _pod_metadata(dict(metadata["labels"]), job.spec),
                 "spec": {
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
                     "securityContext": pod_security_context(),
+                    **template_pod,
                     "containers": [
                         {
                             "name": SERVER_CONTAINER,
@@ -296,7 +386,7 @@ def build_inference_deployment(job: JobRef) -> dict[str, Any]:
                                 "--host", "0.0.0.0",
                                 "--port", str(SERVE_PORT),
                             ],
-                            "env": [*storage_env(job), {"name": "DREAMBOOTH_LOG_FORMAT", "value": "json"}],
+                            "env": [*storage_env(job), {"name": "DREAMBOOTH_LOG_FORMAT", "value": "json"}, *extra_env],
                             "ports": [{"name": "http", "containerPort": SERVE_PORT, "protocol": "TCP"}],
                             # Ready once the weights are loaded and a warm-up image was generated.
                             "readinessProbe": {**probe, "httpGet": {"path": "/readyz", "port": "http"}, "failureThreshold": 3},
@@ -309,11 +399,14 @@ def build_inference_deployment(job: JobRef) -> dict[str, Any]:
                             },
                             "resources": _resources(serving.resources.cpu, serving.resources.memory, serving.resources.gpus),
                             "securityContext": container_security_context(),
-                            "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}],
+                            "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}, *extra_mounts],
                         }
                     ],
-                    "volumes": [{"name": "scratch", "emptyDir": {}}],
-                    "tolerations": _gpu_tolerations(serving.resources.gpus),
+                    "volumes": [
+                        {"name": "scratch", "emptyDir": {}},
+                        *[volume.model_dump(by_alias=True, exclude_none=True) for volume in job.spec.pod_template.volumes],
+                    ],
+                    **_placement(serving.scheduling, serving.resources.gpus),
                 },
             },
         },

@@ -8,16 +8,23 @@ from datetime import datetime, timezone
 from typing import Any
 
 ACCEPTED = "Accepted"
+QUEUED = "Queued"
 RUNNING = "Running"
 RESTARTING = "Restarting"
 SUSPENDED = "Suspended"
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 SERVING_READY = "ServingReady"
-CONDITION_TYPES = (ACCEPTED, RUNNING, RESTARTING, SUSPENDED, SUCCEEDED, FAILED, SERVING_READY)
+# True once nothing more will happen by itself: Failed, or Succeeded with serving settled
+# (ready, disabled or failed). `kubectl wait --for=condition=Finished` returns either way.
+FINISHED = "Finished"
+NAME_CONFLICT = "NameConflict"
+UPDATE_PENDING = "UpdatePending"
+CONDITION_TYPES = (ACCEPTED, QUEUED, RUNNING, RESTARTING, SUSPENDED, SUCCEEDED, FAILED, SERVING_READY, FINISHED,
+                   NAME_CONFLICT, UPDATE_PENDING)
 TERMINAL_PHASES = ("Succeeded", "Failed")
 # Conditions whose turning True deserves a Warning event rather than a Normal one.
-WARNING_CONDITIONS = (RESTARTING, FAILED)
+WARNING_CONDITIONS = (RESTARTING, FAILED, NAME_CONFLICT)
 MAX_MESSAGE = 1000
 
 Conditions = list[dict[str, Any]]
@@ -69,12 +76,20 @@ def set_condition(
     return sorted(result, key=lambda c: order.get(c["type"], len(order)))
 
 
+def observe_generation(conditions: Conditions, generation: int | None) -> Conditions:
+    """Every condition reports the generation it was judged at: this reconcile's (kubectl wait checks it)."""
+    if generation is None:
+        return conditions
+    return [c if c.get("observedGeneration") == generation else {**c, "observedGeneration": generation} for c in conditions]
+
+
 def derive_phase(conditions: Conditions) -> str:
     """The one-word summary for humans, from the conditions (most final first)."""
     for type_, phase in (
         (FAILED, "Failed"),
         (SUCCEEDED, "Succeeded"),
         (SUSPENDED, "Suspended"),
+        (QUEUED, "Queued"),
         (RESTARTING, "Restarting"),
         (RUNNING, "Running"),
     ):

@@ -1,12 +1,15 @@
 """The one module that talks to the Kubernetes API (besides kopf's own watching and events).
 
-Everything here is idempotent: create-if-absent, delete-if-present, patch-to-desired. Objects
-are returned as plain API dicts (camelCase, as `kubectl get -o json` shows them).
+Everything here is idempotent: create-if-absent, delete-if-present, patch-to-desired; and it only
+ever changes or deletes objects this job controls (owner reference with `controller: true`), never
+adopts one it finds. Every call has a timeout. Objects are plain API dicts (camelCase, as
+`kubectl get -o json` shows them).
 """
 from __future__ import annotations
 
 import base64
 import json
+import os
 import threading
 from typing import Any
 
@@ -16,28 +19,52 @@ from . import builders
 
 _lock = threading.Lock()
 _api_client: Any = None
+# (connect, read) seconds for every call: a hung API server must not hold a worker.
+REQUEST_TIMEOUT = (float(os.environ.get("DREAMBOOTH_API_CONNECT_TIMEOUT", "5")),
+                   float(os.environ.get("DREAMBOOTH_API_READ_TIMEOUT", "20")))
+KUEUE_WORKLOADS = "kueue.x-k8s.io/v1beta2"
 
 
 class KubeError(RuntimeError):
-    pass
+    """The API could not do it now (network, 5xx, 409 on a write): retry later."""
 
 
-def _client() -> Any:
+class KubeRejected(KubeError):
+    """The API refused the object for good (422/400): the message names the field."""
+
+
+class Conflict(KubeError):
+    """A precondition (resourceVersion) failed: someone changed the object since it was read."""
+
+
+class NotOwned(RuntimeError):
+    """An object this job would create exists and is not controlled by it (nothing was changed)."""
+
+    def __init__(self, kind: str, namespace: str, name: str, owner: str) -> None:
+        self.kind, self.namespace, self.name = kind, namespace, name
+        super().__init__(f"{kind} {namespace}/{name} already exists and is {owner}, not this DreamboothJob's: "
+                         "nothing was created or changed; rename or delete it and the job goes on")
+
+
+def client() -> Any:
     """In-cluster config when running in a pod, else the kubeconfig (KUBECONFIG); made once."""
     global _api_client
     with _lock:
         if _api_client is None:
-            from kubernetes import client, config
+            from kubernetes import client as k8s_client, config
 
             try:
                 config.load_incluster_config()
             except config.ConfigException:
                 config.load_kube_config()
-            _api_client = client.ApiClient()
+            configuration = k8s_client.Configuration.get_default_copy()
+            # One pool per worker thread and watcher, so no call waits for a free connection.
+            configuration.connection_pool_maxsize = 32
+            _api_client = k8s_client.ApiClient(configuration)
         return _api_client
 
 
-def _request(
+def request(
     method: str,
     path: str,
     body: Any = None,
@@ -45,9 +72,10 @@ def _request(
     content_type: str = "application/json",
     missing_ok: bool = False,
     conflict_ok: bool = False,
+    timeout: tuple[float, float] | float = REQUEST_TIMEOUT,
 ) -> dict[str, Any] | None:
     """One API call with a plain-dict body; None for 404 (missing_ok) or 409 (conflict_ok)."""
-    api = _client()
+    api = client()
     params = api.param_serialize(
         method=method,
         resource_path=path,
@@ -56,32 +84,61 @@ def _request(
         body=body,
         auth_settings=["BearerToken"],
     )
-    response = api.call_api(*params)
-    response.read()
+    try:
+        response = api.call_api(*params, _request_timeout=timeout)
+        response.read()
+    except Exception as error:  # urllib3 timeouts and connection errors
+        raise KubeError(f"{method} {path}: {type(error).__name__}: {error}") from None
     if response.status == 404 and missing_ok:
         return None
     if response.status == 409 and conflict_ok:
         return None
     if not 200 <= response.status < 300:
-        raise KubeError(f"{method} {path}: {response.status} {response.data.decode(errors='replace')[:500]}")
+        text = response.data.decode(errors="replace")[:800]
+        if response.status == 409:
+            raise Conflict(f"{method} {path}: {response.status} {text}")
+        if response.status in (400, 422):
+            raise KubeRejected(_api_message(text))
+        raise KubeError(f"{method} {path}: {response.status} {text}")
     return json.loads(response.data) if response.data else {}
 
 
-def _ns_path(api_version: str, namespace: str, plural: str, name: str = "") -> str:
+def _api_message(text: str) -> str:
+    try:
+        return str(json.loads(text).get("message") or text)
+    except (ValueError, AttributeError):
+        return text
+
+
+def ns_path(api_version: str, namespace: str, plural: str, name: str = "") -> str:
     prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
     path = f"{prefix}/namespaces/{namespace}/{plural}"
     return f"{path}/{name}" if name else path
+
+
+def cluster_path(api_version: str, plural: str, name: str = "") -> str:
+    prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    return f"{prefix}/{plural}/{name}" if name else f"{prefix}/{plural}"
+
+
+def selector(labels: dict[str, str]) -> str:
+    return ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
 
 
 # --- reads ------------------------------------------------------------------------------
 
 
 def read_dreamboothjob(namespace: str, name: str) -> dict[str, Any] | None:
-    return _request("GET", _ns_path(f"{GROUP}/{VERSION}", namespace, PLURAL, name), missing_ok=True)
+    return request("GET", ns_path(f"{GROUP}/{VERSION}", namespace, PLURAL, name), missing_ok=True)
+
+
+def list_dreamboothjobs(namespace: str | None = None) -> list[dict[str, Any]]:
+    path = ns_path(f"{GROUP}/{VERSION}", namespace, PLURAL) if namespace else cluster_path(f"{GROUP}/{VERSION}", PLURAL)
+    return list((request("GET", path) or {}).get("items") or [])
 
 
 def read_secret_data(namespace: str, name: str) -> dict[str, str] | None:
-    secret = _request("GET", _ns_path("v1", namespace, "secrets", name), missing_ok=True)
+    secret = request("GET", ns_path("v1", namespace, "secrets", name), missing_ok=True)
     if secret is None:
         return None
     data = {key: base64.b64decode(value).decode() for key, value in (secret.get("data") or {}).items()}
@@ -89,78 +146,144 @@ def read_secret_data(namespace: str, name: str) -> dict[str, str] | None:
     return data
 
 
-def read_job(namespace: str, name: str) -> dict[str, Any] | None:
-    return _request("GET", _ns_path("batch/v1", namespace, "jobs", name), missing_ok=True)
-
-
-def list_trainer_jobs(namespace: str, job_name: str) -> list[dict[str, Any]]:
-    selector = _selector(builders.selector_labels(job_name, "trainer"))
-    found = _request("GET", _ns_path("batch/v1", namespace, "jobs"), query={"labelSelector": selector})
-    return list((found or {}).get("items") or [])
-
-
 def list_trainer_pods(namespace: str, job_name: str) -> list[dict[str, Any]]:
-    selector = _selector(builders.selector_labels(job_name, "trainer"))
-    found = _request("GET", _ns_path("v1", namespace, "pods"), query={"labelSelector": selector})
+    found = request("GET", ns_path("v1", namespace, "pods"),
+                    query={"labelSelector": selector(builders.selector_labels(job_name, "trainer"))})
     return list((found or {}).get("items") or [])
 
 
-def read_deployment(namespace: str, name: str) -> dict[str, Any] | None:
-    return _request("GET", _ns_path("apps/v1", namespace, "deployments", name), missing_ok=True)
+def node_ready(name: str) -> bool | None:
+    """True/False from the Node's Ready condition; False when the Node is gone; None if unreadable."""
+    try:
+        node = request("GET", cluster_path("v1", "nodes", name), missing_ok=True)
+    except KubeError:
+        return None  # e.g. a namespaced install, which may not read nodes
+    if node is None:
+        return False
+    ready = next((c for c in (node.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"), None)
+    return ready is not None and ready.get("status") == "True"
 
 
-def _selector(labels: dict[str, str]) -> str:
-    return ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
+def read_workload(namespace: str, job_uid: str) -> dict[str, Any] | None:
+    """Kueue's Workload of a Job (label kueue.x-k8s.io/job-uid); None without Kueue or Workload."""
+    try:
+        found = request("GET", ns_path(KUEUE_WORKLOADS, namespace, "workloads"),
+                        query={"labelSelector": f"kueue.x-k8s.io/job-uid={job_uid}"}, missing_ok=True)
+    except KubeError:
+        return None  # Kueue absent or not readable: the condition says less, nothing breaks
+    items = (found or {}).get("items") or []
+    return items[0] if items else None
 
 
 # --- writes -----------------------------------------------------------------------------
 
 _PLURALS = {"ConfigMap": "configmaps", "Service": "services", "Job": "jobs", "Deployment": "deployments"}
+# Brought to the manifest when they exist: replaced whole (an edit that removes an env var or a
+# volume removes it), or, for a Service (whose clusterIP is the server's), merged.
 # A Job's pod template is immutable: an existing one is left as it is.
-_PATCHABLE = {"ConfigMap", "Service", "Deployment"}
+_REPLACED = {"ConfigMap", "Deployment"}
+_MERGED = {"Service"}
 
 
-def ensure(manifest: dict[str, Any]) -> bool:
-    """Create the object, or bring an existing one to the manifest. True when it was created."""
+def _controller_of(obj: dict[str, Any]) -> str:
+    refs = [r for r in (obj.get("metadata") or {}).get("ownerReferences") or [] if r.get("controller")]
+    return f"controlled by {refs[0].get('kind')} {refs[0].get('name')}" if refs else "not controlled by anything"
+
+
+def ensure(manifest: dict[str, Any], owner_uid: str) -> bool:
+    """Create the object, or bring an existing one this job controls to the manifest; never adopt.
+
+    True when it was created. NotOwned when the name is taken by an object it does not control."""
     kind, api_version = manifest["kind"], manifest["apiVersion"]
     namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
-    created = _request("POST", _ns_path(api_version, namespace, _PLURALS[kind]), body=manifest, conflict_ok=True)
-    if created is None and kind in _PATCHABLE:
-        _request(
-            "PATCH", _ns_path(api_version, namespace, _PLURALS[kind], name), body=manifest,
-            content_type="application/strategic-merge-patch+json",
-        )
-    return created is not None
+    created = request("POST", ns_path(api_version, namespace, _PLURALS[kind]), body=manifest, conflict_ok=True)
+    if created is not None:
+        return True
+    existing = request("GET", ns_path(api_version, namespace, _PLURALS[kind], name), missing_ok=True)
+    if existing is None:
+        raise KubeError(f"{kind} {namespace}/{name} was being deleted; it is created again next time")
+    from .lifecycle import owned_by
+
+    if not owned_by(existing, owner_uid):
+        raise NotOwned(kind, namespace, name, _controller_of(existing))
+    if existing["metadata"].get("deletionTimestamp"):
+        raise KubeError(f"{kind} {namespace}/{name} is being deleted; it is created again next time")
+    body = dict(manifest)
+    body["metadata"] = {**manifest["metadata"], "resourceVersion": existing["metadata"]["resourceVersion"]}
+    path = ns_path(api_version, namespace, _PLURALS[kind], name)
+    if kind in _REPLACED:
+        request("PUT", path, body=body)
+    elif kind in _MERGED:
+        request("PATCH", path, body=body, content_type="application/strategic-merge-patch+json")
+    return False
 
 
-def delete_job(namespace: str, name: str) -> bool:
+def delete_owned(api_version: str, kind: str, namespace: str, name: str, owner_uid: str) -> bool:
+    """Delete an object only if this job controls it (uid precondition: never a same-named stranger)."""
+    path = ns_path(api_version, namespace, _PLURALS[kind], name)
+    existing = request("GET", path, missing_ok=True)
+    if existing is None:
+        return False
+    from .lifecycle import owned_by
+
+    if not owned_by(existing, owner_uid):
+        return False
+    body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background",
+            "preconditions": {"uid": existing["metadata"]["uid"]}}
+    return request("DELETE", path, body=body, missing_ok=True, conflict_ok=True) is not None
+
+
+def delete_job(namespace: str, name: str, owner_uid: str) -> bool:
     """Delete a trainer Job and (in the background) its pods. False when it was already gone."""
-    gone = _request(
-        "DELETE", _ns_path("batch/v1", namespace, "jobs", name),
-        body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}, missing_ok=True,
-    )
-    return gone is not None
+    return delete_owned("batch/v1", "Job", namespace, name, owner_uid)
+
+
+def force_delete_pod(namespace: str, name: str) -> None:
+    """Grace period 0: for a pod whose node is gone (its kubelet will never confirm the deletion)."""
+    request("DELETE", ns_path("v1", namespace, "pods", name),
+            body={"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0}, missing_ok=True)
 
 
 def set_job_suspended(namespace: str, name: str, suspended: bool) -> None:
-    _request(
-        "PATCH", _ns_path("batch/v1", namespace, "jobs", name), body={"spec": {"suspend": suspended}},
+    request(
+        "PATCH", ns_path("batch/v1", namespace, "jobs", name), body={"spec": {"suspend": suspended}},
         content_type="application/merge-patch+json", missing_ok=True,
     )
 
 
-def delete_serving(namespace: str, name: str) -> None:
-    _request("DELETE", _ns_path("apps/v1", namespace, "deployments", name), missing_ok=True)
-    _request("DELETE", _ns_path("v1", namespace, "services", name), missing_ok=True)
+def delete_serving(namespace: str, name: str, owner_uid: str) -> None:
+    delete_owned("apps/v1", "Deployment", namespace, name, owner_uid)
+    delete_owned("v1", "Service", namespace, name, owner_uid)
 
 
-def delete_dreamboothjob(namespace: str, name: str) -> None:
-    _request("DELETE", _ns_path(f"{GROUP}/{VERSION}", namespace, PLURAL, name), missing_ok=True)
+def delete_dreamboothjob(namespace: str, name: str, uid: str) -> None:
+    body = {"kind": "DeleteOptions", "apiVersion": "v1", "preconditions": {"uid": uid}}
+    request("DELETE", ns_path(f"{GROUP}/{VERSION}", namespace, PLURAL, name), body=body, missing_ok=True, conflict_ok=True)
 
 
-def patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
-    """JSON merge patch of the status subresource (None deletes a field); a deleted job is left alone."""
-    _request(
-        "PATCH", _ns_path(f"{GROUP}/{VERSION}", namespace, PLURAL, name) + "/status", body={"status": status},
+def patch_status(namespace: str, name: str, status: dict[str, Any], resource_version: str | None = None) -> dict[str, Any] | None:
+    """JSON merge patch of the status subresource (None deletes a field); the patched object, or
+    None when the job is gone. With `resource_version`, Conflict if the job changed since."""
+    body: dict[str, Any] = {"status": status}
+    if resource_version:
+        body["metadata"] = {"resourceVersion": resource_version}
+    return request(
+        "PATCH", ns_path(f"{GROUP}/{VERSION}", namespace, PLURAL, name) + "/status", body=body,
         content_type="application/merge-patch+json", missing_ok=True,
     )
+
+
+def create_event(involved: dict[str, Any], event_type: str, reason: str, message: str, component: str, instance: str,
+                 now: str) -> None:
+    """A core/v1 Event about a DreamboothJob (what `kubectl describe dbj` shows)."""
+    meta = involved["metadata"]
+    body = {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {"apiVersion": involved.get("apiVersion", f"{GROUP}/{VERSION}"), "kind": involved.get("kind", "DreamboothJob"),
+                           "name": meta["name"], "namespace": meta["namespace"], "uid": meta.get("uid", "")},
+        "type": event_type, "reason": reason, "message": message[:1024],
+        "source": {"component": component}, "reportingComponent": component, "reportingInstance": instance,
+        "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+    }
+    request("POST", ns_path("v1", meta["namespace"], "events"), body=body)

@@ -12,25 +12,39 @@ from typing import Any
 
 from dreambooth_trainer.spec import DreamboothJobSpec
 
-from . import builders
+from . import builders, failures
 from .conditions import (
     ACCEPTED,
     FAILED,
+    FINISHED,
+    NAME_CONFLICT,
+    QUEUED,
     RESTARTING,
     RUNNING,
     SERVING_READY,
     SUCCEEDED,
     SUSPENDED,
     TERMINAL_PHASES,
+    UPDATE_PENDING,
     completed_progress,
     derive_phase,
     format_time,
+    get_condition,
+    observe_generation,
     parse_time,
     progress_status,
     restart_backoff_seconds,
     set_condition,
     transition_events,
 )
+from .failures import PodState
+
+# A disrupted gang restarts soon: nothing is wrong with it, only its pods were taken.
+DISRUPTION_RESTART_SECONDS = 2.0
+# A gang that could not be placed waits this long before it is tried again.
+UNPLACED_RESTART_SECONDS = 10.0
+# How often a job waiting on something nobody announces (old pods, Kueue) is looked at again.
+WAIT_POLL_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -45,11 +59,14 @@ class TrainerJobState:
     failure_reason: str = ""
     failure_message: str = ""
     suspended: bool = False
+    template_hash: str = ""
+    uid: str = ""
 
     @property
     def permanent_failure(self) -> bool:
         # Only the podFailurePolicy rule (trainer exit code 2: bad config or input) says so.
-        return self.failed and self.failure_reason == "PodFailurePolicy"
+        return self.failed and self.failure_reason == "PodFailurePolicy" and failures.classify(
+            self.failure_reason, self.failure_message, (), "").kind == failures.PERMANENT
 
 
 @dataclass(frozen=True)
@@ -57,6 +74,17 @@ class ServingState:
     replicas: int
     ready_replicas: int
     image: str = ""
+    spec_hash: str = ""
+    failed_message: str = ""  # the Deployment's Progressing=False (e.g. ProgressDeadlineExceeded)
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """What Kueue says about the current gang's Workload (when it has one)."""
+
+    admitted: bool = False
+    reason: str = ""
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -70,16 +98,26 @@ class Observation:
     job: TrainerJobState | None = None
     stale_jobs: tuple[int, ...] = ()  # gangs older than the current one whose Job still exists
     stale_pods: int = 0  # pods of older gangs still present (terminating)
+    pods: tuple[PodState, ...] = ()  # pods of the current gang (read when the gang is not all running or failed)
+    old_pods: tuple[PodState, ...] = ()  # pods of older gangs (read while a new gang waits for them)
     progress: dict[str, Any] | None = None  # progress.json, when readable
     latest_checkpoint: str | None = None
     serving: ServingState | None = None
+    queue_name: str = ""  # Kueue LocalQueue the trainer Job goes to ("" without Kueue)
+    queue: QueueState | None = None
+
+    @property
+    def template_hash(self) -> str:
+        return builders.trainer_template_hash(self.spec)
 
 
 @dataclass(frozen=True)
 class Action:
-    kind: str  # create_job, delete_job, suspend_job, ensure_serving, delete_serving, delete_self
+    # create_job, delete_job, suspend_job, force_delete_pod, ensure_serving, delete_serving, delete_self
+    kind: str
     gang: int | None = None
     value: bool | None = None
+    target: str = ""  # the pod of force_delete_pod
 
 
 @dataclass
@@ -110,10 +148,23 @@ class _Draft:
             self.status["conditions"], type_, value, reason, message, self.obs.generation, self.obs.now
         )
 
-    def act(self, kind: str, gang: int | None = None, value: bool | None = None) -> None:
-        self.actions.append(Action(kind, gang, value))
+    def clear(self, type_: str, reason: str, message: str) -> None:
+        """Set `type_` False, but only if it was ever set (a condition born False is noise)."""
+        if get_condition(self.status["conditions"], type_) is not None:
+            self.condition(type_, False, reason, message)
+
+    def is_true(self, type_: str) -> bool:
+        condition = get_condition(self.status["conditions"], type_)
+        return condition is not None and condition.get("status") == "True"
+
+    def act(self, kind: str, gang: int | None = None, value: bool | None = None, target: str = "") -> None:
+        self.actions.append(Action(kind, gang, value, target))
+
+    def requeue(self, seconds: float) -> None:
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
 
     def finish(self) -> Plan:
+        self.status["conditions"] = observe_generation(self.status["conditions"], self.obs.generation)
         self.status["phase"] = derive_phase(self.status["conditions"])
         self.status["observedGeneration"] = self.obs.generation
         return Plan(
@@ -133,23 +184,22 @@ def decide(obs: Observation) -> Plan:
         _finished(draft)
         return draft.finish()
     if _past_deadline(obs):
-        _fail(draft, "DeadlineExceeded", f"ran longer than runPolicy.activeDeadlineSeconds={obs.spec.run_policy.active_deadline_seconds}")
+        _fail(draft, "DeadlineExceeded", f"ran longer than runPolicy.activeDeadlineSeconds={obs.spec.run_policy.active_deadline_seconds} (queued and suspended time excluded)")
         return draft.finish()
     if obs.spec.run_policy.suspend:
         _suspend(draft)
         return draft.finish()
-    if draft.status.get("conditions") and _condition_true(draft, SUSPENDED):
+    if draft.is_true(SUSPENDED):
         draft.condition(SUSPENDED, False, "Resumed", "runPolicy.suspend is false: the gang resumes from the latest checkpoint")
     _train(draft)
+    _note_template_update(draft)
     return draft.finish()
 
 
-def _condition_true(draft: _Draft, type_: str) -> bool:
-    return any(c["type"] == type_ and c["status"] == "True" for c in draft.status["conditions"])
-
-
-def _current_gang(obs: Observation) -> int:
-    return int(obs.status.get("restarts") or 0)
+def current_gang(status: dict[str, Any]) -> int:
+    """The gang whose Job is `<name>-train-<gang>` (older objects counted gangs in `restarts`)."""
+    gang = status.get("gang")
+    return int(gang if gang is not None else status.get("restarts") or 0)
 
 
 def _past_deadline(obs: Observation) -> bool:
@@ -160,7 +210,7 @@ def _past_deadline(obs: Observation) -> bool:
 
 def _train(draft: _Draft) -> None:
     obs = draft.obs
-    gang = _current_gang(obs)
+    gang = current_gang(obs.status)
     job = obs.job
     _record_progress(draft)
     if job is None:
@@ -170,64 +220,156 @@ def _train(draft: _Draft) -> None:
     elif job.succeeded:
         _succeed(draft)
     elif job.suspended:
-        draft.act("suspend_job", gang, False)
-        draft.status.setdefault("startTime", format_time(obs.now))  # the deadline counts again from here
-        draft.condition(RUNNING, False, "Resuming", "the gang is being resumed")
-    elif job.ready >= obs.spec.resources.nodes:
-        draft.condition(RUNNING, True, "GangRunning", f"all {obs.spec.resources.nodes} pods of gang {gang} are running")
+        _suspended_job(draft, gang)
     else:
-        draft.condition(RUNNING, False, "PodsPending", f"{job.ready}/{obs.spec.resources.nodes} pods of gang {gang} are running")
+        _running(draft, gang, job)
+
+
+def _running(draft: _Draft, gang: int, job: TrainerJobState) -> None:
+    obs = draft.obs
+    nodes = obs.spec.resources.nodes
+    draft.status.setdefault("startTime", format_time(obs.now))  # admitted or resumed: the deadline counts
+    draft.status.pop("jobSuspendedByOperator", None)
+    if draft.is_true(QUEUED):
+        where = f"Kueue admitted gang {gang} (LocalQueue {obs.queue_name})" if obs.queue_name else f"gang {gang} was resumed"
+        draft.condition(QUEUED, False, "Admitted", where)
+    if job.ready >= nodes:
+        draft.condition(RUNNING, True, "GangRunning", f"all {nodes} pods of gang {gang} are running")
+        return
+    unplaced = [p for p in obs.pods if not p.scheduled and p.phase == "Pending"]
+    if unplaced:
+        why = unplaced[0].unschedulable_message or "no node has room"
+        draft.condition(RUNNING, False, "GangNotPlaced",
+                        f"{nodes - len(unplaced)}/{nodes} pods of gang {gang} placed; waiting for room for the rest ({why}); no restart is spent")
+        draft.requeue(WAIT_POLL_SECONDS)
+        return
+    draft.condition(RUNNING, False, "PodsPending", f"{job.ready}/{nodes} pods of gang {gang} are running")
+
+
+def _suspended_job(draft: _Draft, gang: int) -> None:
+    """A suspended Job that the user does not want suspended: resume it only if we suspended it."""
+    obs = draft.obs
+    draft.status.pop("startTime", None)  # queued time is not deadline time
+    if obs.status.get("jobSuspendedByOperator"):
+        draft.act("suspend_job", gang, False)
+        draft.status.pop("jobSuspendedByOperator", None)
+        draft.status["startTime"] = format_time(obs.now)  # the deadline counts again from here
+        draft.condition(RUNNING, False, "Resuming", "the gang is being resumed")
+        return
+    _queued(draft, gang)
+
+
+def _queued(draft: _Draft, gang: int) -> None:
+    obs = draft.obs
+    queue = obs.queue
+    if obs.queue_name:
+        reason, message = "WaitingForAdmission", f"gang {gang} waits for Kueue to admit it (LocalQueue {obs.queue_name})"
+        if queue is not None and queue.reason in ("Preempted", "Evicted", "PodsReadyTimeout", "InactiveWorkload"):
+            reason = "Preempted" if queue.reason == "Preempted" else "Evicted"
+            message = f"Kueue stopped gang {gang} ({queue.reason}): it resumes from its checkpoint when admitted again (no restart is spent)"
+        if queue is not None and queue.message:
+            message += f": {queue.message}"
+    else:
+        reason, message = "SuspendedByOthers", f"the Job of gang {gang} was suspended by someone else; the operator leaves it suspended"
+    draft.condition(QUEUED, True, reason, message)
+    if draft.is_true(RUNNING):
+        draft.condition(RUNNING, False, reason, message)
+    draft.requeue(WAIT_POLL_SECONDS)
 
 
 def _start_gang(draft: _Draft, gang: int) -> None:
     obs = draft.obs
     if obs.stale_pods:
-        draft.condition(RUNNING, False, "WaitingForOldGang", f"{obs.stale_pods} pods of the previous gang are still terminating")
-        draft.requeue_after = 2.0
+        stuck = failures.stuck_pods(obs.old_pods, obs.now)
+        for pod in stuck:
+            draft.act("force_delete_pod", target=pod.name)
+        note = f"; force-deleting {len(stuck)} stuck on a lost node" if stuck else ""
+        draft.clear(QUEUED, "GangStopped", "the gang is being replaced")
+        draft.condition(RUNNING, False, "WaitingForOldGang", f"{obs.stale_pods} pods of the previous gang are still terminating{note}")
+        draft.requeue(2.0)
         return
     restart_at = parse_time(obs.status.get("restartAt"))
     if restart_at and obs.now < restart_at:
-        draft.requeue_after = (restart_at - obs.now).total_seconds()
+        draft.requeue((restart_at - obs.now).total_seconds())
         return
     draft.act("create_job", gang)
     draft.status.pop("restartAt", None)
-    draft.status.setdefault("startTime", format_time(obs.now))
-    if gang and _condition_true(draft, RESTARTING):
+    draft.status.pop("jobSuspendedByOperator", None)
+    if draft.is_true(RESTARTING):
         draft.condition(RESTARTING, False, "GangStarted", f"gang {gang} started; it resumes from the latest checkpoint")
+    if obs.queue_name:
+        draft.status["queueName"] = obs.queue_name
+        draft.status.pop("startTime", None)
+        draft.condition(QUEUED, True, "WaitingForAdmission", f"gang {gang} created suspended; Kueue admits it from LocalQueue {obs.queue_name}")
+        draft.requeue(WAIT_POLL_SECONDS)
+    else:
+        draft.status.pop("queueName", None)
+        draft.status.setdefault("startTime", format_time(obs.now))
+        draft.clear(QUEUED, "NotQueued", f"gang {gang} is not queued (no kueue.x-k8s.io/queue-name)")
     draft.condition(RUNNING, False, "PodsPending", f"gang {gang} created; waiting for its pods")
 
 
 def _gang_failed(draft: _Draft, job: TrainerJobState) -> None:
     obs = draft.obs
-    restarts = _current_gang(obs)
-    why = job.failure_message or job.failure_reason or "a pod failed"
-    if job.permanent_failure:
-        _fail(draft, "TrainerRejectedInput", f"the trainer refused its config or input (exit code 2): {why}")
+    policy = obs.spec.run_policy
+    gang = current_gang(obs.status)
+    failure = failures.classify(job.failure_reason, job.failure_message, obs.pods, obs.spec.resources.memory)
+    if failure.kind == failures.PERMANENT:
+        _fail(draft, "TrainerRejectedInput", f"the trainer refused its config or input (exit code 2): {failure.message}")
         return
-    if restarts >= obs.spec.run_policy.max_restarts:
-        _fail(draft, "MaxRestartsExceeded", f"gang {restarts} failed after {restarts} restarts (runPolicy.maxRestarts={obs.spec.run_policy.max_restarts}): {why}")
+    if failure.kind == failures.OOM and not policy.retry_on_out_of_memory:
+        _fail(draft, "OutOfMemory", f"{failure.message}; raise it, or lower training.batchSize or data.resolution (runPolicy.retryOnOutOfMemory: true restarts instead)")
         return
-    delay = restart_backoff_seconds(restarts + 1)
+    if failure.kind == failures.DISRUPTION:
+        disruptions = int(obs.status.get("disruptions") or 0)
+        if policy.max_disruptions is not None and disruptions >= policy.max_disruptions:
+            _fail(draft, "TooManyDisruptions", f"gang {gang} was disrupted after {disruptions} disruptions (runPolicy.maxDisruptions={policy.max_disruptions}): {failure.message}")
+            return
+        draft.status["disruptions"] = disruptions + 1
+        _restart(draft, gang, DISRUPTION_RESTART_SECONDS, "GangDisrupted",
+                 f"disruption {disruptions + 1}{'' if policy.max_disruptions is None else f'/{policy.max_disruptions}'} (no restart spent)", failure.message)
+        return
+    if failure.kind == failures.UNPLACED:
+        _restart(draft, gang, UNPLACED_RESTART_SECONDS, "GangNotPlaced", "no restart spent", failure.message)
+        return
+    restarts = int(obs.status.get("restarts") or 0)
+    if restarts >= policy.max_restarts:
+        _fail(draft, "MaxRestartsExceeded", f"gang {gang} failed after {restarts} restarts (runPolicy.maxRestarts={policy.max_restarts}): {failure.message}")
+        return
     draft.status["restarts"] = restarts + 1
+    _restart(draft, gang, restart_backoff_seconds(restarts + 1), "GangFailed", f"restart {restarts + 1}/{policy.max_restarts}", failure.message)
+
+
+def _restart(draft: _Draft, gang: int, delay: float, reason: str, budget: str, why: str) -> None:
+    obs = draft.obs
+    draft.status["gang"] = gang + 1
     draft.status["restartAt"] = format_time(obs.now + timedelta(seconds=delay))
-    draft.act("delete_job", restarts)
-    draft.condition(RUNNING, False, "GangFailed", f"gang {restarts} failed: {why}")
-    draft.condition(
-        RESTARTING, True, "GangFailed",
-        f"restart {restarts + 1}/{obs.spec.run_policy.max_restarts} in {delay:g}s from the latest checkpoint; gang {restarts} failed: {why}",
-    )
-    draft.requeue_after = delay
+    draft.act("delete_job", gang)
+    draft.clear(QUEUED, reason, f"gang {gang} stopped: {why}")
+    draft.condition(RUNNING, False, reason, f"gang {gang} stopped: {why}")
+    draft.condition(RESTARTING, True, reason, f"gang {gang + 1} starts in {delay:g}s from the latest checkpoint ({budget}); gang {gang}: {why}")
+    draft.requeue(delay)
 
 
 def _suspend(draft: _Draft) -> None:
     obs = draft.obs
-    if obs.job is not None and not obs.job.suspended and not (obs.job.succeeded or obs.job.failed):
-        draft.act("suspend_job", obs.job.gang, True)
+    job = obs.job
+    gang = current_gang(obs.status)
+    if job is not None and not (job.succeeded or job.failed):
+        if obs.queue_name or obs.status.get("queueName"):
+            # Kueue owns spec.suspend of a queued Job: remove the gang; the resume queues a new one.
+            draft.act("delete_job", gang)
+            draft.status["gang"] = gang + 1
+            draft.status.pop("jobSuspendedByOperator", None)
+        elif not job.suspended:
+            draft.act("suspend_job", gang, True)
+            draft.status["jobSuspendedByOperator"] = True
     draft.status.pop("startTime", None)  # as batch/v1: the deadline counts from the resume
-    pods_left = (obs.job.active if obs.job else 0) + obs.stale_pods
+    pods_left = (job.active if job else 0) + obs.stale_pods
     message = "runPolicy.suspend is true: pods removed, checkpoint kept"
     if pods_left:
         message += f" ({pods_left} pods still terminating)"
+    draft.clear(QUEUED, "Suspended", message)
     draft.condition(RUNNING, False, "Suspended", message)
     draft.condition(SUSPENDED, True, "Suspended", message)
 
@@ -239,10 +381,10 @@ def _fail(draft: _Draft, reason: str, message: str) -> None:
     draft.status["completionTime"] = format_time(obs.now)
     draft.status["message"] = message
     draft.status.pop("restartAt", None)
-    for type_ in (RUNNING, RESTARTING):
-        if any(c["type"] == type_ for c in draft.status["conditions"]):
-            draft.condition(type_, False, reason, message)
+    for type_ in (QUEUED, RUNNING, RESTARTING):
+        draft.clear(type_, reason, message)
     draft.condition(FAILED, True, reason, message)
+    draft.condition(FINISHED, True, "JobFailed", message)
 
 
 def _succeed(draft: _Draft) -> None:
@@ -261,6 +403,8 @@ def _finished(draft: _Draft) -> None:
     obs = draft.obs
     if obs.status.get("phase") == "Succeeded":
         _serve(draft)
+    elif not draft.is_true(FINISHED):
+        draft.condition(FINISHED, True, "JobFailed", obs.status.get("message") or "the job failed")
     ttl = obs.spec.run_policy.ttl_seconds_after_finished
     finished = parse_time(obs.status.get("completionTime"))
     if ttl is not None and finished is not None:
@@ -268,7 +412,7 @@ def _finished(draft: _Draft) -> None:
         if remaining <= 0:
             draft.act("delete_self")
         else:
-            draft.requeue_after = remaining
+            draft.requeue(remaining)
 
 
 def _serve(draft: _Draft) -> None:
@@ -277,19 +421,39 @@ def _serve(draft: _Draft) -> None:
         if obs.serving is not None:
             draft.act("delete_serving")
         draft.status.pop("endpoint", None)
-        if any(c["type"] == SERVING_READY for c in draft.status["conditions"]):
-            draft.condition(SERVING_READY, False, "ServingDisabled", "serving.enabled is false")
+        draft.clear(SERVING_READY, "ServingDisabled", "serving.enabled is false")
+        draft.condition(FINISHED, True, "ServingDisabled", draft.status.get("message") or "training succeeded; serving is disabled")
         return
     serving = obs.spec.serving
-    if obs.serving is None or (obs.serving.replicas, obs.serving.image) != (serving.replicas, serving.image):
-        draft.act("ensure_serving")
+    if obs.serving is None or obs.serving.spec_hash != builders.serving_hash(obs.spec):
+        draft.act("ensure_serving")  # missing, or serving/podTemplate edited: roll the Deployment
     draft.status["endpoint"] = builders.endpoint_url(obs.name, obs.namespace)
     ready = obs.serving.ready_replicas if obs.serving else 0
-    wanted = obs.spec.serving.replicas
     if ready >= 1:
-        draft.condition(SERVING_READY, True, "DeploymentReady", f"{ready}/{wanted} inference pods ready at {draft.status['endpoint']}")
+        message = f"{ready}/{serving.replicas} inference pods ready at {draft.status['endpoint']}"
+        draft.condition(SERVING_READY, True, "DeploymentReady", message)
+        draft.condition(FINISHED, True, "ServingReady", f"training succeeded; {message}")
+    elif obs.serving is not None and obs.serving.failed_message:
+        message = f"the inference Deployment is not progressing: {obs.serving.failed_message}"
+        draft.condition(SERVING_READY, False, "ServingFailed", message)
+        draft.condition(FINISHED, True, "ServingFailed", f"training succeeded; {message}")
     else:
-        draft.condition(SERVING_READY, False, "DeploymentNotReady", f"0/{wanted} inference pods ready (loading weights, warming up)")
+        draft.condition(SERVING_READY, False, "DeploymentNotReady", f"0/{serving.replicas} inference pods ready (loading weights, warming up)")
+        draft.requeue(WAIT_POLL_SECONDS)
+
+
+def _note_template_update(draft: _Draft) -> None:
+    """scheduling/podTemplate edits reach the trainer pods with the next gang: say so, then say done."""
+    obs = draft.obs
+    job = obs.job
+    if job is None or not job.template_hash or draft.status.get("phase") in TERMINAL_PHASES or draft.is_true(FAILED):
+        return
+    gang = current_gang(obs.status)
+    if job.template_hash != obs.template_hash:
+        draft.condition(UPDATE_PENDING, True, "AppliesToNextGang",
+                        f"spec.scheduling/spec.podTemplate changed: gang {gang} keeps its pods; the next gang (restart, disruption or suspend/resume) uses the new ones")
+    else:
+        draft.clear(UPDATE_PENDING, "Applied", f"gang {gang} runs the current spec.scheduling and spec.podTemplate")
 
 
 def _record_progress(draft: _Draft) -> None:
@@ -300,22 +464,68 @@ def _record_progress(draft: _Draft) -> None:
         draft.status["latestCheckpoint"] = obs.latest_checkpoint
 
 
-def accept(status: dict[str, Any], generation: int | None, now: datetime, output_uri: str) -> Plan:
-    """The admission checks passed: record it (the first gang is created by `decide`)."""
+# --- before acceptance -----------------------------------------------------------------------
+
+
+def accept(status: dict[str, Any], generation: int | None, now: datetime, output_uri: str,
+           defaults: dict[str, Any] | None = None) -> Plan:
+    """The admission checks passed: record it and freeze the spec and the installation defaults."""
     draft = _Draft(Observation("", "", generation, None, status, now))  # type: ignore[arg-type]
     draft.status["outputUri"] = output_uri
-    draft.status.setdefault("restarts", 0)
+    draft.status["acceptedGeneration"] = generation if generation is not None else 0
+    if defaults is not None:
+        draft.status["installationDefaults"] = defaults
+    for counter in ("gang", "restarts", "disruptions"):
+        draft.status.setdefault(counter, 0)
     draft.condition(ACCEPTED, True, "ChecksPassed", "credentials, instance images and model source look usable")
     return draft.finish()
 
 
+def await_admission(status: dict[str, Any], generation: int | None, now: datetime, reason: str, message: str,
+                    retry_in: float, gives_up_at: datetime) -> Plan:
+    """A check failed on something that may heal (a Secret created late): wait in Pending, retry."""
+    draft = _Draft(Observation("", "", generation, None, status, now))  # type: ignore[arg-type]
+    draft.condition(ACCEPTED, False, reason, f"{message} (retrying; the job fails at {format_time(gives_up_at)}: runPolicy.admissionDeadlineSeconds)")
+    draft.requeue(retry_in)
+    return draft.finish()
+
+
+def admission_retry_seconds(waited: float) -> float:
+    """Backoff between admission checks: quick at first (a Secret created a second late), 30 s at most."""
+    return min(30.0, max(1.0, waited / 2))
+
+
 def reject(status: dict[str, Any], generation: int | None, now: datetime, reason: str, message: str) -> Plan:
-    """A check admission could not do failed: Failed with the cause, no pods, no retries."""
+    """A check admission could not do failed for good: Failed with the cause, no pods."""
     draft = _Draft(Observation("", "", generation, None, status, now))  # type: ignore[arg-type]
     draft.status["message"] = message
     draft.status["completionTime"] = format_time(now)
     draft.condition(ACCEPTED, False, reason, message)
     draft.condition(FAILED, True, reason, message)
+    draft.condition(FINISHED, True, "JobFailed", message)
+    return draft.finish()
+
+
+def give_up(status: dict[str, Any], generation: int | None, now: datetime, reason: str, message: str) -> Plan:
+    """The job cannot go on (e.g. the API server refused its pod template): Failed with the cause."""
+    draft = _Draft(Observation("", "", generation, None, status, now))  # type: ignore[arg-type]
+    draft.status["message"] = message
+    draft.status["completionTime"] = format_time(now)
+    for type_ in (QUEUED, RUNNING, RESTARTING):
+        draft.clear(type_, reason, message)
+    draft.condition(FAILED, True, reason, message)
+    draft.condition(FINISHED, True, "JobFailed", message)
+    return draft.finish()
+
+
+def name_conflict(status: dict[str, Any], generation: int | None, now: datetime, message: str | None) -> Plan:
+    """An object the job would create exists and is someone else's (message), or no longer (None)."""
+    draft = _Draft(Observation("", "", generation, None, status, now))  # type: ignore[arg-type]
+    if message:
+        draft.condition(NAME_CONFLICT, True, "ObjectNotOwned", message)
+        draft.requeue(10.0)
+    else:
+        draft.clear(NAME_CONFLICT, "Resolved", "every object this job creates is its own")
     return draft.finish()
 
 
@@ -331,6 +541,7 @@ def trainer_job_state(job: dict[str, Any]) -> TrainerJobState:
     status = job.get("status") or {}
     conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
     failed = conditions.get("Failed") or {}
+    meta = job.get("metadata") or {}
     return TrainerJobState(
         gang=_gang_of(job) or 0,
         active=int(status.get("active") or 0),
@@ -340,7 +551,15 @@ def trainer_job_state(job: dict[str, Any]) -> TrainerJobState:
         failure_reason=failed.get("reason", ""),
         failure_message=failed.get("message", ""),
         suspended=bool((job.get("spec") or {}).get("suspend")),
+        template_hash=(meta.get("annotations") or {}).get(builders.ANNOTATION_TEMPLATE_HASH, ""),
+        uid=meta.get("uid", ""),
     )
+
+
+def owned_by(obj: dict[str, Any], owner_uid: str) -> bool:
+    """True when `owner_uid` is the object's controller (what this job may change or delete)."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(ref.get("uid") == owner_uid and ref.get("controller") for ref in refs)
 
 
 def split_gangs(jobs: list[dict[str, Any]], gang: int) -> tuple[dict[str, Any] | None, tuple[int, ...]]:
@@ -362,12 +581,57 @@ def count_stale_pods(pods: list[dict[str, Any]], gang: int) -> int:
     return sum(1 for pod in pods if (_gang_of(pod) if _gang_of(pod) is not None else gang) < gang)
 
 
+def pod_state(pod: dict[str, Any], node_ready: bool | None = None) -> PodState:
+    meta = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    scheduled = conditions.get("PodScheduled") or {}
+    terminated = next((s.get("state", {}).get("terminated") for s in status.get("containerStatuses") or []
+                       if s.get("name") == builders.TRAINER_CONTAINER and (s.get("state") or {}).get("terminated")), None) or {}
+    disruption = conditions.get(failures.DISRUPTION_CONDITION) or {}
+    node = (pod.get("spec") or {}).get("nodeName") or ""
+    return PodState(
+        name=meta.get("name", ""),
+        gang=_gang_of(pod) or 0,
+        phase=status.get("phase") or "Pending",
+        node=node,
+        scheduled=bool(node) or scheduled.get("status") == "True",
+        unschedulable_message=scheduled.get("message", "") if scheduled.get("reason") == "Unschedulable" else "",
+        deletion_deadline=parse_time(meta.get("deletionTimestamp")),
+        node_ready=node_ready,
+        exit_code=terminated.get("exitCode"),
+        terminated_reason=terminated.get("reason", ""),
+        disrupted=disruption.get("status") == "True" or status.get("reason") in failures.NODE_LOST_REASONS,
+    )
+
+
 def serving_state(deployment: dict[str, Any] | None) -> ServingState | None:
     if deployment is None:
         return None
-    containers = deployment.get("spec", {}).get("template", {}).get("spec", {}).get("containers") or [{}]
+    spec = deployment.get("spec") or {}
+    containers = spec.get("template", {}).get("spec", {}).get("containers") or [{}]
+    status = deployment.get("status") or {}
+    progressing = next((c for c in status.get("conditions") or [] if c.get("type") == "Progressing"), {})
     return ServingState(
-        replicas=int(deployment.get("spec", {}).get("replicas") or 0),
-        ready_replicas=int((deployment.get("status") or {}).get("readyReplicas") or 0),
+        replicas=int(spec.get("replicas") or 0),
+        ready_replicas=int(status.get("readyReplicas") or 0),
         image=containers[0].get("image", ""),
+        spec_hash=((deployment.get("metadata") or {}).get("annotations") or {}).get(builders.ANNOTATION_SPEC_HASH, ""),
+        failed_message=progressing.get("message", "") if progressing.get("status") == "False" else "",
     )
+
+
+def queue_state(workload: dict[str, Any] | None) -> QueueState | None:
+    """Kueue's Workload -> admitted, and why not (QuotaReserved/Evicted messages name the quota)."""
+    if workload is None:
+        return None
+    conditions = {c.get("type"): c for c in (workload.get("status") or {}).get("conditions") or []}
+    admitted = (conditions.get("Admitted") or {}).get("status") == "True"
+    evicted = conditions.get("Evicted") or {}
+    if evicted.get("status") == "True":
+        return QueueState(admitted, evicted.get("reason", "Evicted"), evicted.get("message", ""))
+    requeued = conditions.get("Requeued") or {}
+    quota = conditions.get("QuotaReserved") or {}
+    if requeued.get("reason") in ("Preempted", "PodsReadyTimeout") and not admitted:
+        return QueueState(admitted, requeued["reason"], quota.get("message", "") or requeued.get("message", ""))
+    return QueueState(admitted, quota.get("reason", ""), quota.get("message", "") if quota.get("status") != "True" else "")

@@ -5,7 +5,7 @@ import threading
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-PHASES = ("Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
+PHASES = ("Pending", "Queued", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
 
 JOBS = Gauge("dreambooth_jobs", "DreamboothJobs known to this operator, by phase.", ["phase"])
 RECONCILE_SECONDS = Histogram(
@@ -14,6 +14,10 @@ RECONCILE_SECONDS = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
 RESTARTS = Counter("dreambooth_gang_restarts_total", "Whole-gang restarts after a failed or preempted pod.")
+DISRUPTIONS = Counter("dreambooth_gang_disruptions_total", "Whole-gang restarts after a disruption (preemption, eviction, node loss).")
+WATCH_EVENTS = Counter("dreambooth_child_watch_events_total", "Events received on the server-side filtered watches of owned objects.", ["kind"])
+LEADER = Gauge("dreambooth_operator_leader", "1 when this replica is the active one (kopf peering), else 0.")
+TIMERS = Gauge("dreambooth_scheduled_reconciles", "Jobs with a reconcile scheduled by time (finished jobs have none).")
 TRANSITIONS = Counter("dreambooth_phase_transitions_total", "Phase changes, by the phase entered.", ["phase"])
 
 _phases: dict[str, str] = {}

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,8 +20,14 @@ MAGIC = {
     b"\x89PNG\r\n\x1a\n": "PNG",
     b"BM": "BMP",
 }
-# Few attempts: a reconcile must not block a worker thread for long; the next tick retries.
-ATTEMPTS = 3
+# One attempt with short timeouts: a reconcile must not hold a worker during an outage; the next
+# reconcile retries. After a failure the endpoint is not tried again for BREAKER_SECONDS.
+ATTEMPTS = 1
+CONNECT_TIMEOUT = 2.0
+READ_TIMEOUT = 5.0
+BREAKER_SECONDS = 10.0
+# A passed instance-data check is reused this long (many jobs on one subject, retries).
+CHECK_CACHE_SECONDS = 60.0
 
 
 class StoreUnavailable(RuntimeError):
@@ -49,10 +57,10 @@ def _client(creds: Credentials) -> Any:
 
     with _clients_lock:
         if creds not in _clients:
-            # Short timeouts and few retries: an outage must not hold a reconcile for minutes.
+            # Short timeouts, no retries here: an outage must not hold a reconcile.
             http = urllib3.PoolManager(
-                timeout=urllib3.Timeout(connect=3, read=15),
-                retries=urllib3.Retry(total=1, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
+                timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT, read=READ_TIMEOUT),
+                retries=urllib3.Retry(total=0, connect=0, read=0, redirect=0),
                 maxsize=16,
             )
             _clients[creds] = Minio(
@@ -89,7 +97,71 @@ def _classify(error: Exception) -> Exception:
     return StoreRefused(text)
 
 
+class _Breaker:
+    """Per endpoint: after it failed, fail fast for a while instead of waiting on timeouts again."""
+
+    def __init__(self) -> None:
+        self._open_until: dict[str, tuple[float, str]] = {}
+        self._lock = threading.Lock()
+
+    def check(self, endpoint: str) -> None:
+        with self._lock:
+            until, why = self._open_until.get(endpoint, (0.0, ""))
+        if time.monotonic() < until:
+            raise StoreUnavailable(f"storage {endpoint} unreachable ({why}); retried in {until - time.monotonic():.0f} s")
+
+    def failed(self, endpoint: str, why: str) -> None:
+        with self._lock:
+            self._open_until[endpoint] = (time.monotonic() + BREAKER_SECONDS, why[:200])
+
+    def succeeded(self, endpoint: str) -> None:
+        with self._lock:
+            self._open_until.pop(endpoint, None)
+
+
+_breaker = _Breaker()
+_checked: dict[tuple[Credentials, str], tuple[float, int]] = {}
+_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store")
+
+
+def _guarded(creds: Credentials, call: Any) -> Any:
+    """Run one storage read through the endpoint's breaker."""
+    _breaker.check(creds.endpoint)
+    try:
+        result = call()
+    except StoreUnavailable as error:
+        _breaker.failed(creds.endpoint, str(error))
+        raise
+    _breaker.succeeded(creds.endpoint)
+    return result
+
+
 def read_progress(creds: Credentials, output_uri: str) -> dict[str, Any] | None:
+    return _guarded(creds, lambda: _read_progress(creds, output_uri))
+
+
+def read_latest_checkpoint(creds: Credentials, output_uri: str) -> str | None:
+    return _guarded(creds, lambda: _read_latest_checkpoint(creds, output_uri))
+
+
+def check_instance_images(creds: Credentials, instance_uri: str) -> int:
+    """Count the readable images under the instance prefix (a pass is reused for a minute)."""
+    cached = _checked.get((creds, instance_uri))
+    if cached and time.monotonic() < cached[0]:
+        return cached[1]
+    count = _guarded(creds, lambda: _check_instance_images(creds, instance_uri))
+    now = time.monotonic()
+    for stale in [key for key, (until, _) in _checked.items() if until < now]:
+        _checked.pop(stale, None)
+    _checked[(creds, instance_uri)] = (now + CHECK_CACHE_SECONDS, count)
+    return count
+
+
+def check_model_source(creds: Credentials, source: str) -> None:
+    _guarded(creds, lambda: _check_model_source(creds, source))
+
+
+def _read_progress(creds: Credentials, output_uri: str) -> dict[str, Any] | None:
     """progress.json written by rank 0, or None before the first record."""
     text = _read_optional(creds, output_uri, "progress.json")
     if text is None:
@@ -101,7 +173,7 @@ def read_progress(creds: Credentials, output_uri: str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def read_latest_checkpoint(creds: Credentials, output_uri: str) -> str | None:
+def _read_latest_checkpoint(creds: Credentials, output_uri: str) -> str | None:
     """The `latest` pointer as a full URI (s3://.../checkpoints/step-NNNNNNNN), or None."""
     text = _read_optional(creds, output_uri, "latest")
     if not text or not text.strip():
@@ -123,7 +195,7 @@ def _read_optional(creds: Credentials, uri: str, key: str) -> str | None:
         raise _classify(error) from None
 
 
-def check_instance_images(creds: Credentials, instance_uri: str) -> int:
+def _check_instance_images(creds: Credentials, instance_uri: str) -> int:
     """Count the readable images under the instance prefix; refuse with the object's name."""
     storage = _storage(creds, instance_uri)
     try:
@@ -133,14 +205,14 @@ def check_instance_images(creds: Credentials, instance_uri: str) -> int:
     images = [k for k in keys if k.lower().endswith(IMAGE_SUFFIXES)]
     if not images:
         raise StoreRefused(f"no images (*.jpg, *.png, *.webp) under {instance_uri}")
-    for key in images:
-        head = _head(storage, key)
+    # The first bytes of each image, read a few at a time (one listing, then parallel small GETs).
+    for key, head in zip(images, _pool.map(lambda key: _head(storage, key), images)):
         if not _looks_like_image(head):
             raise StoreRefused(f"instance image {storage.describe(key)} is not a readable image (unknown header {head[:8].hex()})")
     return len(images)
 
 
-def check_model_source(creds: Credentials, source: str) -> None:
+def _check_model_source(creds: Credentials, source: str) -> None:
     """s3:// sources must hold a diffusers model (model_index.json); others are checked by the trainer."""
     if not source.startswith("s3://"):
         return

@@ -14,6 +14,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
+from .pod_template import (
+    RESERVED_ENV,
+    RESERVED_VOLUMES,
+    PodPlacement,
+    PodTemplateOverrides,
+    SchedulingSpec,
+    Toleration,
+    label_key_rule,
+)
 from .config import (
     MODEL_SOURCE_RE,
     ORDINARY_WORDS,
@@ -46,9 +55,14 @@ MAX_NODES = 512
 MAX_RESTARTS = 100
 TOKEN_RE = r"^[A-Za-z0-9_<>-]+$"
 QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
-# Fields the operator treats as the job's identity: changing them mid-run would not resume.
-IMMUTABLE_ONCE_RUNNING = ("model", "data", "prior", "training", "checkpointing", "validation", "resources", "storage")
-MUTABLE_PHASES = ("Pending",)
+# Sections that stay editable once the job is accepted; every other section of the spec is
+# frozen then (changing it mid-run would not resume). Edits to these take effect: runPolicy at
+# once, serving rolls the Deployment, scheduling and podTemplate apply to the next gang.
+MUTABLE_SECTIONS = ("runPolicy", "serving", "scheduling", "podTemplate")
+# The status field that freezes the spec: set by the operator when it accepts the job.
+LOCK_FIELD = "acceptedGeneration"
+# Long enough for rank 0 to write a full SD checkpoint to object storage after SIGTERM.
+CHECKPOINT_GRACE_SECONDS = 600
 DEFAULT_TRAINER_IMAGE = "dreambooth/trainer:0.1.0"
 DEFAULT_INFERENCE_IMAGE = "dreambooth/inference:0.1.0"
 # What an operator installation may default for every job (the Helm chart's images and storage
@@ -130,6 +144,7 @@ class ServingSpec(Section):
     replicas: int = Field(1, ge=1, le=64, description="Inference pods.")
     resources: ServingResources = Field(default_factory=ServingResources)
     image: str = Field(DEFAULT_INFERENCE_IMAGE, min_length=1, description="Inference image (runs `dreambooth serve`); default: the operator's (the chart's images.inference).")
+    scheduling: PodPlacement = Field(default_factory=PodPlacement, description="Placement of the inference pods (edits roll the Deployment).")
 
 
 class RunPolicySpec(Section):
@@ -140,22 +155,20 @@ class RunPolicySpec(Section):
         "Running", description="Pods removed when the job finishes: All, only still-running ones, or None."
     )
     ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the DreamboothJob (and all it owns) this long after it finished.")
-
-
-class Toleration(Section):
-    key: str | None = None
-    operator: Literal["Exists", "Equal"] = "Equal"
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = Field(None, ge=0)
-
-
-class SchedulingSpec(Section):
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the trainer pods must match.")
-    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations added to the trainer pods (GPU jobs also tolerate nvidia.com/gpu).")
-    priority_class_name: str | None = Field(None, description="PriorityClass of the trainer pods.")
-    scheduler_name: str | None = Field(None, description="Scheduler for the trainer pods (e.g. a gang scheduler).")
-    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on the Job and its pods (e.g. kueue.x-k8s.io/queue-name).")
+    max_disruptions: int | None = Field(
+        None, ge=0, description="Gang restarts after disruptions (preemption, eviction, node loss, SIGTERM) before the job fails; unset: no limit. They never spend maxRestarts."
+    )
+    retry_on_out_of_memory: bool = Field(
+        False, description="false: an OOM-killed trainer fails the job at once (reason OutOfMemory); true: it restarts the gang and spends maxRestarts."
+    )
+    admission_deadline_seconds: int = Field(
+        600, ge=1, le=86400,
+        description="How long a job waits in Pending, retrying with backoff, for what may heal (the Secret, its keys, readable photos, reachable storage) before it fails.",
+    )
+    termination_grace_period_seconds: int = Field(
+        CHECKPOINT_GRACE_SECONDS, ge=1, le=86400,
+        description="Seconds a stopped trainer pod has to write its checkpoint; past it, a pod stuck on a lost node is force-deleted.",
+    )
 
 
 class DreamboothJobSpec(TrainerSections):
@@ -164,6 +177,7 @@ class DreamboothJobSpec(TrainerSections):
     serving: ServingSpec = Field(default_factory=ServingSpec)
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec)
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+    pod_template: PodTemplateOverrides = Field(default_factory=PodTemplateOverrides)
 
     @model_validator(mode="before")
     @classmethod
@@ -177,6 +191,7 @@ class DreamboothJobSpec(TrainerSections):
             raise ValueError(f"data.instanceUri {self.data.instance_uri!r} must be an s3://bucket/prefix URI (pods share no volume)")
         if self.resources.accelerator == "cpu" and self.resources.gpus_per_node != 1:
             raise ValueError("resources.gpusPerNode must be 1 (or unset) when resources.accelerator is cpu")
+        self.pod_template.mounts_name_volumes()
         try:
             train_config_from_spec(self, f"s3://{self.storage.bucket}/jobs/validate")
         except ConfigError as error:
@@ -270,15 +285,37 @@ class ProgressStatus(Section):
     update_time: str | None = Field(None, description="When rank 0 wrote the progress record.")
 
 
+class InstallationDefaults(Section):
+    """The operator installation's defaults as they were when the job was accepted (used from then on)."""
+
+    trainer_image: str | None = None
+    inference_image: str | None = None
+    storage_endpoint: str | None = None
+    storage_bucket: str | None = None
+    storage_secure: bool | None = None
+    storage_credentials_secret: str | None = None
+
+
+PHASES = ("Pending", "Queued", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
+
+
 class DreamboothJobStatus(Section):
-    phase: Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"] | None = None
+    phase: Literal[PHASES] | None = None  # type: ignore[valid-type]
     message: str | None = None
     conditions: list[Condition] = Field(default_factory=list)
     observed_generation: int | None = None
+    accepted_generation: int | None = Field(None, description="The generation the operator accepted; from then on the spec is frozen but for runPolicy, serving, scheduling and podTemplate.")
+    installation_defaults: InstallationDefaults | None = Field(None, description="The installation's defaults snapshotted at acceptance; the job keeps using them after a helm upgrade.")
     progress: ProgressStatus | None = None
-    restarts: int | None = None
+    gang: int | None = Field(None, description="Number of the current gang: its Job is <name>-train-<gang>.")
+    restarts: int | None = Field(None, description="Gang restarts after failures (bounded by runPolicy.maxRestarts).")
+    disruptions: int | None = Field(None, description="Gang restarts after disruptions: preemption, eviction, node loss (bounded by runPolicy.maxDisruptions).")
+    job_suspended_by_operator: bool | None = Field(
+        None, description="The operator suspended the current gang's Job itself (runPolicy.suspend); it unsuspends only such a Job, never one Kueue suspended."
+    )
+    queue_name: str | None = Field(None, description="Kueue LocalQueue of the current gang (kueue.x-k8s.io/queue-name).")
     restart_at: str | None = Field(None, description="Earliest time the next gang starts (restart backoff).")
-    start_time: str | None = None
+    start_time: str | None = Field(None, description="When the current gang last started running (queued and suspended time excluded): activeDeadlineSeconds counts from here.")
     completion_time: str | None = None
     latest_checkpoint: str | None = None
     output_uri: str | None = None
@@ -311,6 +348,12 @@ def _unchanged(field: str) -> str:
         return same
     return (f"(has(self.spec.{field}) == has(oldSelf.spec.{field}) && "
             f"(!has(self.spec.{field}) || {same}))")
+
+
+def locked_sections() -> list[str]:
+    """The spec sections frozen at acceptance: all but MUTABLE_SECTIONS (new sections lock too)."""
+    names = [info.alias or name for name, info in DreamboothJobSpec.model_fields.items()]
+    return [name for name in names if name not in MUTABLE_SECTIONS]
 
 
 def with_operator_defaults(spec: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -354,13 +397,12 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
         },
         *[
             {
-                "rule": "!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase in "
-                + "[" + ", ".join(f"'{p}'" for p in MUTABLE_PHASES) + "]"
-                + f" || {_unchanged(field)}",
-                "message": f"spec.{field} is immutable once the job is running; create a new DreamboothJob instead",
+                "rule": f"!has(oldSelf.status) || !has(oldSelf.status.{LOCK_FIELD}) || {_unchanged(field)}",
+                "message": f"spec.{field} is immutable once the job is accepted (status.{LOCK_FIELD} is set); "
+                "create a new DreamboothJob instead",
                 "fieldPath": f".spec.{field}",
             }
-            for field in IMMUTABLE_ONCE_RUNNING
+            for field in locked_sections()
         ],
     ],
     "spec": [
@@ -421,6 +463,30 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
         *[_quantity_rule("spec.resources", field) for field in ("cpu", "memory", "sharedMemory")],
     ],
     "spec.serving.resources": [_quantity_rule("spec.serving.resources", field) for field in ("cpu", "memory")],
+    "spec.scheduling.labels": [label_key_rule("spec.scheduling.labels")],
+    "spec.scheduling.nodeSelector": [label_key_rule("spec.scheduling.nodeSelector")],
+    "spec.serving.scheduling.nodeSelector": [label_key_rule("spec.serving.scheduling.nodeSelector")],
+    "spec.podTemplate.labels": [label_key_rule("spec.podTemplate.labels")],
+    "spec.podTemplate.annotations": [label_key_rule("spec.podTemplate.annotations")],
+    "spec.podTemplate": [
+        {
+            "rule": "!has(self.volumeMounts) || self.volumeMounts.all(m, has(self.volumes) && self.volumes.exists(v, v.name == m.name))",
+            "message": "spec.podTemplate.volumeMounts: every mount must name a volume of spec.podTemplate.volumes",
+            "fieldPath": ".volumeMounts",
+        },
+    ],
+    "spec.podTemplate.env": [
+        {
+            "rule": "self.all(e, !(e.name in [" + ", ".join(f"'{n}'" for n in RESERVED_ENV) + "]))",
+            "message": "spec.podTemplate.env: " + ", ".join(RESERVED_ENV) + " are set by the operator",
+        },
+    ],
+    "spec.podTemplate.volumes": [
+        {
+            "rule": "self.all(v, !(v.name in [" + ", ".join(f"'{n}'" for n in RESERVED_VOLUMES) + "]))",
+            "message": "spec.podTemplate.volumes: the names " + ", ".join(RESERVED_VOLUMES) + " are used by the operator",
+        },
+    ],
 }
 
 PRINTER_COLUMNS = [
@@ -471,6 +537,9 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], with_defaults: bool)
         out["minimum"], out["exclusiveMinimum"] = node["exclusiveMinimum"], True
     if "exclusiveMaximum" in node:
         out["maximum"], out["exclusiveMaximum"] = node["exclusiveMaximum"], True
+    if node.get("x-kubernetes-preserve-unknown-fields") or node.get("additionalProperties") is True:
+        # A Kubernetes object kept as given (affinity, a volume): the API server checks it later.
+        out["x-kubernetes-preserve-unknown-fields"] = True
     if out["type"] == "string":
         out.setdefault("maxLength", MAX_STRING_LENGTH)
     if out["type"] == "object":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 import uuid
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from dreambooth_operator import permissions
 from tests.e2e.conftest import BUCKET, condition, get_job, gpu_spec, trainer_pods
 from tests.testbed.cluster import binaries, pinned_versions
 
@@ -78,7 +80,7 @@ def test_helm_lint(offline_helm: Helm, variant: str) -> None:
 
 
 BAD_SETS = {
-    "two replicas": ["--set", "replicas=2"],
+    "two replicas without leader election": ["--set", "leaderElection.enabled=false", "--set", "replicaCount=2"],
     "misspelt key": ["--set", "replica=1"],
     "namespace not a DNS label": ["--set", "rbac.namespaces={Team_A}"],
     "pull policy": ["--set", "image.pullPolicy=Sometimes"],
@@ -109,6 +111,9 @@ def render(helm: Helm, variant: str, namespace: str, *extra: str) -> list[dict[s
 def test_rendered_manifests_pass_a_server_side_dry_run(testbed: Any, offline_helm: Helm, variant: str) -> None:
     namespace = f"dry-{variant}"
     docs = render(offline_helm, variant, namespace)
+    # The peering objects need their CRDs established first (a dry run creates no CRD).
+    testbed.kubectl("apply", "--server-side", "-f", str(CHART / "crds" / "kopf.dev_peerings.yaml"))
+    testbed.kubectl("wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev", "crd/kopfpeerings.kopf.dev", "--timeout=60s")
     for ns in {namespace} | {d["metadata"]["namespace"] for d in docs if d["metadata"].get("namespace")}:
         testbed.kubectl("create", "namespace", ns, check=False)
     # The test bed has no prometheus-operator CRDs: the ServiceMonitor is checked for shape here only.
@@ -152,18 +157,41 @@ def release(testbed: Any, helm: Helm) -> Iterator[Release]:
 
 def operator_pods(testbed: Any, namespace: str, release_name: str) -> list[dict[str, Any]]:
     selector = f"app.kubernetes.io/instance={release_name},app.kubernetes.io/component=operator"
-    return json.loads(testbed.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout)["items"]
+    pods = json.loads(testbed.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout)["items"]
+    return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+
+
+LEADING, STANDING_BY = "leading: this replica acts", "standing by"
+
+
+def leads(testbed: Any, pod: dict[str, Any]) -> bool:
+    """The replica's own word (runtime log): its last leadership line says it acts."""
+    log = testbed.pod_log(pod["metadata"]["name"], pod["metadata"]["namespace"], "operator")
+    return log.rfind(LEADING) > log.rfind(STANDING_BY)
+
+
+def leader_pod(testbed: Any, namespace: str, release_name: str, timeout: float = 60) -> dict[str, Any]:
+    """The one active replica (leader election); fails if two act at once."""
+    def one() -> dict[str, Any] | None:
+        active = [p for p in operator_pods(testbed, namespace, release_name) if leads(testbed, p)]
+        assert len(active) <= 1, f"two replicas act at once: {[p['metadata']['name'] for p in active]}"
+        return active[0] if active else None
+
+    return testbed.wait_for(f"the active replica of {release_name}", one, timeout=timeout)
 
 
 def test_install_creates_the_operator_deployment(testbed: Any, release: Release) -> None:
     deployment = testbed.get("deployment", FULLNAME, release.namespace)
-    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
-    assert deployment["status"].get("availableReplicas") == 1
-    (pod,) = operator_pods(testbed, release.namespace, RELEASE)
+    assert deployment["spec"]["replicas"] == 2 and deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert deployment["status"].get("availableReplicas") == 2
+    pods = operator_pods(testbed, release.namespace, RELEASE)
+    assert len(pods) == 2
+    pod = pods[0]
     assert pod["spec"]["serviceAccountName"] == FULLNAME
     assert pod["spec"]["nodeName"] == "local-0", "no GPU asked: the operator lands off the GPU pool"
     container = pod["spec"]["containers"][0]
     assert container["command"] == ["kopf", "run"] and "--all-namespaces" in container["args"]
+    assert f"--peering={FULLNAME}" in container["args"] and testbed.get("clusterkopfpeering", FULLNAME) is not None
     security = container["securityContext"]
     assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
     assert security["capabilities"]["drop"] == ["ALL"] and pod["spec"]["securityContext"]["runAsNonRoot"]
@@ -189,33 +217,35 @@ def can_i(testbed: Any, who: str, verb: str, resource: str, namespace: str | Non
     return answer == "yes"
 
 
-# What dreambooth_operator.kube and kopf call (docs/operator.md "RBAC"), as (verb, resource, subresource).
-OPERATOR_NEEDS = [
-    *[(verb, "dreamboothjobs.dreambooth.dev", None) for verb in ("get", "list", "watch", "patch", "delete")],
-    ("patch", "dreamboothjobs.dreambooth.dev", "status"),
-    ("get", "secrets", None),
-    *[(verb, "jobs.batch", None) for verb in ("list", "watch", "create", "patch", "delete")],
-    ("list", "pods", None),
-    *[(verb, "configmaps", None) for verb in ("create", "patch")],
-    *[(verb, "services", None) for verb in ("create", "patch", "delete")],
-    *[(verb, "deployments.apps", None) for verb in ("get", "list", "watch", "create", "patch", "delete")],
-    ("create", "events", None),
-]
+# What dreambooth_operator.kube and kopf call (dreambooth_operator.permissions), as (verb, resource, subresource).
+def _needs(perms: tuple[Any, ...]) -> list[tuple[str, str, str | None]]:
+    needs = []
+    for p in perms:
+        resource, _, sub = p.resource.partition("/")
+        for verb in p.verbs:
+            needs.append((verb, f"{resource}.{p.group}" if p.group else resource, sub or None))
+    return needs
+
+
+OPERATOR_NEEDS = _needs(permissions.NAMESPACED)
+OPERATOR_NEEDS_CLUSTER = _needs(permissions.CLUSTER)
 OPERATOR_MUST_NOT = [
     ("create", "secrets", None), ("list", "secrets", None), ("update", "secrets", None), ("delete", "secrets", None),
     ("create", "dreamboothjobs.dreambooth.dev", None), ("update", "dreamboothjobs.dreambooth.dev", None),
-    ("create", "pods", None), ("delete", "pods", None), ("create", "pods", "exec"),
+    ("create", "pods", None), ("update", "pods", None), ("create", "pods", "exec"),
     ("update", "deployments.apps", None), ("create", "serviceaccounts", "token"),
     ("create", "roles.rbac.authorization.k8s.io", None), ("create", "rolebindings.rbac.authorization.k8s.io", None),
-    ("get", "kopfpeerings.kopf.dev", None), ("list", "rayjobs.ray.io", None), ("create", "servicemonitors.monitoring.coreos.com", None),
+    ("delete", "kopfpeerings.kopf.dev", None), ("list", "rayjobs.ray.io", None), ("create", "servicemonitors.monitoring.coreos.com", None),
+    ("update", "jobs.batch", None), ("delete", "configmaps", None), ("get", "workloads.kueue.x-k8s.io", None),
+    ("patch", "workloads.kueue.x-k8s.io", None),
 ]
 OPERATOR_MUST_NOT_CLUSTER = [
-    ("delete", "nodes", None), ("get", "nodes", None), ("list", "namespaces", None),
+    ("delete", "nodes", None), ("list", "nodes", None), ("patch", "nodes", None), ("list", "namespaces", None),
     ("escalate", "clusterroles.rbac.authorization.k8s.io", None), ("bind", "clusterroles.rbac.authorization.k8s.io", None),
     ("create", "clusterrolebindings.rbac.authorization.k8s.io", None),
     ("create", "customresourcedefinitions.apiextensions.k8s.io", None), ("update", "customresourcedefinitions.apiextensions.k8s.io", None),
     ("delete", "customresourcedefinitions.apiextensions.k8s.io", None),
-    ("impersonate", "users", None), ("list", "kopfpeerings.kopf.dev", None),
+    ("impersonate", "users", None), ("delete", "clusterkopfpeerings.kopf.dev", None),
 ]
 
 
@@ -229,9 +259,9 @@ def test_operator_rbac_is_exactly_what_it_uses_cluster_wide(testbed: Any, releas
         for verb, resource, sub in OPERATOR_MUST_NOT:
             if can_i(testbed, who, verb, resource, namespace, sub):
                 wrong.append(f"CAN {verb} {resource}{'/' + sub if sub else ''} in {namespace}")
-    for verb in ("list", "watch"):
-        if not can_i(testbed, who, verb, "customresourcedefinitions.apiextensions.k8s.io", None):
-            wrong.append(f"cannot {verb} customresourcedefinitions (kopf's CRD watch)")
+    for verb, resource, sub in OPERATOR_NEEDS_CLUSTER:
+        if not can_i(testbed, who, verb, resource, None, sub):
+            wrong.append(f"cannot {verb} {resource} cluster-wide")
     for verb, resource, sub in OPERATOR_MUST_NOT_CLUSTER:
         if can_i(testbed, who, verb, resource, None, sub):
             wrong.append(f"CAN {verb} {resource} cluster-wide")
@@ -334,7 +364,7 @@ def test_the_charts_operator_takes_a_job_through_its_lifecycle(
 ) -> None:
     """The cluster-wide operator pod, with the chart's ServiceAccount token and nothing else; the job
     names no storage and no images: the chart's defaults fill them in."""
-    (pod,) = operator_pods(testbed, release.namespace, RELEASE)
+    pod = leader_pod(testbed, release.namespace, RELEASE)
     operator_env = {e["name"]: e.get("value", "") for e in pod["spec"]["containers"][0]["env"]}
     take_a_job_through_its_lifecycle(testbed, namespace, subject, operator_env=operator_env)
     assert_handled_without_denials(testbed, pod, namespace)
@@ -360,8 +390,9 @@ def test_a_namespaced_install_grants_nothing_outside_its_namespaces_and_suffices
         wrong += [f"CAN {v} {r} in {release.namespace}" for v, r, s in OPERATOR_NEEDS if can_i(testbed, who, v, r, release.namespace, s)]
         wrong += [f"CAN {v} {r} in {namespace}" for v, r, s in OPERATOR_MUST_NOT if can_i(testbed, who, v, r, namespace, s)]
         wrong += [f"CAN {v} {r} cluster-wide" for v, r, s in OPERATOR_MUST_NOT_CLUSTER if can_i(testbed, who, v, r, None, s)]
-        if can_i(testbed, who, "list", "customresourcedefinitions.apiextensions.k8s.io", None):
-            wrong.append("CAN list CRDs (a cluster-wide grant)")
+        wrong += [f"CAN {v} {r} cluster-wide" for v, r, s in OPERATOR_NEEDS_CLUSTER if can_i(testbed, who, v, r, None, s)]
+        if not can_i(testbed, who, "patch", "kopfpeerings.kopf.dev", namespace):
+            wrong.append(f"cannot patch kopfpeerings in {namespace} (leader election)")
         assert not wrong, "\n".join(wrong)
         cluster_scoped = testbed.kubectl("get", "clusterrolebindings,clusterroles", "-l", "app.kubernetes.io/instance=dbns", "-o", "name").stdout
         assert not cluster_scoped.strip(), cluster_scoped
@@ -369,13 +400,49 @@ def test_a_namespaced_install_grants_nothing_outside_its_namespaces_and_suffices
         # Until the operator reads DREAMBOOTH_OPERATOR_SCANNING, kopf retries the forbidden namespace
         # and CRD listings for about a minute before it falls back to the listed namespaces.
         take_a_job_through_its_lifecycle(testbed, namespace, subject, first_timeout=180)
-        (pod,) = operator_pods(testbed, home, "dbns")
+        pod = leader_pod(testbed, home, "dbns")
         # kopf says once that it cannot list namespaces/CRDs and falls back to the listed namespaces.
         assert_handled_without_denials(testbed, pod, namespace, allowed=("namespaces", "resources", "customresourcedefinitions"))
     finally:
         helm.run("uninstall", "dbns", "-n", home, "--wait", check=False)
         testbed.kubectl("delete", "namespace", home, "--wait=false", check=False)
-        testbed.kubectl("scale", "deployment", FULLNAME, "-n", release.namespace, "--replicas=1", check=False)
+        testbed.kubectl("scale", "deployment", FULLNAME, "-n", release.namespace, "--replicas=2", check=False)
+
+
+def _kopf_pid(pod_name: str) -> int:
+    """The operator process of a pod on local-0 (the chart sets POD_ID to the pod's name)."""
+    needle = f"POD_ID={pod_name}".encode()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and needle in (entry / "environ").read_bytes().split(b"\0") \
+                    and b"kopf" in (entry / "cmdline").read_bytes():
+                return int(entry.name)
+        except OSError:
+            continue
+    raise AssertionError(f"no operator process for pod {pod_name}")
+
+
+def test_killing_the_active_replica_hands_over_within_seconds(testbed: Any, release: Release, namespace: str, subject: str) -> None:
+    """Two replicas, one acts; SIGKILL the active one (no goodbye): the other takes over once its
+    peering record expires (leaderElection.leaseSeconds: 10) and handles a job applied meanwhile."""
+    active = leader_pod(testbed, release.namespace, RELEASE)
+    standby = [p for p in operator_pods(testbed, release.namespace, RELEASE) if p["metadata"]["name"] != active["metadata"]["name"]]
+    assert len(standby) == 1 and not leads(testbed, standby[0])
+    testbed.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": SECRET, "namespace": namespace},
+                   "stringData": {"AWS_ACCESS_KEY_ID": testbed.minio.access_key, "AWS_SECRET_ACCESS_KEY": testbed.minio.secret_key}})
+    killed = time.monotonic()
+    os.kill(_kopf_pid(active["metadata"]["name"]), signal.SIGKILL)
+    spec = gpu_spec(testbed, subject, runPolicy={"suspend": True})
+    del spec["storage"]
+    testbed.apply({"apiVersion": "dreambooth.dev/v1alpha1", "kind": "DreamboothJob", "metadata": {"name": "handover", "namespace": namespace}, "spec": spec})
+    testbed.wait_for("the job handled by the standby", lambda: (get_job(testbed, namespace, "handover").get("status") or {}).get("phase") == "Suspended",
+                     timeout=45, interval=0.5)
+    handover = time.monotonic() - killed
+    assert leads(testbed, standby[0]), "the standby replica took over"
+    assert handover < 30, f"handover took {handover:.1f} s"
+    print(f"\n[chart] active replica SIGKILLed: the standby acted on a new job {handover:.1f} s later (leaseSeconds 10)")
+    testbed.kubectl("delete", "dbj", "handover", "-n", namespace, "--wait=false")
+    testbed.wait_for("two replicas again", lambda: len(operator_pods(testbed, release.namespace, RELEASE)) == 2, timeout=90)
 
 
 def test_uninstall_leaves_only_the_crd(testbed: Any, helm: Helm, release: Release) -> None:

@@ -102,7 +102,7 @@ def test_a_gang_of_two_gpu_nodes(testbed: Any, namespace: str, s3_secret: str, s
 def test_a_failed_pod_restarts_the_whole_gang_until_max_restarts(testbed: Any, operator: Any, namespace: str, s3_secret: str, subject: str) -> None:
     start(testbed, namespace, "rex", gpu_spec(testbed, subject, runPolicy={"maxRestarts": 1}))
     first = running_gang(testbed, namespace, "rex", 0)
-    testbed.set_pod_phase(first[1]["metadata"]["name"], namespace, "Failed", exit_code=143)
+    testbed.set_pod_phase(first[1]["metadata"]["name"], namespace, "Failed", exit_code=1)
     restarting = wait_phase(testbed, namespace, "rex", "Restarting", timeout=30)
     assert restarting["status"]["restarts"] == 1 and condition(restarting, "Restarting")["reason"] == "GangFailed"
     second = running_gang(testbed, namespace, "rex", 1)
@@ -178,23 +178,45 @@ def test_success_serves_the_model_and_delete_cascades(testbed: Any, namespace: s
     testbed.wait_for("everything owned removed", lambda: not owned_left(), timeout=60)
 
 
-def test_a_missing_secret_fails_the_job_without_pods(testbed: Any, namespace: str, subject: str) -> None:
+@needs_held_pods
+def test_a_secret_created_late_is_waited_for(testbed: Any, namespace: str, subject: str) -> None:
     start(testbed, namespace, "rex", gpu_spec(testbed, subject))
-    failed = wait_phase(testbed, namespace, "rex", "Failed", timeout=30)
+    waiting = testbed.wait_for("rex waiting for its Secret", lambda: (condition(get_job(testbed, namespace, "rex"), "Accepted") or {}).get("reason") == "SecretNotFound", timeout=30)
+    assert waiting
+    pending = get_job(testbed, namespace, "rex")
+    assert pending["status"]["phase"] == "Pending" and "dreambooth-s3" in condition(pending, "Accepted")["message"]
+    assert trainer_jobs(testbed, namespace, "rex") == []
+    testbed.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "dreambooth-s3", "namespace": namespace},
+                   "stringData": {"AWS_ACCESS_KEY_ID": testbed.minio.access_key, "AWS_SECRET_ACCESS_KEY": testbed.minio.secret_key}})
+    running = wait_phase(testbed, namespace, "rex", "Running", timeout=60)
+    assert condition(running, "Accepted")["status"] == "True"
+    events = json.loads(testbed.kubectl("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=rex", "-o", "json").stdout)["items"]
+    assert sum(1 for e in events if e["reason"] == "SecretNotFound") <= 1, "retries are not a Warning flood"
+
+
+def test_past_the_admission_deadline_a_missing_secret_fails_the_job_without_pods(testbed: Any, namespace: str, subject: str) -> None:
+    start(testbed, namespace, "rex", gpu_spec(testbed, subject, runPolicy={"admissionDeadlineSeconds": 4}))
+    failed = wait_phase(testbed, namespace, "rex", "Failed", timeout=60)
     assert condition(failed, "Failed")["reason"] == "SecretNotFound"
-    assert "dreambooth-s3" in condition(failed, "Failed")["message"]
-    time.sleep(2)
+    assert "dreambooth-s3" in condition(failed, "Failed")["message"] and "admissionDeadlineSeconds" in condition(failed, "Failed")["message"]
+    assert condition(failed, "Finished")["status"] == "True"
     assert trainer_jobs(testbed, namespace, "rex") == []
 
 
-def test_an_unreadable_instance_image_is_named(testbed: Any, minio_client: Any, namespace: str, s3_secret: str) -> None:
+def test_an_unreadable_instance_image_is_named_and_waited_for(testbed: Any, minio_client: Any, namespace: str, s3_secret: str) -> None:
     upload(minio_client, f"subjects/{namespace}/0.png", png_bytes(0))
     upload(minio_client, f"subjects/{namespace}/1.jpg", b"this is not a jpeg")
-    start(testbed, namespace, "rex", gpu_spec(testbed, f"s3://dreambooth/subjects/{namespace}"))
-    failed = wait_phase(testbed, namespace, "rex", "Failed", timeout=30)
-    assert condition(failed, "Failed")["reason"] == "InstanceDataUnreadable"
-    assert f"subjects/{namespace}/1.jpg" in condition(failed, "Failed")["message"]
+    start(testbed, namespace, "rex", gpu_spec(testbed, f"s3://dreambooth/subjects/{namespace}", serving={"enabled": False}))
+
+    def reason() -> str:
+        return (condition(get_job(testbed, namespace, "rex"), "Accepted") or {}).get("reason", "")
+
+    testbed.wait_for("the unreadable photo named", lambda: reason() == "InstanceDataUnreadable", timeout=30)
+    assert f"subjects/{namespace}/1.jpg" in condition(get_job(testbed, namespace, "rex"), "Accepted")["message"]
     assert trainer_jobs(testbed, namespace, "rex") == []
+    upload(minio_client, f"subjects/{namespace}/1.jpg", png_bytes(1))  # the real photo, uploaded a little later
+    testbed.wait_for("accepted once the photo is readable", lambda: reason() == "ChecksPassed", timeout=60)
+    assert trainer_jobs(testbed, namespace, "rex")
 
 
 @needs_held_pods
@@ -205,7 +227,7 @@ def test_killing_the_operator_mid_job_makes_no_duplicates(testbed: Any, operator
     operator.kill()
     try:
         # The world changes while nobody watches: a rank fails, a new job is applied.
-        testbed.set_pod_phase(first[0]["metadata"]["name"], namespace, "Failed", exit_code=143)
+        testbed.set_pod_phase(first[0]["metadata"]["name"], namespace, "Failed", exit_code=1)
         start(testbed, namespace, "late", gpu_spec(testbed, subject, resources=small))
     finally:
         operator.start()

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from tests.testbed.cluster import DEFAULT_ROOT, Testbed, build_binaries, marked_pids
+from tests.testbed.kueue import start_kueue
 
 
 def main() -> int:
@@ -26,6 +27,8 @@ def main() -> int:
             return 0
         start_s = bed.start()
         print(f"test bed started in {start_s:.1f} s")
+        if os.environ.get("TESTBED_KUEUE", "1") != "0":
+            start_kueue(bed, gpus=int(os.environ.get("TESTBED_KUEUE_GPUS", "16")))
         print(bed.kubectl("get", "nodes", "-o", "wide").stdout, end="")
         print(f"use it: source {bed.env_file}   (kubectl, helm, KUBECONFIG, MinIO endpoint/credentials)")
         return 0

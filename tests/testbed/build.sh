@@ -109,6 +109,7 @@ build_etcd
 kwok_ld="-s -w -X $KWOK_MODULE/pkg/consts.KubeVersion=${KUBERNETES_VERSION#v}"
 go_install kwok "$KWOK_MODULE" "$KWOK_VERSION" "$KWOK_MODULE/cmd/kwok" "$kwok_ld"
 go_install kwokctl "$KWOK_MODULE" "$KWOK_VERSION" "$KWOK_MODULE/cmd/kwokctl" "$kwok_ld"
+go_install kueue "$KUEUE_MODULE" "$KUEUE_VERSION" "$KUEUE_MODULE/cmd/kueue" "-s -w -X $KUEUE_MODULE/pkg/version.GitVersion=$KUEUE_VERSION"
 go_install helm "$HELM_MODULE" "$HELM_VERSION" "$HELM_MODULE/cmd/helm" "-s -w -X $HELM_MODULE/internal/version.version=$HELM_VERSION"
 if [ "$built" = 1 ]; then
   echo "test-bed cold build took $((SECONDS - total_start)) s" >&2

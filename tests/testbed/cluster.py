@@ -272,10 +272,12 @@ class Testbed:
                     ],
                 },
                 {
-                    # Pods asking for nvidia.com/gpu tolerate the GPU pool's taint (as on GKE).
+                    # Pods asking for nvidia.com/gpu tolerate the GPU pool's taint (as on GKE); owner
+                    # references that block the owner's deletion need update on its finalizers (as on
+                    # OpenShift and other hardened clusters).
                     "name": "kube-apiserver",
                     "extraArgs": [
-                        {"key": "enable-admission-plugins", "value": "ExtendedResourceToleration"},
+                        {"key": "enable-admission-plugins", "value": "ExtendedResourceToleration,OwnerReferencesPermissionEnforcement"},
                     ],
                 },
             ],

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.testbed.cluster import DEFAULT_ROOT, Testbed, marked_pids
+from tests.testbed.kueue import KueueProcess, local_queue, start_kueue
 from tests.testbed.minio_server import MinioServer
 
 
@@ -167,3 +168,23 @@ def namespace(testbed: TestbedHandle, request: pytest.FixtureRequest) -> Iterato
                      timeout=30)
     yield name
     testbed.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+# One gang of 2 nodes x 8 GPUs fits the quota; the KWOK pool (4 x 8) could hold two.
+KUEUE_GPU_QUOTA = 16
+
+
+@pytest.fixture(scope="session")
+def kueue(testbed: TestbedHandle) -> Iterator[KueueProcess]:
+    """Kueue running against the session's test bed, with a ClusterQueue of KUEUE_GPU_QUOTA GPUs."""
+    handle = start_kueue(testbed.bed, gpus=KUEUE_GPU_QUOTA)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture()
+def queue(testbed: TestbedHandle, kueue: KueueProcess, namespace: str) -> str:
+    """A LocalQueue in the test's namespace, pointing at the shared ClusterQueue; returns its name."""
+    manifest = local_queue(namespace)
+    testbed.apply(manifest)
+    return manifest["metadata"]["name"]

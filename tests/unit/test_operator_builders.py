@@ -108,7 +108,8 @@ def test_trainer_job_on_gpus() -> None:
     assert builders.build_trainer_job(gpu_job(), 1) == {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": "rex-train-1", "namespace": "team-a", "labels": job_labels},
+        "metadata": {"name": "rex-train-1", "namespace": "team-a", "labels": job_labels,
+                     "annotations": {"dreambooth.dev/template-hash": builders.trainer_template_hash(gpu_job().spec)}},
         "spec": {
             "completionMode": "Indexed",
             "completions": 2,
@@ -116,10 +117,15 @@ def test_trainer_job_on_gpus() -> None:
             "backoffLimit": 0,
             "podFailurePolicy": {
                 "rules": [
-                    {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2]}}
+                    # the index of each rule is its failure class (failures.rule_kinds)
+                    {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2]}},
+                    {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                    {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [143]}},
+                    {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [137]}},
                 ]
             },
-            "suspend": False,
+            # kueue.x-k8s.io/queue-name: created suspended; only Kueue unsuspends it
+            "suspend": True,
             "template": {
                 "metadata": {"labels": job_labels},
                 "spec": {
@@ -216,17 +222,78 @@ def test_no_secret_value_in_any_manifest() -> None:
     assert "secretKeyRef" in text and "AWS_SECRET_ACCESS_KEY', 'value'" not in text
 
 
-def test_suspended_spec_builds_a_suspended_job() -> None:
-    spec = dict(GPU_SPEC, runPolicy={"suspend": True})
-    job = builders.build_trainer_job(builders.JobRef("rex", "team-a", "uid-1", parse_spec(spec)), 0)
-    assert job["spec"]["suspend"] is True
+def test_only_a_queued_job_is_created_suspended() -> None:
+    unqueued = dict(GPU_SPEC, scheduling={}, runPolicy={"suspend": True})
+    job = builders.build_trainer_job(builders.JobRef("rex", "team-a", "uid-1", parse_spec(unqueued)), 0)
+    assert job["spec"]["suspend"] is False, "runPolicy.suspend is handled before a Job exists"
+    # The queue label on the DreamboothJob itself (as users label Kubeflow jobs for Kueue) goes to the Job.
+    labelled = builders.JobRef("rex", "team-a", "uid-1", parse_spec(dict(GPU_SPEC, scheduling={})),
+                               {"kueue.x-k8s.io/queue-name": "team-a", "kueue.x-k8s.io/priority-class": "high", "team": "x"})
+    queued = builders.build_trainer_job(labelled, 0)
+    assert queued["spec"]["suspend"] is True and labelled.queue_name == "team-a"
+    assert queued["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert queued["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "high"
+    assert "team" not in queued["metadata"]["labels"]
+
+
+POD_TEMPLATE: dict[str, Any] = {
+    "scheduling": {
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["z1"]}]}]}}},
+        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule",
+                                       "labelSelector": {"matchLabels": {"dreambooth.dev/job-name": "rex"}}}],
+    },
+    "podTemplate": {
+        "labels": {"team": "vision", "app.kubernetes.io/name": "mine"},
+        "annotations": {"sidecar.istio.io/inject": "false"},
+        "serviceAccountName": "trainer-wi",
+        "imagePullSecrets": [{"name": "regcred"}],
+        "env": [{"name": "HF_HOME", "value": "/cache/hf"}, {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "t", "key": "k"}}}],
+        "volumes": [{"name": "cache", "persistentVolumeClaim": {"claimName": "hf-cache"}}],
+        "volumeMounts": [{"name": "cache", "mountPath": "/cache", "readOnly": True}],
+    },
+    "serving": {"scheduling": {"nodeSelector": {"pool": "l4"}, "priorityClassName": "serving"}},
+}
+
+
+def test_pod_template_pieces_reach_the_trainer_and_inference_pods() -> None:
+    job = builders.JobRef("rex", "team-a", "uid-1", parse_spec({**GPU_SPEC, **POD_TEMPLATE, "scheduling": {**GPU_SPEC["scheduling"], **POD_TEMPLATE["scheduling"]}}))
+    trainer = builders.build_trainer_job(job, 0)["spec"]["template"]
+    server = builders.build_inference_deployment(job)["spec"]["template"]
+    for template in (trainer, server):
+        pod, (container,) = template["spec"], template["spec"]["containers"]
+        assert template["metadata"]["labels"]["team"] == "vision"
+        assert template["metadata"]["labels"]["app.kubernetes.io/name"] == "dreambooth", "the operator's labels win"
+        assert template["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+        assert pod["serviceAccountName"] == "trainer-wi" and pod["automountServiceAccountToken"] is False
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+        assert {"name": "cache", "persistentVolumeClaim": {"claimName": "hf-cache"}} in pod["volumes"]
+        assert {"name": "cache", "mountPath": "/cache", "readOnly": True} in container["volumeMounts"]
+        assert container["env"][-2:] == [{"name": "HF_HOME", "value": "/cache/hf"},
+                                         {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "t", "key": "k"}}}]
+    assert trainer["spec"]["affinity"] == POD_TEMPLATE["scheduling"]["affinity"]
+    assert trainer["spec"]["topologySpreadConstraints"] == POD_TEMPLATE["scheduling"]["topologySpreadConstraints"]
+    assert trainer["spec"]["priorityClassName"] == "training"
+    assert server["spec"]["nodeSelector"] == {"pool": "l4"} and server["spec"]["priorityClassName"] == "serving"
+    assert "affinity" not in server["spec"]
+
+
+def test_template_edits_change_the_hashes_that_roll_and_flag_them() -> None:
+    before = parse_spec(GPU_SPEC)
+    after = parse_spec({**GPU_SPEC, "podTemplate": {"labels": {"team": "x"}}})
+    assert builders.trainer_template_hash(before) != builders.trainer_template_hash(after)
+    assert builders.serving_hash(before) != builders.serving_hash(after)
+    replicas = parse_spec({**GPU_SPEC, "serving": {**GPU_SPEC["serving"], "replicas": 3}})
+    assert builders.serving_hash(replicas) != builders.serving_hash(before)
+    assert builders.trainer_template_hash(replicas) == builders.trainer_template_hash(before), "serving is not the trainer's"
 
 
 def test_inference_deployment() -> None:
     assert builders.build_inference_deployment(gpu_job()) == {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": "rex-serve", "namespace": "team-a", "labels": labels("rex", "inference")},
+        "metadata": {"name": "rex-serve", "namespace": "team-a", "labels": labels("rex", "inference"),
+                     "annotations": {"dreambooth.dev/spec-hash": builders.serving_hash(gpu_job().spec)}},
         "spec": {
             "replicas": 2,
             "selector": {"matchLabels": {"dreambooth.dev/job-name": "rex", "app.kubernetes.io/component": "inference"}},

@@ -5,7 +5,7 @@ import copy
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from dreambooth_operator import lifecycle
+from dreambooth_operator import builders, lifecycle
 from dreambooth_operator.lifecycle import Action, Observation, ServingState, TrainerJobState
 from dreambooth_trainer.spec import parse_spec
 
@@ -51,10 +51,13 @@ def test_accept_and_reject() -> None:
     refused = lifecycle.reject({}, 1, T0, "SecretNotFound", "storage.credentialsSecretRef: Secret ns/s3 does not exist")
     assert refused.phase == "Failed"
     assert [(c["type"], c["status"], c["reason"]) for c in refused.status["conditions"]] == [
-        ("Accepted", "False", "SecretNotFound"), ("Failed", "True", "SecretNotFound"),
+        ("Accepted", "False", "SecretNotFound"), ("Failed", "True", "SecretNotFound"), ("Finished", "True", "JobFailed"),
     ]
     assert refused.actions == []
-    assert refused.events == [("Warning", "SecretNotFound", "Failed=True: storage.credentialsSecretRef: Secret ns/s3 does not exist")]
+    assert refused.events == [
+        ("Warning", "SecretNotFound", "Failed=True: storage.credentialsSecretRef: Secret ns/s3 does not exist"),
+        ("Normal", "JobFailed", "Finished=True: storage.credentialsSecretRef: Secret ns/s3 does not exist"),
+    ]
 
 
 def test_an_accepted_job_creates_gang_zero() -> None:
@@ -89,7 +92,7 @@ def test_a_failed_pod_restarts_the_whole_gang_with_backoff() -> None:
     failed = TrainerJobState(gang=0, failed=True, failure_reason="BackoffLimitExceeded", failure_message="Job has reached the specified backoff limit")
     plan = step(running, failed)
     assert plan.phase == "Restarting"
-    assert plan.status["restarts"] == 1
+    assert plan.status["restarts"] == 1 and plan.status["gang"] == 1
     assert plan.status["restartAt"] == "2026-11-26T06:00:10Z"
     assert plan.actions == [Action("delete_job", 0)]
     assert ("Warning", "GangFailed") in [(e[0], e[1]) for e in plan.events]
@@ -109,7 +112,7 @@ def test_a_failed_pod_restarts_the_whole_gang_with_backoff() -> None:
 
 
 def test_past_max_restarts_the_job_fails() -> None:
-    status = accepted(restarts=2)
+    status = accepted(restarts=2, gang=2)
     plan = step(status, TrainerJobState(gang=2, failed=True, failure_reason="BackoffLimitExceeded", failure_message="pod failed"))
     assert plan.phase == "Failed"
     failed = next(c for c in plan.status["conditions"] if c["type"] == "Failed")
@@ -158,14 +161,20 @@ def test_success_serves_the_model_and_follows_readiness() -> None:
     assert done.status["progress"]["summary"] == "100/100 (100%)"
     assert {c["type"]: c["status"] for c in done.status["conditions"]}["ServingReady"] == "False"
     ready = step(done.status, TrainerJobState(gang=0, succeeded=True), serving=ServingState(1, 1, "dreambooth/inference:0.1.0"))
-    assert ready.actions == [] and "ServingReady" in types_true(ready.status)
-    assert ready.events == [("Normal", "DeploymentReady", "ServingReady=True: 1/1 inference pods ready at http://rex-serve.ns.svc:8080")]
+    assert ready.actions == [Action("ensure_serving")], "a Deployment built from another spec is rolled"
+    serving = ServingState(1, 1, "dreambooth/inference:0.1.0", spec_hash=builders.serving_hash(spec()))
+    ready = step(done.status, TrainerJobState(gang=0, succeeded=True), serving=serving)
+    assert ready.actions == [] and {"ServingReady", "Finished"} <= types_true(ready.status)
+    assert ready.events == [
+        ("Normal", "DeploymentReady", "ServingReady=True: 1/1 inference pods ready at http://rex-serve.ns.svc:8080"),
+        ("Normal", "ServingReady", "Finished=True: training succeeded; 1/1 inference pods ready at http://rex-serve.ns.svc:8080"),
+    ]
 
 
 def test_ttl_after_finished_deletes_the_job() -> None:
     status = lifecycle.decide(observe(accepted(), TrainerJobState(gang=0, succeeded=True), the_spec=spec(ttlSecondsAfterFinished=60))).status
     the_spec = spec(ttlSecondsAfterFinished=60)
-    serving = ServingState(1, 1, "dreambooth/inference:0.1.0")
+    serving = ServingState(1, 1, "dreambooth/inference:0.1.0", spec_hash=builders.serving_hash(the_spec))
     early = lifecycle.decide(observe(status, None, T0 + timedelta(seconds=30), the_spec=the_spec, serving=serving))
     assert early.actions == [] and early.requeue_after == 30
     late = lifecycle.decide(observe(status, None, T0 + timedelta(seconds=61), the_spec=the_spec, serving=serving))

@@ -134,7 +134,7 @@ def test_cel_rules_name_their_field() -> None:
         assert node["x-kubernetes-validations"] == rules
         for rule in rules:
             count += 1
-            field = rule.get("fieldPath", ".metadata.name").lstrip(".")
+            field = rule.get("fieldPath", f".{path}" if path else ".metadata.name").lstrip(".")
             assert field.split(".")[-1] in rule["message"], rule
             assert "\n" not in rule["rule"]
     assert count >= 12
@@ -206,6 +206,16 @@ BAD_SPECS = [
     ("bad quantity", {"resources.memory": "lots"}, "resources.memory"),
     ("missing secret name", {"storage.credentialsSecretRef": {}}, "storage.credentialsSecretRef.name"),
     ("cached latents with random crop", {"training.cacheLatents": True, "data.centerCrop": False}, "training.cacheLatents"),
+    ("label key with a space", {"podTemplate.labels": {"my team": "a"}}, "podTemplate.labels"),
+    ("label value too long", {"scheduling.labels": {"team": "x" * 64}}, "scheduling.labels.team"),
+    ("label value with a slash", {"podTemplate.labels": {"team": "a/b"}}, "podTemplate.labels.team"),
+    ("annotation key with two slashes", {"podTemplate.annotations": {"a/b/c": "x"}}, "podTemplate.annotations"),
+    ("node selector key", {"serving.scheduling.nodeSelector": {"-pool": "l4"}}, "serving.scheduling.nodeSelector"),
+    ("env the operator sets", {"podTemplate.env": [{"name": "MASTER_ADDR", "value": "x"}]}, "podTemplate.env"),
+    ("volume name the operator uses", {"podTemplate.volumes": [{"name": "dshm", "emptyDir": {}}]}, "podTemplate.volumes"),
+    ("mount of no volume", {"podTemplate.volumeMounts": [{"name": "cache", "mountPath": "/cache"}]}, "podTemplate.volumeMounts"),
+    ("service account not a DNS name", {"podTemplate.serviceAccountName": "Trainer_SA"}, "podTemplate.serviceAccountName"),
+    ("negative disruptions", {"runPolicy.maxDisruptions": -1}, "runPolicy.maxDisruptions"),
 ]
 
 
@@ -224,7 +234,7 @@ def test_overlong_strings_and_lists_are_refused() -> None:
 
 
 def test_the_installation_defaults_fill_only_what_a_job_leaves_out() -> None:
-    from dreambooth_operator.handlers import operator_defaults, spec_with_defaults
+    from dreambooth_operator.installation import current as operator_defaults, spec_with_defaults
 
     env = {"DREAMBOOTH_TRAINER_IMAGE": "reg/trainer:1", "DREAMBOOTH_INFERENCE_IMAGE": "reg/inference:1",
            "DREAMBOOTH_STORAGE_ENDPOINT": "minio.storage.svc:9000", "DREAMBOOTH_STORAGE_BUCKET": "shared",
@@ -247,3 +257,27 @@ def test_the_crd_leaves_storage_and_images_to_the_installation() -> None:
     assert "required" not in spec["properties"]["storage"]
     assert "image" not in spec["properties"]["resources"]["default"]
     assert "default" not in spec["properties"]["serving"]["properties"]["image"]
+
+
+def test_the_spec_locks_at_acceptance_except_the_mutable_sections() -> None:
+    from dreambooth_trainer.spec import MUTABLE_SECTIONS, locked_sections
+
+    locked = locked_sections()
+    assert set(locked) == {"model", "data", "prior", "training", "checkpointing", "validation", "resources", "storage"}
+    assert not set(locked) & set(MUTABLE_SECTIONS)
+    rules = crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["x-kubernetes-validations"]
+    locks = [r for r in rules if "immutable" in r["message"]]
+    assert len(locks) == len(locked)
+    for rule in locks:
+        assert "oldSelf.status.acceptedGeneration" in rule["rule"] and "phase" not in rule["rule"], "keyed on acceptance, not on phase"
+
+
+def test_pod_template_pieces_are_kept_as_given() -> None:
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [
+        {"key": "zone", "operator": "In", "values": ["a"]}]}]}}}
+    parsed = parse_spec(spec_with(**{"scheduling.affinity": affinity, "podTemplate.volumes": [{"name": "c", "csi": {"driver": "x"}}]}))
+    assert parsed.scheduling.affinity == affinity
+    assert parsed.pod_template.volumes[0].model_dump(by_alias=True) == {"name": "c", "csi": {"driver": "x"}}
+    schema = crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    assert schema["scheduling"]["properties"]["affinity"]["x-kubernetes-preserve-unknown-fields"] is True
+    assert schema["podTemplate"]["properties"]["volumes"]["items"]["x-kubernetes-preserve-unknown-fields"] is True

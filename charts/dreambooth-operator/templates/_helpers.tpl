@@ -83,44 +83,58 @@ app.kubernetes.io/part-of: dreambooth
 {{- end }}
 
 {{/*
-The operator's permissions in the namespaces it serves: exactly the calls of
-dreambooth_operator.kube and kopf (watching, annotations, events). Keep in sync with
-docs/operator.md; tests/chart measures them with `kubectl auth can-i`.
+The operator's permissions in the namespaces it serves: exactly what it calls
+(dreambooth_operator.permissions is the list; tests/unit/test_rbac.py compares this template with
+it, and docs/operator.md's table is generated from it; tests/chart measures it with `kubectl auth can-i`).
 */}}
 {{- define "dreambooth-operator.namespacedRules" -}}
-# The jobs themselves: kopf lists/watches and keeps its bookkeeping in annotations (patch);
-# the operator reads one fresh per reconcile and deletes it after ttlSecondsAfterFinished.
+# The jobs: kopf watches them; a reconcile reads one fresh; kopf drops a finalizer left by an
+# older version (patch); ttlSecondsAfterFinished deletes the job.
 - apiGroups: ["dreambooth.dev"]
   resources: ["dreamboothjobs"]
   verbs: ["get", "list", "watch", "patch", "delete"]
 - apiGroups: ["dreambooth.dev"]
   resources: ["dreamboothjobs/status"]
   verbs: ["patch"]
+# Owner references with blockOwnerDeletion on what a job owns (OwnerReferencesPermissionEnforcement).
+- apiGroups: ["dreambooth.dev"]
+  resources: ["dreamboothjobs/finalizers"]
+  verbs: ["update"]
 # Storage credentials named by spec.storage.credentialsSecretRef: read, never listed.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
-# The trainer gang (Indexed Job): created, suspended/resumed, deleted on restart; watched for progress.
+# The trainer gang (Indexed Job): watched (label-filtered by the server), created, suspended, deleted on restart.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["list", "watch", "create", "patch", "delete"]
-# Counting a gang's pods that are still terminating.
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# A gang's pods: placement and failure causes; force-deleting one stuck on a lost node.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list"]
-# The trainer config and the headless worker Service (create-or-patch); the inference Service is deleted with serving.
+  verbs: ["list", "delete"]
+# The trainer config (replaced when it changes).
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["create", "patch"]
+  verbs: ["get", "create", "update"]
+# The headless worker Service and the inference Service.
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["create", "patch", "delete"]
-# The inference Deployment: create-or-patch, readiness, removal.
+  verbs: ["get", "create", "patch", "delete"]
+# The inference Deployment: watched (label-filtered), created, rolled on edits, removed.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Events on every condition change (kopf.event).
+  verbs: ["get", "list", "watch", "create", "update", "delete"]
+# One Event per condition transition.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# Why Kueue has not admitted a gang yet (the Queued condition's message).
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["list"]
+{{- end }}
+
+{{/* The kopf peering object replicas elect their leader in (--peering). */}}
+{{- define "dreambooth-operator.peeringName" -}}
+{{- include "dreambooth-operator.fullname" . }}
 {{- end }}

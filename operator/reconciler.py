@@ -1,0 +1,334 @@
+"""One reconcile of one DreamboothJob: read the world, let `lifecycle` decide, record, act.
+
+Side effects live here and in `kube`/`store`; every decision is `lifecycle`'s. Status is written
+before acting (so a crash never loses a decision) with the resourceVersion it was decided on as
+a precondition (so a decision taken on a stale copy is never written: it is taken again).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from dreambooth_trainer.config import ConfigError
+from dreambooth_trainer.spec import API_VERSION, KIND, DreamboothJobSpec, parse_spec
+
+from . import builders, failures, installation, kube, lifecycle, metrics, polling, store
+from .conditions import ACCEPTED, FAILED, NAME_CONFLICT, TERMINAL_PHASES, is_true, parse_time
+from .watches import Children
+
+log = logging.getLogger(__name__)
+# How soon a reconcile that hit an outage (API or storage) runs again.
+TEMPORARY_DELAY = 10.0
+SECRET_CACHE_SECONDS = 10.0
+EventSink = Callable[[dict[str, Any], str, str, str], None]
+
+
+@dataclass
+class _ProgressPoll:
+    sample: polling.ProgressSample | None = None
+    interval: float | None = None
+    due: float = 0.0
+
+
+@dataclass
+class Reconciler:
+    children: Children
+    post_event: EventSink
+    own_writes: Callable[[str, str], None] = lambda key, version: None
+    _polls: dict[str, _ProgressPoll] = field(default_factory=dict)
+    _secrets: dict[tuple[str, str], tuple[float, dict[str, str] | None]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # ------------------------------------------------------------------ entry
+    def reconcile(self, namespace: str, name: str, body: dict[str, Any] | None = None) -> float | None:
+        """Converge one job one step; returns when to look again (None: only on events)."""
+        started = datetime.now(timezone.utc)
+        try:
+            for _ in range(3):
+                current = body if body is not None else kube.read_dreamboothjob(namespace, name)
+                if current is None or current["metadata"].get("deletionTimestamp"):
+                    self.forget(namespace, name)
+                    return None
+                try:
+                    return self._reconcile(current)
+                except kube.Conflict:
+                    body = None  # changed since it was read: read it again and decide again
+            return 1.0
+        except (store.StoreUnavailable, kube.KubeError) as error:
+            log.warning("%s/%s: %s; again in %.0f s", namespace, name, error, TEMPORARY_DELAY)
+            return TEMPORARY_DELAY
+        finally:
+            metrics.RECONCILE_SECONDS.observe((datetime.now(timezone.utc) - started).total_seconds())
+
+    def forget(self, namespace: str, name: str) -> None:
+        metrics.forget(f"{namespace}/{name}")
+        with self._lock:
+            self._polls.pop(f"{namespace}/{name}", None)
+
+    # ------------------------------------------------------------------ the steps
+    def _reconcile(self, body: dict[str, Any]) -> float | None:
+        meta = body["metadata"]
+        status = body.get("status") or {}
+        now = datetime.now(timezone.utc)
+        generation = meta.get("generation")
+        snapshot = installation.for_job(status)
+        try:
+            spec = parse_spec(installation.spec_with_defaults(body.get("spec") or {}, snapshot))
+        except ConfigError as error:
+            if not is_true(status.get("conditions") or [], FAILED):
+                self._commit(body, lifecycle.reject(status, generation, now, "InvalidSpec", str(error)))
+            return None
+        ref = builders.JobRef(meta["name"], meta["namespace"], meta["uid"], spec, dict(meta.get("labels") or {}))
+        accepted_events: list[tuple[str, str, str]] = []
+        if not is_true(status.get("conditions") or [], ACCEPTED):
+            if is_true(status.get("conditions") or [], FAILED):
+                return None  # refused for good earlier: no pods, no retries
+            problem = self._admission_problem(ref)
+            if problem is not None:
+                return self._await_admission(body, spec, now, *problem)
+            accepted = lifecycle.accept(status, generation, now, ref.output_uri, snapshot)
+            status, accepted_events = accepted.status, accepted.events
+        obs = self._observe(ref, status, generation, now)
+        plan = lifecycle.decide(obs)
+        plan.events[:0] = accepted_events
+        self._commit(body, plan)
+        conflict = None
+        for action in plan.actions:
+            try:
+                self._act(body, ref, obs, action)
+            except kube.NotOwned as error:
+                conflict = str(error)
+                break
+            except kube.KubeRejected as error:
+                if action.kind != "create_job":
+                    raise
+                self._commit(body, lifecycle.give_up(body["status"], generation, now, "InvalidPodTemplate",
+                                                     f"the trainer Job was refused by the API server: {error}"))
+                return None
+        if conflict or is_true(body["status"].get("conditions") or [], NAME_CONFLICT):
+            self._commit(body, lifecycle.name_conflict(body["status"], generation, now, conflict))
+            if conflict:
+                return 10.0
+        return self._next_look(ref, plan, obs)
+
+    def _await_admission(self, body: dict[str, Any], spec: DreamboothJobSpec, now: datetime,
+                         reason: str, message: str, permanent: bool) -> float | None:
+        meta, status = body["metadata"], body.get("status") or {}
+        created = parse_time(meta.get("creationTimestamp")) or now
+        deadline = created + timedelta(seconds=spec.run_policy.admission_deadline_seconds)
+        if permanent or now >= deadline:
+            if not permanent:
+                message += f" (still so after runPolicy.admissionDeadlineSeconds={spec.run_policy.admission_deadline_seconds})"
+            self._commit(body, lifecycle.reject(status, meta.get("generation"), now, reason, message))
+            return None
+        retry = lifecycle.admission_retry_seconds((now - created).total_seconds())
+        plan = lifecycle.await_admission(status, meta.get("generation"), now, reason, message, retry, deadline)
+        self._commit(body, plan)
+        return plan.requeue_after
+
+    def _admission_problem(self, ref: builders.JobRef) -> tuple[str, str, bool] | None:
+        """What admission cannot check: (reason, message, permanent?) or None when all is well."""
+        source = ref.spec.model.source
+        if not source.startswith(("tiny", "hf://", "s3://", "/")):
+            return ("ModelSourceUnreachable", f"model.source {source!r}: a relative path is not reachable from the pods; "
+                    "use s3://, hf:// or an absolute path in the image", True)
+        secret_ref = ref.spec.storage.credentials_secret_ref
+        data = self._secret(ref.namespace, secret_ref.name, fresh=True)
+        if data is None:
+            return "SecretNotFound", f"storage.credentialsSecretRef: Secret {ref.namespace}/{secret_ref.name} does not exist", False
+        for key in (secret_ref.access_key_key, secret_ref.secret_key_key):
+            if not data.get(key):
+                return "SecretKeyMissing", f"storage.credentialsSecretRef: Secret {secret_ref.name} has no key {key!r}", False
+        creds = _credentials(ref.spec, data)
+        try:
+            store.check_instance_images(creds, ref.spec.data.instance_uri)
+        except store.StoreRefused as error:
+            return "InstanceDataUnreadable", f"data.instanceUri: {error}", False
+        except store.StoreUnavailable as error:
+            return "StorageUnreachable", f"storage.endpoint {ref.spec.storage.endpoint}: {error}", False
+        try:
+            store.check_model_source(creds, source)
+        except store.StoreRefused as error:
+            return "ModelSourceUnreachable", f"model.source: {error}", False
+        except store.StoreUnavailable as error:
+            return "StorageUnreachable", f"storage.endpoint {ref.spec.storage.endpoint}: {error}", False
+        return None
+
+    def _secret(self, namespace: str, name: str, fresh: bool = False) -> dict[str, str] | None:
+        """The credentials Secret; reused for a few seconds by progress reads (never logged)."""
+        key = (namespace, name)
+        now = datetime.now(timezone.utc).timestamp()
+        with self._lock:
+            cached = self._secrets.get(key)
+        if cached and not fresh and now < cached[0]:
+            return cached[1]
+        data = kube.read_secret_data(namespace, name)
+        with self._lock:
+            if len(self._secrets) > 1000:
+                self._secrets = {k: v for k, v in self._secrets.items() if v[0] > now}
+            self._secrets[key] = (now + SECRET_CACHE_SECONDS, data)
+        return data
+
+    # ------------------------------------------------------------------ reading the world
+    def _observe(self, ref: builders.JobRef, status: dict[str, Any], generation: int | None, now: datetime) -> lifecycle.Observation:
+        gang = lifecycle.current_gang(status)
+        owned = [j for j in self.children.jobs.owned_by(ref.namespace, ref.name) if lifecycle.owned_by(j, ref.uid)]
+        current, stale_jobs = lifecycle.split_gangs(owned, gang)
+        job = lifecycle.trainer_job_state(current) if current else None
+        terminal = status.get("phase") in TERMINAL_PHASES
+        pods: tuple[failures.PodState, ...] = ()
+        old_pods: tuple[failures.PodState, ...] = ()
+        stale_pods = 0
+        nodes = ref.spec.resources.nodes
+        wants_pods = not terminal and (
+            (job is None and gang > 0) or ref.spec.run_policy.suspend
+            or (job is not None and (job.failed or (not job.suspended and not job.succeeded and job.ready < nodes)))
+        )
+        if wants_pods:
+            pods, old_pods = self._pods(ref, gang, job is not None and job.failed, now)
+            stale_pods = len(old_pods)
+        progress = latest = None
+        if not terminal and job is not None and not job.suspended and (job.active or job.succeeded or job.failed):
+            progress, latest = self._progress(ref, status, force=job.succeeded)
+        serving = None
+        if terminal or (job is not None and job.succeeded):
+            deployment = self.children.deployments.get(ref.namespace, builders.inference_name(ref.name))
+            if deployment is not None and lifecycle.owned_by(deployment, ref.uid):
+                serving = lifecycle.serving_state(deployment)
+        queue = None
+        if job is not None and job.suspended and ref.queue_name and not terminal:
+            queue = lifecycle.queue_state(kube.read_workload(ref.namespace, job.uid))
+        return lifecycle.Observation(
+            name=ref.name, namespace=ref.namespace, generation=generation, spec=ref.spec, status=status, now=now,
+            job=job, stale_jobs=stale_jobs, stale_pods=stale_pods, pods=pods, old_pods=old_pods, progress=progress,
+            latest_checkpoint=latest, serving=serving, queue_name=ref.queue_name, queue=queue,
+        )
+
+    def _pods(self, ref: builders.JobRef, gang: int, failed: bool, now: datetime) -> tuple[tuple[failures.PodState, ...], tuple[failures.PodState, ...]]:
+        """Pods of the current gang, and of older gangs (with their nodes' readiness when it matters)."""
+        raw = kube.list_trainer_pods(ref.namespace, ref.name)
+        readiness: dict[str, bool | None] = {}
+
+        def ready(pod: dict[str, Any], needed: bool) -> bool | None:
+            node = (pod.get("spec") or {}).get("nodeName")
+            if not node or not needed:
+                return None
+            if node not in readiness:
+                readiness[node] = kube.node_ready(node)
+            return readiness[node]
+
+        current, old = [], []
+        for pod in raw:
+            number = lifecycle.pod_state(pod).gang
+            if number == gang:
+                current.append(lifecycle.pod_state(pod, ready(pod, failed)))
+            elif number < gang:
+                deleting = parse_time(pod["metadata"].get("deletionTimestamp"))
+                old.append(lifecycle.pod_state(pod, ready(pod, deleting is not None and now > deleting)))
+        return tuple(current), tuple(old)
+
+    def _progress(self, ref: builders.JobRef, status: dict[str, Any], force: bool) -> tuple[dict[str, Any] | None, str | None]:
+        """progress.json and `latest`, read when the job's poll is due (adapted to its step time)."""
+        key = f"{ref.namespace}/{ref.name}"
+        clock = datetime.now(timezone.utc).timestamp()
+        with self._lock:
+            poll = self._polls.setdefault(key, _ProgressPoll())
+            if not force and clock < poll.due:
+                return None, None
+        secret = self._secret(ref.namespace, ref.spec.storage.credentials_secret_ref.name) or {}
+        try:
+            creds = _credentials(ref.spec, secret)
+            record = store.read_progress(creds, ref.output_uri)
+            latest = store.read_latest_checkpoint(creds, ref.output_uri)
+        except (KeyError, store.StoreUnavailable, store.StoreRefused) as error:
+            # Progress is best effort: training goes on while storage is briefly away (no event).
+            log.info("%s: progress not readable: %s", key, error)
+            with self._lock:
+                poll.due = clock + polling.MAX_SECONDS / 2
+            return None, None
+        current = polling.sample(record)
+        with self._lock:
+            poll.interval = polling.next_poll_seconds(poll.sample, current, poll.interval)
+            poll.sample = current or poll.sample
+            poll.due = clock + poll.interval
+        return record, latest
+
+    def _next_look(self, ref: builders.JobRef, plan: lifecycle.Plan, obs: lifecycle.Observation) -> float | None:
+        """When to reconcile again without an event: the plan's wish, or the next progress poll."""
+        wanted = plan.requeue_after
+        running = obs.job is not None and not obs.job.suspended and obs.job.active and plan.phase in ("Running", "Pending")
+        if running:
+            with self._lock:
+                poll = self._polls.get(f"{ref.namespace}/{ref.name}")
+                due = max(0.5, poll.due - datetime.now(timezone.utc).timestamp()) if poll else polling.FIRST_SECONDS
+            wanted = due if wanted is None else min(wanted, due)
+        if plan.phase in TERMINAL_PHASES:
+            with self._lock:
+                self._polls.pop(f"{ref.namespace}/{ref.name}", None)
+        return wanted
+
+    # ------------------------------------------------------------------ acting
+    def _act(self, body: dict[str, Any], ref: builders.JobRef, obs: lifecycle.Observation, action: lifecycle.Action) -> None:
+        ns, name, uid = ref.namespace, ref.name, ref.uid
+        owner = builders.owner_reference(API_VERSION, KIND, name, uid)
+        if action.kind == "create_job":
+            for manifest in (builders.build_config_map(ref), builders.build_worker_service(ref), builders.build_trainer_job(ref, action.gang or 0)):
+                manifest["metadata"]["ownerReferences"] = [owner]
+                if kube.ensure(manifest, uid) and manifest["kind"] == "Job":
+                    log.info("%s/%s: created Job %s", ns, name, manifest["metadata"]["name"])
+        elif action.kind == "delete_job":
+            if kube.delete_job(ns, builders.trainer_job_name(name, action.gang or 0), uid):
+                log.info("%s/%s: deleted Job %s", ns, name, builders.trainer_job_name(name, action.gang or 0))
+        elif action.kind == "suspend_job":
+            kube.set_job_suspended(ns, builders.trainer_job_name(name, action.gang or 0), bool(action.value))
+        elif action.kind == "force_delete_pod":
+            log.warning("%s/%s: force-deleting pod %s (past its grace period on a lost node)", ns, name, action.target)
+            kube.force_delete_pod(ns, action.target)
+        elif action.kind == "ensure_serving":
+            for manifest in (builders.build_inference_deployment(ref), builders.build_inference_service(ref)):
+                manifest["metadata"]["ownerReferences"] = [owner]
+                kube.ensure(manifest, uid)
+        elif action.kind == "delete_serving":
+            kube.delete_serving(ns, builders.inference_name(name), uid)
+        elif action.kind == "delete_self":
+            log.info("%s/%s: ttlSecondsAfterFinished passed: deleting it", ns, name)
+            kube.delete_dreamboothjob(ns, name, uid)
+
+    def _commit(self, body: dict[str, Any], plan: lifecycle.Plan) -> None:
+        """Write what changed in status (precondition: the resourceVersion decided on), then Events."""
+        meta = body["metadata"]
+        old = body.get("status") or {}
+        patch = {key: value for key, value in plan.status.items() if old.get(key) != value}
+        patch.update({key: None for key in old if key not in plan.status})
+        if patch:
+            written = kube.patch_status(meta["namespace"], meta["name"], patch, meta.get("resourceVersion"))
+            if written is not None:
+                meta["resourceVersion"] = written["metadata"]["resourceVersion"]
+                self.own_writes(f"{meta['namespace']}/{meta['name']}", meta["resourceVersion"])
+            body["status"] = {**old, **{k: v for k, v in patch.items() if v is not None}}
+            for key in [k for k, v in patch.items() if v is None]:
+                body["status"].pop(key, None)
+        if int(plan.status.get("restarts") or 0) > int(old.get("restarts") or 0):
+            metrics.RESTARTS.inc()
+        if int(plan.status.get("disruptions") or 0) > int(old.get("disruptions") or 0):
+            metrics.DISRUPTIONS.inc()
+        metrics.record_phase(f"{meta['namespace']}/{meta['name']}", plan.phase)
+        for event_type, reason, message in plan.events:
+            self.post_event(body, event_type, reason, message)
+            log.log(logging.WARNING if event_type == "Warning" else logging.INFO, "%s/%s: %s: %s",
+                    meta["namespace"], meta["name"], reason, message)
+
+
+def _credentials(spec: DreamboothJobSpec, secret: dict[str, str]) -> store.Credentials:
+    ref = spec.storage.credentials_secret_ref
+    return store.Credentials(
+        endpoint=spec.storage.endpoint,
+        secure=spec.storage.secure,
+        access_key=secret[ref.access_key_key],
+        secret_key=secret[ref.secret_key_key],
+        region=spec.storage.region,
+    )
