@@ -243,6 +243,10 @@ def _running(draft: _Draft, gang: int, job: TrainerJobState) -> None:
                         f"{nodes - len(unplaced)}/{nodes} pods of gang {gang} placed; waiting for room for the rest ({why}); no restart is spent")
         draft.requeue(WAIT_POLL_SECONDS)
         return
+    alive = [p for p in obs.pods if p.phase in ("Pending", "Running") and p.deletion_deadline is None]
+    running = get_condition(draft.status["conditions"], RUNNING) or {}
+    if running.get("reason") == "GangNotPlaced" and len(alive) < nodes:
+        return  # pods are going away (the gang is failing): what was last seen still holds
     draft.condition(RUNNING, False, "PodsPending", f"{job.ready}/{nodes} pods of gang {gang} are running")
 
 
@@ -314,6 +318,10 @@ def _gang_failed(draft: _Draft, job: TrainerJobState) -> None:
     policy = obs.spec.run_policy
     gang = current_gang(obs.status)
     failure = failures.classify(job.failure_reason, job.failure_message, obs.pods, obs.spec.resources.memory)
+    running = get_condition(draft.status["conditions"], RUNNING) or {}
+    if failure.kind == failures.FAILURE and running.get("reason") == "GangNotPlaced":
+        # The Job controller removed the unplaced pods with the failed Job; the last look saw them.
+        failure = failures.Failure(failures.UNPLACED, f"{failure.message}; the gang was never all placed ({running.get('message', '')})")
     if failure.kind == failures.PERMANENT:
         _fail(draft, "TrainerRejectedInput", f"the trainer refused its config or input (exit code 2): {failure.message}")
         return
@@ -540,14 +548,16 @@ def _gang_of(obj: dict[str, Any]) -> int | None:
 def trainer_job_state(job: dict[str, Any]) -> TrainerJobState:
     status = job.get("status") or {}
     conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
-    failed = conditions.get("Failed") or {}
+    # FailureTarget/SuccessCriteriaMet: the Job controller has decided, and waits for its pods to
+    # end before it says Failed/Complete (a pod on a lost node never ends: act on the decision).
+    failed = conditions.get("Failed") or conditions.get("FailureTarget") or {}
     meta = job.get("metadata") or {}
     return TrainerJobState(
         gang=_gang_of(job) or 0,
         active=int(status.get("active") or 0),
         ready=int(status.get("ready") or 0),
-        succeeded="Complete" in conditions,
-        failed="Failed" in conditions,
+        succeeded="Complete" in conditions or "SuccessCriteriaMet" in conditions,
+        failed=bool(failed),
         failure_reason=failed.get("reason", ""),
         failure_message=failed.get("message", ""),
         suspended=bool((job.get("spec") or {}).get("suspend")),

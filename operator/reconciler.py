@@ -276,10 +276,8 @@ class Reconciler:
         ns, name, uid = ref.namespace, ref.name, ref.uid
         owner = builders.owner_reference(API_VERSION, KIND, name, uid)
         if action.kind == "create_job":
-            for manifest in (builders.build_config_map(ref), builders.build_worker_service(ref), builders.build_trainer_job(ref, action.gang or 0)):
-                manifest["metadata"]["ownerReferences"] = [owner]
-                if kube.ensure(manifest, uid) and manifest["kind"] == "Job":
-                    log.info("%s/%s: created Job %s", ns, name, manifest["metadata"]["name"])
+            self._create_all(ref, owner, (builders.build_config_map(ref), builders.build_worker_service(ref),
+                                          builders.build_trainer_job(ref, action.gang or 0)))
         elif action.kind == "delete_job":
             if kube.delete_job(ns, builders.trainer_job_name(name, action.gang or 0), uid):
                 log.info("%s/%s: deleted Job %s", ns, name, builders.trainer_job_name(name, action.gang or 0))
@@ -289,14 +287,27 @@ class Reconciler:
             log.warning("%s/%s: force-deleting pod %s (past its grace period on a lost node)", ns, name, action.target)
             kube.force_delete_pod(ns, action.target)
         elif action.kind == "ensure_serving":
-            for manifest in (builders.build_inference_deployment(ref), builders.build_inference_service(ref)):
-                manifest["metadata"]["ownerReferences"] = [owner]
-                kube.ensure(manifest, uid)
+            self._create_all(ref, owner, (builders.build_inference_deployment(ref), builders.build_inference_service(ref)))
         elif action.kind == "delete_serving":
             kube.delete_serving(ns, builders.inference_name(name), uid)
         elif action.kind == "delete_self":
             log.info("%s/%s: ttlSecondsAfterFinished passed: deleting it", ns, name)
             kube.delete_dreamboothjob(ns, name, uid)
+
+    def _create_all(self, ref: builders.JobRef, owner: dict[str, Any], manifests: tuple[dict[str, Any], ...]) -> None:
+        """Create (or update) each, all or none: a name taken by a stranger undoes what this step created."""
+        created: list[dict[str, Any]] = []
+        try:
+            for manifest in manifests:
+                manifest["metadata"]["ownerReferences"] = [owner]
+                if kube.ensure(manifest, ref.uid):
+                    created.append(manifest)
+                    if manifest["kind"] == "Job":
+                        log.info("%s/%s: created Job %s", ref.namespace, ref.name, manifest["metadata"]["name"])
+        except kube.NotOwned:
+            for manifest in created:
+                kube.delete_owned(manifest["apiVersion"], manifest["kind"], ref.namespace, manifest["metadata"]["name"], ref.uid)
+            raise
 
     def _commit(self, body: dict[str, Any], plan: lifecycle.Plan) -> None:
         """Write what changed in status (precondition: the resourceVersion decided on), then Events."""

@@ -81,6 +81,17 @@ class _OperatorS3(S3Storage):
         except S3Error as error:
             raise StorageError(self._explain(error, key)) from None
 
+    def exists(self, key: str) -> bool:
+        from minio.error import S3Error
+
+        try:
+            with_retries(lambda: self.client.stat_object(self.bucket, self._key(key)), self.describe(key), attempts=ATTEMPTS)
+            return True
+        except S3Error as error:
+            if error.code in {"NoSuchKey", "NoSuchObject", "ResourceNotFound"}:
+                return False
+            raise StorageError(self._explain(error, key)) from None
+
 
 def _storage(creds: Credentials, uri: str) -> S3Storage:
     try:

@@ -494,6 +494,8 @@ PRINTER_COLUMNS = [
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
     {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
+    # The endpoint's readiness: a row changes when serving becomes ready, not only at Succeeded.
+    {"name": "Serving", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"ServingReady\")].status"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

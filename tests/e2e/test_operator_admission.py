@@ -37,6 +37,13 @@ BAD = [
     ("not a quantity", {"resources.memory": "lots"}, "spec.resources.memory"),
     ("secret without a name", {"storage.credentialsSecretRef": {}}, "spec.storage.credentialsSecretRef.name"),
     ("cached latents with a random crop", {"training.cacheLatents": True, "data.centerCrop": False}, "spec.training.cacheLatents"),
+    ("label key with a space", {"podTemplate.labels": {"my team": "a"}}, "spec.podTemplate.labels"),
+    ("label value with a slash", {"podTemplate.labels": {"team": "a/b"}}, "spec.podTemplate.labels.team"),
+    ("queue label value too long", {"scheduling.labels": {"kueue.x-k8s.io/queue-name": "q" * 64}}, "spec.scheduling.labels"),
+    ("annotation key with two slashes", {"podTemplate.annotations": {"a/b/c": "x"}}, "spec.podTemplate.annotations"),
+    ("env the operator sets", {"podTemplate.env": [{"name": "NODE_RANK", "value": "0"}]}, "spec.podTemplate.env"),
+    ("volume name the operator uses", {"podTemplate.volumes": [{"name": "config", "emptyDir": {}}]}, "spec.podTemplate.volumes"),
+    ("mount of no volume", {"podTemplate.volumeMounts": [{"name": "cache", "mountPath": "/cache"}]}, "spec.podTemplate.volumeMounts"),
 ]
 
 
@@ -66,7 +73,7 @@ def test_a_good_spec_is_accepted_with_defaults(testbed: Any, crd: str, namespace
     assert stored["training"]["maxSteps"] == 400 and stored["prior"]["enabled"] is True
     assert stored["runPolicy"] == {"maxRestarts": 3, "suspend": False, "cleanPodPolicy": "Running"}
     short = testbed.kubectl("get", "dbj", "-n", namespace).stdout.split("\n")[0].split()
-    assert short == ["NAME", "PHASE", "PROGRESS", "ETA", "RESTARTS", "AGE"]
+    assert short == ["NAME", "PHASE", "PROGRESS", "ETA", "RESTARTS", "SERVING", "AGE"]
 
 
 @pytest.mark.parametrize(("what", "changes", "field"), BAD, ids=[b[0] for b in BAD])
@@ -82,13 +89,14 @@ def test_a_bad_name_is_refused(testbed: Any, crd: str, namespace: str) -> None:
     assert result.returncode != 0 and "metadata.name" in result.stderr, result.stderr
 
 
-def test_training_fields_are_immutable_once_running(testbed: Any, crd: str, namespace: str) -> None:
+def test_the_spec_is_frozen_from_acceptance_not_from_a_phase(testbed: Any, crd: str, namespace: str) -> None:
+    """The lock keys on status.acceptedGeneration: Pending with pods pending or after a restart is
+    locked too; before acceptance (e.g. waiting for a Secret) the job may be fixed."""
     assert apply(testbed, namespace, "frozen", GOOD).returncode == 0
-    changed = with_changes({"training.maxSteps": 10})
-    if not (testbed.get("dreamboothjob", "frozen", namespace).get("status") or {}).get("phase"):
-        # (an operator running in this session may already have judged it; then it is not Pending)
-        assert apply(testbed, namespace, "frozen", changed).returncode == 0, "a job that has not started may change"
-    status = {"status": {"phase": "Running", "restarts": 0}}
+    if not (testbed.get("dreamboothjob", "frozen", namespace).get("status") or {}).get("acceptedGeneration"):
+        # (an operator running in this session may have accepted it already)
+        assert apply(testbed, namespace, "frozen", with_changes({"training.maxSteps": 10})).returncode == 0, "not accepted yet: may change"
+    status = {"status": {"phase": "Pending", "acceptedGeneration": 1, "restarts": 1}}
     testbed.kubectl("patch", "dreamboothjob", "frozen", "-n", namespace, "--subresource=status", "--type=merge", "-p", json.dumps(status))
     refused = apply(testbed, namespace, "frozen", with_changes({"training.maxSteps": 30}))
     assert refused.returncode != 0 and "spec.training" in refused.stderr and "immutable" in refused.stderr, refused.stderr
@@ -96,5 +104,8 @@ def test_training_fields_are_immutable_once_running(testbed: Any, crd: str, name
     assert refused.returncode != 0 and "spec.resources" in refused.stderr, refused.stderr
     allowed = copy.deepcopy(testbed.get("dreamboothjob", "frozen", namespace)["spec"])
     allowed["runPolicy"]["suspend"] = True
+    allowed["scheduling"] = {"nodeSelector": {"pool": "h200"}}
+    allowed["podTemplate"] = {"labels": {"team": "vision"}}
+    allowed["serving"]["replicas"] = 2
     result = apply(testbed, namespace, "frozen", allowed)
-    assert result.returncode == 0, f"runPolicy stays mutable: {result.stderr}"
+    assert result.returncode == 0, f"runPolicy, scheduling, podTemplate and serving stay mutable: {result.stderr}"

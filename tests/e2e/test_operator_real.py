@@ -106,7 +106,7 @@ def test_a_preempted_pod_restarts_the_gang_from_the_checkpoint(testbed: Any, min
     testbed.wait_for("gang 1", lambda: trainer_pods(testbed, namespace, name, 1), timeout=300, interval=1)
     seen = watch(testbed, namespace, name, "Succeeded", timeout=600)
     job = get_job(testbed, namespace, name)
-    assert job["status"]["restarts"] == 1
+    assert (job["status"]["disruptions"], job["status"]["restarts"]) == (1, 0), "a deleted pod (SIGTERM, exit 143) is a disruption"
     assert job["status"]["progress"]["step"] == 80
     rank0 = next(p for p in trainer_pods(testbed, namespace, name, 1) if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0")
     log = testbed.pod_log(rank0["metadata"]["name"], namespace)

@@ -89,8 +89,10 @@ class TestbedHandle:
         pod = self.get("pod", name, namespace)
         return None if pod is None else (pod.get("status") or {}).get("phase")
 
-    def set_pod_phase(self, name: str, namespace: str, phase: str, exit_code: int | None = None) -> None:
-        """Drive a pod on a KWOK node to Succeeded/Failed (kwok only takes pods to Running)."""
+    def set_pod_phase(self, name: str, namespace: str, phase: str, exit_code: int | None = None,
+                      reason: str | None = None, conditions: list[dict[str, Any]] | None = None) -> None:
+        """Drive a pod on a KWOK node to Succeeded/Failed (kwok only takes pods to Running); `reason`
+        is the container's (e.g. OOMKilled), `conditions` extra pod conditions (e.g. DisruptionTarget)."""
         code = exit_code if exit_code is not None else (0 if phase == "Succeeded" else 1)
         pod = self.get("pod", name, namespace)
         assert pod is not None, f"pod {namespace}/{name} not found"
@@ -98,13 +100,13 @@ class TestbedHandle:
         statuses = [{
             "name": c["name"], "image": c.get("image", ""), "imageID": "", "ready": False,
             "restartCount": 0, "started": False,
-            "state": {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
+            "state": {"terminated": {"exitCode": code, "reason": reason or ("Completed" if code == 0 else "Error"),
                                      "finishedAt": finished, "startedAt": finished}},
         } for c in pod["spec"]["containers"]]
         patch = {"status": {"phase": phase, "containerStatuses": statuses,
                             "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted"},
                                            {"type": "ContainersReady", "status": "False",
-                                            "reason": "PodCompleted"}]}}
+                                            "reason": "PodCompleted"}, *(conditions or [])]}}
         self.kubectl("patch", "pod", name, "-n", namespace, "--subresource=status", "--type=strategic",
                      "-p", json.dumps(patch))
 

@@ -188,6 +188,9 @@ def test_a_gang_that_cannot_be_placed_waits_and_spends_nothing() -> None:
                    pods=(PodState("rex-train-0-0-a", 0, "Failed", "gpu-0", True, exit_code=1), pods[1]))
     assert (gave_up.status["restarts"], gave_up.status["disruptions"], gave_up.status["gang"]) == (0, 0, 1)
     assert conditions(gave_up)["Restarting"] == ("True", "GangNotPlaced")
+    # The failed Job's controller already removed the unplaced pod: the last look still counts.
+    gone = step(waiting.status, failed("backoff limit", "BackoffLimitExceeded"), pods=(PodState("rex-train-0-0-a", 0, "Failed", "gpu-0", True, exit_code=1),))
+    assert gone.status["restarts"] == 0 and conditions(gone)["Restarting"] == ("True", "GangNotPlaced")
 
 
 def test_pods_of_an_old_gang_stuck_on_a_lost_node_are_force_deleted_after_their_grace() -> None:
@@ -283,6 +286,16 @@ def test_reading_pods_and_workloads() -> None:
         {"type": "Evicted", "status": "True", "reason": "Preempted", "message": "Preempted to accommodate a workload"}]}}
     assert lifecycle.queue_state(workload) == QueueState(False, "Preempted", "Preempted to accommodate a workload")
     assert lifecycle.queue_state(None) is None
+
+
+def test_a_decided_job_counts_before_its_last_pod_ends() -> None:
+    """A pod on a lost node never ends, so the Job never says Failed: its FailureTarget is enough."""
+    job = {"metadata": {"labels": {"dreambooth.dev/gang": "0"}}, "status": {"terminating": 1, "conditions": [
+        {"type": "FailureTarget", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]}}
+    state = lifecycle.trainer_job_state(job)
+    assert state.failed and state.failure_reason == "BackoffLimitExceeded"
+    done = {"metadata": {"labels": {}}, "status": {"conditions": [{"type": "SuccessCriteriaMet", "status": "True"}]}}
+    assert lifecycle.trainer_job_state(done).succeeded
 
 
 def test_progress_polling_follows_the_step_time() -> None:

@@ -68,7 +68,7 @@ def test_crd_identity_and_printer_columns() -> None:
     (version,) = spec["versions"]
     assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
     assert version["subresources"] == {"status": {}}
-    assert [c["name"].upper() for c in version["additionalPrinterColumns"]] == ["PHASE", "PROGRESS", "ETA", "RESTARTS", "AGE"]
+    assert [c["name"].upper() for c in version["additionalPrinterColumns"]] == ["PHASE", "PROGRESS", "ETA", "RESTARTS", "SERVING", "AGE"]
 
 
 def _walk(node: dict[str, Any], path: str = ""):
