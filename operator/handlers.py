@@ -33,6 +33,8 @@ async def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_
     global _runtime
     # Events come from condition transitions (runtime.EventPoster), never from log lines.
     settings.posting.enabled = False
+    # kopf would log every delivered event ("Handler succeeded"); transitions are logged by us.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 30

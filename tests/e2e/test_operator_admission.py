@@ -71,7 +71,8 @@ def test_a_good_spec_is_accepted_with_defaults(testbed: Any, crd: str, namespace
     assert result.returncode == 0, result.stderr
     stored = testbed.get("dreamboothjob", "good", namespace)["spec"]
     assert stored["training"]["maxSteps"] == 400 and stored["prior"]["enabled"] is True
-    assert stored["runPolicy"] == {"maxRestarts": 3, "suspend": False, "cleanPodPolicy": "Running"}
+    assert stored["runPolicy"] == {"maxRestarts": 3, "suspend": False, "cleanPodPolicy": "Running", "retryOnOutOfMemory": False,
+                                   "admissionDeadlineSeconds": 600, "terminationGracePeriodSeconds": 600}
     short = testbed.kubectl("get", "dbj", "-n", namespace).stdout.split("\n")[0].split()
     assert short == ["NAME", "PHASE", "PROGRESS", "ETA", "RESTARTS", "SERVING", "AGE"]
 

@@ -127,6 +127,10 @@ def doomed_nodes(testbed: Any, namespace: str) -> Iterator[list[str]]:
         testbed.kubectl("get", "node", n, "-o", "jsonpath={.status.conditions[?(@.type=='Ready')].status}", check=False).stdout == "True"
         for n in names), timeout=60)
     yield names
+    # The jobs' pods go first: a pod left on a deleted node would wait for PodGC (40 s).
+    testbed.kubectl("delete", "dbj", "--all", "-n", namespace, "--wait=true", timeout=60, check=False)
+    testbed.wait_for("the test's pods removed", lambda: not testbed.kubectl(
+        "get", "pods", "-n", namespace, "-o", "name").stdout.strip(), timeout=60)
     testbed.kubectl("delete", "nodes", *names, "--wait=false", check=False)
 
 
