@@ -40,17 +40,24 @@ class WorkQueue:
         self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ queueing
-    def add(self, key: Hashable) -> None:
+    def add(self, key: Hashable, urgent: bool = False) -> None:
+        """Queue `key`; `urgent` ones (a new or edited job) go before the routine ones."""
         with self._cond:
-            self._add_locked(key)
+            self._add_locked(key, urgent)
 
-    def _add_locked(self, key: Hashable) -> None:
+    def _add_locked(self, key: Hashable, urgent: bool = False) -> None:
         if key in self._running:
             self._dirty.add(key)
         elif key not in self._queued:
             self._queued.add(key)
-            self._ready.append(key)
+            if urgent:
+                self._ready.appendleft(key)
+            else:
+                self._ready.append(key)
             self._cond.notify()
+        elif urgent:  # already waiting behind routine work: move it to the front
+            self._ready.remove(key)
+            self._ready.appendleft(key)
 
     def add_after(self, key: Hashable, seconds: float) -> None:
         """Reconcile `key` in `seconds` (an earlier request for the same key wins)."""

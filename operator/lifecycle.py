@@ -61,6 +61,7 @@ class TrainerJobState:
     suspended: bool = False
     template_hash: str = ""
     uid: str = ""
+    created: datetime | None = None
 
     @property
     def permanent_failure(self) -> bool:
@@ -563,6 +564,7 @@ def trainer_job_state(job: dict[str, Any]) -> TrainerJobState:
         suspended=bool((job.get("spec") or {}).get("suspend")),
         template_hash=(meta.get("annotations") or {}).get(builders.ANNOTATION_TEMPLATE_HASH, ""),
         uid=meta.get("uid", ""),
+        created=parse_time(meta.get("creationTimestamp")),
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -24,7 +25,45 @@ log = logging.getLogger(__name__)
 # How soon a reconcile that hit an outage (API or storage) runs again.
 TEMPORARY_DELAY = 10.0
 SECRET_CACHE_SECONDS = 10.0
+# Parsed specs kept (oldest dropped first): more than the unfinished jobs of a busy cluster.
+SPECS_KEPT = 2048
+# Pods of a gang are listed (to tell "not placed" from "starting") once its Job is this old.
+PLACEMENT_LOOK_SECONDS = 5.0
 EventSink = Callable[[dict[str, Any], str, str, str], None]
+# Independent writes of one step (a gang's ConfigMap, Service and Job) go out together.
+_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="writes")
+
+
+class Bodies:
+    """The newest copy of each unfinished job seen (kopf's events, our own writes), so a reconcile
+    started by a child's event reads nothing. A stale copy is harmless: status is written with its
+    resourceVersion as a precondition, and a conflict reads the job again."""
+
+    def __init__(self) -> None:
+        self._bodies: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _version(body: dict[str, Any]) -> int:
+        text = str((body.get("metadata") or {}).get("resourceVersion") or "0")
+        return int(text) if text.isdigit() else 0
+
+    def offer(self, key: str, body: dict[str, Any]) -> None:
+        with self._lock:
+            old = self._bodies.get(key)
+            if old is None or self._version(body) >= self._version(old):
+                self._bodies[key] = body
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._bodies.get(key)
+
+    def drop(self, key: str) -> None:
+        with self._lock:
+            self._bodies.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._bodies)
 
 
 @dataclass
@@ -39,24 +78,38 @@ class Reconciler:
     children: Children
     post_event: EventSink
     own_writes: Callable[[str, str], None] = lambda key, version: None
+    bodies: Bodies = field(default_factory=Bodies)
     _polls: dict[str, _ProgressPoll] = field(default_factory=dict)
+    _specs: dict[tuple[Any, ...], DreamboothJobSpec] = field(default_factory=dict)
     _secrets: dict[tuple[str, str], tuple[float, dict[str, str] | None]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ------------------------------------------------------------------ entry
-    def reconcile(self, namespace: str, name: str, body: dict[str, Any] | None = None) -> float | None:
+    def reconcile(self, namespace: str, name: str) -> float | None:
         """Converge one job one step; returns when to look again (None: only on events)."""
         started = datetime.now(timezone.utc)
+        key = f"{namespace}/{name}"
+        body = self.bodies.get(key)
         try:
             for _ in range(3):
                 current = body if body is not None else kube.read_dreamboothjob(namespace, name)
                 if current is None or current["metadata"].get("deletionTimestamp"):
                     self.forget(namespace, name)
                     return None
+                # The cached copy changes only by offer(): a reconcile replaces status and bumps
+                # metadata.resourceVersion in its own copy (status dicts are never edited in place).
+                current = {**current, "metadata": dict(current["metadata"])}
                 try:
-                    return self._reconcile(current)
+                    again = self._reconcile(current)
                 except kube.Conflict:
+                    self.bodies.drop(key)
                     body = None  # changed since it was read: read it again and decide again
+                    continue
+                if (current.get("status") or {}).get("phase") in TERMINAL_PHASES:
+                    self.bodies.drop(key)  # finished: nothing kept (edits arrive with their body)
+                else:
+                    self.bodies.offer(key, current)
+                return again
             return 1.0
         except (store.StoreUnavailable, kube.KubeError) as error:
             log.warning("%s/%s: %s; again in %.0f s", namespace, name, error, TEMPORARY_DELAY)
@@ -66,6 +119,7 @@ class Reconciler:
 
     def forget(self, namespace: str, name: str) -> None:
         metrics.forget(f"{namespace}/{name}")
+        self.bodies.drop(f"{namespace}/{name}")
         with self._lock:
             self._polls.pop(f"{namespace}/{name}", None)
 
@@ -77,7 +131,7 @@ class Reconciler:
         generation = meta.get("generation")
         snapshot = installation.for_job(status)
         try:
-            spec = parse_spec(installation.spec_with_defaults(body.get("spec") or {}, snapshot))
+            spec = self._spec(meta, body.get("spec") or {}, snapshot, keep=status.get("phase") not in TERMINAL_PHASES)
         except ConfigError as error:
             if not is_true(status.get("conditions") or [], FAILED):
                 self._commit(body, lifecycle.reject(status, generation, now, "InvalidSpec", str(error)))
@@ -95,25 +149,55 @@ class Reconciler:
         obs = self._observe(ref, status, generation, now)
         plan = lifecycle.decide(obs)
         plan.events[:0] = accepted_events
-        self._commit(body, plan)
+        actions = list(plan.actions)
+        committed = None
+        if accepted_events and [a.kind for a in actions] == ["create_job"]:
+            # Just accepted (the copy is fresh: nobody else accepts): record it while gang 0 is made.
+            committed = _POOL.submit(self._commit, body, plan)
+        else:
+            self._commit(body, plan)
         conflict = None
-        for action in plan.actions:
-            try:
-                self._act(body, ref, obs, action)
-            except kube.NotOwned as error:
-                conflict = str(error)
-                break
-            except kube.KubeRejected as error:
-                if action.kind != "create_job":
-                    raise
-                self._commit(body, lifecycle.give_up(body["status"], generation, now, "InvalidPodTemplate",
-                                                     f"the trainer Job was refused by the API server: {error}"))
-                return None
+        try:
+            for action in actions:
+                try:
+                    self._act(body, ref, obs, action)
+                except kube.NotOwned as error:
+                    conflict = str(error)
+                    break
+                except kube.KubeRejected as error:
+                    if action.kind != "create_job":
+                        raise
+                    if committed is not None:
+                        committed.result()
+                        committed = None
+                    self._commit(body, lifecycle.give_up(body["status"], generation, now, "InvalidPodTemplate",
+                                                         f"the trainer Job was refused by the API server: {error}"))
+                    return None
+        finally:
+            if committed is not None:
+                committed.result()
         if conflict or is_true(body["status"].get("conditions") or [], NAME_CONFLICT):
             self._commit(body, lifecycle.name_conflict(body["status"], generation, now, conflict))
             if conflict:
                 return 10.0
         return self._next_look(ref, plan, obs)
+
+    def _spec(self, meta: dict[str, Any], raw: dict[str, Any], snapshot: dict[str, Any], keep: bool) -> DreamboothJobSpec:
+        """The validated spec, parsed once per generation and defaults snapshot (validation is the
+        costliest part of a reconcile, and most reconciles are a child's event)."""
+        key = (meta["uid"], meta.get("generation"), tuple(sorted(snapshot.items())))
+        with self._lock:
+            cached = self._specs.get(key)
+        if cached is not None:
+            return cached
+        spec = parse_spec(installation.spec_with_defaults(raw, snapshot))
+        if not keep:
+            return spec  # a finished job is rarely looked at again: not worth its memory
+        with self._lock:
+            if len(self._specs) >= SPECS_KEPT:
+                self._specs.pop(next(iter(self._specs)))
+            self._specs[key] = spec
+        return spec
 
     def _await_admission(self, body: dict[str, Any], spec: DreamboothJobSpec, now: datetime,
                          reason: str, message: str, permanent: bool) -> float | None:
@@ -137,7 +221,7 @@ class Reconciler:
             return ("ModelSourceUnreachable", f"model.source {source!r}: a relative path is not reachable from the pods; "
                     "use s3://, hf:// or an absolute path in the image", True)
         secret_ref = ref.spec.storage.credentials_secret_ref
-        data = self._secret(ref.namespace, secret_ref.name, fresh=True)
+        data = self._secret(ref.namespace, secret_ref.name)
         if data is None:
             return "SecretNotFound", f"storage.credentialsSecretRef: Secret {ref.namespace}/{secret_ref.name} does not exist", False
         for key in (secret_ref.access_key_key, secret_ref.secret_key_key):
@@ -159,12 +243,13 @@ class Reconciler:
         return None
 
     def _secret(self, namespace: str, name: str, fresh: bool = False) -> dict[str, str] | None:
-        """The credentials Secret; reused for a few seconds by progress reads (never logged)."""
+        """The credentials Secret, reused for a few seconds (a burst of jobs shares one; never logged).
+        A missing Secret is never taken from the cache: it may have been created since."""
         key = (namespace, name)
         now = datetime.now(timezone.utc).timestamp()
         with self._lock:
             cached = self._secrets.get(key)
-        if cached and not fresh and now < cached[0]:
+        if cached and cached[1] is not None and not fresh and now < cached[0]:
             return cached[1]
         data = kube.read_secret_data(namespace, name)
         with self._lock:
@@ -184,9 +269,11 @@ class Reconciler:
         old_pods: tuple[failures.PodState, ...] = ()
         stale_pods = 0
         nodes = ref.spec.resources.nodes
+        placing = job is not None and not (job.suspended or job.succeeded or job.failed) and job.ready < nodes
         wants_pods = not terminal and (
-            (job is None and gang > 0) or ref.spec.run_policy.suspend
-            or (job is not None and (job.failed or (not job.suspended and not job.succeeded and job.ready < nodes)))
+            (job is None and gang > 0) or ref.spec.run_policy.suspend or (job is not None and job.failed)
+            # a gang just created is given a few seconds before its placement is looked at
+            or (placing and (job.created is None or (now - job.created).total_seconds() > PLACEMENT_LOOK_SECONDS))
         )
         if wants_pods:
             pods, old_pods = self._pods(ref, gang, job is not None and job.failed, now)
@@ -236,7 +323,8 @@ class Reconciler:
         key = f"{ref.namespace}/{ref.name}"
         clock = datetime.now(timezone.utc).timestamp()
         with self._lock:
-            poll = self._polls.setdefault(key, _ProgressPoll())
+            # The first record comes after the model loads: no read in the gang's first seconds.
+            poll = self._polls.setdefault(key, _ProgressPoll(due=clock + polling.FIRST_SECONDS))
             if not force and clock < poll.due:
                 return None, None
         secret = self._secret(ref.namespace, ref.spec.storage.credentials_secret_ref.name) or {}
@@ -295,19 +383,25 @@ class Reconciler:
             kube.delete_dreamboothjob(ns, name, uid)
 
     def _create_all(self, ref: builders.JobRef, owner: dict[str, Any], manifests: tuple[dict[str, Any], ...]) -> None:
-        """Create (or update) each, all or none: a name taken by a stranger undoes what this step created."""
-        created: list[dict[str, Any]] = []
-        try:
-            for manifest in manifests:
-                manifest["metadata"]["ownerReferences"] = [owner]
-                if kube.ensure(manifest, ref.uid):
+        """Create (or update) each, at once; a name taken by a stranger undoes what this step created."""
+        for manifest in manifests:
+            manifest["metadata"]["ownerReferences"] = [owner]
+        futures = [(manifest, _POOL.submit(kube.ensure, manifest, ref.uid)) for manifest in manifests]
+        created, problem = [], None
+        for manifest, future in futures:
+            try:
+                if future.result():
                     created.append(manifest)
-                    if manifest["kind"] == "Job":
-                        log.info("%s/%s: created Job %s", ref.namespace, ref.name, manifest["metadata"]["name"])
-        except kube.NotOwned:
+            except Exception as error:  # the first problem wins; the others are waited for
+                problem = problem or error
+        for manifest in created:
+            if manifest["kind"] == "Job":
+                log.info("%s/%s: created Job %s", ref.namespace, ref.name, manifest["metadata"]["name"])
+        if isinstance(problem, kube.NotOwned):
             for manifest in created:
                 kube.delete_owned(manifest["apiVersion"], manifest["kind"], ref.namespace, manifest["metadata"]["name"], ref.uid)
-            raise
+        if problem is not None:
+            raise problem
 
     def _commit(self, body: dict[str, Any], plan: lifecycle.Plan) -> None:
         """Write what changed in status (precondition: the resourceVersion decided on), then Events."""

@@ -64,7 +64,6 @@ class Runtime:
         self.events = EventPoster()
         self.children = Children(namespaces, self._child_changed)
         self._own: OrderedDict[str, str] = OrderedDict()  # key -> resourceVersion we wrote last
-        self._bodies: dict[str, dict[str, Any]] = {}  # key -> newest body seen, until reconciled
         self._lock = threading.Lock()
         self.reconciler = Reconciler(self.children, self.events.post, self._wrote)
         self.leadership = Leadership(peering, peering_namespace, priority, self._resync)
@@ -91,14 +90,14 @@ class Runtime:
         if event_type == "DELETED":
             self.queue.forget(key)
             self.reconciler.forget(meta.get("namespace", ""), meta.get("name", ""))
-            with self._lock:
-                self._bodies.pop(key, None)
             return
         with self._lock:
             if self._own.get(key) == meta.get("resourceVersion"):
                 return  # our own status write coming back: nothing new to decide on
-            self._bodies[key] = body
-        self.queue.add(key)
+        self.reconciler.bodies.offer(key, body)
+        # A job not looked at yet, or edited, goes before the routine reconciles of running ones.
+        status = body.get("status") or {}
+        self.queue.add(key, urgent=not status or status.get("observedGeneration") != meta.get("generation"))
 
     def _child_changed(self, namespace: str, job: str) -> None:
         self.queue.add(f"{namespace}/{job}")
@@ -116,9 +115,7 @@ class Runtime:
 
     def _reconcile(self, key: Any) -> float | None:
         namespace, name = str(key).split("/", 1)
-        with self._lock:
-            body = self._bodies.pop(key, None)
-        again = self.reconciler.reconcile(namespace, name, body)
+        again = self.reconciler.reconcile(namespace, name)
         metrics.TIMERS.set(self.queue.delayed())
         return again
 

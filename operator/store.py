@@ -26,8 +26,6 @@ ATTEMPTS = 1
 CONNECT_TIMEOUT = 2.0
 READ_TIMEOUT = 5.0
 BREAKER_SECONDS = 10.0
-# A passed instance-data check is reused this long (many jobs on one subject, retries).
-CHECK_CACHE_SECONDS = 60.0
 
 
 class StoreUnavailable(RuntimeError):
@@ -131,7 +129,9 @@ class _Breaker:
 
 
 _breaker = _Breaker()
-_checked: dict[tuple[Credentials, str], tuple[float, int]] = {}
+# (endpoint, bucket, object, ETag) of images whose first bytes were read and looked like an image.
+_readable: dict[tuple[str, str, str, str], None] = {}
+MAX_READABLE_KEPT = 20000
 _pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store")
 
 
@@ -156,16 +156,9 @@ def read_latest_checkpoint(creds: Credentials, output_uri: str) -> str | None:
 
 
 def check_instance_images(creds: Credentials, instance_uri: str) -> int:
-    """Count the readable images under the instance prefix (a pass is reused for a minute)."""
-    cached = _checked.get((creds, instance_uri))
-    if cached and time.monotonic() < cached[0]:
-        return cached[1]
-    count = _guarded(creds, lambda: _check_instance_images(creds, instance_uri))
-    now = time.monotonic()
-    for stale in [key for key, (until, _) in _checked.items() if until < now]:
-        _checked.pop(stale, None)
-    _checked[(creds, instance_uri)] = (now + CHECK_CACHE_SECONDS, count)
-    return count
+    """Count the readable images under the instance prefix (one listing; an image already read,
+    with the same ETag, is not read again: many jobs on one subject cost one listing each)."""
+    return _guarded(creds, lambda: _check_instance_images(creds, instance_uri))
 
 
 def check_model_source(creds: Credentials, source: str) -> None:
@@ -209,17 +202,26 @@ def _read_optional(creds: Credentials, uri: str, key: str) -> str | None:
 def _check_instance_images(creds: Credentials, instance_uri: str) -> int:
     """Count the readable images under the instance prefix; refuse with the object's name."""
     storage = _storage(creds, instance_uri)
+    prefix = join_key(storage.prefix, "")
+    search = prefix + "/" if prefix and not prefix.endswith("/") else prefix
     try:
-        keys = storage.list()
-    except Exception as error:  # StorageError, or network errors that outlived the retries
+        listed = with_retries(lambda: list(storage.client.list_objects(storage.bucket, prefix=search, recursive=True)),
+                              storage.describe(), attempts=ATTEMPTS)
+    except Exception as error:  # S3Error, StorageError, or network errors
+        if "S3Error" in type(error).__name__:
+            raise StoreRefused(storage._explain(error, "")) from None
         raise _classify(error) from None
-    images = [k for k in keys if k.lower().endswith(IMAGE_SUFFIXES)]
+    images = [(o.object_name[len(search):], o.etag or "") for o in listed if o.object_name.lower().endswith(IMAGE_SUFFIXES)]
     if not images:
         raise StoreRefused(f"no images (*.jpg, *.png, *.webp) under {instance_uri}")
-    # The first bytes of each image, read a few at a time (one listing, then parallel small GETs).
-    for key, head in zip(images, _pool.map(lambda key: _head(storage, key), images)):
+    unread = [(key, etag) for key, etag in images if (creds.endpoint, storage.bucket, join_key(storage.prefix, key), etag) not in _readable]
+    # The first bytes of each image not read before, a few at a time (small parallel GETs).
+    for (key, etag), head in zip(unread, _pool.map(lambda item: _head(storage, item[0]), unread)):
         if not _looks_like_image(head):
             raise StoreRefused(f"instance image {storage.describe(key)} is not a readable image (unknown header {head[:8].hex()})")
+        if len(_readable) > MAX_READABLE_KEPT:
+            _readable.clear()
+        _readable[(creds.endpoint, storage.bucket, join_key(storage.prefix, key), etag)] = None
     return len(images)
 
 

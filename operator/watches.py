@@ -26,7 +26,7 @@ Slim = Callable[[dict[str, Any]], dict[str, Any]]
 
 def _slim_metadata(obj: dict[str, Any], annotation: str) -> dict[str, Any]:
     meta = obj.get("metadata") or {}
-    slim = {key: meta[key] for key in ("name", "namespace", "uid", "resourceVersion", "deletionTimestamp") if key in meta}
+    slim = {key: meta[key] for key in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp", "deletionTimestamp") if key in meta}
     slim["labels"] = dict(meta.get("labels") or {})
     annotations = meta.get("annotations") or {}
     if annotation in annotations:
@@ -62,6 +62,12 @@ def slim_deployment(deployment: dict[str, Any]) -> dict[str, Any]:
             "conditions": [{k: c.get(k) for k in ("type", "status", "reason", "message")} for c in status.get("conditions") or []],
         },
     }
+
+
+def _differs(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """True when anything but the resourceVersion changed."""
+    strip = lambda o: {**o, "metadata": {k: v for k, v in o["metadata"].items() if k != "resourceVersion"}}  # noqa: E731
+    return strip(old) != strip(new)
 
 
 class ChildCache:
@@ -163,11 +169,13 @@ class ChildCache:
             key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
             slim = self.slim(obj)
             with self._lock:
+                old = self._objects.get(key)
                 if kind == "DELETED":
                     self._forget(key)
                 else:
                     self._store(key, slim)
-            self._notify(*key, slim)
+            if kind == "DELETED" or old is None or _differs(old, slim):
+                self._notify(*key, slim)  # a change of a field the lifecycle does not read is no news
         return version
 
     def _stream(self, scope: str | None, query: dict[str, str]) -> Iterator[dict[str, Any]]:

@@ -174,3 +174,21 @@ def test_an_unreachable_store_fails_fast_and_then_at_once() -> None:
     with pytest.raises(store.StoreUnavailable, match="unreachable"):
         store.check_instance_images(creds, "s3://bucket/subjects/a")
     assert first < store.CONNECT_TIMEOUT + 2 and time.monotonic() - started < 0.1, "the breaker answers without waiting"
+
+
+def test_a_new_job_goes_before_routine_work() -> None:
+    gate = threading.Event()
+    calls: list[str] = []
+    queue = WorkQueue(lambda key: calls.append(key) or None, workers=1, gate=gate.is_set)
+    queue.start()
+    try:
+        for index in range(5):
+            queue.add(f"ns/running-{index}")
+        queue.add("ns/new", urgent=True)
+        queue.add("ns/running-3", urgent=True)  # edited while waiting: moves up
+        gate.set()
+        queue.wake()
+        wait_until(lambda: len(calls) == 6)
+        assert calls[:2] == ["ns/running-3", "ns/new"]
+    finally:
+        queue.stop()
