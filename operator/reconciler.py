@@ -176,7 +176,9 @@ class Reconciler:
         finally:
             if committed is not None:
                 committed.result()
-        if conflict or is_true(body["status"].get("conditions") or [], NAME_CONFLICT):
+        created = any(a.kind in ("create_job", "ensure_serving") for a in actions)
+        if conflict or (created and is_true(body["status"].get("conditions") or [], NAME_CONFLICT)):
+            # Resolved only when what collided was created since: a step that made nothing proves nothing.
             self._commit(body, lifecycle.name_conflict(body["status"], generation, now, conflict))
             if conflict:
                 return 10.0
@@ -364,8 +366,9 @@ class Reconciler:
         ns, name, uid = ref.namespace, ref.name, ref.uid
         owner = builders.owner_reference(API_VERSION, KIND, name, uid)
         if action.kind == "create_job":
-            self._create_all(ref, owner, (builders.build_config_map(ref), builders.build_worker_service(ref),
-                                          builders.build_trainer_job(ref, action.gang or 0)))
+            # The Job only once its ConfigMap and Service are this job's: a collision makes no pod.
+            made = self._create_all(ref, owner, (builders.build_config_map(ref), builders.build_worker_service(ref)))
+            self._create_all(ref, owner, (builders.build_trainer_job(ref, action.gang or 0),), undo=made)
         elif action.kind == "delete_job":
             if kube.delete_job(ns, builders.trainer_job_name(name, action.gang or 0), uid):
                 log.info("%s/%s: deleted Job %s", ns, name, builders.trainer_job_name(name, action.gang or 0))
@@ -382,8 +385,10 @@ class Reconciler:
             log.info("%s/%s: ttlSecondsAfterFinished passed: deleting it", ns, name)
             kube.delete_dreamboothjob(ns, name, uid)
 
-    def _create_all(self, ref: builders.JobRef, owner: dict[str, Any], manifests: tuple[dict[str, Any], ...]) -> None:
-        """Create (or update) each, at once; a name taken by a stranger undoes what this step created."""
+    def _create_all(self, ref: builders.JobRef, owner: dict[str, Any], manifests: tuple[dict[str, Any], ...],
+                    undo: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """Create (or update) each, at once; a name taken by a stranger undoes what this step created
+        (and `undo`, created just before). Returns what it created."""
         for manifest in manifests:
             manifest["metadata"]["ownerReferences"] = [owner]
         futures = [(manifest, _POOL.submit(kube.ensure, manifest, ref.uid)) for manifest in manifests]
@@ -398,10 +403,11 @@ class Reconciler:
             if manifest["kind"] == "Job":
                 log.info("%s/%s: created Job %s", ref.namespace, ref.name, manifest["metadata"]["name"])
         if isinstance(problem, kube.NotOwned):
-            for manifest in created:
+            for manifest in created + (undo or []):
                 kube.delete_owned(manifest["apiVersion"], manifest["kind"], ref.namespace, manifest["metadata"]["name"], ref.uid)
         if problem is not None:
             raise problem
+        return created
 
     def _commit(self, body: dict[str, Any], plan: lifecycle.Plan) -> None:
         """Write what changed in status (precondition: the resourceVersion decided on), then Events."""

@@ -77,7 +77,8 @@ def test_defaults_are_secure() -> None:
     sc = v["securityContext"]
     assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"]["drop"] == ["ALL"]
     assert v["resources"]["requests"]["cpu"] and v["resources"]["requests"]["memory"]
-    assert v["replicas"] == 1 and v["minio"]["enabled"] is False and v["metrics"]["serviceMonitor"]["enabled"] is False
+    assert v["replicaCount"] == 2 and v["leaderElection"] == {"enabled": True, "leaseSeconds": 10}
+    assert v["minio"]["enabled"] is False and v["metrics"]["serviceMonitor"]["enabled"] is False
     assert v["rbac"]["namespaces"] == [], "cluster-wide by default"
     deployment = (CHART / "templates" / "deployment.yaml").read_text()
     assert re.search(r"strategy:\n\s+type: Recreate", deployment), "one operator at a time (kopf standalone)"
@@ -113,7 +114,8 @@ def test_schema_accepts_the_defaults_and_each_ci_variant(validator: Any, path: P
 
 
 BAD_VALUES = {
-    "two replicas": {"replicas": 2},
+    "two replicas without leader election": {"replicaCount": 2, "leaderElection": {"enabled": False, "leaseSeconds": 10}},
+    "a lease too short to keep": {"leaderElection": {"enabled": True, "leaseSeconds": 1}},
     "misspelt key": {"replica": 1},
     "namespace not a DNS label": {"rbac": {"namespaces": ["Team_A"]}},
     "pull policy": {"image": {"pullPolicy": "Sometimes"}},
