@@ -27,7 +27,9 @@ class WorkQueue:
         self._reconcile = reconcile
         self._gate = gate
         self._workers = workers
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # workers wait on it for keys
+        self._timer = threading.Condition(lock)  # the timer thread waits on its own: a new key never wakes it instead
         self._ready: deque[Hashable] = deque()
         self._queued: set[Hashable] = set()
         self._running: set[Hashable] = set()
@@ -70,7 +72,7 @@ class WorkQueue:
                 return
             self._due[key] = due
             heapq.heappush(self._heap, (due, next(self._order), key))
-            self._cond.notify_all()
+            self._timer.notify()
 
     def forget(self, key: Hashable) -> None:
         """The job is gone: drop its timer and failure count (a queued reconcile finds it gone)."""
@@ -101,6 +103,7 @@ class WorkQueue:
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
+            self._timer.notify_all()
 
     def wake(self) -> None:
         """The gate may have opened: let waiting workers look again."""
@@ -152,4 +155,4 @@ class WorkQueue:
                         del self._due[key]
                         self._add_locked(key)
                 wait = self._heap[0][0] - now if self._heap else 5.0
-                self._cond.wait(timeout=max(0.01, min(wait, 5.0)))
+                self._timer.wait(timeout=max(0.01, min(wait, 5.0)))

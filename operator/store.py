@@ -26,6 +26,8 @@ ATTEMPTS = 1
 CONNECT_TIMEOUT = 2.0
 READ_TIMEOUT = 5.0
 BREAKER_SECONDS = 10.0
+# A passed instance-data check is reused this long (a later change is seen after at most this).
+LISTING_REUSE_SECONDS = 5.0
 
 
 class StoreUnavailable(RuntimeError):
@@ -132,6 +134,8 @@ _breaker = _Breaker()
 # (endpoint, bucket, object, ETag) of images whose first bytes were read and looked like an image.
 _readable: dict[tuple[str, str, str, str], None] = {}
 MAX_READABLE_KEPT = 20000
+_checked: dict[tuple[Credentials, str], tuple[float, int]] = {}  # (creds, uri) -> (when it passed, images)
+_checked_lock = threading.Lock()
 _pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store")
 
 
@@ -156,9 +160,20 @@ def read_latest_checkpoint(creds: Credentials, output_uri: str) -> str | None:
 
 
 def check_instance_images(creds: Credentials, instance_uri: str) -> int:
-    """Count the readable images under the instance prefix (one listing; an image already read,
-    with the same ETag, is not read again: many jobs on one subject cost one listing each)."""
-    return _guarded(creds, lambda: _check_instance_images(creds, instance_uri))
+    """Count the readable images under the instance prefix (an image already read, with the same
+    ETag, is not read again; a passed check is reused for LISTING_REUSE_SECONDS: a burst of jobs on
+    one subject costs one listing)."""
+    key = (creds, instance_uri)
+    with _checked_lock:
+        passed = _checked.get(key)
+    if passed is not None and time.monotonic() - passed[0] < LISTING_REUSE_SECONDS:
+        return passed[1]
+    count = _guarded(creds, lambda: _check_instance_images(creds, instance_uri))
+    with _checked_lock:
+        if len(_checked) > MAX_READABLE_KEPT:
+            _checked.clear()
+        _checked[key] = (time.monotonic(), count)
+    return count
 
 
 def check_model_source(creds: Credentials, source: str) -> None:

@@ -192,3 +192,19 @@ def test_a_new_job_goes_before_routine_work() -> None:
         assert calls[:2] == ["ns/running-3", "ns/new"]
     finally:
         queue.stop()
+
+
+def test_a_new_key_wakes_a_worker_not_the_timer_thread() -> None:
+    picked: list[float] = []
+    queue = WorkQueue(lambda key: picked.append(time.monotonic()) or None, workers=1)
+    queue.start()
+    try:
+        time.sleep(1.2)  # the worker's 1 s wait lapsed and it waits again, now behind the timer thread
+        for attempt in range(3):
+            added = time.monotonic()
+            queue.add(f"ns/job-{attempt}")
+            wait_until(lambda: len(picked) == attempt + 1)
+            assert picked[-1] - added < 0.5, "the notify went to the timer thread: the worker slept on"
+            time.sleep(1.1)
+    finally:
+        queue.stop()

@@ -37,7 +37,9 @@ def test_progress_and_latest(minio_server: Any, bucket: str, creds: store.Creden
     assert store.read_progress(creds, uri) is None
 
 
-def test_instance_images_are_checked_and_a_bad_one_is_named(minio_server: Any, bucket: str, creds: store.Credentials) -> None:
+def test_instance_images_are_checked_and_a_bad_one_is_named(minio_server: Any, bucket: str, creds: store.Credentials,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "LISTING_REUSE_SECONDS", 0.0)  # every call lists (the reuse is tested below)
     with pytest.raises(store.StoreRefused, match="no images"):
         store.check_instance_images(creds, f"s3://{bucket}/subjects/rex")
     put(minio_server, bucket, "subjects/rex/0.png", PNG)
@@ -73,3 +75,13 @@ def test_an_unreachable_endpoint_is_temporary() -> None:
     nowhere = store.Credentials(f"127.0.0.1:{port}", False, "a", "b")
     with pytest.raises(store.StoreUnavailable):
         store.check_instance_images(nowhere, "s3://bucket/subjects/rex")
+
+
+def test_a_passed_check_is_reused_for_a_burst_and_then_listed_again(minio_server: Any, bucket: str, creds: store.Credentials,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    put(minio_server, bucket, "subjects/burst/0.png", PNG)
+    assert store.check_instance_images(creds, f"s3://{bucket}/subjects/burst") == 1
+    put(minio_server, bucket, "subjects/burst/1.png", PNG)
+    assert store.check_instance_images(creds, f"s3://{bucket}/subjects/burst") == 1, "reused within the window"
+    monkeypatch.setattr(store, "LISTING_REUSE_SECONDS", 0.0)
+    assert store.check_instance_images(creds, f"s3://{bucket}/subjects/burst") == 2
