@@ -29,6 +29,7 @@ def operator_defaults(environ: dict[str, str] | os._Environ = os.environ) -> dic
     """What this installation fills in for jobs that leave it out (the chart sets these env vars)."""
     secure = environ.get("DREAMBOOTH_STORAGE_SECURE", "").strip().lower()
     secret = environ.get("DREAMBOOTH_STORAGE_CREDENTIALS_SECRET") or None
+    read_only = environ.get("DREAMBOOTH_STORAGE_SERVING_CREDENTIALS_SECRET") or None
     return {
         "resources.image": environ.get("DREAMBOOTH_TRAINER_IMAGE") or None,
         "serving.image": environ.get("DREAMBOOTH_INFERENCE_IMAGE") or None,
@@ -36,13 +37,18 @@ def operator_defaults(environ: dict[str, str] | os._Environ = os.environ) -> dic
         "storage.bucket": environ.get("DREAMBOOTH_STORAGE_BUCKET") or None,
         "storage.secure": {"true": True, "false": False}.get(secure),
         "storage.credentialsSecretRef": {"name": secret} if secret else None,
+        "storage.servingCredentialsSecretRef": {"name": read_only} if read_only else None,
     }
 
 
 def spec_with_defaults(raw: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """The job's spec completed by the installation's defaults; `secure` goes with the endpoint."""
-    if "endpoint" in (raw.get("storage") or {}):
+    """The job's spec completed by the installation's defaults; `secure` goes with the endpoint, and
+    the read-only serving Secret with the installation's read-write one."""
+    storage = raw.get("storage") or {}
+    if "endpoint" in storage:
         defaults = {path: value for path, value in defaults.items() if path != "storage.secure"}
+    if "credentialsSecretRef" in storage:
+        defaults = {path: value for path, value in defaults.items() if path != "storage.servingCredentialsSecretRef"}
     return with_operator_defaults(raw, defaults)
 
 
