@@ -6,13 +6,18 @@ the pipeline under a name of its own (diffusers' `load_lora_weights`, so every l
 trainer exports loads, text-encoder LoRA included) and keeps it until it is the least recently
 used one and the resident set would exceed `max_resident` adapters or `max_bytes`.
 
-A batch may hold rows of several adapters: a forward pre-hook on every LoRA layer hands peft
-one adapter name per row (`adapter_names`), so each row gets the base weights plus ITS OWN
-adapter's update and nothing of the others'. Rows of the base model are named `BASE`. Every
-call of the pipeline outside `routing(...)` runs the base model alone.
+A batch may hold rows of several adapters, and each row gets the base weights plus ITS OWN
+adapter's update and nothing of the others'. In a Linear LoRA layer (what the trainer trains)
+the base layer runs on the whole batch and one gathered update follows: each row's A and B are
+picked from the batch's adapters stacked once per batch, and two batched matmuls (`bmm`) apply
+them row by row, so the cost does not grow with the number of adapters in the batch. Other LoRA
+layers take peft's own per-row path (`adapter_names`, a loop over the batch's adapters). Rows of
+the base model are named `BASE` and get no update; every call of the pipeline outside
+`routing(...)` runs the base model alone.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -25,6 +30,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .batcher import BASE
 
@@ -57,16 +64,24 @@ class AdapterFiles:
         self.folder = folder or adapter_cache_dir()
         self.locks: dict[str, threading.Lock] = {}
         self.guard = threading.Lock()
+        self.known: dict[str, Path] = {}  # uri -> its local file, once found or fetched
+
+    def cached(self, uri: str) -> Path | None:
+        """The local file of `uri` when it was found or fetched before (no I/O)."""
+        return self.known.get(uri)
 
     def local_file(self, uri: str) -> Path:
         """The weights file of `uri` on local disk (downloaded when missing). Blocking."""
         from dreambooth_trainer.export import fetch_lora_file
         from dreambooth_trainer.storage import StorageError, is_s3
 
+        if uri in self.known:
+            return self.known[uri]
         if not is_s3(uri):
             path = fetch_lora_file(uri, self.folder)
             if not path.is_file():
                 raise AdapterError(f"adapter weights {uri}: no file {path}")
+            self.known[uri] = path
             return path
         target = self.folder / hashlib.sha256(uri.encode()).hexdigest()[:24]
         with self.guard:
@@ -74,6 +89,7 @@ class AdapterFiles:
         with lock:
             found = list(target.glob("*.safetensors")) if target.is_dir() else []
             if found:
+                self.known[uri] = found[0]
                 return found[0]
             self.folder.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=self.folder))
@@ -84,12 +100,12 @@ class AdapterFiles:
                 raise AdapterError(f"adapter weights {uri}: {error}") from None
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
-            return target / fetched.name
+            self.known[uri] = target / fetched.name
+            return self.known[uri]
 
 
 def lora_layers(pipeline: Any) -> Iterator[Any]:
     """Every peft LoRA layer in the pipeline's models (UNet/transformer and text encoders)."""
-    import torch
     from peft.tuners.lora import LoraLayer
 
     for component in pipeline.components.values():
@@ -114,7 +130,9 @@ class ResidentAdapters:
         self.pipeline = pipeline
         self.limits = limits
         self.sizes: OrderedDict[str, int] = OrderedDict()  # model name -> bytes on the device
-        self.rows: list[str] | None = None
+        self.rows: list[str] | None = None  # peft adapter name per request of the running batch
+        self.row_slots: torch.Tensor | None = None  # per request: its adapter's slot in the batch (0: none)
+        self.gathered: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor] | None] = {}
         self.on_change, self.on_load, self.on_evict = on_change, on_load, on_evict
 
     @property
@@ -180,25 +198,87 @@ class ResidentAdapters:
 
     def hook_new_layers(self) -> None:
         for layer in lora_layers(self.pipeline):
-            if not getattr(layer, ROUTED, False):
+            if getattr(layer, ROUTED, False):
+                continue
+            if gathers(layer):
+                layer.forward = functools.partial(self.gathered_forward, layer)
+            else:
                 layer.register_forward_pre_hook(self.route_rows, with_kwargs=True)
-                setattr(layer, ROUTED, True)
+            setattr(layer, ROUTED, True)
+
+    def copies(self, rows: int) -> int:
+        """How many stacked copies of the requests a batch of `rows` rows holds: k×N rows are k
+        copies of the N requests (classifier-free guidance stacks [uncond; cond])."""
+        requests = 1 if self.rows is None else len(self.rows)
+        copies, rest = divmod(rows, requests)
+        if rest:
+            raise RuntimeError(f"a batch of {rows} rows does not stack {requests} requests")
+        return copies
 
     def route_rows(self, _module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """Pre-hook: one adapter name per row. A batch of k×N rows is k stacked copies of the N
-        requests (classifier-free guidance stacks [uncond; cond]), so the names repeat k times."""
-        rows = [BASE] if self.rows is None else self.rows
+        """Pre-hook of a LoRA layer peft runs itself: one adapter name per row."""
         x = args[0] if args else next(iter(kwargs.values()))
-        copies, rest = divmod(x.shape[0], len(rows))
-        if rest:
-            raise RuntimeError(f"a batch of {x.shape[0]} rows does not stack {len(rows)} requests")
-        return args, {**kwargs, "adapter_names": rows * copies}
+        rows = [BASE] if self.rows is None else self.rows
+        return args, {**kwargs, "adapter_names": rows * self.copies(x.shape[0])}
+
+    def gathered_forward(self, layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """A Linear LoRA layer: the base layer on the whole batch, then scale·B(A(x)) with each
+        row's own A and B (two batched matmuls, however many adapters the batch holds)."""
+        result = layer.base_layer(x, *args, **kwargs)
+        weights = None if self.rows is None else self.row_weights(layer, x.shape[0])
+        if weights is None:
+            return result
+        down, up = weights
+        update = torch.bmm(torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), down), up)
+        return result + update.reshape(result.shape)
+
+    def row_weights(self, layer: Any, rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Each row's A (transposed) and scaled B (transposed) for this layer, gathered once per
+        batch and layer: every denoising step of the batch reuses them."""
+        key = (id(layer), rows)
+        if key not in self.gathered:
+            stacks = batch_stacks(layer, list(dict.fromkeys(self.rows)))
+            if stacks is None:
+                self.gathered[key] = None
+            else:
+                index = self.row_slots.repeat(self.copies(rows))
+                self.gathered[key] = (stacks[0][index].transpose(1, 2), stacks[1][index].transpose(1, 2))
+        return self.gathered[key]
 
     @contextmanager
     def routing(self, models: list[str]) -> Iterator[None]:
         """Within this block, request i of every pipeline call runs with adapter models[i]."""
         self.rows = [internal_name(model) if model != BASE else BASE for model in models]
+        slots = {name: index for index, name in enumerate(dict.fromkeys(self.rows), start=1)}
+        device = next(self.pipeline.unet.parameters()).device
+        self.row_slots = torch.tensor([0 if name == BASE else slots[name] for name in self.rows], device=device)
+        self.gathered = {}
         try:
             yield
         finally:
-            self.rows = None
+            self.rows, self.row_slots, self.gathered = None, None, {}
+
+
+def gathers(layer: Any) -> bool:
+    """A peft Linear LoRA layer: its per-row update is one gathered pair of batched matmuls."""
+    from peft.tuners.lora.layer import Linear
+
+    return isinstance(layer, Linear)
+
+
+def batch_stacks(layer: Any, names: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A, B) for slot 0 (no update) and each of the batch's adapters, in the order of `names`
+    (BASE keeps its slot and stays zero); B holds the scale; ranks padded with zeros (exact)."""
+    present = [name for name in names if name != BASE and name in layer.lora_A]
+    if not present:
+        return None
+    downs = {name: layer.lora_A[name].weight for name in present}
+    ups = {name: layer.lora_B[name].weight * layer.scaling[name] for name in present}
+    rank = max(down.shape[0] for down in downs.values())
+    if any(down.shape[0] != rank for down in downs.values()):
+        downs = {name: torch.nn.functional.pad(down, (0, 0, 0, rank - down.shape[0])) for name, down in downs.items()}
+        ups = {name: torch.nn.functional.pad(up, (0, rank - up.shape[1])) for name, up in ups.items()}
+    zero_down, zero_up = torch.zeros_like(next(iter(downs.values()))), torch.zeros_like(next(iter(ups.values())))
+    down = torch.stack([zero_down, *(downs.get(name, zero_down) for name in names)])
+    up = torch.stack([zero_up, *(ups.get(name, zero_up) for name in names)])
+    return down, up

@@ -157,6 +157,24 @@ def check_supported(body: ImageGenerationBody) -> None:
         raise OpenAIError(400, "background 'transparent' is not supported", param="background", code="unsupported_value")
 
 
+SIDES = "|".join(str(side) for side in range(8, MAX_SIDE + 1, 8))
+
+
+def published_body_schema() -> dict[str, Any]:
+    """The body schema /openapi.json shows: only what is accepted. (The parser also knows
+    OpenAI's other values, to refuse them with a message that says why.)"""
+    schema = ImageGenerationBody.model_json_schema()
+    fields = schema["properties"]
+    fields["size"] = {**fields["size"], "anyOf": [{"type": "string", "pattern": f"^(auto|({SIDES})x({SIDES}))$"}, {"type": "null"}]}
+    fields["response_format"] = {**fields["response_format"], "anyOf": [{"enum": ["b64_json"], "type": "string"}, {"type": "null"}]}
+    fields["background"] = {**fields["background"], "anyOf": [{"enum": ["auto", "opaque"], "type": "string"}, {"type": "null"}]}
+    fields["stream"] = {**fields["stream"], "anyOf": [{"const": False, "type": "boolean"}, {"type": "null"}]}
+    fields.pop("partial_images")
+    fields["num_inference_steps"] = {**fields["steps"], "description": "Extension: the same as steps."}
+    fields["guidance"] = {**fields["guidance_scale"], "description": "Extension: the same as guidance_scale."}
+    return schema
+
+
 def model_objects(runtime: ModelRuntime) -> list[ModelObject]:
     return [ModelObject(id=card.id, created=card.created, owned_by=card.owned_by) for card in runtime.catalog.cards()]
 
@@ -179,7 +197,7 @@ def openai_router(runtime: ModelRuntime, auth: list[Callable[..., Any]]) -> APIR
             429: {**ERRORS, "description": "The queue is full; retry later (Retry-After)."},
             503: {**ERRORS, "description": "The model is loading or failed to load, an adapter cannot be loaded, or the server is stopping."},
         },
-        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": ImageGenerationBody.model_json_schema()}}}},
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": published_body_schema()}}}},
     )
     async def create_images(request: Request) -> JSONResponse:
         body = parse_image_body(await read_body(request))

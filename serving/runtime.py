@@ -111,7 +111,7 @@ class ModelRuntime:
     async def adapter_for(self, model: str | None) -> str:
         """The adapter to run for a request's `model` (UnknownModel if none), its weights on local disk."""
         adapter = self.catalog.resolve(model)
-        if adapter != BASE:
+        if adapter != BASE and self.files.cached(self.catalog.uri(adapter) or "") is None:
             await asyncio.to_thread(self.weights_file, adapter)
         return adapter
 

@@ -84,7 +84,7 @@ def live_server() -> Iterator[LiveServer]:
 TOKEN = "test-token-5f1c"
 
 
-def write_random_lora(folder: Path, seed: int = 0) -> Path:
+def write_random_lora(folder: Path, seed: int = 0, targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")) -> Path:
     """A LoRA for the tiny model in the trainer's export layout, random A and B (so it visibly
     changes the images); a different seed gives a different subject."""
     import torch
@@ -98,7 +98,7 @@ def write_random_lora(folder: Path, seed: int = 0) -> Path:
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(targets), init_lora_weights=False))
     finally:
         torch.random.set_rng_state(state)
     write_lora_files(folder, StableDiffusionPipeline, unet, None)

@@ -6,6 +6,7 @@ import base64
 import io
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -108,3 +109,44 @@ def test_the_device_keeps_at_most_the_configured_adapters(tmp_path) -> None:
     assert list(by_bytes.sizes) == ["b"]
     with pytest.raises(Exception, match="at most 2"):
         resident.ensure(list("abc"), files.__getitem__)
+
+
+def test_rows_of_other_layer_kinds_keep_their_own_adapter_too(tmp_path: Path) -> None:
+    """Convolution LoRA layers take peft's per-row path; Linear ones the gathered update."""
+    from dreambooth_serving.adapters import AdapterLimits, ResidentAdapters
+    from dreambooth_serving.adapters import lora_layers as resident_layers
+    from dreambooth_serving.batcher import BASE
+    from dreambooth_trainer.generate import ImageRequest, generate_images
+    from dreambooth_trainer.tiny import tiny_pipeline
+
+    import torch
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    def conv_and_linear_lora(name: str, seed: int) -> Path:
+        unet = tiny_pipeline(seed=0).unet
+        torch.manual_seed(seed)
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v", "conv1"], init_lora_weights=False))
+        state = {f"unet.{key}": value.contiguous() for key, value in get_peft_model_state_dict(unet).items()}
+        assert any("conv1" in key for key in state) and any("to_q" in key for key in state)
+        save_file(state, str(tmp_path / f"{name}.safetensors"))
+        return tmp_path / f"{name}.safetensors"
+
+    files = {name: conv_and_linear_lora(name, seed) for seed, name in enumerate("ab", start=1)}
+    pipeline = tiny_pipeline(seed=0)
+    resident = ResidentAdapters(pipeline, AdapterLimits())
+    resident.ensure("ab", files.__getitem__)
+    kinds = {type(layer.base_layer).__name__ for layer in resident_layers(pipeline)}
+    assert kinds == {"Linear", "Conv2d"}, kinds
+    models = ["a", "b", BASE, "a"]
+    requests = [ImageRequest("a photo of sks dog", "", 40 + index) for index in range(len(models))]
+    with resident.routing(models):
+        together = generate_images(pipeline, requests, steps=2)
+    for model, request, image in zip(models, requests, together):
+        with resident.routing([model]):
+            alone = generate_images(pipeline, [request], steps=2)[0]
+        assert distance(np.asarray(image, dtype=np.int16), np.asarray(alone, dtype=np.int16)) <= ROUNDING, model
+    with resident.routing(["b"]):
+        other = generate_images(pipeline, [requests[0]], steps=2)[0]
+    assert distance(np.asarray(together[0], dtype=np.int16), np.asarray(other, dtype=np.int16)) > 10
