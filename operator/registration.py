@@ -32,7 +32,10 @@ log = logging.getLogger("dreambooth.operator")
 def observe(job: builders.JobRef) -> SharedServerState:
     server = job.spec.serving.server or ""
     config_map = kube.read_object("v1", "ConfigMap", job.namespace, registry_name(server))
-    definition = read_registry(config_map)[1] if config_map else None
+    try:
+        definition = read_registry(config_map)[1] if config_map else None
+    except ValueError as error:  # edited by hand into something unreadable: say so, change nothing
+        return SharedServerState(server, conflict=f"ConfigMap {registry_name(server)} is not a readable registry: {error}")
     conflict = sharing_conflict(server, job.name, definition or definition_from(job.spec), definition_from(job.spec))
     deployment = kube.read_deployment(job.namespace, shared_name(server))
     return SharedServerState(

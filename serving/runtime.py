@@ -109,10 +109,15 @@ class ModelRuntime:
         return self.files.local_file(uri)
 
     async def adapter_for(self, model: str | None) -> str:
-        """The adapter to run for a request's `model` (UnknownModel if none), its weights on local disk."""
+        """The adapter to run for a request's `model` (UnknownModel if none), loaded on the device
+        before the request joins a batch: an adapter that cannot load fails its own requests only."""
         adapter = self.catalog.resolve(model)
-        if adapter != BASE and self.files.cached(self.catalog.uri(adapter) or "") is None:
+        if adapter == BASE:
+            return adapter
+        if self.files.cached(self.catalog.uri(adapter) or "") is None:
             await asyncio.to_thread(self.weights_file, adapter)
+        if adapter not in self.adapters.sizes:
+            await self.batcher.run_blocking(lambda: self.adapters.ensure([adapter], self.weights_file))
         return adapter
 
     async def start(self) -> None:

@@ -150,3 +150,20 @@ def test_rows_of_other_layer_kinds_keep_their_own_adapter_too(tmp_path: Path) ->
     with resident.routing(["b"]):
         other = generate_images(pipeline, [requests[0]], steps=2)[0]
     assert distance(np.asarray(together[0], dtype=np.int16), np.asarray(other, dtype=np.int16)) > 10
+
+
+def test_an_adapter_that_cannot_load_fails_only_its_own_requests(shared_server: SharedServer, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "pytorch_lora_weights.safetensors").write_bytes(b"not a safetensors file")
+    write_registry(shared_server.registry, {"mia": shared_server.loras["mia"], "broken": broken})
+    try:
+        with httpx.Client(base_url=shared_server.url, timeout=120) as client, ThreadPoolExecutor(4) as pool:
+            body = {"prompt": "a photo of sks dog", "steps": 2, "size": "32x32"}
+            answers = list(pool.map(lambda model: client.post("/v1/images/generations", headers=AUTH, json={**body, "model": model}),
+                                    ["broken", "rex", "broken", "mia"]))
+        assert [answer.status_code for answer in answers] == [503, 200, 503, 200]
+        error = answers[0].json()["error"]
+        assert "broken" in error["message"] and "cannot be loaded" in error["message"]
+    finally:
+        write_registry(shared_server.registry, {"mia": shared_server.loras["mia"]})
