@@ -273,12 +273,25 @@ def batch_stacks(layer: Any, names: list[str]) -> tuple[torch.Tensor, torch.Tens
     if not present:
         return None
     downs = {name: layer.lora_A[name].weight for name in present}
-    ups = {name: layer.lora_B[name].weight * layer.scaling[name] for name in present}
+    ups = {name: layer.lora_B[name].weight for name in present}
     rank = max(down.shape[0] for down in downs.values())
     if any(down.shape[0] != rank for down in downs.values()):
         downs = {name: torch.nn.functional.pad(down, (0, 0, 0, rank - down.shape[0])) for name, down in downs.items()}
         ups = {name: torch.nn.functional.pad(up, (0, rank - up.shape[1])) for name, up in ups.items()}
-    zero_down, zero_up = torch.zeros_like(next(iter(downs.values()))), torch.zeros_like(next(iter(ups.values())))
+    zero_down, zero_up = zeros_like_cached(downs[present[0]]), zeros_like_cached(ups[present[0]])
     down = torch.stack([zero_down, *(downs.get(name, zero_down) for name in names)])
     up = torch.stack([zero_up, *(ups.get(name, zero_up) for name in names)])
+    scales = [1.0] + [layer.scaling[name] if name in downs else 0.0 for name in names]
+    if any(scale != 1.0 for scale in scales[1:] if scale):
+        up = up * torch.tensor(scales, dtype=up.dtype, device=up.device).view(-1, 1, 1)
     return down, up
+
+
+@functools.lru_cache(maxsize=256)
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def zeros_like_cached(tensor: torch.Tensor) -> torch.Tensor:
+    """A zero tensor of this shape (shared, never written to): slot 0 of every batch."""
+    return _zeros(tuple(tensor.shape), tensor.dtype, tensor.device)
