@@ -18,7 +18,8 @@ Prints one JSON line per case, then
 `many_subjects_memory_ratio` (shared / dedicated; goal <= 1.2) and
 `many_subjects_throughput_ratio` (shared images/s on the mix / dedicated images/s; goal >= 0.8);
 on a CPU also `many_subjects_cpu_work_ratio`, the same on images per CPU-second of this process
-(the device is the CPU, and a shared machine's other load changes wall time, not work).
+(the device is the CPU; other load changes wall time more than work), and
+`many_subjects_batch_compute_ratio`: the same batches run directly, batch for batch (below).
 """
 from __future__ import annotations
 
@@ -205,7 +206,37 @@ def many_subjects(base: Any, device: str, args: Any) -> list[dict]:
         results = asyncio.run(run_rounds(cases, args, device))
         for result, app in zip(results[2:], (shared_apps[8], shared_apps[1])):
             result["adapters_resident"] = len(app.state.runtime.adapters.sizes)
+        if device == "cpu":
+            ratio = batch_compute_ratio(base, dedicated[one], adapters, mix, args)
+            results.append({"case": "batch for batch: the mix in batches of 8, per-row adapters, vs batches of 8 on the fused model",
+                            "vs_dedicated_images_per_cpu_s": round(ratio, 2)})
     return results
+
+
+def batch_compute_ratio(base: Any, dedicated: Any, adapters: dict[str, Path], mix: list[str], args: Any) -> float:
+    """Work per image of the shared server's batches over the dedicated server's, batch for batch:
+    the mix cut into batches of 8 run through the generation code with per-row adapters, each
+    paired with a batch of 8 on the fused model, thread CPU time, the median of the pairs'
+    ratios. No HTTP, no batching window: what the device does per image, whatever the load."""
+    from dreambooth_serving.adapters import AdapterLimits, ResidentAdapters
+    from dreambooth_trainer.generate import ImageRequest, generate_images
+
+    shared = copy.deepcopy(base)
+    resident = ResidentAdapters(shared, AdapterLimits())
+    resident.ensure(list(adapters), lambda name: adapters[name] / "pytorch_lora_weights.safetensors")
+    batches = [mix[start:start + 8] for start in range(0, len(mix) - 7, 8)]
+    ratios = []
+    with torch.no_grad():
+        for index, models in enumerate(batches):
+            requests = [ImageRequest(f"a photo of sks dog {index}", "", index * 8 + row) for row in range(len(models))]
+            started = time.thread_time()
+            generate_images(dedicated, requests, steps=args.steps)
+            fused_seconds = time.thread_time() - started
+            started = time.thread_time()
+            with resident.routing(models):
+                generate_images(shared, requests, steps=args.steps)
+            ratios.append(fused_seconds / (time.thread_time() - started))
+    return statistics.median(ratios[1:])  # the first pair warms both up
 
 
 def sd15_shapes_memory_ratio(subjects: int = SUBJECTS, rank: int = LORA_RANK) -> float:
@@ -229,12 +260,14 @@ def sd15_shapes_memory_ratio(subjects: int = SUBJECTS, rank: int = LORA_RANK) ->
 def report(results: list[dict]) -> None:
     """One line per case (its median round; vs_dedicated_images_per_s is the median over rounds of
     the ratio measured within each round), then the two goal ratios."""
-    dedicated, _, shared, _ = results
+    dedicated, _, shared, _ = results[:4]
     for result in results:
-        result["vs_dedicated_memory"] = round(result["weights_mib"] / dedicated["weights_mib"], 3)
+        if "weights_mib" in result:
+            result["vs_dedicated_memory"] = round(result["weights_mib"] / dedicated["weights_mib"], 3)
         print(json.dumps(result), flush=True)
     print(json.dumps({"case": "SD1.5 shapes, counted", "memory_ratio_20_subjects": round(sd15_shapes_memory_ratio(), 3)}), flush=True)
     print(f"many_subjects_memory_ratio: {shared['weights_mib'] / dedicated['weights_mib']:.3f}", flush=True)
     print(f"many_subjects_throughput_ratio: {shared['vs_dedicated_images_per_s']:.2f}", flush=True)
     if "peak_allocated_mib" not in shared:  # on a CPU the device is the CPU: what each image costs it, whatever else runs
         print(f"many_subjects_cpu_work_ratio: {shared['vs_dedicated_images_per_cpu_s']:.2f}", flush=True)
+        print(f"many_subjects_batch_compute_ratio: {results[4]['vs_dedicated_images_per_cpu_s']:.2f}", flush=True)
