@@ -169,9 +169,7 @@ def published_body_schema() -> dict[str, Any]:
     fields["response_format"] = {**fields["response_format"], "anyOf": [{"enum": ["b64_json"], "type": "string"}, {"type": "null"}]}
     fields["background"] = {**fields["background"], "anyOf": [{"enum": ["auto", "opaque"], "type": "string"}, {"type": "null"}]}
     fields["stream"] = {**fields["stream"], "anyOf": [{"const": False, "type": "boolean"}, {"type": "null"}]}
-    fields.pop("partial_images")
-    fields["num_inference_steps"] = {**fields["steps"], "description": "Extension: the same as steps."}
-    fields["guidance"] = {**fields["guidance_scale"], "description": "Extension: the same as guidance_scale."}
+    fields.pop("partial_images")  # aliases (num_inference_steps, guidance) stay in the descriptions only: one name each
     return schema
 
 

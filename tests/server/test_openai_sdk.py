@@ -74,3 +74,9 @@ def test_an_unknown_subject_is_not_found(shared_server: SharedServer) -> None:
     with pytest.raises(NotFoundError) as caught:
         client(shared_server).images.generate(model="nobody", prompt="a dog")
     assert caught.value.code == "model_not_found" and "rex" in caught.value.message
+
+
+def test_the_extensions_take_the_names_other_servers_use(shared_server: SharedServer) -> None:
+    result = client(shared_server).images.generate(
+        model="rex", prompt="a dog", size="32x32", extra_body={"seed": 1, "num_inference_steps": 1, "guidance": 2.0})
+    assert len(result.data) == 1 and result.data[0].model_extra["seed"] == 1
