@@ -19,6 +19,7 @@ Namespace = Annotated[Optional[str], typer.Option("--namespace", "-n", help="Nam
 Kubeconfig = Annotated[Optional[str], typer.Option(help="Path of the kubeconfig (default: $KUBECONFIG, ~/.kube/config, or in-cluster).")]
 Context = Annotated[Optional[str], typer.Option(help="kubeconfig context to use.")]
 Name = Annotated[str, typer.Argument(help="Name of the DreamboothJob.")]
+LocalPort = Annotated[int, typer.Option(min=1, max=65535, help="Local port in the printed port-forward and curl lines.")]
 
 
 @contextmanager
@@ -76,6 +77,7 @@ def submit(
     dry_run: Annotated[bool, typer.Option(help="Print the DreamboothJob YAML; upload and create nothing.")] = False,
     detach: Annotated[bool, typer.Option(help="Create the job and return; do not follow it.")] = False,
     plain: Annotated[bool, typer.Option(help="One plain line per change even on a terminal.")] = False,
+    local_port: LocalPort = 8080,
     kubeconfig: Kubeconfig = None,
     context: Context = None,
 ) -> None:
@@ -101,7 +103,8 @@ def submit(
                 raise
             client = None
         code = commands.submit(photos, options, client=client, namespace=namespace, storage_flags=flags, out=out,
-                               dry_run=dry_run, detach=detach, plain=plain, image_prompt=image_prompt)
+                               dry_run=dry_run, detach=detach, plain=plain, image_prompt=image_prompt,
+                               local_port=local_port)
     raise typer.Exit(code)
 
 
@@ -192,13 +195,14 @@ def follow(name: Name, namespace: Namespace = None,
            out: Annotated[Optional[Path], typer.Option(help="Folder for samples and the final image (default ./NAME).")] = None,
            plain: Annotated[bool, typer.Option(help="One plain line per change even on a terminal.")] = False,
            image_prompt: Annotated[Optional[str], typer.Option(help="Draw one image from the endpoint at the end.")] = None,
+           local_port: LocalPort = 8080,
            kubeconfig: Kubeconfig = None, context: Context = None) -> None:
     """Follow a job (again) until it serves: progress, samples, the endpoint."""
     from dreambooth_client import commands
 
     with client_errors():
         job = open_job(name, namespace, kubeconfig, context)
-        code = commands.follow(job, out or Path(job.name), plain=plain, image_prompt=image_prompt)
+        code = commands.follow(job, out or Path(job.name), plain=plain, image_prompt=image_prompt, local_port=local_port)
     raise typer.Exit(code)
 
 

@@ -21,6 +21,7 @@ from .sdk import Client, Job
 from .status import JobStatus, format_seconds, progress_text, serving_text
 
 EXIT_INTERRUPTED = 130
+DEFAULT_LOCAL_PORT = 8080
 SAMPLE_SYNC_SECONDS = 3.0
 
 
@@ -33,7 +34,7 @@ def echo(text: str = "") -> None:
 
 def submit(photos_dir: Path, options: SubmitOptions, *, client: Client | None, namespace: str | None,
            storage_flags: StorageFlags, out: Path | None, dry_run: bool, detach: bool, plain: bool,
-           image_prompt: str | None) -> int:
+           image_prompt: str | None, local_port: int = DEFAULT_LOCAL_PORT) -> int:
     """Photos to a live endpoint: check, upload, create, follow, draw one image, say how to call it."""
     if dry_run:
         echo(yaml.safe_dump(dry_run_manifest(photos_dir, options, client, namespace, storage_flags), sort_keys=False).rstrip())
@@ -46,7 +47,8 @@ def submit(photos_dir: Path, options: SubmitOptions, *, client: Client | None, n
     if detach:
         echo(f"follow it with: dreambooth jobs follow {job.name} -n {job.namespace}")
         return 0
-    return follow(job, out or Path(job.name), plain=plain, image_prompt=image_prompt or options.prompts()[0])
+    return follow(job, out or Path(job.name), plain=plain, image_prompt=image_prompt or options.prompts()[0],
+                  local_port=local_port)
 
 
 def dry_run_manifest(photos_dir: Path, options: SubmitOptions, client: Client | None, namespace: str | None,
@@ -88,7 +90,8 @@ class SampleSync:
         return new
 
 
-def follow(job: Job, out: Path, *, plain: bool = False, image_prompt: str | None = None) -> int:
+def follow(job: Job, out: Path, *, plain: bool = False, image_prompt: str | None = None,
+           local_port: int = DEFAULT_LOCAL_PORT) -> int:
     """Show the job until it serves (or fails); Ctrl-C stops following, never the job."""
     samples = SampleSync(job, out / "samples")
     display = display_for(sys.stdout, str(samples.folder), force_plain=plain)
@@ -111,7 +114,7 @@ def follow(job: Job, out: Path, *, plain: bool = False, image_prompt: str | None
     if not status.serving_enabled:
         echo(f"trained: {status.output_uri}/final (download it: dreambooth jobs download {job.name} -n {job.namespace})")
         return 0
-    return finish(job, status, out, image_prompt)
+    return finish(job, status, out, image_prompt, local_port)
 
 
 def _note_samples(display: Display, samples: SampleSync, new: list[Path]) -> None:
@@ -121,7 +124,7 @@ def _note_samples(display: Display, samples: SampleSync, new: list[Path]) -> Non
         display.samples(samples.count, samples.latest)
 
 
-def finish(job: Job, status: JobStatus, out: Path, image_prompt: str | None) -> int:
+def finish(job: Job, status: JobStatus, out: Path, image_prompt: str | None, local_port: int) -> int:
     """Draw one image from the live endpoint, then say how to call it."""
     endpoint = job.endpoint()
     if image_prompt:
@@ -134,7 +137,7 @@ def finish(job: Job, status: JobStatus, out: Path, image_prompt: str | None) -> 
         openai = OPENAI_PATH in endpoint.paths()
     except ClientError:
         openai = False
-    for line in call_lines(status, image_prompt or "a photo of the subject", openai=openai):
+    for line in call_lines(status, image_prompt or "a photo of the subject", port=local_port, openai=openai):
         echo(line)
     return 0
 
