@@ -171,6 +171,8 @@ def test_install_creates_the_operator_deployment(testbed: Any, release: Release)
     assert testbed.get("crd", CRD) is not None
     notes = release.install_output.split("NOTES:", 1)[-1]
     assert f"helm test {RELEASE} -n {release.namespace}" in notes and "kubectl -n <your-namespace> apply -f examples/job.yaml" in notes
+    assert "dreambooth submit ./photos --token sks --class dog -n <your-namespace>" in notes
+    assert f"ConfigMap {release.namespace}/dreambooth-defaults; users who may not list ConfigMaps" in notes
     print(f"\n[chart] helm install --wait took {release.install_seconds:.1f} s")
 
 
