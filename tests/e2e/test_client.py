@@ -40,16 +40,21 @@ BIN = Path(sys.executable).parent
 TINY = ["--token", "sks", "--class", "toy", "--model", "tiny", "--cpu", "--steps", "8"]
 
 
-def render_defaults(namespace: str, *sets: str) -> list[dict[str, Any]]:
-    """The chart's defaults ConfigMap and its reader Role/RoleBinding, as `helm install` makes them."""
+def render_chart(namespace: str, template: str, *sets: str) -> list[dict[str, Any]]:
+    """One template of the chart, as `helm install dbclient` would make it."""
     helm = binaries()["helm"]
     out = subprocess.run(
-        [str(helm), "template", "dbop", str(CHART), "-n", namespace, "--kube-version", pinned_versions()["KUBERNETES_VERSION"],
-         "--show-only", "templates/defaults.yaml", *[arg for item in sets for arg in ("--set", item)]],
+        [str(helm), "template", "dbclient", str(CHART), "-n", namespace, "--kube-version", pinned_versions()["KUBERNETES_VERSION"],
+         "--show-only", f"templates/{template}", *[arg for item in sets for arg in ("--set", item)]],
         capture_output=True, text=True, check=True, env=dict(os.environ, HELM_CACHE_HOME="/tmp/helm-e2e-cache",
                                                              HELM_CONFIG_HOME="/tmp/helm-e2e-config"),
     ).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def render_defaults(namespace: str, *sets: str) -> list[dict[str, Any]]:
+    """The chart's defaults ConfigMap and its reader Role/RoleBinding."""
+    return render_chart(namespace, "defaults.yaml", *sets)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +63,7 @@ def installation(testbed: Any, minio_client: Any) -> Iterator[str]:
     testbed.kubectl("create", "namespace", INSTALL_NAMESPACE, check=False)
     docs = render_defaults(INSTALL_NAMESPACE, f"defaults.storage.endpoint={testbed.minio.endpoint}", f"defaults.storage.bucket={BUCKET}")
     assert [d["kind"] for d in docs] == ["ConfigMap", "Role", "RoleBinding"]
+    docs += render_chart(INSTALL_NAMESPACE, "aggregated-roles.yaml")  # users' `edit` covers DreamboothJobs
     testbed.apply(docs)
     yield INSTALL_NAMESPACE
     for doc in docs:
@@ -243,6 +249,20 @@ def test_submit_in_a_terminal_goes_from_photos_to_an_image(testbed: Any, operato
 # --- the SDK, plain output and Ctrl-C -----------------------------------------------------------------
 
 
+def edit_user_kubeconfig(testbed: Any, namespace: str, folder: Path) -> Path:
+    """A kubeconfig for a ServiceAccount that holds only the built-in `edit` role in `namespace`."""
+    testbed.kubectl("create", "serviceaccount", "alice", "-n", namespace)
+    testbed.kubectl("create", "rolebinding", "alice-edit", "--clusterrole=edit", f"--serviceaccount={namespace}:alice", "-n", namespace)
+    token = testbed.kubectl("create", "token", "alice", "-n", namespace).stdout.strip()
+    config = yaml.safe_load(Path(testbed.kubeconfig).read_text())
+    config["users"] = [{"name": "alice", "user": {"token": token}}]
+    for context in config["contexts"]:
+        context["context"]["user"] = "alice"
+    path = folder / "alice-kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def follow_process(testbed: Any, name: str, namespace: str, cwd: Path) -> subprocess.Popen:
     """`dreambooth jobs follow` with its output in a pipe (not a terminal: plain lines)."""
     return subprocess.Popen([str(BIN / "dreambooth"), "jobs", "follow", name, "-n", namespace], cwd=cwd, env=user_env(testbed),
@@ -291,6 +311,17 @@ def test_the_sdk_submits_waits_generates_and_deletes(testbed: Any, operator: Any
     assert "curl -sf http://127.0.0.1:8080/v1/generate" in out
     steps = [int(m.group(1)) for m in (re.search(r"step (\d)/8", b) for b in bodies) if m]
     assert steps == sorted(steps)
+
+    # A user with nothing but the built-in `edit` role in the namespace: the defaults are found
+    # without listing cluster-wide, and the endpoint answers through the API server's proxy.
+    alice = edit_user_kubeconfig(testbed, namespace, tmp_path)
+    drawn = run_cli(testbed, "jobs", "generate", "toy-sdk", "a photo of sks toy", "-n", namespace, "--steps", "2",
+                    "--out", str(tmp_path / "alice.png"), cwd=tmp_path, KUBECONFIG=str(alice))
+    assert drawn.returncode == 0, drawn.stderr
+    assert (tmp_path / "alice.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    planned = run_cli(testbed, "submit", str(PHOTOS), *TINY, "-n", namespace, "--dry-run", cwd=tmp_path, KUBECONFIG=str(alice))
+    assert planned.returncode == 0, planned.stderr
+    assert yaml.safe_load(planned.stdout)["spec"]["storage"]["endpoint"] == testbed.minio.endpoint
 
     # The same verbs through kubectl's plugin mechanism.
     kubectl = testbed.bin_dir / "kubectl"
