@@ -14,7 +14,7 @@ import yaml
 from .defaults import StorageFlags
 from .display import Display, display_for
 from .endpoint import OPENAI_PATH, call_lines
-from .errors import ClientError, ClusterUnreachable, EndpointError
+from .errors import ClientError, ClusterUnreachable
 from .manifest import SubmitOptions, build_manifest, job_name, upload_prefix
 from .photos import check_photos
 from .sdk import Client, Job
@@ -247,8 +247,6 @@ def port_forward(job: Job, port: int) -> int:
         forwarder = job.port_forward(port).start()
     except OSError as error:
         raise ClientError(f"cannot listen on 127.0.0.1:{port} ({error.strerror})") from None
-    except EndpointError:
-        raise
     echo(f"Forwarding {forwarder.url} -> {job.endpoint().service.url} (through the Kubernetes API server); Ctrl-C to stop")
     try:
         while True:

@@ -12,6 +12,7 @@ import os
 import shlex
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ OPENAI_PATH = "/v1/images/generations"
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "upgrade", "proxy-authenticate",
               "proxy-authorization", "te", "trailer", "content-encoding"}
 GENERATE_TIMEOUT = 600.0
+UNAVAILABLE_RETRIES = 10
+UNAVAILABLE_WAIT_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,13 @@ class Endpoint:
     def generate(self, prompt: str, **params: Any) -> tuple[bytes, int | None]:
         """One PNG (and its seed) from POST /v1/generate; EndpointError with the server's reason."""
         payload = {"prompt": prompt, **{key: value for key, value in params.items() if value is not None}}
-        status, headers, body = self.request("POST", GENERATE_PATH, json.dumps(payload).encode(),
-                                             {"Content-Type": "application/json", "Accept": "image/png"})
+        for attempt in range(UNAVAILABLE_RETRIES + 1):
+            status, headers, body = self.request("POST", GENERATE_PATH, json.dumps(payload).encode(),
+                                                 {"Content-Type": "application/json", "Accept": "image/png"})
+            # 503: the server is warming up, or the proxy has no ready endpoint yet; 429: a full queue.
+            if status not in (429, 503) or attempt == UNAVAILABLE_RETRIES:
+                break
+            time.sleep(UNAVAILABLE_WAIT_SECONDS)
         if status != 200:
             raise EndpointError(f"the endpoint {self.service.url} answered {status}: {_detail(body)}")
         if not body.startswith(b"\x89PNG"):

@@ -15,10 +15,11 @@ Every check `dreambooth submit` makes happens here (the CLI is a face over this 
 from __future__ import annotations
 
 import io
+import json
 import os
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -151,8 +152,8 @@ class Client:
         return self._defaults
 
     def storage_settings(self, flags: StorageFlags) -> StorageSettings:
-        flags = flags if flags.client_endpoint or not os.environ.get(CLIENT_ENDPOINT_ENV) else StorageFlags(
-            **{**flags.__dict__, "client_endpoint": os.environ[CLIENT_ENDPOINT_ENV]})
+        if not flags.client_endpoint and os.environ.get(CLIENT_ENDPOINT_ENV):
+            flags = replace(flags, client_endpoint=os.environ[CLIENT_ENDPOINT_ENV])
         return resolve_storage(flags, self.kube, self.installation_namespace)
 
     def storage_for(self, namespace: str, settings: StorageSettings) -> JobStorage:
@@ -189,8 +190,6 @@ class Client:
 
 
 def _override_list(overrides: Mapping[str, Any] | list[str] | None) -> list[str]:
-    import json
-
     if overrides is None:
         return []
     if isinstance(overrides, list):
