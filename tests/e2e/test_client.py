@@ -323,6 +323,15 @@ def test_the_sdk_submits_waits_generates_and_deletes(testbed: Any, operator: Any
     assert planned.returncode == 0, planned.stderr
     assert yaml.safe_load(planned.stdout)["spec"]["storage"]["endpoint"] == testbed.minio.endpoint
 
+    # The everyday verbs.
+    described = run_cli(testbed, "jobs", "describe", "toy-sdk", "-n", namespace, cwd=tmp_path)
+    assert described.returncode == 0 and "Phase:       Succeeded" in described.stdout, described.stderr
+    assert re.search(r"^  ServingReady +True +DeploymentReady", described.stdout, re.M), described.stdout
+    logged = run_cli(testbed, "jobs", "logs", "toy-sdk", "-n", namespace, "--tail", "3", cwd=tmp_path)
+    assert logged.returncode == 0 and '"message": "done"' in logged.stdout, logged.stdout + logged.stderr
+    fetched = run_cli(testbed, "jobs", "download", "toy-sdk", "-n", namespace, "--out", str(tmp_path / "model"), cwd=tmp_path)
+    assert fetched.returncode == 0 and (tmp_path / "model" / "model_index.json").exists(), fetched.stderr
+
     # The same verbs through kubectl's plugin mechanism.
     kubectl = testbed.bin_dir / "kubectl"
     listed = subprocess.run([str(kubectl), "dreambooth", "jobs", "list", "-n", namespace], env=user_env(testbed),
