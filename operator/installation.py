@@ -21,7 +21,10 @@ FIELDS: dict[str, tuple[str, str]] = {
     "storageBucket": ("DREAMBOOTH_STORAGE_BUCKET", "storage.bucket"),
     "storageSecure": ("DREAMBOOTH_STORAGE_SECURE", "storage.secure"),
     "storageCredentialsSecret": ("DREAMBOOTH_STORAGE_CREDENTIALS_SECRET", "storage.credentialsSecretRef"),
+    "storageServingCredentialsSecret": ("DREAMBOOTH_STORAGE_SERVING_CREDENTIALS_SECRET", "storage.servingCredentialsSecretRef"),
 }
+# Defaults that name a Secret ({"name": ...} in the spec).
+SECRET_FIELDS = ("storageCredentialsSecret", "storageServingCredentialsSecret")
 
 
 def current(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
@@ -43,15 +46,19 @@ def spec_defaults(snapshot: Mapping[str, Any]) -> dict[str, Any]:
         value = snapshot.get(key)
         if value is None:
             continue
-        defaults[path] = {"name": value} if key == "storageCredentialsSecret" else value
+        defaults[path] = {"name": value} if key in SECRET_FIELDS else value
     return defaults
 
 
 def spec_with_defaults(raw: dict[str, Any], snapshot: Mapping[str, Any]) -> dict[str, Any]:
-    """The job's spec completed by the defaults; `secure` goes with the endpoint that is used."""
+    """The job's spec completed by the defaults; `secure` goes with the endpoint that is used, and
+    the read-only serving Secret with the installation's read-write one."""
     defaults = spec_defaults(snapshot)
-    if "endpoint" in (raw.get("storage") or {}):
+    storage = raw.get("storage") or {}
+    if "endpoint" in storage:
         defaults.pop("storage.secure", None)
+    if "credentialsSecretRef" in storage:
+        defaults.pop("storage.servingCredentialsSecretRef", None)
     return with_operator_defaults(raw, defaults)
 
 

@@ -177,11 +177,12 @@ def read_workload(namespace: str, job_uid: str) -> dict[str, Any] | None:
 
 # --- writes -----------------------------------------------------------------------------
 
-_PLURALS = {"ConfigMap": "configmaps", "Service": "services", "Job": "jobs", "Deployment": "deployments"}
+_PLURALS = {"ConfigMap": "configmaps", "Service": "services", "Job": "jobs", "Deployment": "deployments",
+            "NetworkPolicy": "networkpolicies"}
 # Brought to the manifest when they exist: replaced whole (an edit that removes an env var or a
 # volume removes it), or, for a Service (whose clusterIP is the server's), merged.
 # A Job's pod template is immutable: an existing one is left as it is.
-_REPLACED = {"ConfigMap", "Deployment"}
+_REPLACED = {"ConfigMap", "Deployment", "NetworkPolicy"}
 _MERGED = {"Service"}
 
 
@@ -287,3 +288,44 @@ def create_event(involved: dict[str, Any], event_type: str, reason: str, message
         "firstTimestamp": now, "lastTimestamp": now, "count": 1,
     }
     request("POST", ns_path("v1", meta["namespace"], "events"), body=body)
+
+
+# --- objects read and replaced whole (optimistic concurrency) --------------------------------
+
+
+def read_object(api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+    return request("GET", ns_path(api_version, namespace, _PLURALS[kind], name), missing_ok=True)
+
+
+def create_object(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Create; Conflict when an object of that name exists already."""
+    namespace = manifest["metadata"]["namespace"]
+    created = request("POST", ns_path(manifest["apiVersion"], namespace, _PLURALS[manifest["kind"]]), body=manifest, conflict_ok=True)
+    if created is None:
+        raise Conflict(f"{manifest['kind']} {namespace}/{manifest['metadata']['name']} exists already")
+    return created
+
+
+def replace_object(manifest: dict[str, Any]) -> dict[str, Any]:
+    """PUT with the resourceVersion it was read at; Conflict when it changed or is gone since."""
+    meta = manifest["metadata"]
+    path = ns_path(manifest["apiVersion"], meta["namespace"], _PLURALS[manifest["kind"]], meta["name"])
+    replaced = request("PUT", path, body=manifest, conflict_ok=True, missing_ok=True)
+    if replaced is None:
+        raise Conflict(f"{manifest['kind']} {meta['namespace']}/{meta['name']} changed since it was read")
+    return replaced
+
+
+def delete_object(api_version: str, kind: str, namespace: str, name: str, resource_version: str | None = None) -> None:
+    """Delete (dependents follow in the background); nothing when it is gone already. With
+    `resource_version`: only that version of it, else Conflict."""
+    options: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+    if resource_version:
+        options["preconditions"] = {"resourceVersion": resource_version}
+    found = request("DELETE", ns_path(api_version, namespace, _PLURALS[kind], name), body=options, missing_ok=True, conflict_ok=True)
+    if found is None and resource_version and read_object(api_version, kind, namespace, name) is not None:
+        raise Conflict(f"{kind} {namespace}/{name} changed since it was read")
+
+
+def read_deployment(namespace: str, name: str) -> dict[str, Any] | None:
+    return read_object("apps/v1", "Deployment", namespace, name)

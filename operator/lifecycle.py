@@ -12,7 +12,7 @@ from typing import Any
 
 from dreambooth_trainer.spec import DreamboothJobSpec
 
-from . import builders, failures
+from . import builders, failures, shared_server
 from .conditions import (
     ACCEPTED,
     FAILED,
@@ -106,6 +106,7 @@ class Observation:
     serving: ServingState | None = None
     queue_name: str = ""  # Kueue LocalQueue the trainer Job goes to ("" without Kueue)
     queue: QueueState | None = None
+    shared: shared_server.SharedServerState | None = None  # the shared server named by serving.server
 
     @property
     def template_hash(self) -> str:
@@ -114,11 +115,13 @@ class Observation:
 
 @dataclass(frozen=True)
 class Action:
-    # create_job, delete_job, suspend_job, force_delete_pod, ensure_serving, delete_serving, delete_self
+    # create_job, delete_job, suspend_job, force_delete_pod, ensure_serving, delete_serving,
+    # register_adapter, unregister_adapter, delete_self
     kind: str
     gang: int | None = None
     value: bool | None = None
     target: str = ""  # the pod of force_delete_pod
+    server: str | None = None  # unregister_adapter: the shared server the adapter leaves
 
 
 @dataclass
@@ -158,8 +161,9 @@ class _Draft:
         condition = get_condition(self.status["conditions"], type_)
         return condition is not None and condition.get("status") == "True"
 
-    def act(self, kind: str, gang: int | None = None, value: bool | None = None, target: str = "") -> None:
-        self.actions.append(Action(kind, gang, value, target))
+    def act(self, kind: str, gang: int | None = None, value: bool | None = None, target: str = "",
+            server: str | None = None) -> None:
+        self.actions.append(Action(kind, gang, value, target, server))
 
     def requeue(self, seconds: float) -> None:
         self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
@@ -426,17 +430,27 @@ def _finished(draft: _Draft) -> None:
 
 def _serve(draft: _Draft) -> None:
     obs = draft.obs
+    previous = (obs.status.get("serving") or {}).get("server")
+    if previous and (previous != obs.spec.serving.server or not obs.spec.serving.enabled):
+        draft.act("unregister_adapter", server=previous)
     if not obs.spec.serving.enabled:
         if obs.serving is not None:
             draft.act("delete_serving")
         draft.status.pop("endpoint", None)
+        draft.status.pop("serving", None)
         draft.clear(SERVING_READY, "ServingDisabled", "serving.enabled is false")
         draft.condition(FINISHED, True, "ServingDisabled", draft.status.get("message") or "training succeeded; serving is disabled")
+        return
+    if obs.spec.serving.server:
+        if obs.serving is not None:
+            draft.act("delete_serving")  # moved from a Deployment of its own to a shared server
+        _serve_shared(draft)
         return
     serving = obs.spec.serving
     if obs.serving is None or obs.serving.spec_hash != builders.serving_hash(obs.spec):
         draft.act("ensure_serving")  # missing, or serving/podTemplate edited: roll the Deployment
     draft.status["endpoint"] = builders.endpoint_url(obs.name, obs.namespace)
+    draft.status["serving"] = {"url": draft.status["endpoint"], "model": obs.name}
     ready = obs.serving.ready_replicas if obs.serving else 0
     if ready >= 1:
         message = f"{ready}/{serving.replicas} inference pods ready at {draft.status['endpoint']}"
@@ -463,6 +477,32 @@ def _note_template_update(draft: _Draft) -> None:
                         f"spec.scheduling/spec.podTemplate changed: gang {gang} keeps its pods; the next gang (restart, disruption or suspend/resume) uses the new ones")
     else:
         draft.clear(UPDATE_PENDING, "Applied", f"gang {gang} runs the current spec.scheduling and spec.podTemplate")
+
+
+def _serve_shared(draft: _Draft) -> None:
+    """ServingReady once the adapter is in the server's registry and the server is ready."""
+    obs = draft.obs
+    server = obs.spec.serving.server or ""
+    shared = obs.shared or shared_server.SharedServerState(server)
+    url = shared_server.shared_url(server, obs.namespace)
+    draft.status["endpoint"] = url
+    draft.status["serving"] = {"url": url, "model": obs.name, "server": server}
+    if shared.conflict:
+        draft.condition(SERVING_READY, False, "SharedServerConflict", shared.conflict)
+        draft.condition(FINISHED, True, "ServingFailed", f"training succeeded; {shared.conflict}")
+        return
+    if not shared.registered or shared.stale or not shared.running:
+        draft.act("register_adapter")
+    if shared.registered and shared.ready_replicas >= 1:
+        message = f"shared server {server} serves this job as model {obs.name!r} at {url}/v1 ({shared.ready_replicas} pods ready)"
+        draft.condition(SERVING_READY, True, "AdapterRegistered", message)
+        draft.condition(FINISHED, True, "ServingReady", f"training succeeded; {message}")
+        return
+    if shared.registered:
+        draft.condition(SERVING_READY, False, "SharedServerNotReady", f"adapter registered; shared server {server} is not ready yet (loading the base model)")
+    else:
+        draft.condition(SERVING_READY, False, "RegisteringAdapter", f"registering adapter {obs.name} with shared server {server}")
+    draft.requeue(WAIT_POLL_SECONDS)  # the shared server's pods are not this job's children: look again
 
 
 def _record_progress(draft: _Draft) -> None:

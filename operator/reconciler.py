@@ -17,8 +17,9 @@ from typing import Any
 from dreambooth_trainer.config import ConfigError
 from dreambooth_trainer.spec import API_VERSION, KIND, DreamboothJobSpec, parse_spec
 
-from . import builders, failures, installation, kube, lifecycle, metrics, polling, store
+from . import builders, failures, installation, kube, lifecycle, metrics, polling, registration, store
 from .conditions import ACCEPTED, FAILED, NAME_CONFLICT, TERMINAL_PHASES, is_true, parse_time
+from .network_policies import build_job_network_policy
 from .watches import Children
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,21 @@ class Reconciler:
             return TEMPORARY_DELAY
         finally:
             metrics.RECONCILE_SECONDS.observe((datetime.now(timezone.utc) - started).total_seconds())
+
+    def released(self, body: dict[str, Any]) -> None:
+        """A deleted job leaves its shared server's registry at once (off the caller's thread; a
+        failure is swept by the next registration on that server)."""
+        meta, server = body.get("metadata") or {}, ((body.get("status") or {}).get("serving") or {}).get("server")
+        if not server:
+            return
+
+        def unregister() -> None:
+            try:
+                registration.unregister(meta["namespace"], server, meta["name"], meta.get("uid"))
+            except (kube.KubeError, ValueError) as error:
+                log.warning("adapter %s stays registered with %s until the next sweep: %s", meta["name"], server, error)
+
+        _POOL.submit(unregister)
 
     def forget(self, namespace: str, name: str) -> None:
         metrics.forget(f"{namespace}/{name}")
@@ -283,18 +299,20 @@ class Reconciler:
         progress = latest = None
         if not terminal and job is not None and not job.suspended and (job.active or job.succeeded or job.failed):
             progress, latest = self._progress(ref, status, force=job.succeeded)
-        serving = None
+        serving = shared = None
         if terminal or (job is not None and job.succeeded):
             deployment = self.children.deployments.get(ref.namespace, builders.inference_name(ref.name))
             if deployment is not None and lifecycle.owned_by(deployment, ref.uid):
                 serving = lifecycle.serving_state(deployment)
+            if ref.spec.serving.server and ref.spec.serving.enabled:
+                shared = registration.observe(ref)
         queue = None
         if job is not None and job.suspended and ref.queue_name and not terminal:
             queue = lifecycle.queue_state(kube.read_workload(ref.namespace, job.uid))
         return lifecycle.Observation(
             name=ref.name, namespace=ref.namespace, generation=generation, spec=ref.spec, status=status, now=now,
             job=job, stale_jobs=stale_jobs, stale_pods=stale_pods, pods=pods, old_pods=old_pods, progress=progress,
-            latest_checkpoint=latest, serving=serving, queue_name=ref.queue_name, queue=queue,
+            latest_checkpoint=latest, serving=serving, queue_name=ref.queue_name, queue=queue, shared=shared,
         )
 
     def _pods(self, ref: builders.JobRef, gang: int, failed: bool, now: datetime) -> tuple[tuple[failures.PodState, ...], tuple[failures.PodState, ...]]:
@@ -367,7 +385,8 @@ class Reconciler:
         owner = builders.owner_reference(API_VERSION, KIND, name, uid)
         if action.kind == "create_job":
             # The Job only once its ConfigMap and Service are this job's: a collision makes no pod.
-            made = self._create_all(ref, owner, (builders.build_config_map(ref), builders.build_worker_service(ref)))
+            made = self._create_all(ref, owner, (builders.build_config_map(ref), builders.build_worker_service(ref),
+                                                 build_job_network_policy(ref)))
             self._create_all(ref, owner, (builders.build_trainer_job(ref, action.gang or 0),), undo=made)
         elif action.kind == "delete_job":
             if kube.delete_job(ns, builders.trainer_job_name(name, action.gang or 0), uid):
@@ -381,6 +400,10 @@ class Reconciler:
             self._create_all(ref, owner, (builders.build_inference_deployment(ref), builders.build_inference_service(ref)))
         elif action.kind == "delete_serving":
             kube.delete_serving(ns, builders.inference_name(name), uid)
+        elif action.kind == "register_adapter":
+            registration.register(ref, datetime.now(timezone.utc))
+        elif action.kind == "unregister_adapter":
+            registration.unregister(ns, action.server or "", name, uid)
         elif action.kind == "delete_self":
             log.info("%s/%s: ttlSecondsAfterFinished passed: deleting it", ns, name)
             kube.delete_dreamboothjob(ns, name, uid)

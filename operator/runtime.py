@@ -16,7 +16,7 @@ from collections import OrderedDict
 from datetime import datetime, timezone
 from typing import Any
 
-from . import kube, metrics
+from . import kube, metrics, registration
 from .engine import WorkQueue
 from .leadership import Leadership
 from .reconciler import Reconciler
@@ -62,7 +62,7 @@ class Runtime:
     def __init__(self, workers: int, namespaces: list[str] | None, peering: str | None,
                  peering_namespace: str | None, priority: int) -> None:
         self.events = EventPoster()
-        self.children = Children(namespaces, self._child_changed)
+        self.children = Children(namespaces, self._child_changed, self._server_changed)
         self._own: OrderedDict[str, str] = OrderedDict()  # key -> resourceVersion we wrote last
         self._lock = threading.Lock()
         self.reconciler = Reconciler(self.children, self.events.post, self._wrote)
@@ -90,6 +90,8 @@ class Runtime:
         if event_type == "DELETED":
             self.queue.forget(key)
             self.reconciler.forget(meta.get("namespace", ""), meta.get("name", ""))
+            if self._may_act():
+                self.reconciler.released(body)
             return
         with self._lock:
             if self._own.get(key) == meta.get("resourceVersion"):
@@ -101,6 +103,16 @@ class Runtime:
 
     def _child_changed(self, namespace: str, job: str) -> None:
         self.queue.add(f"{namespace}/{job}")
+
+    def _server_changed(self, namespace: str, server: str) -> None:
+        """A shared server changed: every job it serves may see ServingReady change."""
+        try:
+            jobs = registration.registered_jobs(namespace, server)
+        except (kube.KubeError, ValueError) as error:  # its registry is read again on the jobs' next look
+            log.info("shared server %s/%s: registry not readable: %s", namespace, server, error)
+            return
+        for job in jobs:
+            self.queue.add(f"{namespace}/{job}")
 
     def _wrote(self, key: str, version: str) -> None:
         with self._lock:

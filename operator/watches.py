@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import builders, kube, metrics
+from .shared_server import LABEL_SERVER
 
 log = logging.getLogger(__name__)
 MANAGED_SELECTOR = f"{builders.LABEL_MANAGED_BY}=dreambooth-operator"
@@ -74,10 +75,11 @@ class ChildCache:
     """Server-side filtered list+watch of one kind, in the served namespaces (None: all)."""
 
     def __init__(self, api_version: str, plural: str, slim: Slim, namespaces: list[str] | None,
-                 on_change: Callable[[str, str], None]) -> None:
+                 on_change: Callable[[str, str], None], on_server_change: Callable[[str, str], None] | None = None) -> None:
         self.api_version, self.plural, self.slim = api_version, plural, slim
         self.scopes: list[str | None] = list(namespaces) if namespaces else [None]
         self.on_change = on_change
+        self.on_server_change = on_server_change  # (namespace, shared server) for a shared server's objects
         self._objects: dict[tuple[str, str], dict[str, Any]] = {}  # (namespace, name) -> slim object
         self._by_owner: dict[tuple[str, str], set[str]] = {}  # (namespace, job) -> names
         self._lock = threading.Lock()
@@ -218,17 +220,21 @@ class ChildCache:
                     del self._by_owner[(key[0], owner)]
 
     def _notify(self, namespace: str, name: str, obj: dict[str, Any] | None) -> None:
-        owner = ((obj or {}).get("metadata") or {}).get("labels", {}).get(builders.LABEL_JOB)
+        labels = ((obj or {}).get("metadata") or {}).get("labels", {})
+        owner = labels.get(builders.LABEL_JOB)
         if owner:
             self.on_change(namespace, owner)
+        elif labels.get(LABEL_SERVER) and self.on_server_change is not None:
+            self.on_server_change(namespace, labels[LABEL_SERVER])
 
 
 class Children:
     """The operator's trainer Jobs and inference Deployments, watched and cached."""
 
-    def __init__(self, namespaces: list[str] | None, on_change: Callable[[str, str], None]) -> None:
+    def __init__(self, namespaces: list[str] | None, on_change: Callable[[str, str], None],
+                 on_server_change: Callable[[str, str], None] | None = None) -> None:
         self.jobs = ChildCache("batch/v1", "jobs", slim_job, namespaces, on_change)
-        self.deployments = ChildCache("apps/v1", "deployments", slim_deployment, namespaces, on_change)
+        self.deployments = ChildCache("apps/v1", "deployments", slim_deployment, namespaces, on_change, on_server_change)
 
     def start(self) -> None:
         self.jobs.start()

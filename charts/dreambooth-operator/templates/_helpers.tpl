@@ -112,10 +112,11 @@ it, and docs/operator.md's table is generated from it; tests/chart measures it w
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "delete"]
-# The trainer config (replaced when it changes).
+# The trainer config (replaced when it changes); a shared server's adapter registry is read and
+# replaced whole, and deleted with its last adapter (or when a name collision undoes a step).
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "create", "update"]
+  verbs: ["get", "create", "update", "delete"]
 # The headless worker Service and the inference Service.
 - apiGroups: [""]
   resources: ["services"]
@@ -124,6 +125,10 @@ it, and docs/operator.md's table is generated from it; tests/chart measures it w
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "update", "delete"]
+# One NetworkPolicy per job and per shared server (created, replaced when it changes; removed with their owner).
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create", "update", "delete"]
 # One Event per condition transition.
 - apiGroups: [""]
   resources: ["events"]
