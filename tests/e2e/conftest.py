@@ -85,8 +85,15 @@ class OperatorProcess:
 @pytest.fixture(scope="session")
 def crd(testbed: Any) -> str:
     testbed.kubectl("apply", "-f", str(CRD))
-    testbed.kubectl("wait", "--for=condition=Established", "crd/dreamboothjobs.dreambooth.dev", "--timeout=60s")
-    return "dreamboothjobs.dreambooth.dev"
+    name = "dreamboothjobs.dreambooth.dev"
+
+    # Polled, not `kubectl wait`: that errors out on a CRD whose status has no conditions yet.
+    def established() -> bool:
+        conditions = ((testbed.get("customresourcedefinition", name) or {}).get("status") or {}).get("conditions") or []
+        return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
+
+    testbed.wait_for("the DreamboothJob CRD established", established, timeout=60)
+    return name
 
 
 @pytest.fixture(scope="session")
