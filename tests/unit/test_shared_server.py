@@ -179,3 +179,29 @@ def test_leaving_a_server_unregisters_from_it() -> None:
     assert Action("unregister_adapter", server="sd") in moved.actions and Action("register_adapter") in moved.actions
     disabled = succeeded(job(serving={"enabled": False}), None, {"serving": {"server": "sd"}})
     assert disabled.actions == [Action("unregister_adapter", server="sd")] and "serving" not in disabled.status
+
+
+def finished(plan: lifecycle.Plan) -> tuple[str, str] | None:
+    condition = next((c for c in plan.status["conditions"] if c["type"] == "Finished"), None)
+    return None if condition is None else (condition["status"], condition["reason"])
+
+
+def test_the_one_wait_returns_for_a_shared_server_too() -> None:
+    waiting = succeeded(job(), SharedServerState("sd", registered=True, running=True, ready_replicas=0))
+    assert finished(waiting) is None and waiting.requeue_after is not None, "looks again: the server's pods are not the job's"
+    ready = succeeded(job(), SharedServerState("sd", registered=True, running=True, ready_replicas=1))
+    assert finished(ready) == ("True", "ServingReady")
+    refused = succeeded(job(), SharedServerState("sd", conflict="serving.server sd serves base model hf://x"))
+    assert finished(refused) == ("True", "ServingFailed")
+
+
+def test_a_shared_servers_deployment_change_reaches_the_server_not_a_job() -> None:
+    from dreambooth_operator.watches import ChildCache, slim_deployment
+
+    jobs: list[str] = []
+    servers: list[str] = []
+    cache = ChildCache("apps/v1", "deployments", slim_deployment, None,
+                       lambda ns, name: jobs.append(name), lambda ns, server: servers.append(server))
+    cache._notify("team-a", "sd-shared", {"metadata": {"labels": {shared_server.LABEL_SERVER: "sd"}}})
+    cache._notify("team-a", "rex-serve", {"metadata": {"labels": {builders.LABEL_JOB: "rex"}}})
+    assert jobs == ["rex"] and servers == ["sd"]
