@@ -211,12 +211,14 @@ def test_helm_test_passes(helm: Helm, release: Release) -> None:
 
 def can_i(testbed: Any, who: str, verb: str, resource: str, namespace: str | None, subresource: str | None = None) -> bool:
     """The API server's RBAC answer (a SubjectAccessReview: no discovery, so it also works for
-    resources whose CRD is not installed, e.g. Kueue's workloads)."""
-    plural, _, group = resource.partition(".")
+    resources whose CRD is not installed, e.g. Kueue's workloads). `resource` may name one object
+    (`configmaps/NAME`); `who` is signed in (system:authenticated), as every real caller is."""
+    kind, _, name = resource.partition("/")
+    plural, _, group = kind.partition(".")
     attributes = {"verb": verb, "resource": plural, "group": group, **({"namespace": namespace} if namespace else {}),
-                  **({"subresource": subresource} if subresource else {})}
+                  **({"subresource": subresource} if subresource else {}), **({"name": name} if name else {})}
     review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
-              "spec": {"user": who, "resourceAttributes": attributes}}
+              "spec": {"user": who, "groups": ["system:authenticated"], "resourceAttributes": attributes}}
     result = testbed.kubectl("create", "-f", "-", "-o", "json", input=json.dumps(review))
     return bool(json.loads(result.stdout)["status"].get("allowed"))
 
@@ -240,7 +242,8 @@ OPERATOR_MUST_NOT = [
     ("patch", "deployments.apps", None), ("create", "serviceaccounts", "token"),
     ("create", "roles.rbac.authorization.k8s.io", None), ("create", "rolebindings.rbac.authorization.k8s.io", None),
     ("delete", "kopfpeerings.kopf.dev", None), ("list", "rayjobs.ray.io", None), ("create", "servicemonitors.monitoring.coreos.com", None),
-    ("update", "jobs.batch", None), ("delete", "configmaps", None), ("get", "workloads.kueue.x-k8s.io", None),
+    ("update", "jobs.batch", None), ("patch", "configmaps", None), ("patch", "networkpolicies.networking.k8s.io", None),
+    ("get", "workloads.kueue.x-k8s.io", None),
     ("patch", "workloads.kueue.x-k8s.io", None),
 ]
 OPERATOR_MUST_NOT_CLUSTER = [
@@ -291,8 +294,8 @@ def test_the_defaults_are_published_for_clients_as_the_operator_gets_them(testbe
     env, and every signed-in user may read that one object and nothing else there."""
     published = testbed.get("configmap", "dreambooth-defaults", release.namespace)
     assert published["metadata"]["labels"]["dreambooth.dev/installation-defaults"] == "true"
-    (pod,) = operator_pods(testbed, release.namespace, RELEASE)
-    env = {e["name"]: e.get("value", "") for e in pod["spec"]["containers"][0]["env"] if e["name"] in published["data"]}
+    pods = operator_pods(testbed, release.namespace, RELEASE)  # the replicas share one template
+    env = {e["name"]: e.get("value", "") for e in pods[0]["spec"]["containers"][0]["env"] if e["name"] in published["data"]}
     assert env == {key: value for key, value in published["data"].items() if key in env}
     assert set(published["data"]) - set(env) == {"DREAMBOOTH_STORAGE_CLIENT_ENDPOINT"}, "client-only keys"
     assert published["data"]["DREAMBOOTH_STORAGE_ENDPOINT"] == testbed.minio.endpoint
