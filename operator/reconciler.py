@@ -31,8 +31,9 @@ SPECS_KEPT = 2048
 # Pods of a gang are listed (to tell "not placed" from "starting") once its Job is this old.
 PLACEMENT_LOOK_SECONDS = 5.0
 EventSink = Callable[[dict[str, Any], str, str, str], None]
-# Independent writes of one step (a gang's ConfigMap, Service and Job) go out together.
-_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="writes")
+# Independent writes of one step (a gang's ConfigMap, Service, NetworkPolicy and Job) go out together;
+# sized so the writes of every worker in a burst never wait for each other.
+_POOL = ThreadPoolExecutor(max_workers=32, thread_name_prefix="writes")
 
 
 class Bodies:

@@ -136,6 +136,7 @@ _readable: dict[tuple[str, str, str, str], None] = {}
 MAX_READABLE_KEPT = 20000
 _checked: dict[tuple[Credentials, str], tuple[float, int]] = {}  # (creds, uri) -> (when it passed, images)
 _checked_lock = threading.Lock()
+_checking: dict[tuple[Credentials, str], threading.Lock] = {}  # one check of a prefix at a time
 _pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store")
 
 
@@ -161,19 +162,24 @@ def read_latest_checkpoint(creds: Credentials, output_uri: str) -> str | None:
 
 def check_instance_images(creds: Credentials, instance_uri: str) -> int:
     """Count the readable images under the instance prefix (an image already read, with the same
-    ETag, is not read again; a passed check is reused for LISTING_REUSE_SECONDS: a burst of jobs on
-    one subject costs one listing)."""
+    ETag, is not read again; a passed check is reused for LISTING_REUSE_SECONDS, and callers
+    arriving while one runs wait for it: a burst of jobs on one subject costs one listing)."""
     key = (creds, instance_uri)
     with _checked_lock:
-        passed = _checked.get(key)
-    if passed is not None and time.monotonic() - passed[0] < LISTING_REUSE_SECONDS:
-        return passed[1]
-    count = _guarded(creds, lambda: _check_instance_images(creds, instance_uri))
-    with _checked_lock:
-        if len(_checked) > MAX_READABLE_KEPT:
-            _checked.clear()
-        _checked[key] = (time.monotonic(), count)
-    return count
+        if len(_checking) > MAX_READABLE_KEPT:
+            _checking.clear()
+        one_at_a_time = _checking.setdefault(key, threading.Lock())
+    with one_at_a_time:
+        with _checked_lock:
+            passed = _checked.get(key)
+        if passed is not None and time.monotonic() - passed[0] < LISTING_REUSE_SECONDS:
+            return passed[1]
+        count = _guarded(creds, lambda: _check_instance_images(creds, instance_uri))
+        with _checked_lock:
+            if len(_checked) > MAX_READABLE_KEPT:
+                _checked.clear()
+            _checked[key] = (time.monotonic(), count)
+        return count
 
 
 def check_model_source(creds: Credentials, source: str) -> None:

@@ -85,3 +85,24 @@ def test_a_passed_check_is_reused_for_a_burst_and_then_listed_again(minio_server
     assert store.check_instance_images(creds, f"s3://{bucket}/subjects/burst") == 1, "reused within the window"
     monkeypatch.setattr(store, "LISTING_REUSE_SECONDS", 0.0)
     assert store.check_instance_images(creds, f"s3://{bucket}/subjects/burst") == 2
+
+
+def test_a_burst_of_checks_on_one_subject_lists_it_once(minio_server: Any, bucket: str, creds: store.Credentials,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    put(minio_server, bucket, "subjects/herd/0.png", PNG)
+    listings: list[str] = []
+    real = store._check_instance_images
+
+    def counted(c: store.Credentials, uri: str) -> int:
+        listings.append(uri)
+        return real(c, uri)
+
+    monkeypatch.setattr(store, "_check_instance_images", counted)
+    threads = [threading.Thread(target=store.check_instance_images, args=(creds, f"s3://{bucket}/subjects/herd")) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(listings) == 1, "callers arriving while a check runs wait for it instead of listing again"
