@@ -47,7 +47,7 @@ async def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_
     peering = None if settings.peering.standalone or not settings.peering.mandatory else settings.peering.name
     namespaces = served_namespaces()
     _runtime = Runtime(
-        workers=int(os.environ.get("DREAMBOOTH_OPERATOR_WORKERS", "16")),
+        workers=int(os.environ.get("DREAMBOOTH_OPERATOR_WORKERS", "32")),
         namespaces=namespaces,
         peering=peering,
         peering_namespace=None if settings.peering.clusterwide else (namespaces or [None])[0],
