@@ -45,9 +45,10 @@ NAMES = ("operator", "trainer", "inference")
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates", "passwd")
 BASE_RECIPE = 1  # bump when the way the base is made changes
 DEBIAN_TOOLS = {"buildah": "buildah", "mmdebstrap": "mmdebstrap", "runc": "runc"}
-# Where the build sees the machine's CA bundle and uv cache (mounted for RUN steps only).
-CA_IN_BUILD = "/run/host-ca.crt"
-UV_CACHE_IN_BUILD = "/var/cache/host-uv"
+# Where the build sees the machine's CA bundle and uv cache, mounted for RUN steps only. Both
+# paths exist in the base, so no mount point is left behind in a layer.
+CA_IN_BUILD = "/etc/ssl/certs/ca-certificates.crt"
+UV_CACHE_IN_BUILD = "/mnt"
 
 
 def say(message: str) -> None:
