@@ -43,12 +43,16 @@ NAMES = ("operator", "trainer", "inference")
 # What the base holds besides Debian's minbase: python3 like the public slim image, venv's
 # ensurepip (the tools stage makes a venv), CA certificates for https clients, useradd.
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates", "passwd")
-BASE_RECIPE = 1  # bump when the way the base is made changes
+BASE_RECIPE = 2  # bump when the way the base is made changes
+# As slim images do: no manuals, translations or docs, but every package's copyright file.
+BASE_DPKG_OPTIONS = ("path-exclude=/usr/share/man/*", "path-exclude=/usr/share/locale/*", "path-exclude=/usr/share/info/*",
+                     "path-exclude=/usr/share/doc/*", "path-include=/usr/share/doc/*/copyright")
 DEBIAN_TOOLS = {"buildah": "buildah", "mmdebstrap": "mmdebstrap", "runc": "runc"}
 # Where the build sees the machine's CA bundle and uv cache, mounted for RUN steps only. Both
 # paths exist in the base, so no mount point is left behind in a layer.
 CA_IN_BUILD = "/etc/ssl/certs/ca-certificates.crt"
 UV_CACHE_IN_BUILD = "/mnt"
+APT_FOLDERS = ("/etc/apt/sources.list.d", "/etc/apt/apt.conf.d")
 
 
 def say(message: str) -> None:
@@ -123,7 +127,7 @@ def apt_validity_options() -> list[str]:
 
 
 def base_ref(suite: str) -> str:
-    key = hashlib.sha256(json.dumps([suite, BASE_PACKAGES, BASE_RECIPE]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([suite, BASE_PACKAGES, BASE_DPKG_OPTIONS, BASE_RECIPE]).encode()).hexdigest()[:12]
     return f"dreambooth-base/python:{suite}-{key}"
 
 
@@ -141,7 +145,7 @@ def ensure_base() -> str:
     with tempfile.TemporaryDirectory(prefix="dreambooth-base-") as tmp:
         tarball = Path(tmp) / "base.tar"
         run(["nice", "-n", "10", "mmdebstrap", "--quiet", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
-             *apt_validity_options(), f"--customize-hook={forget_machine}", suite, str(tarball), *apt_source_files(suite)])
+             *[f"--dpkg-opt={option}" for option in BASE_DPKG_OPTIONS], *apt_validity_options(), f"--customize-hook={forget_machine}", suite, str(tarball), *apt_source_files(suite)])
         container = buildah("from", "scratch")
         try:
             buildah("add", container, str(tarball), "/")
@@ -185,7 +189,8 @@ def uv_cache_dir() -> Path | None:
 
 def machine_build_options() -> list[str]:
     """CA bundle, package indexes and uv cache of this machine: mounts and build args, never files."""
-    options: list[str] = []
+    # apt in a RUN step reads the machine's own sources and options (the base keeps none).
+    options: list[str] = [arg for folder in APT_FOLDERS if Path(folder).is_dir() for arg in ("-v", f"{folder}:{folder}:ro")]
     ca = ca_bundle()
     if ca:
         options += ["-v", f"{ca}:{CA_IN_BUILD}:ro", "--build-arg", f"PIP_CERT={CA_IN_BUILD}",
@@ -213,7 +218,7 @@ class Built:
 def build_image(name: str, build_args: dict[str, str], machine: list[str]) -> Built:
     version = build_args["VERSION"]
     version_ref = f"dreambooth/{name}:{version}"
-    argv = ["buildah", "bud", "--layers", "--isolation", "chroot", "--network", "host", "--quiet",
+    argv = ["buildah", "bud", "--layers", "--force-rm", "--isolation", "chroot", "--network", "host", "--quiet",
             "-f", str(IMAGES / f"{name}.Dockerfile"), *machine]
     for key, value in build_args.items():
         argv += ["--build-arg", f"{key}={value}"]

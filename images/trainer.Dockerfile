@@ -44,17 +44,25 @@ ARG PIP_CERT
 ARG SSL_CERT_FILE
 ARG UV_DEFAULT_INDEX
 ARG UV_CACHE_DIR
-# uv lives in /tmp/tools for this step only; NCCL must come with torch (checked here).
+# uv lives in /tmp/tools and binutils (strip) is installed for this step only. What nothing runs
+# is left out: static archives (link time only) and the debug info some libraries carry
+# (libtriton's alone is a quarter of a gigabyte). NCCL must come with torch (checked here).
+# hadolint ignore=DL3008
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=cache,target=/root/.cache/uv,sharing=locked \
     python3 -m venv /tmp/tools \
     && /tmp/tools/bin/pip install --disable-pip-version-check -r /opt/dreambooth/build-requirements.txt \
-    && export UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never \
+    && export UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never DEBIAN_FRONTEND=noninteractive \
     && /tmp/tools/bin/uv venv --python python3 /opt/venv \
     && /tmp/tools/bin/uv pip install --python /opt/venv/bin/python --compile-bytecode \
         -r /opt/dreambooth/requirements.txt -c /opt/dreambooth/constraints.txt \
     && rm -rf /tmp/tools \
-    && /opt/venv/bin/python -c "import torch, torch.distributed; assert torch.distributed.is_nccl_available(), 'torch has no NCCL'; print('NCCL', torch.cuda.nccl.version())"
+    && find /opt/venv -name '*.a' -type f -delete \
+    && apt-get update -qq && apt-get install -y -qq --no-install-recommends binutils \
+    && find /opt/venv -name '*.so*' -type f -exec sh -c 'readelf -S "$1" 2>/dev/null | grep -q "[.]debug_info" && strip --strip-debug "$1" || true' _ {} \; \
+    && apt-get purge -y -qq --auto-remove binutils && rm -rf /var/lib/apt/lists/* /var/log/apt /var/log/dpkg.log \
+    && /opt/venv/bin/python -c "import torch, torch.distributed; assert torch.distributed.is_nccl_available(), 'torch has no NCCL'; print('NCCL', torch.cuda.nccl.version())" \
+    && /opt/venv/bin/python -c "from triton.backends import backends; assert 'nvidia' in backends, backends"
 
 FROM runtime
 COPY --from=product /opt/venv/ /opt/venv/

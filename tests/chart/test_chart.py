@@ -111,6 +111,19 @@ def render(helm: Helm, variant: str, namespace: str, *extra: str) -> list[dict[s
 # --- against the test bed -------------------------------------------------------------------
 
 
+def test_default_image_tags_follow_the_charts_app_version(offline_helm: Helm) -> None:
+    """The operator image and the defaults it hands to jobs are tagged with the chart's appVersion,
+    the version the release workflow (.github/workflows/images.yaml) pushes."""
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    rendered = [doc for doc in yaml.safe_load_all(offline_helm.run("template", "rel", str(CHART), "--kube-version", KUBE_VERSION).stdout) if doc]
+    deployment = next(doc for doc in rendered if doc["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert container["image"] == f"dreambooth/operator:{app_version}"
+    assert env["DREAMBOOTH_TRAINER_IMAGE"] == f"dreambooth/trainer:{app_version}"
+    assert env["DREAMBOOTH_INFERENCE_IMAGE"] == f"dreambooth/inference:{app_version}"
+
+
 @pytest.mark.parametrize("variant", CI_VALUES)
 def test_rendered_manifests_pass_a_server_side_dry_run(testbed: Any, offline_helm: Helm, variant: str) -> None:
     namespace = f"dry-{variant}"

@@ -345,3 +345,28 @@ def test_hadolint(path: Path) -> None:
     assert hadolint, "hadolint is missing: `make test` installs it with the test extras"
     result = subprocess.run([hadolint, "--failure-threshold", "warning", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_release_workflow_pushes_the_three_images_to_a_configured_registry() -> None:
+    """On a version tag, each Dockerfile is built and pushed to the registry the repository
+    configures (a variable, never a host written here), with the OCI label arguments."""
+    workflow = yaml.safe_load((REPO / ".github" / "workflows" / "images.yaml").read_text())
+    triggers = workflow.get("on") or workflow.get(True)  # YAML 1.1 reads a bare `on` as true
+    assert triggers["push"]["tags"] == ["v*"]
+    assert workflow["env"]["REGISTRY"] == "${{ vars.IMAGE_REGISTRY }}"
+    built = {}
+    for job in workflow["jobs"].values():
+        for step in job["steps"]:
+            if str(step.get("uses", "")).startswith("docker/build-push-action"):
+                built[Path(step["with"]["file"]).name] = step["with"]
+            if str(step.get("uses", "")).startswith("docker/login-action"):
+                assert step["with"]["registry"] == "${{ env.REGISTRY }}" and "secrets." in step["with"]["password"]
+    assert set(built) == {p.name for p in DOCKERFILES}
+    for name, step in built.items():
+        assert step["push"] is True and step["tags"].startswith("${{ env.REGISTRY }}/dreambooth/"), name
+        for arg in ("VERSION=", "REVISION=${{ github.sha }}", "SOURCE="):
+            assert arg in step["build-args"], f"{name}: build arg {arg}"
+    assert "linux/arm64" in built["operator.Dockerfile"]["platforms"]
+    text = (REPO / ".github" / "workflows" / "images.yaml").read_text()
+    assert not re.search(r"\b[a-z0-9-]+(\.[a-z0-9-]+)+\.(io|com|dev|net|org)\b", text), "no registry host in the workflow"
+
