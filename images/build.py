@@ -145,7 +145,8 @@ def ensure_base() -> str:
     with tempfile.TemporaryDirectory(prefix="dreambooth-base-") as tmp:
         tarball = Path(tmp) / "base.tar"
         run(["nice", "-n", "10", "mmdebstrap", "--quiet", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
-             *[f"--dpkg-opt={option}" for option in BASE_DPKG_OPTIONS], *apt_validity_options(), f"--customize-hook={forget_machine}", suite, str(tarball), *apt_source_files(suite)])
+             *[f"--dpkgopt={option}" for option in BASE_DPKG_OPTIONS], *apt_validity_options(),
+             f"--customize-hook={forget_machine}", suite, str(tarball), *apt_source_files(suite)])
         container = buildah("from", "scratch")
         try:
             buildah("add", container, str(tarball), "/")

@@ -45,8 +45,10 @@ ARG SSL_CERT_FILE
 ARG UV_DEFAULT_INDEX
 ARG UV_CACHE_DIR
 # uv lives in /tmp/tools and binutils (strip) is installed for this step only. What nothing runs
-# is left out: static archives (link time only) and the debug info some libraries carry
-# (libtriton's alone is a quarter of a gigabyte). NCCL must come with torch (checked here).
+# is left out, as NVIDIA's own libraries already do: static archives (link time only), debug
+# info (libtriton's alone is a quarter of a gigabyte) and the static symbol tables of torch's own
+# libraries; dynamic symbols stay. (Not every library: strip breaks those patchelf rewrote, such
+# as numpy's OpenBLAS.) torch must import with NCCL, and triton with its NVIDIA backend.
 # hadolint ignore=DL3008
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=cache,target=/root/.cache/uv,sharing=locked \
@@ -60,6 +62,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     && find /opt/venv -name '*.a' -type f -delete \
     && apt-get update -qq && apt-get install -y -qq --no-install-recommends binutils \
     && find /opt/venv -name '*.so*' -type f -exec sh -c 'readelf -S "$1" 2>/dev/null | grep -q "[.]debug_info" && strip --strip-debug "$1" || true' _ {} \; \
+    && find /opt/venv/lib/python3*/site-packages/torch/lib -name 'lib*.so' -type f -exec strip --strip-unneeded {} + \
     && apt-get purge -y -qq --auto-remove binutils && rm -rf /var/lib/apt/lists/* /var/log/apt /var/log/dpkg.log \
     && /opt/venv/bin/python -c "import torch, torch.distributed; assert torch.distributed.is_nccl_available(), 'torch has no NCCL'; print('NCCL', torch.cuda.nccl.version())" \
     && /opt/venv/bin/python -c "from triton.backends import backends; assert 'nvidia' in backends, backends"

@@ -89,3 +89,41 @@ def test_the_base_keeps_nothing_of_this_machine(images: dict[str, str]) -> None:
         assert not (apt / "sources.list").exists() and not list((apt / "sources.list.d").iterdir())
         assert not (apt / "apt.conf.d" / "99mmdebstrap").exists()
         assert not list((root / "mnt").iterdir()), "the machine's uv cache was mounted there during the build only"
+
+
+def test_the_trainer_leaves_out_what_nothing_runs(images: dict[str, str]) -> None:
+    """No static archive, no debug info (and no static symbol table in torch's libraries; their
+    dynamic symbols stay), and no trace of the binutils used to strip them."""
+    with mounted(images["trainer"]) as root:
+        venv = root / "opt" / "venv"
+        assert not [p for p in venv.rglob("*.a") if p.is_file()]
+        for library in (*venv.rglob("libtriton.so"), *venv.rglob("libtorch_cuda.so"), *venv.rglob("libtorch_cpu.so")):
+            sections = subprocess.run(["readelf", "-S", "-W", str(library)], capture_output=True, text=True, check=True).stdout
+            assert ".debug_info" not in sections and ".dynsym" in sections, library
+            assert "libtorch" not in library.name or ".symtab" not in sections, library
+        assert not (root / "usr" / "bin" / "strip").exists()
+        assert not list((root / "var" / "lib" / "apt" / "lists").glob("*Packages*")), "no package index of the machine's mirror"
+
+
+SMOKE = """
+import torch, torch.distributed, triton
+from triton.backends import backends
+x = torch.randn(64, 64, requires_grad=True)
+(x @ x).tanh().sum().backward()
+assert x.grad.shape == (64, 64)
+assert torch.distributed.is_nccl_available() and "nvidia" in backends
+print("torch", torch.__version__, "nccl", torch.cuda.nccl.version(), "cuda", torch.version.cuda, flush=True)
+"""
+
+
+def test_torch_runs_in_the_slimmed_trainer_image(images: dict[str, str]) -> None:
+    """After the strip: torch (its CUDA libraries load on a CPU-only node too), NCCL and triton."""
+    container = subprocess.run(["buildah", "from", "--pull=never", images["trainer"]], capture_output=True, text=True,
+                               check=True).stdout.strip()
+    try:
+        result = subprocess.run(["buildah", "run", "--isolation", "chroot", container, "python", "-c", SMOKE],
+                                capture_output=True, text=True, timeout=600)
+    finally:
+        subprocess.run(["buildah", "rm", container], capture_output=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "nccl (2," in result.stdout and "cuda 13" in result.stdout, result.stdout
