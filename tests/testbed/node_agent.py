@@ -512,7 +512,9 @@ class PodRun:
             container=spec, pod_spec=self.pod["spec"], image=c.image, env=env, mounts=mounts, rootfs=str(rootfs),
             hostname=self.hostname, netns=None if self.host_network else agent.net.netns_path(self.uid),
             identity=oci.resolve_identity(spec, self.pod["spec"], c.image, str(rootfs)),
-            cgroup=f"/dreambooth-testbed/{c.runc_id}", open_files=resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+            # A top-level cgroup per container: each competes for CPU as one process did (a shared parent
+            # would hold every container of the machine to one share).
+            cgroup=f"/{c.runc_id}", open_files=resource.getrlimit(resource.RLIMIT_NOFILE)[1],
         )
         (c.bundle / "config.json").write_text(json.dumps(oci.runtime_spec(plan), indent=1))
         proc = subprocess.Popen(

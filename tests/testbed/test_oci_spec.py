@@ -21,7 +21,7 @@ def plan(container: dict, pod_spec: dict | None = None, mounts: list[oci.Mount] 
         container={"name": "main", **container}, pod_spec=pod_spec, image=image, env={"POD": "x", "HOME": "/home/pod"},
         mounts=mounts or [], rootfs="/b/rootfs", hostname="rex-0", netns=netns,
         identity=oci.resolve_identity({"name": "main", **container}, pod_spec, image, "/nonexistent"),
-        cgroup="/dreambooth-testbed/c1")
+        cgroup="/tb1-abc-main-0")
 
 
 @pytest.mark.parametrize(("container", "argv"), [
