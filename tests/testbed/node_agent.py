@@ -60,6 +60,8 @@ REPO = Path(__file__).resolve().parents[2]
 MARKER = "DREAMBOOTH_TESTBED_ROOT"
 HOST_IP = "127.0.0.1"
 TICK = 0.2
+# How often mounted ConfigMaps follow their ConfigMap (a kubelet takes up to about a minute).
+CONFIG_MAP_SYNC_S = 2.0
 log = logging.getLogger("node-agent")
 
 
@@ -158,6 +160,7 @@ class PodRun:
         self.image_future: concurrent.futures.Future | None = None
         self.image_attempts = 0
         self.image_retry_at = 0.0
+        self.volumes_synced = 0.0
 
     # ---------------------------------------------------------------- identity
     @property
@@ -273,8 +276,13 @@ class PodRun:
         for rel, value, item_mode in pairs:
             path = target / rel
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(value)
-            path.chmod(item_mode if item_mode is not None else (mode if mode is not None else 0o644))
+            if path.exists() and path.read_bytes() == value:
+                continue
+            # Replaced whole (a reader never sees half a file), as the kubelet's atomic writer does.
+            staging = path.with_name(f".{path.name}.new")
+            staging.write_bytes(value)
+            staging.chmod(item_mode if item_mode is not None else (mode if mode is not None else 0o644))
+            staging.replace(path)
 
     def _configmap_bytes(self, name: str, optional: bool) -> dict[str, bytes] | None:
         cm = self.agent.get_configmap_raw(self.ns, name, optional)
@@ -352,6 +360,24 @@ class PodRun:
                 if "hostPath" not in vol:
                     give_to_group(paths[vol["name"]], int(fs_group), writable="emptyDir" in vol)
         return paths
+
+    def sync_config_map_volumes(self) -> None:
+        """Rewrite configMap volumes whose ConfigMap changed, as the kubelet does for running pods
+        (a subPath mount keeps the file it started with: the replaced file is a new inode)."""
+        if time.monotonic() - self.volumes_synced < CONFIG_MAP_SYNC_S:
+            return
+        self.volumes_synced = time.monotonic()
+        for vol in self.pod["spec"].get("volumes") or []:
+            if "configMap" not in vol:
+                continue
+            src = vol["configMap"]
+            data = self._configmap_bytes(src["name"], True)
+            if data is not None:
+                try:
+                    self._write_items(self.dir / "volumes" / vol["name"], data, src.get("items"), src.get("defaultMode"),
+                                      True, f"configmap {src['name']}")
+                except (ConfigError, OSError) as e:
+                    log.info("pod %s/%s: volume %s not refreshed: %s", self.ns, self.name, vol["name"], e)
 
     def _downward(self, target: Path, items: list, mode: int | None) -> None:
         target.mkdir(parents=True, exist_ok=True)
@@ -602,6 +628,7 @@ class PodRun:
             if self.reap(c) or c.terminated:
                 if self.should_restart(c) and c.terminated is not None:
                     self.schedule_restart(c)
+        self.sync_config_map_volumes()
         self.probe_all()
         if all(c.terminated is not None for c in self.containers):
             ok = all(c.terminated["exitCode"] == 0 for c in self.containers)
