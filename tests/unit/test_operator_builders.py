@@ -61,7 +61,7 @@ SECURITY = {
     "fsGroup": 1000,
     "seccompProfile": {"type": "RuntimeDefault"},
 }
-CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
 CREDS = [
     {"name": "AWS_ENDPOINT_URL", "value": "http://minio.storage:9000"},
     {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "AWS_ACCESS_KEY_ID"}}},
@@ -164,13 +164,15 @@ def test_trainer_job_on_gpus() -> None:
                                 {"name": "config", "mountPath": "/etc/dreambooth", "readOnly": True},
                                 {"name": "dshm", "mountPath": "/dev/shm"},
                                 {"name": "scratch", "mountPath": "/tmp"},
+                                {"name": "cache", "mountPath": "/var/cache/dreambooth"},
                             ],
                         }
                     ],
                     "volumes": [
                         {"name": "config", "configMap": {"name": "rex-config"}},
                         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}},
-                        {"name": "scratch", "emptyDir": {}},
+                        {"name": "scratch", "emptyDir": {"sizeLimit": "100Gi"}},
+                        {"name": "cache", "emptyDir": {"sizeLimit": "100Gi"}},
                     ],
                     "tolerations": [
                         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
@@ -268,10 +270,16 @@ def test_inference_deployment() -> None:
                                 "limits": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
                             },
                             "securityContext": CONTAINER_SECURITY,
-                            "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}],
+                            "volumeMounts": [
+                                {"name": "scratch", "mountPath": "/tmp"},
+                                {"name": "cache", "mountPath": "/var/cache/dreambooth"},
+                            ],
                         }
                     ],
-                    "volumes": [{"name": "scratch", "emptyDir": {}}],
+                    "volumes": [
+                        {"name": "scratch", "emptyDir": {"sizeLimit": "4Gi"}},
+                        {"name": "cache", "emptyDir": {"sizeLimit": "100Gi"}},
+                    ],
                     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
                 },
             },
