@@ -6,11 +6,12 @@ UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-unit test-trainer test-server test-chart browser terminal demo bench bench-serve bench-operator clean
+.PHONY: help venv test test-unit test-trainer test-server test-chart browser terminal demo bench bench-serve bench-operator clean images
 
 help:
 	@echo "make demo   - run the product end to end on this machine"
 	@echo "make test   - build what the tests need and run the whole suite"
+	@echo "make images - build the operator, trainer and inference images (buildah; sizes printed)"
 	@echo "make bench  - trainer throughput vs the diffusers-style baseline"
 	@echo "make bench-serve - the server vs a one-request-at-a-time diffusers loop (tiny on CPU, SD1.5 on a GPU)"
 	@echo "make bench-operator - 200 DreamboothJobs on 50 KWOK GPU nodes: apply->Job p50/p99, time to Running, operator RSS"
@@ -30,7 +31,7 @@ $(STAMP): pyproject.toml | $(UV)
 
 venv: $(STAMP)
 
-test: $(STAMP) testbed-binaries browser terminal
+test: $(STAMP) testbed-binaries browser terminal images
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Debian's chromium for the web-page test (installed once; a no-op when present).
@@ -53,7 +54,7 @@ test-unit: $(STAMP)
 test-trainer: $(STAMP) testbed-binaries
 	$(PY) -m pytest tests/trainer $(PYTEST_ARGS)
 
-demo: $(STAMP) testbed-binaries
+demo: $(STAMP) testbed-binaries images
 	$(PY) examples/demo.py --out demo-output
 
 bench: $(STAMP)
@@ -64,6 +65,11 @@ bench-serve: $(STAMP)
 
 bench-operator: $(STAMP) testbed-binaries
 	$(PY) benchmarks/bench_operator.py
+
+# The three images, from images/*.Dockerfile, built by buildah on a Debian-made Python base; cached
+# by content (an unchanged tree rebuilds nothing). After the venv: the build reuses uv's cache.
+images: $(STAMP)
+	python3 images/build.py
 
 clean:
 	rm -rf demo-output bench-output .pytest_cache

@@ -1,11 +1,16 @@
 """`make demo`: the whole product on this machine.
 
-1. the test bed comes up (a real control plane, KWOK GPU nodes, the process-running node
-   local-0, MinIO; built once from pinned Go modules);
-2. the DreamboothJob CRD is installed and the operator starts (`kopf run`);
-3. the tiny subject's photos go to MinIO and `examples/job-tiny.yaml` is applied;
+1. the operator, trainer and inference images are built (`make images`: buildah, cached by
+   content) and the test bed comes up (a real control plane, KWOK GPU nodes, the node local-0
+   that runs pods from their images under runc, MinIO; built once from pinned Go modules);
+2. the Helm chart is installed as a user would (CRD, RBAC, the operator Deployment, whose pod
+   runs the operator image on local-0), with the test bed's MinIO and the built images as its
+   defaults;
+3. the tiny subject's photos go to MinIO and `examples/job-tiny.yaml` is applied, its images
+   left to the installation;
 4. phase, progress and ETA are printed as `kubectl get dbj` shows them, through Succeeded and
-   ServingReady (2 trainer pods x 1 process over gloo, then an inference Deployment);
+   ServingReady (2 trainer pods x 1 process over gloo in the trainer image, then an inference
+   Deployment in the inference image);
 5. an image is fetched from the endpoint into demo-output/, and a summary says where
    everything is and how to tear it down.
 """
@@ -26,9 +31,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.testbed.cluster import MARKER, Testbed, build_binaries  # noqa: E402
+from tests.testbed.cluster import Testbed, build_binaries  # noqa: E402
+from tests.testbed.images import built_images  # noqa: E402
 
 NAMESPACE = "demo"
+RELEASE = "dreambooth"
+OPERATOR_NAMESPACE = "dreambooth-system"
+CHART = REPO / "charts" / "dreambooth-operator"
 BUCKET = "dreambooth"
 SECRET = "dreambooth-s3"
 EXAMPLE = REPO / "examples" / "job-tiny.yaml"
@@ -50,13 +59,26 @@ def start_testbed(root: Path) -> Testbed:
     return bed
 
 
-def start_operator(bed: Testbed, log_path: Path) -> subprocess.Popen:
-    env = {**os.environ, **bed.env_vars(), MARKER: str(bed.root), "DREAMBOOTH_OPERATOR_METRICS_PORT": "0"}
-    kopf = Path(sys.executable).with_name("kopf")
-    with open(log_path, "ab") as log:
-        return subprocess.Popen([str(kopf), "run", "-m", "dreambooth_operator.handlers", "--all-namespaces", "--standalone"],
-                                env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+def image_values(name: str, ref: str) -> list[str]:
+    repository, _, tag = ref.rpartition(":")
+    key = {"operator": "image", "trainer": "defaults.trainerImage", "inference": "defaults.inferenceImage"}[name]
+    return ["--set", f"{key}.repository={repository}", "--set", f"{key}.tag={tag}"]
+
+
+def install_chart(bed: Testbed, images: dict[str, str]) -> None:
+    """`helm upgrade --install` of the chart: the operator runs in its pod on local-0, from its image."""
+    env = bed.env_vars()
+    helm_home = bed.root / "helm"
+    helm_env = {**os.environ, "HELM_CACHE_HOME": str(helm_home / "cache"), "HELM_CONFIG_HOME": str(helm_home / "config"),
+                "HELM_DATA_HOME": str(helm_home / "data")}
+    values = [arg for name, ref in images.items() for arg in image_values(name, ref)]
+    values += ["--set", f"defaults.storage.endpoint={env['AWS_ENDPOINT_URL'].removeprefix('http://')}",
+               "--set", f"defaults.storage.bucket={BUCKET}", "--set", f"defaults.storage.credentialsSecret={SECRET}"]
+    result = subprocess.run([str(bed.bin_dir / "helm"), "--kubeconfig", str(bed.kubeconfig), "upgrade", "--install", RELEASE,
+                             str(CHART), "-n", OPERATOR_NAMESPACE, "--create-namespace", *values, "--wait", "--timeout", "300s"],
+                            env=helm_env, capture_output=True, text=True, timeout=360)
+    if result.returncode != 0:
+        raise SystemExit(f"[demo] helm install failed: {result.stderr.strip()} (pod logs in {bed.logs})")
 
 
 def upload_subject(bed: Testbed, prefix: str) -> str:
@@ -119,41 +141,45 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
 
+    say("building the images (make images: a no-op when nothing changed) ...")
+    images = built_images()
+    for name, ref in images.items():
+        say(f"  {name:<9} {ref}")
     bed = start_testbed(args.root.resolve())
-    bed.kubectl("apply", "-f", str(REPO / "crds" / "dreambooth.dev_dreamboothjobs.yaml"))
-    bed.kubectl("wait", "--for=condition=Established", "crd/dreamboothjobs.dreambooth.dev", "--timeout=60s")
-    operator_log = bed.logs / "operator-demo.log"
-    operator = start_operator(bed, operator_log)
-    say(f"operator running (pid {operator.pid}, log {operator_log})")
-    try:
-        bed.kubectl("create", "namespace", NAMESPACE, check=False)
-        bed.kubectl("delete", "dbj", "--all", "-n", NAMESPACE, "--wait=true", "--timeout=120s", check=False)
-        env = bed.env_vars()
-        apply(bed, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": SECRET},
-                    "stringData": {"AWS_ACCESS_KEY_ID": env["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": env["AWS_SECRET_ACCESS_KEY"]}})
-        manifest = yaml.safe_load(EXAMPLE.read_text())
-        name = manifest["metadata"]["name"]
-        instance = upload_subject(bed, f"subjects/{name}")
-        say(f"subject photos uploaded to {instance}")
-        manifest["spec"]["storage"]["endpoint"] = env["AWS_ENDPOINT_URL"].removeprefix("http://")
-        manifest["spec"]["data"]["instanceUri"] = instance
-        apply(bed, manifest)
-        say(f"applied {EXAMPLE.relative_to(REPO)} (namespace {NAMESPACE}); following `kubectl get dbj {name}`:")
-        job = follow(bed, name)
-        status = job["status"]
-        for prompt, file in (("a photo of sks dog", "subject.png"), ("a photo of sks dog on the moon", "subject-on-the-moon.png")):
-            fetch_image(bed, prompt, out / file)
-    finally:
-        operator.terminate()
-        operator.wait(timeout=30)
+    install_chart(bed, images)
+    bed.kubectl("apply", "-f", str(REPO / "crds" / "dreambooth.dev_dreamboothjobs.yaml"))  # helm never upgrades CRDs
+    operator_pod = json.loads(bed.kubectl("get", "pods", "-n", OPERATOR_NAMESPACE, "-l", "app.kubernetes.io/component=operator",
+                                          "-o", "json").stdout)["items"][0]["metadata"]["name"]
+    say(f"chart installed: the operator runs in pod {OPERATOR_NAMESPACE}/{operator_pod} on local-0 ({images['operator']})")
+    bed.kubectl("create", "namespace", NAMESPACE, check=False)
+    bed.kubectl("delete", "dbj", "--all", "-n", NAMESPACE, "--wait=true", "--timeout=120s", check=False)
+    env = bed.env_vars()
+    apply(bed, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": SECRET},
+                "stringData": {"AWS_ACCESS_KEY_ID": env["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": env["AWS_SECRET_ACCESS_KEY"]}})
+    manifest = yaml.safe_load(EXAMPLE.read_text())
+    name = manifest["metadata"]["name"]
+    instance = upload_subject(bed, f"subjects/{name}")
+    say(f"subject photos uploaded to {instance}")
+    manifest["spec"]["storage"]["endpoint"] = env["AWS_ENDPOINT_URL"].removeprefix("http://")
+    manifest["spec"]["data"]["instanceUri"] = instance
+    # The images come from the installation (the chart's defaults: the images just built).
+    del manifest["spec"]["resources"]["image"], manifest["spec"]["serving"]["image"]
+    apply(bed, manifest)
+    say(f"applied {EXAMPLE.relative_to(REPO)} (namespace {NAMESPACE}); following `kubectl get dbj {name}`:")
+    job = follow(bed, name)
+    status = job["status"]
+    for prompt, file in (("a photo of sks dog", "subject.png"), ("a photo of sks dog on the moon", "subject-on-the-moon.png")):
+        fetch_image(bed, prompt, out / file)
     print(f"""
 [demo] done in {time.monotonic() - started:.0f} s: {name} {status['phase']}, {status['progress']['step']}/{status['progress']['totalSteps']} steps, restarts {status.get('restarts', 0)}
   images:        {out / 'subject.png'}, {out / 'subject-on-the-moon.png'}
   model:         {status.get('outputUri')}/final   (checkpoints: {status.get('latestCheckpoint')})
   endpoint:      {status.get('endpoint')}
   by hand:       source {bed.env_file}; kubectl get dbj -n {NAMESPACE}; kubectl describe dbj {name} -n {NAMESPACE}
-  logs:          {bed.logs}/ (pods, operator-demo.log)
-  tear down:     make testbed-down   (stops the cluster, MinIO and every pod process)""")
+  containers:    {', '.join(images.values())} (make images; run by local-0 under runc)
+  operator:      helm release {RELEASE} in {OPERATOR_NAMESPACE}; kubectl logs -n {OPERATOR_NAMESPACE} {operator_pod}
+  logs:          {bed.logs}/ (every pod's containers, node-agent.log)
+  tear down:     make testbed-down   (stops the cluster, MinIO and every container)""")
     return 0
 
 

@@ -21,6 +21,15 @@ from dreambooth_trainer.spec import (
 )
 
 CONFIG_DIR = "/etc/dreambooth"
+# The pods' root filesystems are read-only: they write only to emptyDirs, each with a size limit
+# (the kubelet evicts a pod that outgrows one). /tmp stages checkpoints and exports; CACHE_DIR
+# holds base models fetched from storage and Hugging Face files (the images point HF_HOME,
+# DREAMBOOTH_CACHE and XDG_CACHE_HOME there).
+CACHE_DIR = "/var/cache/dreambooth"
+TRAINER_SCRATCH_LIMIT = "100Gi"
+TRAINER_CACHE_LIMIT = "100Gi"
+SERVER_SCRATCH_LIMIT = "4Gi"
+SERVER_CACHE_LIMIT = "100Gi"
 CONFIG_KEY = "config.yaml"
 MASTER_PORT = 29500
 SERVE_PORT = 8080
@@ -167,7 +176,7 @@ def pod_security_context() -> dict[str, Any]:
 
 
 def container_security_context() -> dict[str, Any]:
-    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
 
 
 def _resources(cpu: str, memory: str, gpus: int) -> dict[str, Any]:
@@ -325,6 +334,7 @@ def build_trainer_job(job: JobRef, gang: int) -> dict[str, Any]:
                     {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
                     {"name": "dshm", "mountPath": "/dev/shm"},
                     {"name": "scratch", "mountPath": "/tmp"},
+                    {"name": "cache", "mountPath": CACHE_DIR},
                     *extra_mounts,
                 ],
             }
@@ -332,7 +342,8 @@ def build_trainer_job(job: JobRef, gang: int) -> dict[str, Any]:
         "volumes": [
             {"name": "config", "configMap": {"name": config_map_name(job.name)}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}},
-            {"name": "scratch", "emptyDir": {}},
+            {"name": "scratch", "emptyDir": {"sizeLimit": TRAINER_SCRATCH_LIMIT}},
+            {"name": "cache", "emptyDir": {"sizeLimit": TRAINER_CACHE_LIMIT}},
             *[volume.model_dump(by_alias=True, exclude_none=True) for volume in spec.pod_template.volumes],
         ],
         **_placement(spec.scheduling, gpus),
@@ -404,10 +415,14 @@ def inference_pod_template(labels: dict[str, str], image: str, args: list[str], 
                     },
                     "resources": _resources(resources.cpu, resources.memory, resources.gpus),
                     "securityContext": container_security_context(),
-                    "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}, *mounts],
+                    "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}, {"name": "cache", "mountPath": CACHE_DIR}, *mounts],
                 }
             ],
-            "volumes": [{"name": "scratch", "emptyDir": {}}, *volumes],
+            "volumes": [
+                {"name": "scratch", "emptyDir": {"sizeLimit": SERVER_SCRATCH_LIMIT}},
+                {"name": "cache", "emptyDir": {"sizeLimit": SERVER_CACHE_LIMIT}},
+                *volumes,
+            ],
             "tolerations": _gpu_tolerations(resources.gpus),
         },
     }

@@ -30,8 +30,8 @@ RESERVED_ENV = (
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "DREAMBOOTH_JOB", "DREAMBOOTH_GANG",
 )
 # Volumes and mount paths of the pods the operator builds.
-RESERVED_VOLUMES = ("config", "dshm", "scratch")
-RESERVED_MOUNT_PATHS = ("/etc/dreambooth", "/dev/shm", "/tmp")
+RESERVED_VOLUMES = ("config", "dshm", "scratch", "cache")
+RESERVED_MOUNT_PATHS = ("/etc/dreambooth", "/dev/shm", "/tmp", "/var/cache/dreambooth")  # the last: the images' cache (builders.CACHE_DIR)
 
 # A Kubernetes object kept as given (the API server validates it when the pods are made).
 KubeObject = Annotated[dict[str, Any], WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True})]

@@ -70,6 +70,12 @@ def values_args(variant: str) -> list[str]:
     return ["-f", str(CI_VALUES[variant])]
 
 
+def operator_image_args(ref: str) -> list[str]:
+    """The chart's operator image set to this checkout's build (local-0 runs it under runc)."""
+    repository, _, tag = ref.rpartition(":")
+    return ["--set", f"image.repository={repository}", "--set", f"image.tag={tag}"]
+
+
 # --- without a cluster ----------------------------------------------------------------------
 
 
@@ -107,6 +113,19 @@ def render(helm: Helm, variant: str, namespace: str, *extra: str) -> list[dict[s
 # --- against the test bed -------------------------------------------------------------------
 
 
+def test_default_image_tags_follow_the_charts_app_version(offline_helm: Helm) -> None:
+    """The operator image and the defaults it hands to jobs are tagged with the chart's appVersion,
+    the version the release workflow (.github/workflows/images.yaml) pushes."""
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    rendered = [doc for doc in yaml.safe_load_all(offline_helm.run("template", "rel", str(CHART), "--kube-version", KUBE_VERSION).stdout) if doc]
+    deployment = next(doc for doc in rendered if doc["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert container["image"] == f"dreambooth/operator:{app_version}"
+    assert env["DREAMBOOTH_TRAINER_IMAGE"] == f"dreambooth/trainer:{app_version}"
+    assert env["DREAMBOOTH_INFERENCE_IMAGE"] == f"dreambooth/inference:{app_version}"
+
+
 @pytest.mark.parametrize("variant", CI_VALUES)
 def test_rendered_manifests_pass_a_server_side_dry_run(testbed: Any, offline_helm: Helm, variant: str) -> None:
     namespace = f"dry-{variant}"
@@ -139,13 +158,13 @@ class Release:
 
 
 @pytest.fixture(scope="module")
-def release(testbed: Any, helm: Helm) -> Iterator[Release]:
+def release(testbed: Any, helm: Helm, operator_image: str) -> Iterator[Release]:
     """The chart installed with its defaults (cluster-wide); its operator pod runs on local-0."""
     namespace = f"dbop-{uuid.uuid4().hex[:5]}"
     testbed.kubectl("create", "namespace", namespace)
     started = time.monotonic()
     # Storage defaults for every job (the test bed's MinIO), so jobs may leave `storage` out.
-    installed = helm.run("install", RELEASE, str(CHART), "-n", namespace,
+    installed = helm.run("install", RELEASE, str(CHART), "-n", namespace, *operator_image_args(operator_image),
                          "--set", f"defaults.storage.endpoint={testbed.minio.endpoint}",
                          "--set", f"defaults.storage.bucket={BUCKET}", "--set", f"defaults.storage.credentialsSecret={SECRET}",
                          "--set", "defaults.trainerImage.tag=chart-default",
@@ -180,7 +199,7 @@ def leader_pod(testbed: Any, namespace: str, release_name: str, timeout: float =
     return testbed.wait_for(f"the active replica of {release_name}", one, timeout=timeout)
 
 
-def test_install_creates_the_operator_deployment(testbed: Any, release: Release) -> None:
+def test_install_creates_the_operator_deployment(testbed: Any, release: Release, operator_image: str) -> None:
     deployment = testbed.get("deployment", FULLNAME, release.namespace)
     assert deployment["spec"]["replicas"] == 2 and deployment["spec"]["strategy"]["type"] == "RollingUpdate"
     assert deployment["status"].get("availableReplicas") == 2
@@ -196,6 +215,9 @@ def test_install_creates_the_operator_deployment(testbed: Any, release: Release)
     assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
     assert security["capabilities"]["drop"] == ["ALL"] and pod["spec"]["securityContext"]["runAsNonRoot"]
     assert container["resources"]["requests"]
+    status = pod["status"]["containerStatuses"][0]
+    assert container["image"] == operator_image and status["containerID"].startswith("runc://"), \
+        "local-0 runs the chart's operator from this checkout's image, under runc"
     assert testbed.get("crd", CRD) is not None
     notes = release.install_output.split("NOTES:", 1)[-1]
     assert f"helm test {RELEASE} -n {release.namespace}" in notes and "kubectl -n <your-namespace> apply -f examples/job.yaml" in notes
@@ -394,7 +416,7 @@ def test_the_charts_operator_takes_a_job_through_its_lifecycle(
 
 
 def test_a_namespaced_install_grants_nothing_outside_its_namespaces_and_suffices(
-    testbed: Any, helm: Helm, release: Release, namespace: str, subject: str
+    testbed: Any, helm: Helm, release: Release, namespace: str, subject: str, operator_image: str
 ) -> None:
     """rbac.namespaces: one Role per listed namespace, no cluster-wide grant at all; its operator
     (kopf without CRD or namespace listing) still runs a job through its lifecycle."""
@@ -404,7 +426,8 @@ def test_a_namespaced_install_grants_nothing_outside_its_namespaces_and_suffices
     testbed.kubectl("scale", "deployment", FULLNAME, "-n", release.namespace, "--replicas=0")
     testbed.wait_for("the cluster-wide operator stopped", lambda: not operator_pods(testbed, release.namespace, RELEASE), timeout=60)
     try:
-        helm.run("install", "dbns", str(CHART), "-n", home, "--set", f"rbac.namespaces={{{namespace}}}",
+        helm.run("install", "dbns", str(CHART), "-n", home, *operator_image_args(operator_image),
+                 "--set", f"rbac.namespaces={{{namespace}}}",
                  "--set", "rbac.aggregateToDefaultRoles=false", "--wait", "--timeout", "120s", timeout=180)
         deployment = testbed.get("deployment", "dbns-dreambooth-operator", home)
         assert f"--namespace={namespace}" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]

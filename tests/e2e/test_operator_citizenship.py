@@ -226,8 +226,8 @@ def test_pod_template_pieces_reach_the_trainer_and_inference_pods(testbed: Any, 
         "labels": {"team": "vision"}, "annotations": {"example.com/owner": "team-vision"},
         "serviceAccountName": "trainer-wi", "imagePullSecrets": [{"name": "regcred"}],
         "env": [{"name": "HF_HOME", "value": "/cache/hf"}],
-        "volumes": [{"name": "cache", "emptyDir": {"sizeLimit": "1Gi"}}],
-        "volumeMounts": [{"name": "cache", "mountPath": "/cache"}],
+        "volumes": [{"name": "hf-cache", "emptyDir": {"sizeLimit": "1Gi"}}],
+        "volumeMounts": [{"name": "hf-cache", "mountPath": "/cache"}],
     }
     spec = gpu_spec(testbed, subject, scheduling={"affinity": affinity, "topologySpreadConstraints": spread, "priorityClassName": "dbj-training"},
                     serving={"replicas": 1, "resources": {"gpus": 1, "cpu": "2", "memory": "8Gi"}, "scheduling": {"nodeSelector": {"dreambooth.dev/pool": "gpu"}}})
@@ -241,7 +241,7 @@ def test_pod_template_pieces_reach_the_trainer_and_inference_pods(testbed: Any, 
         assert pod["spec"]["affinity"] == affinity and pod["spec"]["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
         container = pod["spec"]["containers"][0]
         assert {"name": "HF_HOME", "value": "/cache/hf"} in container["env"]
-        assert any(m["name"] == "cache" and m["mountPath"] == "/cache" for m in container["volumeMounts"])
+        assert any(m["name"] == "hf-cache" and m["mountPath"] == "/cache" for m in container["volumeMounts"])
     for pod in pods:
         testbed.set_pod_phase(pod["metadata"]["name"], namespace, "Succeeded")
     wait_phase(testbed, namespace, "rex", "Succeeded", timeout=60)

@@ -1,5 +1,6 @@
 """The real thing on the test bed's local node: examples/job-tiny.yaml trains for real (2 pods x
-1 process over gloo), keeps checkpoints in MinIO, succeeds and serves; a preempted pod restarts
+1 process over gloo) in this checkout's trainer image under runc, with a read-only root, keeps
+checkpoints in MinIO, succeeds and serves from the inference image; a preempted pod restarts
 the gang, which resumes from the checkpoint."""
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ pytestmark = [pytest.mark.testbed, pytest.mark.slow, pytest.mark.usefixtures("op
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "job-tiny.yaml"
 
 
-def tiny_job(testbed: Any, minio_client: Any, namespace: str, **training: Any) -> dict[str, Any]:
-    """examples/job-tiny.yaml pointed at the test MinIO, with its own subject photos."""
+def tiny_job(testbed: Any, minio_client: Any, namespace: str, images: dict[str, str], **training: Any) -> dict[str, Any]:
+    """examples/job-tiny.yaml pointed at the test MinIO and this checkout's images, with its own subject photos."""
     for index in range(4):
         upload(minio_client, f"subjects/{namespace}/{index}.png", png_bytes(index))
     manifest = yaml.safe_load(EXAMPLE.read_text())
@@ -28,6 +29,8 @@ def tiny_job(testbed: Any, minio_client: Any, namespace: str, **training: Any) -
     spec["storage"]["endpoint"] = testbed.minio.endpoint
     spec["data"]["instanceUri"] = f"s3://{BUCKET}/subjects/{namespace}"
     spec["training"].update(training)
+    spec["resources"]["image"] = images["trainer"]
+    spec["serving"]["image"] = images["inference"]
     return manifest
 
 
@@ -53,8 +56,17 @@ def objects(minio_client: Any, prefix: str) -> list[str]:
     return [o.object_name for o in minio_client.list_objects(BUCKET, prefix=prefix, recursive=True)]
 
 
-def test_tiny_job_trains_checkpoints_succeeds_and_serves(testbed: Any, minio_client: Any, namespace: str, s3_secret: str) -> None:
-    manifest = tiny_job(testbed, minio_client, namespace, maxSteps=40)
+def ran_from(pod: dict[str, Any], image: str) -> bool:
+    """The pod's container ran from `image` under runc, with a read-only root."""
+    container = pod["spec"]["containers"][0]
+    status = (pod["status"].get("containerStatuses") or [{}])[0]
+    return (container["image"] == image and container["securityContext"]["readOnlyRootFilesystem"]
+            and status.get("containerID", "").startswith("runc://") and status.get("imageID", "").startswith("sha256:"))
+
+
+def test_tiny_job_trains_checkpoints_succeeds_and_serves(testbed: Any, minio_client: Any, namespace: str, s3_secret: str,
+                                                         images: dict[str, str]) -> None:
+    manifest = tiny_job(testbed, minio_client, namespace, images, maxSteps=40)
     testbed.apply(manifest, namespace)
     name = manifest["metadata"]["name"]
     seen = watch(testbed, namespace, name, "Succeeded", timeout=600)
@@ -72,10 +84,14 @@ def test_tiny_job_trains_checkpoints_succeeds_and_serves(testbed: Any, minio_cli
     assert f"{prefix}/final/model_index.json" in stored
     assert job["status"]["latestCheckpoint"].startswith(job["status"]["outputUri"] + "/checkpoints/step-")
     assert job["status"]["progress"]["step"] == 40
+    trained = trainer_pods(testbed, namespace, name)
+    assert len(trained) == 2 and all(ran_from(pod, images["trainer"]) for pod in trained), "both ranks ran the trainer image"
 
     testbed.wait_for("ServingReady", lambda: (condition(get_job(testbed, namespace, name), "ServingReady") or {}).get("status") == "True", timeout=300)
     pods = json.loads(testbed.kubectl("get", "pods", "-n", namespace, "-l", "app.kubernetes.io/component=inference", "-o", "json").stdout)["items"]
-    ip = next(p["status"]["podIP"] for p in pods if p["status"].get("phase") == "Running")
+    server = next(p for p in pods if p["status"].get("phase") == "Running")
+    assert ran_from(server, images["inference"])
+    ip = server["status"]["podIP"]
     request = urllib.request.Request(
         f"http://{ip}:8080/v1/generate",
         data=json.dumps({"prompt": "a photo of sks dog on the moon", "steps": 2, "seed": 1}).encode(),
@@ -86,8 +102,9 @@ def test_tiny_job_trains_checkpoints_succeeds_and_serves(testbed: Any, minio_cli
         assert response.read()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_preempted_pod_restarts_the_gang_from_the_checkpoint(testbed: Any, minio_client: Any, namespace: str, s3_secret: str) -> None:
-    manifest = tiny_job(testbed, minio_client, namespace, maxSteps=80)
+def test_a_preempted_pod_restarts_the_gang_from_the_checkpoint(testbed: Any, minio_client: Any, namespace: str, s3_secret: str,
+                                                               images: dict[str, str]) -> None:
+    manifest = tiny_job(testbed, minio_client, namespace, images, maxSteps=80)
     manifest["spec"]["serving"]["enabled"] = False
     testbed.apply(manifest, namespace)
     name = manifest["metadata"]["name"]

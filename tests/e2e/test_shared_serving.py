@@ -36,6 +36,8 @@ def lora_job(testbed: Any, minio_client: Any, namespace: str, name: str, photos:
     spec["validation"]["everyNSteps"] = 0
     spec["resources"]["nodes"] = 1
     spec["serving"].update(server=SERVER, auth={"tokenSecretRef": {"name": "api-token", "key": "token"}})
+    # The installation's images: the operator fixture's defaults are this checkout's builds.
+    del spec["resources"]["image"], spec["serving"]["image"]
     return manifest
 
 

@@ -21,9 +21,12 @@ built=0
 need_debs=()
 { command -v unshare && command -v nsenter; } >/dev/null || need_debs+=(util-linux)
 command -v ip >/dev/null || need_debs+=(iproute2)
+# runc runs the pods' containers; buildah finds and mounts their images (make images builds them).
+command -v runc >/dev/null || need_debs+=(runc)
+command -v buildah >/dev/null || need_debs+=(buildah)
 if [ ${#need_debs[@]} -gt 0 ]; then
   echo "installing ${need_debs[*]} (node agent)" >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_debs[@]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_debs[@]}"
 fi
 
 have() { local f; for f in "$@"; do [ -x "$f" ] || return 1; done; }

@@ -2,7 +2,8 @@
 
 `testbed` (session): one test bed per session, started with the same code as
 `make testbed-up` (tests/testbed/cluster.py) under .testbed/pytest-<pid>/ and stopped at the
-end. `namespace` (function): a fresh namespace, deleted afterwards.
+end. `images` (session): this checkout's images, built where stale (images/build.py), by name;
+`operator_image`: the operator's alone; `python_image`: the one test pods use. `namespace` (function): a fresh namespace, deleted afterwards.
 """
 from __future__ import annotations
 
@@ -157,6 +158,28 @@ def testbed() -> Iterator[TestbedHandle]:
             shutil.rmtree(bed.root / sub, ignore_errors=True)
         if left:
             raise RuntimeError(f"test-bed processes left after stop: {left}")
+
+
+@pytest.fixture(scope="session")
+def images() -> dict[str, str]:
+    """The operator, trainer and inference images of this checkout: {name: ref local-0 runs}."""
+    from tests.testbed.images import built_images
+
+    return built_images()
+
+
+@pytest.fixture(scope="session")
+def operator_image() -> str:
+    """This checkout's operator image (built alone when that is all a session needs: no torch)."""
+    from tests.testbed.images import built_images
+
+    return built_images("operator")["operator"]
+
+
+@pytest.fixture(scope="session")
+def python_image(operator_image: str) -> str:
+    """An image with Python and the Kubernetes client for test pods on local-0: the operator's."""
+    return operator_image
 
 
 @pytest.fixture()

@@ -1,14 +1,19 @@
 """Node agent for `local-0`: a tiny kubelet for the test bed.
 
 It registers the Node and keeps it Ready (status heartbeats and a node Lease), and runs every
-pod bound to it as local processes:
+pod bound to it:
 
-* each container's command/args run in the project's venv (its bin first on PATH) with the
-  pod's environment (literal values with $(VAR) expansion, envFrom, secretKeyRef,
-  configMapKeyRef, fieldRef incl. the Job completion-index annotation, KUBERNETES_SERVICE_*);
-* ConfigMap/Secret/emptyDir/projected/downwardAPI/hostPath volumes are materialised under the
-  pod's directory and bind-mounted at their mountPath inside a private mount (and UTS)
-  namespace (`unshare`, see pod_exec.py), so product code sees the real paths;
+* each container runs from the pod's image, found in this machine's containers/storage
+  (`make images`; nothing is pulled: a missing image is ErrImagePull, then ImagePullBackOff),
+  on an overlay of its own, started by runc with a config made from the pod spec
+  (tests/testbed/oci.py): the image's entrypoint/cmd under the pod's command/args, the image's
+  env under the pod's, runAsUser/runAsGroup/runAsNonRoot, fsGroup, readOnlyRootFilesystem,
+  capabilities, allowPrivilegeEscalation, memory limit, working dir, the pod's network
+  namespace and hostname;
+* the pod's environment: literal values with $(VAR) expansion, envFrom, secretKeyRef,
+  configMapKeyRef, fieldRef incl. the Job completion-index annotation, KUBERNETES_SERVICE_*;
+* ConfigMap/Secret/emptyDir (medium Memory: a tmpfs of its sizeLimit)/projected/downwardAPI/
+  hostPath volumes, materialised under the pod's directory and mounted at their mountPath;
 * every pod gets its own loopback address (127.B.x.y) as pod IP and a hosts file (per
   namespace) bind-mounted over /etc/hosts mapping pod DNS names
   (<hostname>.<subdomain>.<ns>.svc.cluster.local and short forms) and Service names to
@@ -30,6 +35,7 @@ import json
 import logging
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -47,11 +53,10 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
+from tests.testbed import oci
 from tests.testbed.podnet import Network, acquire_prefix, write_info
 
 REPO = Path(__file__).resolve().parents[2]
-VENV_BIN = REPO / ".venv" / "bin"
-POD_EXEC = Path(__file__).with_name("pod_exec.py")
 MARKER = "DREAMBOOTH_TESTBED_ROOT"
 HOST_IP = "127.0.0.1"
 TICK = 0.2
@@ -70,6 +75,17 @@ def now_micro() -> str:
 
 class ConfigError(Exception):
     """A referenced ConfigMap/Secret/key is missing: the container cannot be configured yet."""
+
+
+def give_to_group(path: Path, gid: int, writable: bool) -> None:
+    """fsGroup: the volume's files belong to the pod's group (group-writable for an emptyDir), as the kubelet does."""
+    for entry in [path, *path.rglob("*")]:
+        os.chown(entry, -1, gid, follow_symlinks=False)
+        if entry.is_symlink():
+            continue
+        mode = entry.stat().st_mode
+        extra = 0o070 if writable else 0o040 | (0o010 if entry.is_dir() else 0)
+        entry.chmod((mode | extra | (0o2000 if entry.is_dir() else 0)) & 0o7777)
 
 
 def expand(value: str, env: dict[str, str]) -> str:
@@ -104,6 +120,11 @@ class Container:
         self.next_probe = 0.0
         self.probe_future: concurrent.futures.Future | None = None
         self.container_id = ""
+        # the image, its read-only mount, and the current start's runc id and bundle
+        self.image: oci.ImageConfig | None = None
+        self.image_root: str | None = None
+        self.runc_id: str | None = None
+        self.bundle: Path | None = None
 
     @property
     def running(self) -> bool:
@@ -136,6 +157,9 @@ class PodRun:
         self.transitions: dict[str, tuple[str, str]] = {}
         self.env_cache: dict[str, dict[str, str]] = {}
         self.mounts_cache: dict[str, list[dict]] = {}
+        self.image_future: concurrent.futures.Future | None = None
+        self.image_attempts = 0
+        self.image_retry_at = 0.0
         self.volumes_synced = 0.0
 
     # ---------------------------------------------------------------- identity
@@ -150,9 +174,6 @@ class PodRun:
     @property
     def host_network(self) -> bool:
         return bool(self.pod["spec"].get("hostNetwork"))
-
-    def wrap_net(self, argv: list[str]) -> list[str]:
-        return self.agent.net.wrap(self.uid, argv) if self.net_ready else argv
 
     @property
     def restart_policy(self) -> str:
@@ -195,17 +216,14 @@ class PodRun:
 
     # ---------------------------------------------------------------- env
     def build_env(self, container: dict) -> dict[str, str]:
+        """The pod's env for a container (the image's env lies beneath it: oci.runtime_spec)."""
         agent = self.agent
         env: dict[str, str] = {
-            "PATH": f"{VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "HOSTNAME": self.hostname,
-            "HOME": "/root",
-            "LANG": "C.UTF-8",
             "KUBERNETES_SERVICE_HOST": agent.api_host,
             "KUBERNETES_SERVICE_PORT": str(agent.api_port),
             "KUBERNETES_SERVICE_PORT_HTTPS": str(agent.api_port),
             "KUBERNETES_PORT": f"tcp://{agent.api_host}:{agent.api_port}",
-            MARKER: str(agent.root),
         }
         for src in container.get("envFrom") or []:
             prefix = src.get("prefix", "")
@@ -288,6 +306,7 @@ class PodRun:
             paths[name] = target
             if "emptyDir" in vol:
                 target.mkdir(parents=True, exist_ok=True)
+                target.chmod(0o777)  # as the kubelet makes it: any user of the pod may write
             elif "hostPath" in vol:
                 hp = vol["hostPath"]
                 if hp.get("type") in ("DirectoryOrCreate",) or not Path(hp["path"]).exists():
@@ -335,6 +354,11 @@ class PodRun:
             else:
                 raise ConfigError(f"volume {name}: only configMap, secret, emptyDir, projected, downwardAPI "
                                   "and hostPath volumes are supported on local-0")
+        fs_group = (self.pod["spec"].get("securityContext") or {}).get("fsGroup")
+        if fs_group is not None:
+            for vol in self.pod["spec"].get("volumes") or []:
+                if "hostPath" not in vol:
+                    give_to_group(paths[vol["name"]], int(fs_group), writable="emptyDir" in vol)
         return paths
 
     def sync_config_map_volumes(self) -> None:
@@ -380,12 +404,70 @@ class PodRun:
                     source.mkdir(parents=True, exist_ok=True)
             vol = kinds.get(vm["name"], {})
             read_only = bool(vm.get("readOnly")) or any(k in vol for k in ("configMap", "secret", "projected", "downwardAPI"))
-            mounts.append({"source": str(source), "target": vm["mountPath"], "readOnly": read_only})
+            mount = {"source": str(source), "target": vm["mountPath"], "readOnly": read_only}
+            empty_dir = vol.get("emptyDir") or {}
+            if empty_dir.get("medium") == "Memory":
+                mount["tmpfsBytes"] = oci.quantity_bytes(empty_dir["sizeLimit"]) if empty_dir.get("sizeLimit") else 0
+            mounts.append(mount)
         return mounts
 
     # ---------------------------------------------------------------- lifecycle
+    def images_ready(self) -> bool:
+        """runc: every container's image found and mounted (looked up in the background).
+
+        A missing image is ErrImagePull, then ImagePullBackOff while the next look waits (2 s,
+        doubling up to 20 s): `make images` may still be building it.
+        """
+        pending = [c for c in self.init_containers + self.containers if c.image is None]
+        if not pending:
+            return True
+        now_ = time.monotonic()
+        if self.image_future is None:
+            if now_ < self.image_retry_at:
+                if now_ > self.image_retry_at - self.image_backoff() + 2.0:
+                    for c in pending:
+                        if c.waiting_reason == "ErrImagePull":
+                            c.waiting_reason = "ImagePullBackOff"
+                            c.waiting_message = f'Back-off pulling image "{c.spec.get("image", "")}": {c.waiting_message}'
+                return False
+            refs = {c.name: c.spec.get("image") or "" for c in pending}
+            self.image_future = self.agent.image_pool.submit(self.agent.find_images, refs)
+            return False
+        if not self.image_future.done():
+            return False
+        future, self.image_future = self.image_future, None
+        try:
+            found = future.result()
+        except (OSError, subprocess.SubprocessError) as e:
+            found, failure = {}, str(e)
+        else:
+            failure = None
+        missing = []
+        for c in pending:
+            if c.name in found:
+                c.image, c.image_root = found[c.name]
+            else:
+                missing.append(c)
+        if not missing:
+            return True
+        self.image_attempts += 1
+        self.image_retry_at = time.monotonic() + self.image_backoff()
+        for c in missing:
+            ref = c.spec.get("image") or ""
+            c.waiting_reason = "ErrImagePull"
+            c.waiting_message = failure or (f'image "{ref}" is not present on {self.agent.node}, which pulls nothing: '
+                                            "build it with `make images`")
+        if self.image_attempts == 1:
+            log.info("pod %s/%s: %s", self.ns, self.name, missing[0].waiting_message)
+        return False
+
+    def image_backoff(self) -> float:
+        return min(20.0, 2.0 * 2 ** max(0, self.image_attempts - 1))
+
     def prepare(self) -> bool:
         """Materialise volumes and env for all containers; False (and a waiting reason) if not yet possible."""
+        if not self.images_ready():
+            return False
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             volumes = self.prepare_volumes()
@@ -408,44 +490,74 @@ class PodRun:
         return True
 
     def start_container(self, c: Container) -> None:
-        spec = c.spec
-        env = self.env_cache[c.name]
-        argv = [expand(a, env) for a in (spec.get("command") or []) + (spec.get("args") or [])]
-        if not spec.get("command"):
-            # No image entrypoints here: args alone are run as the command.
-            argv = [expand(a, env) for a in spec.get("args") or []]
-        run_spec = {
-            "argv": argv, "env": env, "cwd": spec.get("workingDir"),
-            "hostname": self.hostname, "hostnameFile": str(self.dir / "hostname"),
-            "hosts": str(self.agent.hosts_file(self.ns)),
-            "mounts": self.mounts_cache[c.name],
-        }
         # This pod's names must resolve before its first process starts.
         self.agent.write_hosts(self.ns, self.agent.render_hosts(self.ns))
-        spec_path = self.dir / f"{c.name}.json"
-        spec_path.write_text(json.dumps(run_spec))
-        spec_path.chmod(0o600)
         log_path = self.agent.logs / f"{self.ns}_{self.name}_{c.name}.log"
         with open(log_path, "ab") as out:
-            out.write(f"--- {now()} start {c.name} (restart {c.restart_count}): {argv}\n".encode())
+            out.write(f"--- {now()} start {c.name} (restart {c.restart_count})\n".encode())
             out.flush()
-            c.proc = subprocess.Popen(
-                self.wrap_net([
-                    "unshare", "--mount", "--uts", "--propagation", "private", "--",
-                    sys.executable, "-I", str(POD_EXEC), str(spec_path)]),
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, cwd=str(self.dir),
-                env={"PATH": os.environ.get("PATH", os.defpath), MARKER: str(self.agent.root)},
-            )
-        c.container_id = f"local://{self.uid[:8]}-{c.name}-{c.restart_count}-{c.proc.pid}"
+            try:
+                c.proc, c.container_id = self.launch_runc(c, out)
+            except (oci.ContainerConfigError, OSError, subprocess.SubprocessError) as e:
+                self.remove_runc(c)
+                reason = "CreateContainerConfigError" if isinstance(e, oci.ContainerConfigError) else "CreateContainerError"
+                if c.waiting_message != str(e):
+                    log.info("pod %s/%s: %s: %s", self.ns, self.name, c.name, e)
+                c.waiting_reason, c.waiting_message = reason, str(e)
+                c.next_start = time.monotonic() + 5.0
+                return
         c.started_at = now()
         c.terminated = None
         c.waiting_reason = c.waiting_message = None
         c.ready = False
         c.probe_ok_count = c.probe_fail_count = 0
-        probe = spec.get("readinessProbe") or {}
+        probe = c.spec.get("readinessProbe") or {}
         c.next_probe = time.monotonic() + float(probe.get("initialDelaySeconds", 0))
-        log.info("pod %s/%s: started %s pid %d: %s", self.ns, self.name, c.name, c.proc.pid, argv)
+        log.info("pod %s/%s: started %s pid %d (%s)", self.ns, self.name, c.name, c.proc.pid, c.container_id)
+
+    def launch_runc(self, c: Container, out: Any) -> tuple[subprocess.Popen, str]:
+        """The container from its image: an overlay root of its own, a config from the pod spec, `runc run`."""
+        agent = self.agent
+        assert c.image is not None and c.image_root is not None
+        c.runc_id = f"tb{agent.ip_prefix}-{self.uid[:8]}-{c.name}-{c.restart_count}"
+        c.bundle = self.dir / "runc" / f"{c.name}-{c.restart_count}"
+        rootfs = oci.overlay_rootfs(c.image_root, c.bundle)
+        mounts = [oci.Mount(target="/etc/hosts", source=str(agent.hosts_file(self.ns)), read_only=True),
+                  oci.Mount(target="/etc/hostname", source=str(self.dir / "hostname"), read_only=True)]
+        for m in self.mounts_cache[c.name]:
+            if "tmpfsBytes" in m:
+                mounts.append(oci.Mount(target=m["target"], size=m["tmpfsBytes"] or None))
+            else:
+                mounts.append(oci.Mount(target=m["target"], source=m["source"], read_only=m["readOnly"]))
+        env = self.env_cache[c.name]
+        spec = dict(c.spec)
+        for key in ("command", "args"):
+            if spec.get(key) is not None:
+                spec[key] = [expand(a, env) for a in spec[key]]
+        plan = oci.ContainerPlan(
+            container=spec, pod_spec=self.pod["spec"], image=c.image, env=env, mounts=mounts, rootfs=str(rootfs),
+            hostname=self.hostname, netns=None if self.host_network else agent.net.netns_path(self.uid),
+            identity=oci.resolve_identity(spec, self.pod["spec"], c.image, str(rootfs)),
+            # A top-level cgroup per container: each competes for CPU as one process did (a shared parent
+            # would hold every container of the machine to one share).
+            cgroup=f"/{c.runc_id}", open_files=resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+        )
+        (c.bundle / "config.json").write_text(json.dumps(oci.runtime_spec(plan), indent=1))
+        proc = subprocess.Popen(
+            agent.runc.run_argv(c.bundle, c.runc_id), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, cwd=str(c.bundle),
+            env={"PATH": os.environ.get("PATH", os.defpath), MARKER: str(agent.root)},
+        )
+        return proc, f"runc://{c.runc_id}"
+
+    def remove_runc(self, c: Container) -> None:
+        """After a runc container ends: its runc state, its overlay and its bundle go."""
+        if c.runc_id is not None:
+            self.agent.runc.delete(c.runc_id)
+        if c.bundle is not None:
+            oci.unmount(c.bundle / "rootfs")
+            shutil.rmtree(c.bundle, ignore_errors=True)
+        c.runc_id = c.bundle = None
 
     def reap(self, c: Container) -> bool:
         """Record the exit of c's process; True if it just exited."""
@@ -455,10 +567,8 @@ class PodRun:
         if rc is None:
             return False
         code = rc if rc >= 0 else 128 - rc
-        try:  # as when a container's PID 1 exits: whatever it left behind goes too
-            os.killpg(c.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        self.kill_hard(c)  # as when a container's PID 1 exits: whatever it left behind goes too
+        self.remove_runc(c)
         reason = "Completed" if code == 0 else "Error"
         c.terminated = {"exitCode": code, "reason": reason, "startedAt": c.started_at,
                         "finishedAt": now(), "containerID": c.container_id}
@@ -587,11 +697,10 @@ class PodRun:
             if "exec" in probe:
                 if c.proc is None:
                     return False
-                spaces = ["-m", "-u", "-n"] if self.net_ready else ["-m", "-u"]
-                argv = ["nsenter", "-t", str(c.proc.pid), *spaces, "--", *probe["exec"]["command"]]
-                result = subprocess.run(argv, env=self.env_cache[c.name], cwd=str(self.dir),
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        timeout=max(timeout, 1.0))
+                if c.runc_id is None:
+                    return False
+                result = subprocess.run(self.agent.runc.exec_argv(c.runc_id, probe["exec"]["command"]),
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=max(timeout, 1.0))
                 return result.returncode == 0
         except Exception:  # noqa: BLE001 - any failure is a failed probe
             return False
@@ -622,20 +731,24 @@ class PodRun:
             # the session (children too) goes with the main process
             for c in self.init_containers + self.containers:
                 if c.proc is not None:
-                    try:
-                        os.killpg(c.proc.pid, signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
+                    self.kill_hard(c)
         return not procs
+
+    def kill_hard(self, c: Container) -> None:
+        """SIGKILL to the container (through runc: its processes are not the runc process's group)."""
+        if c.runc_id is not None:
+            self.agent.runc.kill(c.runc_id, "KILL")
+        if c.proc is not None:
+            try:
+                os.killpg(c.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def kill_all(self) -> None:
         for c in self.init_containers + self.containers:
             if c.proc is None:
                 continue
-            try:
-                os.killpg(c.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            self.kill_hard(c)
             try:
                 c.proc.wait(5)
             except subprocess.TimeoutExpired:
@@ -645,7 +758,7 @@ class PodRun:
     # ---------------------------------------------------------------- status
     def _cstatus(self, c: Container) -> dict:
         status: dict[str, Any] = {
-            "name": c.name, "image": c.spec.get("image", ""), "imageID": "",
+            "name": c.name, "image": c.spec.get("image", ""), "imageID": f"sha256:{c.image.id}" if c.image else "",
             "ready": bool(c.ready and c.running), "restartCount": c.restart_count,
             "started": c.running,
         }
@@ -780,6 +893,11 @@ class Agent:
         # Each test bed gets its own 127.B.0.0/16 for pod addresses.
         self.ip_prefix, self._prefix_lock = acquire_prefix(root)
         self.net = Network(network, self.ip_prefix, [self.api_port, *(forward_ports or [])])
+        self.images = oci.ImageStore(f"tb{self.ip_prefix}")
+        self.runc = oci.Runc(oci.runc_state_root(self.ip_prefix))
+        self.image_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="images")
+        self.image_lock = threading.Lock()
+        self.image_lookups: dict[str, tuple[float, oci.ImageConfig | None]] = {}
         self.free_ips: list[str] = []
         self.next_ip = 0
         self.stopping = False
@@ -837,6 +955,19 @@ class Agent:
             return None
         return {k: base64.b64decode(v).decode("utf-8", "replace") for k, v in (sec.get("data") or {}).items()}
 
+    def find_images(self, refs: dict[str, str]) -> dict[str, tuple[oci.ImageConfig, str]]:
+        """{container: (image config, its read-only mount)} for the refs present in local storage."""
+        found = {}
+        with self.image_lock:
+            for container, ref in refs.items():
+                hit = self.image_lookups.get(ref)
+                if hit is None or (hit[1] is None and time.monotonic() - hit[0] > 1.0):
+                    hit = (time.monotonic(), self.images.lookup(ref) if ref else None)
+                    self.image_lookups[ref] = hit
+                if hit[1] is not None:
+                    found[container] = (hit[1], self.images.mount(hit[1]))
+        return found
+
     def request_token(self, run: PodRun, audience: str | None, expiration: int) -> str:
         sa = run.pod["spec"].get("serviceAccountName") or "default"
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
@@ -879,7 +1010,8 @@ class Agent:
             "daemonEndpoints": {"kubeletEndpoint": {"Port": self.kubelet_port}},
             "nodeInfo": {"architecture": "amd64", "operatingSystem": "linux", "osImage": "local processes",
                          "kernelVersion": os.uname().release, "kubeletVersion": version,
-                         "kubeProxyVersion": version, "containerRuntimeVersion": "local-process://1",
+                         "kubeProxyVersion": version,
+                         "containerRuntimeVersion": f"runc://{self.runc.version()}",
                          "machineID": "", "systemUUID": "", "bootID": ""},
         }}, content_type="application/merge-patch+json")
         self.heartbeat()
@@ -1039,6 +1171,7 @@ class Agent:
             self.agent_net_destroy(run)
         if run.ip != HOST_IP:
             self.free_ips.append(run.ip)
+        oci.unmount_under(run.dir)  # never delete through a container's root filesystem
         shutil.rmtree(run.dir, ignore_errors=True)
 
     def reconcile(self) -> None:
@@ -1108,6 +1241,10 @@ class Agent:
 
     def run(self) -> None:
         self.started_at = now()
+        left = oci.cleanup_containers(self.ip_prefix, self.root / "pods")
+        if left:
+            log.info("removed what an earlier agent of this prefix left: %s", left)
+        self.runc.state_root.mkdir(parents=True, exist_ok=True)
         self.net.setup()
         write_info(self.root, self.ip_prefix, self.net.mode)
         log.info("pod network: %s, prefix %d", self.net.mode, self.ip_prefix)
@@ -1135,6 +1272,10 @@ class Agent:
         for run in runs:
             run.kill_all()
         self.probes.shutdown(wait=False, cancel_futures=True)
+        self.image_pool.shutdown(wait=False, cancel_futures=True)
+        oci.unmount_under(self.root / "pods")
+        with self.image_lock:
+            self.images.release()
         self.net.teardown()
         log.info("node agent stopped")
 

@@ -24,6 +24,8 @@ import subprocess
 import threading
 from pathlib import Path
 
+from tests.testbed import oci
+
 CLONE_NEWNET = 0x40000000
 log = logging.getLogger("node-agent")
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -66,7 +68,8 @@ def write_info(root: Path, prefix: int, mode: str) -> None:
 
 
 def cleanup_after(root: Path) -> list[str]:
-    """After a test bed's agent is gone: remove what it left, unless its prefix is held again."""
+    """After a test bed's agent is gone: remove what it left (containers, overlays, network), unless
+    its prefix is held again."""
     info_path = root / "network.json"
     if not info_path.exists():
         return []
@@ -77,7 +80,7 @@ def cleanup_after(root: Path) -> list[str]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return []  # another live test bed owns this prefix now (it cleaned up at its start)
-        removed = cleanup_leftovers(prefix)
+        removed = oci.cleanup_containers(prefix, root / "pods") + cleanup_leftovers(prefix)
         info_path.unlink(missing_ok=True)
         return removed
     finally:
@@ -176,11 +179,9 @@ class Network:
         self._close_servers(uid)
         _ip("netns", "del", self.netns(uid), check=False)
 
-    def wrap(self, uid: str, argv: list[str]) -> list[str]:
-        """argv run inside the pod's network namespace."""
-        if self.mode != "netns":
-            return argv
-        return ["nsenter", f"--net=/run/netns/{self.netns(uid)}", "--", *argv]
+    def netns_path(self, uid: str) -> str | None:
+        """The pod's network namespace; None in loopback mode (pods share the node's)."""
+        return f"/run/netns/{self.netns(uid)}" if self.mode == "netns" else None
 
     # ------------------------------------------------------------------ forwarders
     def _close_servers(self, uid: str) -> None:

@@ -38,20 +38,20 @@ def _processes_under(root) -> list[str]:
     return found
 
 
-def _sleepers(root) -> list[int]:
-    """Marked processes running the pod's command."""
+def _sleepers(token: str) -> list[int]:
+    """Processes running the pod's command (its container's PID 1: the token is in its command line)."""
     found = []
-    for pid in marked_pids(root.resolve()):
+    for entry in os.listdir("/proc"):
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"sleep(3600)" in f.read():
-                    found.append(pid)
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if entry.isdigit() and token.encode() in f.read():
+                    found.append(int(entry))
         except OSError:
             pass
     return found
 
 
-def test_make_testbed_up_then_down_leaves_no_process(tmp_path):
+def test_make_testbed_up_then_down_leaves_no_process(tmp_path, python_image):
     root = tmp_path / "bed"
     up = _make("testbed-up", root, timeout=300)
     try:
@@ -65,15 +65,16 @@ def test_make_testbed_up_then_down_leaves_no_process(tmp_path):
                                           text=True, check=True).stdout)["items"]
         assert LOCAL_NODE in {n["metadata"]["name"] for n in nodes}
         # A pod running on local-0 must be ended by testbed-down as well.
+        token = f"lingerer-{os.getpid()}-{time.monotonic_ns()}"
         pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "lingerer"},
                "spec": {"nodeName": LOCAL_NODE, "containers": [
-                   {"name": "main", "image": "x", "command": ["python", "-c", "import time; time.sleep(3600)"]}]}}
+                   {"name": "main", "image": python_image, "command": ["python", "-c", f"import time; time.sleep(3600)  # {token}"]}]}}
         subprocess.run([*kubectl, "apply", "-f", "-"], input=json.dumps(pod), text=True, check=True,
                        capture_output=True)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not _sleepers(root):
+        while time.monotonic() < deadline and not _sleepers(token):
             time.sleep(0.3)
-        assert _sleepers(root), "the pod process never started"
+        assert _sleepers(token), "the pod process never started"
         assert marked_pids(root.resolve())
         prefix = json.loads((root / "network.json").read_text())["prefix"]
     finally:
@@ -81,7 +82,7 @@ def test_make_testbed_up_then_down_leaves_no_process(tmp_path):
     assert down.returncode == 0, down.stdout + down.stderr
     assert marked_pids(root.resolve()) == []
     assert _processes_under(root) == []
-    assert _sleepers(root) == []
+    assert _sleepers(token) == []
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert f"tb{prefix}-" not in netns
     assert subprocess.run(["ip", "link", "show", f"tbbr{prefix}"], capture_output=True).returncode != 0

