@@ -213,6 +213,7 @@ BAD_SPECS = [
     ("node selector key", {"serving.scheduling.nodeSelector": {"-pool": "l4"}}, "serving.scheduling.nodeSelector"),
     ("env the operator sets", {"podTemplate.env": [{"name": "MASTER_ADDR", "value": "x"}]}, "podTemplate.env"),
     ("volume name the operator uses", {"podTemplate.volumes": [{"name": "dshm", "emptyDir": {}}]}, "podTemplate.volumes"),
+    ("the images' cache volume", {"podTemplate.volumes": [{"name": "cache", "emptyDir": {}}]}, "podTemplate.volumes"),
     ("mount of no volume", {"podTemplate.volumeMounts": [{"name": "cache", "mountPath": "/cache"}]}, "podTemplate.volumeMounts"),
     ("service account not a DNS name", {"podTemplate.serviceAccountName": "Trainer_SA"}, "podTemplate.serviceAccountName"),
     ("negative disruptions", {"runPolicy.maxDisruptions": -1}, "runPolicy.maxDisruptions"),
