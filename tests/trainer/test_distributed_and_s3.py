@@ -33,7 +33,7 @@ def test_two_ranks_over_gloo_stay_in_sync_and_split_class_generation(tmp_path: P
     codes = [process.wait(timeout=600) for process in ranks]
     assert codes == [0, 0], "\n".join((tmp_path / f"rank{r}.log").read_text()[-2000:] for r in (0, 1))
     records = [json.loads((out / "ranks" / f"{rank}.json").read_text()) for rank in (0, 1)]
-    assert records[0]["weights_sha256"] == records[1]["weights_sha256"], "DDP kept the weights identical"
+    assert records[0]["weights_digest"] == records[1]["weights_digest"], "DDP kept the weights identical"
     assert records[0]["step"] == records[1]["step"] == 4
     generated = [record["class_images_generated"] for record in records]
     assert generated == [2, 2], "class generation was split between the ranks"
