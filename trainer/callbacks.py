@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +40,17 @@ def images_per_optimizer_step(cfg: TrainConfig, world: int) -> int:
     return per_micro * cfg.training.gradient_accumulation_steps * world
 
 
-def read_metrics(storage: Storage, up_to_step: int) -> list[str]:
+def read_metrics(storage: Storage, up_to_step: int) -> list[dict[str, Any]]:
     """Metric lines of earlier runs up to the resume step (later ones are re-done)."""
     if not storage.exists(METRICS):
         return []
     lines = []
-    for line in storage.read_text(METRICS).splitlines():
+    for text in storage.read_text(METRICS).splitlines():
         try:
-            if json.loads(line)["step"] <= up_to_step:
+            line = json.loads(text)
+            if line["step"] <= up_to_step:
                 lines.append(line)
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError):
             continue
     return lines
 
@@ -113,7 +115,9 @@ class ProgressReporter(pl.Callback):
         self.tb_dir = tb_dir
         self.json_logs = json_logs
         self.writer = BackgroundWriter() if rank == 0 else None
-        self.lines: list[str] = read_metrics(storage, start_step) if rank == 0 else []
+        # One line per optimizer step: its loss, lr and time, and any validation figures of that
+        # step; figures taken before training (step 0) get a line of their own, without a loss.
+        self.lines: list[dict[str, Any]] = read_metrics(storage, start_step) if rank == 0 else []
         self.pending: list[tuple[int, float, float]] = []  # step, lr, time
         self.pending_losses: list[torch.Tensor] = []
         self.step_seconds: float | None = None
@@ -171,19 +175,24 @@ class ProgressReporter(pl.Callback):
     # -- on the writer thread ------------------------------------------------------------------
     def _write(self, pending: list[tuple[int, float, float]], losses: DeviceValues | None, snapshot: dict[str, Any], state: str) -> None:
         values = losses.get() if losses is not None else []
-        new_lines = []
-        for (step, lr, stamp), value in zip(pending, values):
-            line = {"step": step, "loss": value, "lr": lr, "time": stamp, **snapshot["figures"].get(step, {})}
-            new_lines.append(line)
-        for step in sorted(snapshot["figures"]):
-            self.latest_figures.update(snapshot["figures"][step])
+        new_lines = [{"step": step, "loss": value, "lr": lr, "time": stamp} for (step, lr, stamp), value in zip(pending, values)]
         if values:
             self.last_loss = values[-1]
-        self.lines.extend(json.dumps(line) for line in new_lines)
+        self.lines.extend(new_lines)
+        by_step = {line["step"]: line for line in self.lines}
+        for step in sorted(snapshot["figures"]):
+            figures = snapshot["figures"][step]
+            if step not in by_step:
+                by_step[step] = {"step": step}
+                self.lines.append(by_step[step])
+                new_lines.append(by_step[step])
+            by_step[step].update(figures)
+            self.latest_figures.update(figures)
+        self.lines.sort(key=lambda line: line["step"])
         record = self.progress_record(snapshot, state)
         if self.json_logs:
             log.info("progress", extra=record)
-        self.storage.write_text(METRICS, "\n".join(self.lines) + ("\n" if self.lines else ""))
+        self.storage.write_text(METRICS, "".join(json.dumps(line) + "\n" for line in self.lines))
         self.storage.write_text(PROGRESS, json.dumps(record))
         self._tensorboard(new_lines, record)
 
@@ -303,26 +312,40 @@ class CheckpointTrigger(pl.Callback):
 
 
 class ValidationSampler(pl.Callback):
-    """Rank 0, every `validation.every_n_steps`: a grid of validation images (uploaded by the
-    writer thread) and the validation figures (e.g. subject fidelity) for the metrics."""
+    """Rank 0: validation images and figures (subject fidelity) before training (a fresh run) and
+    every `validation.every_n_steps`; the writer thread uploads them."""
 
-    def __init__(self, cfg: TrainConfig, storage: Storage, render: Callable[[pl.LightningModule], tuple[bytes, dict[str, float]]],
+    def __init__(self, cfg: TrainConfig, storage: Storage, validate: Callable[[pl.LightningModule, int], "ValidationResult"],
                  progress: ProgressReporter):
-        self.cfg, self.storage, self.render, self.progress = cfg, storage, render, progress
+        self.cfg, self.storage, self.validate, self.progress = cfg, storage, validate, progress
         self.seen_step: int | None = None
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self.seen_step = trainer.global_step
+        if trainer.global_step == 0:
+            self.run(trainer, module, 0)
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step, every = trainer.global_step, self.cfg.validation.every_n_steps
         if step == self.seen_step:
             return
         self.seen_step = step
-        if every and step % every == 0 and trainer.is_global_zero and self.progress.writer is not None:
-            png, figures = self.render(module)
-            self.progress.record(step, figures)
-            self.progress.writer.submit(lambda: self.storage.write_bytes(f"samples/step-{step:08d}.png", png))
+        if every and step % every == 0:
+            self.run(trainer, module, step)
+
+    def run(self, trainer: pl.Trainer, module: pl.LightningModule, step: int) -> None:
+        if not trainer.is_global_zero or self.progress.writer is None:
+            return
+        result = self.validate(module, step)
+        self.progress.record(step, result.figures)
+        for key, data in result.files.items():
+            self.progress.writer.submit(lambda key=key, data=data: self.storage.write_bytes(key, data))
+
+
+@dataclass
+class ValidationResult:
+    files: dict[str, bytes]  # storage key -> PNG
+    figures: dict[str, float]
 
 
 class JsonLogFormatter(logging.Formatter):

@@ -148,6 +148,9 @@ class ValidationConfig(Section):
     steps: int = Field(25, ge=1, le=1000)
     guidance_scale: float = Field(7.5, ge=0)
     seed: int = 0
+    fidelity: bool = Field(True, description="Measure how close the instance prompt's images come to the subject photos (and the class prompt's stay away) before training, at each validation and at the end.")
+    fidelity_model: str | None = Field(
+        None, description="A CLIP or DINO vision model (local folder or hf://org/name) for an embedding similarity too; without it only the pixel distance is reported.")
 
 
 class OutputConfig(Section):

@@ -180,6 +180,19 @@ class DreamBoothBatches(torch.utils.data.IterableDataset):
             yield self.batch_at(micro_step)
 
 
+# log-variance standing for "no noise": a deterministic encoder's latents as a distribution.
+DETERMINISTIC_LOGVAR = -30.0
+
+
+def latent_distribution_params(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE's latent distribution as (mean, logvar) stacked on channels. A KL autoencoder gives
+    its Gaussian; a deterministic one (AutoencoderTiny) gives its latents with no variance."""
+    encoded = vae.encode(pixels)
+    if hasattr(encoded, "latent_dist"):
+        return encoded.latent_dist.parameters
+    return torch.cat([encoded.latents, torch.full_like(encoded.latents, DETERMINISTIC_LOGVAR)], dim=1)
+
+
 class LatentCache:
     """VAE latent-distribution parameters per (kind, image, flip), computed once."""
 
@@ -196,7 +209,7 @@ class LatentCache:
                 resized = resize_short_side(image, resolution)
                 for flip in flips:
                     pixels = crop_to_pixels(resized, resolution, True, flip).unsqueeze(0).to(device, dtype)
-                    self._params[(stream, index, flip)] = vae.encode(pixels).latent_dist.parameters[0].float().cpu()
+                    self._params[(stream, index, flip)] = latent_distribution_params(vae, pixels)[0].float().cpu()
 
     def params(self, stream: int, index: int, flip: bool) -> torch.Tensor:
         return self._params[(stream, index, flip)]

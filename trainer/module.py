@@ -6,7 +6,7 @@ import torch
 
 from .checkpoint import RANK_LOCAL
 from .config import TrainConfig
-from .data import step_generator
+from .data import latent_distribution_params, step_generator
 from .errors import UserInputError
 from .loss import diffusion_target, prior_preservation_loss
 
@@ -118,7 +118,7 @@ class DreamBoothModule(pl.LightningModule):
             return batch["latent_params"]
         with torch.no_grad():
             pixels = batch["pixels"].to(self.device, next(self.vae.parameters()).dtype)
-            return self.vae.encode(pixels).latent_dist.parameters
+            return latent_distribution_params(self.vae, pixels)
 
     def compute_loss(self, batch: dict) -> torch.Tensor:
         generator = step_generator(self.cfg.training.seed, int(batch["micro_step"]), self.global_rank, self.device)

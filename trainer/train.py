@@ -101,30 +101,6 @@ def encode_prompt_embeddings(text_encoder: torch.nn.Module, tokenizer: object, p
     return text_encoder(ids.to(device))[0].float().cpu()
 
 
-def render_samples(pipeline: object, cfg: TrainConfig, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> bytes:
-    """A grid of validation images (instance prompt when none are configured) as PNG bytes,
-    generated in the training precision."""
-    from diffusers import StableDiffusionPipeline
-
-    from .generate import ImageRequest, generate_images, image_grid, png_bytes
-
-    view = StableDiffusionPipeline(vae=pipeline.vae, text_encoder=text_encoder, tokenizer=pipeline.tokenizer, unet=unet,
-                                   scheduler=pipeline.scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    validation = cfg.validation
-    prompts = validation.prompts or [cfg.data.instance_prompt]
-    requests = [ImageRequest(prompt, "", validation.seed + i) for prompt in prompts for i in range(validation.num_images)]
-    was_training = unet.training
-    unet.eval()
-    try:
-        with training_precision(cfg, unet.device.type):
-            images = generate_images(view, requests, steps=validation.steps, guidance=validation.guidance_scale,
-                                     height=cfg.data.resolution, width=cfg.data.resolution)
-    finally:
-        unet.train(was_training)
-    return png_bytes(image_grid(images, columns=validation.num_images))
-
-
 def weights_digest(module: torch.nn.Module) -> str:
     """A digest of the trained weights, equal on every rank when DDP kept them in sync. Two integer
     sums of each tensor's bit patterns are computed where the tensor lives and read back once,
@@ -167,7 +143,7 @@ def bucket_cap_mb_for(trainable_bytes: int) -> int:
 
 
 def make_trainer(cfg: TrainConfig, place: Placement, output: "object", json_logs: bool, start_step: int,
-                 pipeline: object | None = None, extra_callbacks: list | None = None, trainable_bytes: int = 0) -> tuple:
+                 validator: object | None = None, extra_callbacks: list | None = None, trainable_bytes: int = 0) -> tuple:
     """The Lightning Trainer every run uses (and the benchmark measures): returns it with the
     checkpoint trigger and the progress reporter, whose state the caller reads afterwards."""
     import pytorch_lightning as pl
@@ -182,8 +158,8 @@ def make_trainer(cfg: TrainConfig, place: Placement, output: "object", json_logs
     trigger = CheckpointTrigger(cfg)
     progress = ProgressReporter(cfg, output, place.world, start_step, tb_dir, json_logs, place.rank)
     validation = []
-    if cfg.validation.every_n_steps and pipeline is not None:
-        validation = [ValidationSampler(cfg, output, lambda m: (render_samples(pipeline, cfg, m.unet, m.text_encoder), {}), progress)]
+    if validator is not None and (cfg.validation.every_n_steps or cfg.validation.fidelity):
+        validation = [ValidationSampler(cfg, output, lambda m, step: validator(m.unet, m.text_encoder, step, with_samples=step > 0), progress)]
     # Extra callbacks (the benchmark's timer) run first, so they never time a checkpoint write;
     # validation runs before the progress reporter hands its step over.
     callbacks: list = [*(extra_callbacks or []), *validation, progress, trigger]
@@ -271,7 +247,13 @@ def run_training(cfg: TrainConfig) -> int:
                                          pin_memory=place.accelerator == "gpu")
 
     trainable_bytes = sum(p.numel() * p.element_size() for p in module.trainable_parameters())
-    trainer, trigger, progress = make_trainer(cfg, place, output, json_logs, start_step, pipeline, trainable_bytes=trainable_bytes)
+    validator = None
+    if place.rank == 0:
+        from .validation import Validator, load_embedding_model
+
+        validator = Validator(cfg, pipeline, instance.images, training_precision(cfg, device.type),
+                              load_embedding_model(cfg.validation.fidelity_model))
+    trainer, trigger, progress = make_trainer(cfg, place, output, json_logs, start_step, validator, trainable_bytes=trainable_bytes)
     wait_for_master(dist_env_from())
     trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_key)
     trainer.strategy.checkpoint_io.wait()  # the last checkpoint is written before anything else
@@ -287,7 +269,10 @@ def run_training(cfg: TrainConfig) -> int:
         if module.ema is not None:
             module.ema.copy_to(module.ema_parameters())
         final_uri = export_pipeline(pipeline, unet, module.text_encoder, output, lora=training.lora.enabled)
-        output.write_bytes("samples/final.png", render_samples(pipeline, cfg, unet, module.text_encoder))
+        result = validator(unet, module.text_encoder, None)
+        for key, data in result.files.items():
+            output.write_bytes(key, data)
+        progress.record(trainer.global_step, result.figures)
         progress.flush("succeeded")
         log.info("done", extra={"final": final_uri, "step": trainer.global_step})
     progress.close()
