@@ -6,7 +6,7 @@ UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-unit test-trainer test-server test-chart browser demo bench bench-serve bench-operator clean
+.PHONY: help venv test test-unit test-trainer test-server test-chart browser terminal demo bench bench-serve bench-operator clean
 
 help:
 	@echo "make demo   - run the product end to end on this machine"
@@ -33,12 +33,16 @@ $(STAMP): pyproject.toml | $(UV)
 
 venv: $(STAMP)
 
-test: $(STAMP) testbed-binaries browser
+test: $(STAMP) testbed-binaries browser terminal
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Debian's chromium for the web-page test (installed once; a no-op when present).
 browser:
 	bash tests/server/install-browser.sh
+
+# Debian's tmux for the terminal test of `dreambooth submit` (a no-op when present).
+terminal:
+	bash tests/apt-install.sh tmux tmux
 
 test-server: $(STAMP) browser
 	$(PY) -m pytest tests/server $(PYTEST_ARGS)

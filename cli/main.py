@@ -1,4 +1,5 @@
-"""The `dreambooth` command, above every room it dispatches to: train, generate, serve, crd.
+"""The `dreambooth` command, above every room it dispatches to: train, generate, serve, crd, and
+(from cli/cluster.py) submit and jobs, which go to the client.
 
 Each command imports its room (trainer, server, spec) lazily, so `--help` and `crd` stay fast
 and `dreambooth train` in a pod loads only the trainer. Nothing imports this module.
@@ -14,6 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .cluster import register as register_cluster_commands
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -120,6 +122,9 @@ def crd() -> None:
     from dreambooth_trainer.spec import crd_yaml
 
     typer.echo(crd_yaml(), nl=False)
+
+
+register_cluster_commands(app)
 
 
 def main() -> None:

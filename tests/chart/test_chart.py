@@ -171,6 +171,8 @@ def test_install_creates_the_operator_deployment(testbed: Any, release: Release)
     assert testbed.get("crd", CRD) is not None
     notes = release.install_output.split("NOTES:", 1)[-1]
     assert f"helm test {RELEASE} -n {release.namespace}" in notes and "kubectl -n <your-namespace> apply -f examples/job.yaml" in notes
+    assert "dreambooth submit ./photos --token sks --class dog -n <your-namespace>" in notes
+    assert f"ConfigMap {release.namespace}/dreambooth-defaults; users who may not list ConfigMaps" in notes
     print(f"\n[chart] helm install --wait took {release.install_seconds:.1f} s")
 
 
@@ -250,6 +252,22 @@ def test_users_manage_dreamboothjobs_with_the_built_in_roles(testbed: Any, relea
     assert can_i(testbed, "bob", "get", "dreamboothjobs.dreambooth.dev", namespace, "status")
     assert not can_i(testbed, "bob", "create", "dreamboothjobs.dreambooth.dev", namespace)
     assert not can_i(testbed, "carol", "list", "dreamboothjobs.dreambooth.dev", namespace), "no role, no access"
+
+
+def test_the_defaults_are_published_for_clients_as_the_operator_gets_them(testbed: Any, release: Release) -> None:
+    """ConfigMap dreambooth-defaults (what `dreambooth submit` reads) holds the operator's DREAMBOOTH_*
+    env, and every signed-in user may read that one object and nothing else there."""
+    published = testbed.get("configmap", "dreambooth-defaults", release.namespace)
+    assert published["metadata"]["labels"]["dreambooth.dev/installation-defaults"] == "true"
+    (pod,) = operator_pods(testbed, release.namespace, RELEASE)
+    env = {e["name"]: e.get("value", "") for e in pod["spec"]["containers"][0]["env"] if e["name"] in published["data"]}
+    assert env == {key: value for key, value in published["data"].items() if key in env}
+    assert set(published["data"]) - set(env) == {"DREAMBOOTH_STORAGE_CLIENT_ENDPOINT"}, "client-only keys"
+    assert published["data"]["DREAMBOOTH_STORAGE_ENDPOINT"] == testbed.minio.endpoint
+    assert can_i(testbed, "carol", "get", "configmaps/dreambooth-defaults", release.namespace)
+    assert not can_i(testbed, "carol", "get", "configmaps/other", release.namespace)
+    assert not can_i(testbed, "carol", "list", "configmaps", release.namespace)
+    assert not can_i(testbed, "carol", "get", "configmaps/dreambooth-defaults", "default")
 
 
 def phase_of(testbed: Any, namespace: str, name: str) -> str | None:
