@@ -20,7 +20,7 @@ TEXT_HIDDEN = 32
 MAX_TOKENS = 77
 VAE_BLOCKS = 3  # two 2x downsamplings: the latent is 1/4 of the image's side
 LATENT_CHANNELS = 4  # red, green, blue, luminance
-# Latents are pixel means in [0, 1]; x2 spreads them over about the unit variance noise has.
+# The encoder's latents are pixel means in [0, 1] less 0.5; x2 puts the model's latents in [-1, 1].
 VAE_SCALING_FACTOR = 2.0
 
 
@@ -48,16 +48,22 @@ def block_mean_autoencoder() -> AutoencoderTiny:
                           latent_channels=LATENT_CHANNELS, scaling_factor=VAE_SCALING_FACTOR)
     for parameter in vae.parameters():
         parameter.zero_()
-    for conv in (m for m in vae.modules() if isinstance(m, torch.nn.Conv2d)):
+    # The blocks' own convolutions stay zero, which makes each block the identity on the
+    # non-negative values it sees (ReLU(0 + x)); the convolutions between blocks carry the image.
+    encoder_convs = [m for m in vae.encoder.layers if isinstance(m, torch.nn.Conv2d)]
+    decoder_convs = [m for m in vae.decoder.layers if isinstance(m, torch.nn.Conv2d)]
+    for conv in encoder_convs + decoder_convs:
         if conv.stride == (2, 2):  # downsampling: the mean of each 2x2 block, channel by channel
             for channel in range(conv.out_channels):
                 conv.weight[channel, channel, 1:, 1:] = 0.25
         else:  # pass red, green, blue through the 3x3 kernel's centre
             for channel in range(min(conv.in_channels, conv.out_channels, 3)):
                 conv.weight[channel, channel, 1, 1] = 1.0
-    # The encoder's last convolution also writes luminance into the fourth latent channel.
-    encoder_out = [m for m in vae.encoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-    encoder_out.weight[3, :3, 1, 1] = 1.0 / 3.0
+    # The encoder's last convolution also writes luminance into the fourth latent channel and
+    # centres the latents on 0; the decoder's first one adds the 0.5 back.
+    encoder_convs[-1].weight[3, :3, 1, 1] = 1.0 / 3.0
+    encoder_convs[-1].bias.fill_(-0.5)
+    decoder_convs[0].bias[:3] = 0.5
     return vae
 
 
@@ -95,6 +101,9 @@ def tiny_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusionPipeli
         vae = block_mean_autoencoder()
     finally:
         torch.random.set_rng_state(generator_state)
+    # The tiny model's latents are bounded ([-1, 1]): dynamic thresholding keeps each step's
+    # estimate of the clean latent inside that range, so a briefly trained model samples images,
+    # not blown-up noise.
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -102,6 +111,8 @@ def tiny_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusionPipeli
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        thresholding=True,
+        sample_max_value=1.0,
     )
     return StableDiffusionPipeline(
         vae=vae,
