@@ -11,6 +11,8 @@ batched as uncond+cond, DDIM, VAE decode. The server is `create_app` driven over
 
 Prints one JSON line per case and `serve_speedup: X.XX` = server images/s at concurrency 8 over
 the baseline's images/s (the better of its two runs, one before and one after the server's).
+Then the many-subjects case (bench_many_subjects.py): 20 LoRA subjects behind one server vs one
+server per subject, a Zipf mix at concurrency 8; `--case many-subjects` runs it alone.
 """
 from __future__ import annotations
 
@@ -112,7 +114,8 @@ async def server_images_per_s(app: object, concurrency: int, requests: int, step
 
 
 async def run_server_cases(pipeline: object, device: str, args: argparse.Namespace) -> list[dict]:
-    from dreambooth_trainer.server import ServerSettings, create_app, ready_for_serving
+    from dreambooth_serving.app import ServerSettings, create_app
+    from dreambooth_serving.runtime import ready_for_serving
 
     settings = ServerSettings(device=device, max_batch=8, max_queue=256, max_wait_s=args.max_wait, compile=args.compile)
     app = create_app(settings, load=lambda: ready_for_serving(pipeline, device, args.compile))
@@ -138,6 +141,10 @@ def main() -> int:
     parser.add_argument("--requests-concurrent", type=int, default=None, help="requests at concurrency 8")
     parser.add_argument("--max-wait", type=float, default=0.02, help="the batcher's wait for more requests, s")
     parser.add_argument("--compile", action="store_true", help="torch.compile the server's UNet")
+    parser.add_argument("--case", choices=("all", "throughput", "many-subjects"), default="all")
+    parser.add_argument("--mix-requests", type=int, default=None, help="requests per many-subjects case (tiny: 96, SD1.5: 48)")
+    parser.add_argument("--concurrency", type=int, default=8, help="clients in the many-subjects cases")
+    parser.add_argument("--rounds", type=int, default=5, help="many-subjects rounds (ratios: the median over rounds)")
     args = parser.parse_args()
     if not args.tiny and not torch.cuda.is_available():
         print("no CUDA device: running the tiny model on the CPU", file=sys.stderr)
@@ -150,19 +157,32 @@ def main() -> int:
         from dreambooth_trainer.tiny import tiny_pipeline
 
         pipeline = tiny_pipeline(seed=0)
-        defaults = (4, 24, 64)
+        defaults = (4, 24, 64, 96)
     else:
         device = "cuda"
         pipeline = sd15_random_pipeline()
-        defaults = (25, 6, 32)
+        defaults = (25, 6, 32, 48)
     args.steps = args.steps or defaults[0]
     args.requests = args.requests or defaults[1]
     args.requests_concurrent = args.requests_concurrent or defaults[2]
+    args.mix_requests = args.mix_requests or defaults[3]
     pipeline.to(device)
     info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "model": "tiny" if args.tiny else "SD1.5 shapes, random weights, bf16", "steps": args.steps,
             "size": pipeline.unet.config.sample_size * pipeline.vae_scale_factor}
     print(json.dumps(info), flush=True)
+    args.size = info["size"]
+    if args.case in ("all", "throughput"):
+        throughput_cases(pipeline, device, args)
+    if args.case in ("all", "many-subjects"):
+        sys.path.insert(0, str(Path(__file__).parent))
+        import bench_many_subjects
+
+        bench_many_subjects.report(bench_many_subjects.many_subjects(pipeline, device, args))
+    return 0
+
+
+def throughput_cases(pipeline: object, device: str, args: argparse.Namespace) -> None:
     # The baseline runs before AND after the server (same modules; the server's channels-last
     # layout then applies to it too) and its better figure is the one compared against.
     before = plain_loop_images_per_s(pipeline, device, args.steps, args.guidance, args.requests)
@@ -175,7 +195,6 @@ def main() -> int:
             result["vs_baseline"] = round(result["images_per_s"] / baseline["images_per_s"], 2)
         print(json.dumps(result), flush=True)
     print(f"serve_speedup: {served[-1]['images_per_s'] / baseline['images_per_s']:.2f}", flush=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The `dreambooth` command, above every room it dispatches to: train, generate, serve, crd, and
 (from cli/cluster.py) submit and jobs, which go to the client.
 
-Each command imports its room (trainer, server, spec) lazily, so `--help` and `crd` stay fast
+Each command imports its room (trainer, serving, spec) lazily, so `--help` and `crd` stay fast
 and `dreambooth train` in a pod loads only the trainer. Nothing imports this module.
 Exit codes: 0 done; 2 bad config or input (do not retry); 143 stopped by SIGTERM after a
 checkpoint (retry resumes); anything else is a failure worth a retry.
@@ -99,21 +99,47 @@ def generate(
         typer.echo(str(path))
 
 
+def parse_adapters(specs: list[str]) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for spec in specs:
+        name, sep, uri = spec.partition("=")
+        if not sep or not name or not uri:
+            fail(f"--adapter {spec!r}: expected NAME=URI (a LoRA folder or .safetensors file, local or s3://)")
+        pairs.append((name, uri))
+    return tuple(pairs)
+
+
 @app.command()
 def serve(
-    model: Annotated[str, typer.Option(help="final/ folder (local or s3://), tiny, or a base model with --lora.")],
+    model: Annotated[str, typer.Option(help="final/ folder (local or s3://), tiny, or a base model for --lora/--adapter/--registry.")],
     host: str = "127.0.0.1",
     port: int = 8080,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     max_batch: Annotated[int, typer.Option(min=1)] = 8,
     max_queue: Annotated[int, typer.Option(min=1)] = 64,
-    lora: Annotated[Optional[str], typer.Option(help="LoRA weights applied on top of --model.")] = None,
+    lora: Annotated[Optional[str], typer.Option(help="LoRA weights applied on top of --model (one subject, no switching).")] = None,
     compile: Annotated[bool, typer.Option(help="torch.compile the UNet.")] = False,
+    model_name: Annotated[Optional[str], typer.Option(help="The `model` name of the base model in requests; default: --model.")] = None,
+    adapter: Annotated[Optional[list[str]], typer.Option(help="NAME=URI: a LoRA adapter served as model NAME (repeatable).")] = None,
+    registry: Annotated[Optional[Path], typer.Option(help="Registry file of adapters (the operator mounts one); re-read when it changes.")] = None,
+    max_adapters: Annotated[int, typer.Option(min=1, help="Adapters kept on the device (least recently used out first).")] = 32,
+    max_adapter_mib: Annotated[int, typer.Option(min=1, help="MiB of adapter weights kept on the device.")] = 2048,
+    max_adapters_per_batch: Annotated[int, typer.Option(min=1, help="Distinct adapters in one UNet batch (1: one adapter per batch).")] = 8,
+    tiny_seed: Annotated[int, typer.Option(min=0, help="Seed of the built-in tiny model (its training.seed).")] = 0,
+    tiny_resolution: Annotated[int, typer.Option(min=8, help="Image side the tiny model is shaped for.")] = 32,
 ) -> None:
-    """Serve the model over HTTP: POST /v1/generate, a web page at /, probes and /metrics."""
-    from dreambooth_trainer.server import run_server
+    """Serve over HTTP: the OpenAI Images API, POST /v1/generate, a web page at /, probes and /metrics."""
+    from dreambooth_serving.server import run_server
+    from dreambooth_serving.settings import ServerSettings, api_token_from_env
 
-    run_server(model=model, host=host, port=port, device=device, max_batch=max_batch, max_queue=max_queue, lora=lora, compile=compile)
+    settings = ServerSettings(
+        model=model, model_name=model_name, device=device, max_batch=max_batch, max_queue=max_queue, lora=lora,
+        compile=compile, api_token=api_token_from_env(), tiny_seed=tiny_seed, tiny_resolution=tiny_resolution,
+        adapters=parse_adapters(adapter or []), registry=str(registry) if registry else None,
+        max_resident_adapters=max_adapters, max_adapter_bytes=max_adapter_mib * 1024**2,
+        max_adapters_per_batch=max_adapters_per_batch,
+    )
+    run_server(settings, host=host, port=port)
 
 
 @app.command()

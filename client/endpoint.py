@@ -55,10 +55,11 @@ def service_ref(url: str) -> ServiceRef:
 class Endpoint:
     """One inference server: direct when its name resolves from here, else via the API server."""
 
-    def __init__(self, kube: KubeApi, service: ServiceRef, direct: bool | None = None) -> None:
+    def __init__(self, kube: KubeApi, service: ServiceRef, direct: bool | None = None, model: str | None = None) -> None:
         self.kube = kube
         self.service = service
         self.direct = _resolves(service) if direct is None else direct
+        self.model = model  # the job's subject on the server (status.serving.model): a shared server serves many
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
                 timeout: float = GENERATE_TIMEOUT) -> tuple[int, dict[str, str], bytes]:
@@ -77,7 +78,8 @@ class Endpoint:
 
     def generate(self, prompt: str, **params: Any) -> tuple[bytes, int | None]:
         """One PNG (and its seed) from POST /v1/generate; EndpointError with the server's reason."""
-        payload = {"prompt": prompt, **{key: value for key, value in params.items() if value is not None}}
+        payload = {"prompt": prompt, "model": self.model, **params}
+        payload = {key: value for key, value in payload.items() if value is not None}
         for attempt in range(UNAVAILABLE_RETRIES + 1):
             status, headers, body = self.request("POST", GENERATE_PATH, json.dumps(payload).encode(),
                                                  {"Content-Type": "application/json", "Accept": "image/png"})
@@ -197,7 +199,7 @@ def call_lines(status: JobStatus, prompt: str, port: int = 8080, openai: bool = 
     (when the server speaks its Images API) and this SDK."""
     name, namespace = status.name, status.namespace
     local = f"http://127.0.0.1:{port}"
-    body = json.dumps({"prompt": prompt, "steps": 25, "seed": 42})
+    body = json.dumps({"prompt": prompt, **({"model": status.model_name} if status.model_name else {}), "steps": 25, "seed": 42})
     lines = [
         f"Endpoint (inside the cluster): {status.endpoint}",
         "From this machine, keep a local port open to it (through the Kubernetes API server):",

@@ -302,7 +302,7 @@ class Job:
         if not status.endpoint:
             raise EndpointError(f"DreamboothJob {self.namespace}/{self.name} has no endpoint "
                                 f"({'serving is off' if not status.serving_enabled else status.phase})")
-        return Endpoint(self.client.kube, service_ref(status.endpoint))
+        return Endpoint(self.client.kube, service_ref(status.endpoint), model=status.model_name)
 
     def generate_png(self, prompt: str, *, negative_prompt: str = "", steps: int | None = None,
                      guidance_scale: float | None = None, seed: int | None = None, width: int | None = None,

@@ -16,6 +16,7 @@ COPY pyproject.toml README.md ./
 COPY trainer/ trainer/
 COPY operator/ operator/
 COPY cli/ cli/
+COPY serving/ serving/
 # --no-deps: the project's own dependency list is the trainer's (torch & co); the operator needs
 # only operator-requirements.txt.
 RUN /opt/venv/bin/pip install --no-deps . \

@@ -22,6 +22,7 @@ COPY pyproject.toml README.md ./
 COPY trainer/ trainer/
 COPY operator/ operator/
 COPY cli/ cli/
+COPY serving/ serving/
 RUN /opt/venv/bin/pip install -c images/constraints.txt . \
     && /opt/venv/bin/python -c "import torch, torch.distributed; assert torch.distributed.is_nccl_available()"
 

@@ -8,7 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dreambooth_trainer.spec import DreamboothJobSpec, output_uri, train_config_from_spec
+from dreambooth_trainer.spec import (
+    DreamboothJobSpec,
+    SecretKeyRef,
+    ServingAuth,
+    StorageSpec,
+    output_uri,
+    train_config_from_spec,
+)
 
 CONFIG_DIR = "/etc/dreambooth"
 CONFIG_KEY = "config.yaml"
@@ -22,6 +29,8 @@ SERVER_CONTAINER = "server"
 # The trainer's exit code for bad config or input: restarting cannot help.
 EXIT_BAD_INPUT = 2
 GPU_RESOURCE = "nvidia.com/gpu"
+# The env var `dreambooth serve` reads its bearer token from (dreambooth_serving.settings.TOKEN_ENV).
+API_TOKEN_ENV = "DREAMBOOTH_API_TOKEN"
 
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
@@ -98,8 +107,10 @@ def _metadata(job: JobRef, name: str, component: str, extra: dict[str, str] | No
 
 
 def storage_env(job: JobRef) -> list[dict[str, Any]]:
-    storage = job.spec.storage
-    ref = storage.credentials_secret_ref
+    return storage_env_from(job.spec.storage, job.spec.storage.credentials_secret_ref)
+
+
+def storage_env_from(storage: StorageSpec, ref: SecretKeyRef) -> list[dict[str, Any]]:
     scheme = "https" if storage.secure else "http"
     env: list[dict[str, Any]] = [
         {"name": "AWS_ENDPOINT_URL", "value": f"{scheme}://{storage.endpoint}"},
@@ -267,11 +278,59 @@ def build_trainer_job(job: JobRef, gang: int) -> dict[str, Any]:
 # --- serving ----------------------------------------------------------------------------
 
 
+def serving_env(storage: StorageSpec, auth: ServingAuth) -> list[dict[str, Any]]:
+    """Inference pods read final/ only: the read-only credentials when the job or the installation
+    gives them, and the API token, both by secretKeyRef (never copied into the manifest)."""
+    env = storage_env_from(storage, storage.serving_credentials_secret_ref or storage.credentials_secret_ref)
+    if auth.token_secret_ref is not None:
+        ref = auth.token_secret_ref
+        env.append({"name": API_TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    return [*env, {"name": "DREAMBOOTH_LOG_FORMAT", "value": "json"}]
+
+
+def inference_pod_template(labels: dict[str, str], image: str, args: list[str], env: list[dict[str, Any]],
+                           resources: Any, mounts: list[dict[str, Any]] = (), volumes: list[dict[str, Any]] = ()) -> dict[str, Any]:
+    """A pod running `dreambooth serve <args>` on port http, ready once warmed up."""
+    probe = {"httpGet": {"port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5}
+    return {
+        "metadata": {"labels": dict(labels)},
+        "spec": {
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+            "securityContext": pod_security_context(),
+            "containers": [
+                {
+                    "name": SERVER_CONTAINER,
+                    "image": image,
+                    "imagePullPolicy": "IfNotPresent",
+                    "command": ["dreambooth", "serve", *args, "--host", "0.0.0.0", "--port", str(SERVE_PORT)],
+                    "env": env,
+                    "ports": [{"name": "http", "containerPort": SERVE_PORT, "protocol": "TCP"}],
+                    # Ready once the weights are loaded and a warm-up image was generated.
+                    "readinessProbe": {**probe, "httpGet": {"path": "/readyz", "port": "http"}, "failureThreshold": 3},
+                    # Loading big weights can take minutes: liveness only fails a long-hung server.
+                    "livenessProbe": {
+                        **probe,
+                        "httpGet": {"path": "/healthz", "port": "http"},
+                        "initialDelaySeconds": 30,
+                        "failureThreshold": 6,
+                    },
+                    "resources": _resources(resources.cpu, resources.memory, resources.gpus),
+                    "securityContext": container_security_context(),
+                    "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}, *mounts],
+                }
+            ],
+            "volumes": [{"name": "scratch", "emptyDir": {}}, *volumes],
+            "tolerations": _gpu_tolerations(resources.gpus),
+        },
+    }
+
+
 def build_inference_deployment(job: JobRef) -> dict[str, Any]:
     serving = job.spec.serving
     name = inference_name(job.name)
     metadata = _metadata(job, name, "inference")
-    probe = {"httpGet": {"port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5}
+    args = ["--model", f"{job.output_uri}/final", "--model-name", job.name]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -279,43 +338,8 @@ def build_inference_deployment(job: JobRef) -> dict[str, Any]:
         "spec": {
             "replicas": serving.replicas,
             "selector": {"matchLabels": selector_labels(job.name, "inference")},
-            "template": {
-                "metadata": {"labels": dict(metadata["labels"])},
-                "spec": {
-                    "automountServiceAccountToken": False,
-                    "enableServiceLinks": False,
-                    "securityContext": pod_security_context(),
-                    "containers": [
-                        {
-                            "name": SERVER_CONTAINER,
-                            "image": serving.image,
-                            "imagePullPolicy": "IfNotPresent",
-                            "command": [
-                                "dreambooth", "serve",
-                                "--model", f"{job.output_uri}/final",
-                                "--host", "0.0.0.0",
-                                "--port", str(SERVE_PORT),
-                            ],
-                            "env": [*storage_env(job), {"name": "DREAMBOOTH_LOG_FORMAT", "value": "json"}],
-                            "ports": [{"name": "http", "containerPort": SERVE_PORT, "protocol": "TCP"}],
-                            # Ready once the weights are loaded and a warm-up image was generated.
-                            "readinessProbe": {**probe, "httpGet": {"path": "/readyz", "port": "http"}, "failureThreshold": 3},
-                            # Loading big weights can take minutes: liveness only fails a long-hung server.
-                            "livenessProbe": {
-                                **probe,
-                                "httpGet": {"path": "/healthz", "port": "http"},
-                                "initialDelaySeconds": 30,
-                                "failureThreshold": 6,
-                            },
-                            "resources": _resources(serving.resources.cpu, serving.resources.memory, serving.resources.gpus),
-                            "securityContext": container_security_context(),
-                            "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}],
-                        }
-                    ],
-                    "volumes": [{"name": "scratch", "emptyDir": {}}],
-                    "tolerations": _gpu_tolerations(serving.resources.gpus),
-                },
-            },
+            "template": inference_pod_template(metadata["labels"], serving.image, args,
+                                               serving_env(job.spec.storage, serving.auth), serving.resources),
         },
     }
 

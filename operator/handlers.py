@@ -15,7 +15,9 @@ import kopf
 from dreambooth_trainer.config import ConfigError
 from dreambooth_trainer.spec import GROUP, PLURAL, VERSION, DreamboothJobSpec, parse_spec, with_operator_defaults
 
-from . import builders, kube, lifecycle, metrics, store
+from . import builders, kube, lifecycle, metrics, registration, store
+from .network_policies import build_job_network_policy
+from .shared_server import LABEL_SERVER
 from .conditions import ACCEPTED, FAILED, TERMINAL_PHASES, is_true
 
 # Timers catch what no event announces (progress, backoff expiry, deadlines, TTL).
@@ -27,6 +29,7 @@ def operator_defaults(environ: dict[str, str] | os._Environ = os.environ) -> dic
     """What this installation fills in for jobs that leave it out (the chart sets these env vars)."""
     secure = environ.get("DREAMBOOTH_STORAGE_SECURE", "").strip().lower()
     secret = environ.get("DREAMBOOTH_STORAGE_CREDENTIALS_SECRET") or None
+    read_only = environ.get("DREAMBOOTH_STORAGE_SERVING_CREDENTIALS_SECRET") or None
     return {
         "resources.image": environ.get("DREAMBOOTH_TRAINER_IMAGE") or None,
         "serving.image": environ.get("DREAMBOOTH_INFERENCE_IMAGE") or None,
@@ -34,13 +37,18 @@ def operator_defaults(environ: dict[str, str] | os._Environ = os.environ) -> dic
         "storage.bucket": environ.get("DREAMBOOTH_STORAGE_BUCKET") or None,
         "storage.secure": {"true": True, "false": False}.get(secure),
         "storage.credentialsSecretRef": {"name": secret} if secret else None,
+        "storage.servingCredentialsSecretRef": {"name": read_only} if read_only else None,
     }
 
 
 def spec_with_defaults(raw: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """The job's spec completed by the installation's defaults; `secure` goes with the endpoint."""
-    if "endpoint" in (raw.get("storage") or {}):
+    """The job's spec completed by the installation's defaults; `secure` goes with the endpoint, and
+    the read-only serving Secret with the installation's read-write one."""
+    storage = raw.get("storage") or {}
+    if "endpoint" in storage:
         defaults = {path: value for path, value in defaults.items() if path != "storage.secure"}
+    if "credentialsSecretRef" in storage:
+        defaults = {path: value for path, value in defaults.items() if path != "storage.servingCredentialsSecretRef"}
     return with_operator_defaults(raw, defaults)
 
 
@@ -94,11 +102,21 @@ def on_child_event(labels: dict[str, str], namespace: str, logger: logging.Logge
     owner = labels.get(builders.LABEL_JOB)
     if owner:
         reconcile(namespace, owner, logger)
+    elif labels.get(LABEL_SERVER):  # a shared server: every job it serves may change ServingReady
+        for job in registration.registered_jobs(namespace, labels[LABEL_SERVER]):
+            reconcile(namespace, job, logger)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
-def on_delete(name: str, namespace: str, **_: Any) -> None:
-    # Children go with the owner references (garbage collector); only local state is left.
+def on_delete(name: str, namespace: str, uid: str, status: dict[str, Any], logger: logging.Logger, **_: Any) -> None:
+    # Children go with the owner references (garbage collector); a shared server's registry
+    # entry is taken out here at once (and swept later, should this fail).
+    server = (status.get("serving") or {}).get("server")
+    if server:
+        try:
+            registration.unregister(namespace, server, name, uid)
+        except kube.KubeError as error:
+            logger.warning("adapter %s stays registered with %s until the next sweep: %s", name, server, error)
     metrics.forget(f"{namespace}/{name}")
     with _locks_guard:
         _locks.pop(f"{namespace}/{name}", None)
@@ -204,12 +222,14 @@ def observe(ref: builders.JobRef, status: dict[str, Any], generation: int | None
     terminal = status.get("phase") in TERMINAL_PHASES
     if not terminal:
         progress, latest = _read_progress(ref, status, logger)
-    serving = None
+    serving = shared = None
     if terminal or (job is not None and job.succeeded):
         serving = lifecycle.serving_state(kube.read_deployment(ref.namespace, builders.inference_name(ref.name)))
+        shared = registration.observe(ref) if ref.spec.serving.server and ref.spec.serving.enabled else None
     return lifecycle.Observation(
         name=ref.name, namespace=ref.namespace, generation=generation, spec=ref.spec, status=status, now=now,
         job=job, stale_jobs=stale_jobs, stale_pods=stale_pods, progress=progress, latest_checkpoint=latest, serving=serving,
+        shared=shared,
     )
 
 
@@ -225,7 +245,7 @@ def _read_progress(ref: builders.JobRef, status: dict[str, Any], logger: logging
 
 
 def _ensure_training_objects(body: dict[str, Any], ref: builders.JobRef) -> None:
-    for manifest in (builders.build_config_map(ref), builders.build_worker_service(ref)):
+    for manifest in (builders.build_config_map(ref), builders.build_worker_service(ref), build_job_network_policy(ref)):
         kopf.append_owner_reference(manifest, owner=body)
         kube.ensure(manifest)
 
@@ -249,6 +269,10 @@ def _act(body: dict[str, Any], ref: builders.JobRef, action: lifecycle.Action, l
             kube.ensure(manifest)
     elif action.kind == "delete_serving":
         kube.delete_serving(ns, builders.inference_name(name))
+    elif action.kind == "register_adapter":
+        registration.register(ref, datetime.now(timezone.utc))
+    elif action.kind == "unregister_adapter":
+        registration.unregister(ns, action.server or "", name, ref.uid)
     elif action.kind == "delete_self":
         logger.info("ttlSecondsAfterFinished passed: deleting %s/%s", ns, name)
         kube.delete_dreamboothjob(ns, name)

@@ -115,9 +115,10 @@ def _selector(labels: dict[str, str]) -> str:
 
 # --- writes -----------------------------------------------------------------------------
 
-_PLURALS = {"ConfigMap": "configmaps", "Service": "services", "Job": "jobs", "Deployment": "deployments"}
+_PLURALS = {"ConfigMap": "configmaps", "Service": "services", "Job": "jobs", "Deployment": "deployments",
+            "NetworkPolicy": "networkpolicies"}
 # A Job's pod template is immutable: an existing one is left as it is.
-_PATCHABLE = {"ConfigMap", "Service", "Deployment"}
+_PATCHABLE = {"ConfigMap", "Service", "Deployment", "NetworkPolicy"}
 
 
 def ensure(manifest: dict[str, Any]) -> bool:
@@ -164,3 +165,44 @@ def patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
         "PATCH", _ns_path(f"{GROUP}/{VERSION}", namespace, PLURAL, name) + "/status", body={"status": status},
         content_type="application/merge-patch+json", missing_ok=True,
     )
+
+
+# --- objects read and replaced whole (optimistic concurrency) --------------------------------
+
+
+class Conflict(KubeError):
+    """The object changed (or appeared) since it was read: read it again and retry."""
+
+
+def read_object(api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+    return _request("GET", _ns_path(api_version, namespace, _PLURALS[kind], name), missing_ok=True)
+
+
+def create_object(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Create; Conflict when an object of that name exists already."""
+    namespace = manifest["metadata"]["namespace"]
+    created = _request("POST", _ns_path(manifest["apiVersion"], namespace, _PLURALS[manifest["kind"]]), body=manifest, conflict_ok=True)
+    if created is None:
+        raise Conflict(f"{manifest['kind']} {namespace}/{manifest['metadata']['name']} exists already")
+    return created
+
+
+def replace_object(manifest: dict[str, Any]) -> dict[str, Any]:
+    """PUT with the resourceVersion it was read at; Conflict when it changed or is gone since."""
+    meta = manifest["metadata"]
+    path = _ns_path(manifest["apiVersion"], meta["namespace"], _PLURALS[manifest["kind"]], meta["name"])
+    replaced = _request("PUT", path, body=manifest, conflict_ok=True, missing_ok=True)
+    if replaced is None:
+        raise Conflict(f"{manifest['kind']} {meta['namespace']}/{meta['name']} changed since it was read")
+    return replaced
+
+
+def delete_object(api_version: str, kind: str, namespace: str, name: str, resource_version: str | None = None) -> None:
+    """Delete (dependents follow in the background); nothing when it is gone already. With
+    `resource_version`: only that version of it, else Conflict."""
+    options: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+    if resource_version:
+        options["preconditions"] = {"resourceVersion": resource_version}
+    found = _request("DELETE", _ns_path(api_version, namespace, _PLURALS[kind], name), body=options, missing_ok=True, conflict_ok=True)
+    if found is None and resource_version and read_object(api_version, kind, namespace, name) is not None:
+        raise Conflict(f"{kind} {namespace}/{name} changed since it was read")

@@ -12,7 +12,7 @@ from typing import Any
 
 from dreambooth_trainer.spec import DreamboothJobSpec
 
-from . import builders
+from . import builders, shared_server
 from .conditions import (
     ACCEPTED,
     FAILED,
@@ -73,13 +73,15 @@ class Observation:
     progress: dict[str, Any] | None = None  # progress.json, when readable
     latest_checkpoint: str | None = None
     serving: ServingState | None = None
+    shared: shared_server.SharedServerState | None = None  # the shared server named by serving.server
 
 
 @dataclass(frozen=True)
 class Action:
-    kind: str  # create_job, delete_job, suspend_job, ensure_serving, delete_serving, delete_self
+    kind: str  # create_job, delete_job, suspend_job, ensure_serving, delete_serving, register_adapter, unregister_adapter, delete_self
     gang: int | None = None
     value: bool | None = None
+    server: str | None = None  # unregister_adapter: the shared server the adapter leaves
 
 
 @dataclass
@@ -110,8 +112,8 @@ class _Draft:
             self.status["conditions"], type_, value, reason, message, self.obs.generation, self.obs.now
         )
 
-    def act(self, kind: str, gang: int | None = None, value: bool | None = None) -> None:
-        self.actions.append(Action(kind, gang, value))
+    def act(self, kind: str, gang: int | None = None, value: bool | None = None, server: str | None = None) -> None:
+        self.actions.append(Action(kind, gang, value, server))
 
     def finish(self) -> Plan:
         self.status["phase"] = derive_phase(self.status["conditions"])
@@ -273,23 +275,55 @@ def _finished(draft: _Draft) -> None:
 
 def _serve(draft: _Draft) -> None:
     obs = draft.obs
+    previous = (obs.status.get("serving") or {}).get("server")
+    if previous and (previous != obs.spec.serving.server or not obs.spec.serving.enabled):
+        draft.act("unregister_adapter", server=previous)
     if not obs.spec.serving.enabled:
         if obs.serving is not None:
             draft.act("delete_serving")
         draft.status.pop("endpoint", None)
+        draft.status.pop("serving", None)
         if any(c["type"] == SERVING_READY for c in draft.status["conditions"]):
             draft.condition(SERVING_READY, False, "ServingDisabled", "serving.enabled is false")
+        return
+    if obs.spec.serving.server:
+        if obs.serving is not None:
+            draft.act("delete_serving")  # moved from a Deployment of its own to a shared server
+        _serve_shared(draft)
         return
     serving = obs.spec.serving
     if obs.serving is None or (obs.serving.replicas, obs.serving.image) != (serving.replicas, serving.image):
         draft.act("ensure_serving")
     draft.status["endpoint"] = builders.endpoint_url(obs.name, obs.namespace)
+    draft.status["serving"] = {"url": draft.status["endpoint"], "model": obs.name}
     ready = obs.serving.ready_replicas if obs.serving else 0
     wanted = obs.spec.serving.replicas
     if ready >= 1:
         draft.condition(SERVING_READY, True, "DeploymentReady", f"{ready}/{wanted} inference pods ready at {draft.status['endpoint']}")
     else:
         draft.condition(SERVING_READY, False, "DeploymentNotReady", f"0/{wanted} inference pods ready (loading weights, warming up)")
+
+
+def _serve_shared(draft: _Draft) -> None:
+    """ServingReady once the adapter is in the server's registry and the server is ready."""
+    obs = draft.obs
+    server = obs.spec.serving.server or ""
+    shared = obs.shared or shared_server.SharedServerState(server)
+    url = shared_server.shared_url(server, obs.namespace)
+    draft.status["endpoint"] = url
+    draft.status["serving"] = {"url": url, "model": obs.name, "server": server}
+    if shared.conflict:
+        draft.condition(SERVING_READY, False, "SharedServerConflict", shared.conflict)
+        return
+    if not shared.registered or shared.stale or not shared.running:
+        draft.act("register_adapter")
+    if shared.registered and shared.ready_replicas >= 1:
+        draft.condition(SERVING_READY, True, "AdapterRegistered",
+                        f"shared server {server} serves this job as model {obs.name!r} at {url}/v1 ({shared.ready_replicas} pods ready)")
+    elif shared.registered:
+        draft.condition(SERVING_READY, False, "SharedServerNotReady", f"adapter registered; shared server {server} is not ready yet (loading the base model)")
+    else:
+        draft.condition(SERVING_READY, False, "RegisteringAdapter", f"registering adapter {obs.name} with shared server {server}")
 
 
 def _record_progress(draft: _Draft) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserInputError
 from .storage import Storage, is_s3, open_storage
 
 FINAL = "final"
@@ -77,20 +78,22 @@ def export_pipeline(pipeline: object, unet: torch.nn.Module, text_encoder: torch
     return storage.describe(FINAL)
 
 
+def fetch_lora_file(uri: str, folder: Path) -> Path:
+    """The diffusers LoRA file named by `uri` (a .safetensors file, or a folder holding
+    pytorch_lora_weights.safetensors; local or s3://), as a local path (s3:// is copied into `folder`)."""
+    name = uri.rsplit("/", 1)[-1] if uri.endswith(".safetensors") else LORA_DIFFUSERS
+    if not is_s3(uri):
+        path = Path(uri).expanduser()
+        return path if path.suffix == ".safetensors" else path / name
+    parent = uri.rsplit("/", 1)[0] if uri.endswith(".safetensors") else uri
+    folder.mkdir(parents=True, exist_ok=True)
+    open_storage(parent).download_file(name, folder / name)
+    return folder / name
+
+
 def apply_lora(pipeline: object, uri: str) -> None:
     """Load LoRA weights (a diffusers safetensors file or a folder holding one) into a pipeline."""
-    if is_s3(uri):
-        storage = open_storage(uri)
-        local = Path(tempfile.mkdtemp(prefix="lora-"))
-        if uri.endswith(".safetensors"):
-            parent, name = uri.rsplit("/", 1)
-            open_storage(parent).download_file(name, local / name)
-        else:
-            storage.download_tree("", local)
-        path = local
-    else:
-        path = Path(uri).expanduser()
-    if path.is_dir():
-        pipeline.load_lora_weights(str(path), weight_name=LORA_DIFFUSERS)
-    else:
-        pipeline.load_lora_weights(str(path.parent), weight_name=path.name)
+    path = fetch_lora_file(uri, Path(tempfile.mkdtemp(prefix="lora-")))
+    if not path.exists():
+        raise UserInputError(f"LoRA weights {uri}: no {path.name} there")
+    pipeline.load_lora_weights(str(path.parent), weight_name=path.name)

@@ -31,6 +31,13 @@ def encode_text(pipeline: object, prompts: list[str]) -> torch.Tensor:
     return text_encoder(ids)[0]
 
 
+def placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where a model's weights live. diffusers' `.device`/`.dtype` walk every submodule on each
+    call, which a model carrying many LoRA adapters makes slow; its first parameter says the same."""
+    parameter = next(module.parameters())
+    return parameter.device, parameter.dtype
+
+
 def initial_latents(pipeline: object, seeds: list[int], height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
     """One latent per seed, drawn on the CPU so a seed gives the same image on any device."""
     channels = pipeline.unet.config.in_channels
@@ -39,7 +46,7 @@ def initial_latents(pipeline: object, seeds: list[int], height: int, width: int,
         torch.randn((1, channels, height // scale, width // scale), generator=torch.Generator("cpu").manual_seed(seed))
         for seed in seeds
     ]
-    return torch.cat(latents).to(pipeline.unet.device, dtype)
+    return torch.cat(latents).to(placement(pipeline.unet)[0], dtype)
 
 
 def guided_noise(unet: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:
@@ -54,9 +61,9 @@ def guided_noise(unet: torch.nn.Module, latents: torch.Tensor, t: torch.Tensor, 
 @torch.no_grad()
 def generate_latents(pipeline: object, requests: list[ImageRequest], steps: int, guidance: float, height: int, width: int, sampler: str = "ddim") -> torch.Tensor:
     unet = pipeline.unet
-    dtype = unet.dtype
+    device, dtype = placement(unet)
     scheduler = sampler_for(pipeline, sampler)
-    scheduler.set_timesteps(steps, device=unet.device)
+    scheduler.set_timesteps(steps, device=device)
     cond = encode_text(pipeline, [r.prompt for r in requests]).to(dtype)
     uncond = encode_text(pipeline, [r.negative_prompt for r in requests]).to(dtype)
     latents = initial_latents(pipeline, [r.seed for r in requests], height, width, dtype) * scheduler.init_noise_sigma

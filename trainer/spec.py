@@ -44,6 +44,8 @@ MAX_NAME_LENGTH = 40
 NAME_RE = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 MAX_NODES = 512
 MAX_RESTARTS = 100
+SHARED_NEEDS_LORA = ("serving.server needs training.lora.enabled: a shared server switches LoRA adapters; "
+                     "a full fine-tune is served by a Deployment of its own")
 TOKEN_RE = r"^[A-Za-z0-9_<>-]+$"
 QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 # Fields the operator treats as the job's identity: changing them mid-run would not resume.
@@ -55,7 +57,7 @@ DEFAULT_INFERENCE_IMAGE = "dreambooth/inference:0.1.0"
 # values): the CRD leaves these optional and without a default, and the operator fills what a
 # job leaves out before validating it with this model (`with_operator_defaults`).
 OPERATOR_DEFAULTED = ("resources.image", "serving.image", "storage", "storage.endpoint", "storage.bucket",
-                      "storage.secure", "storage.credentialsSecretRef")
+                      "storage.secure", "storage.credentialsSecretRef", "storage.servingCredentialsSecretRef")
 
 
 def _quantity(value: Any) -> Any:
@@ -95,6 +97,8 @@ class StorageSpec(Section):
     secure: bool = Field(False, description="Use https to reach the endpoint.")
     region: str | None = Field(None, description="S3 region, when the endpoint needs one.")
     credentials_secret_ref: SecretKeyRef = Field(..., description="Secret with the access key id and secret access key (read by secretKeyRef, never copied).")
+    serving_credentials_secret_ref: SecretKeyRef | None = Field(
+        None, description="Read-only credentials for the inference pods (they only read final/); unset: credentialsSecretRef.")
 
 
 class ResourcesSpec(Section):
@@ -125,11 +129,41 @@ class ServingResources(Section):
         return _check_quantity(value)
 
 
+class TokenSecretRef(Section):
+    name: str = Field(..., min_length=1, max_length=253, description="Secret in the job's namespace holding the API token.")
+    key: str = Field("token", min_length=1, max_length=253, description="Key of the token in the Secret.")
+
+
+class ServingAuth(Section):
+    token_secret_ref: TokenSecretRef | None = Field(
+        None, description="Bearer token the inference server requires (OpenAI SDKs send it as api_key); unset: no token.")
+
+
+class IngressPeer(Section):
+    """Who may reach the inference port, as NetworkPolicy selectors (matchLabels)."""
+
+    pod_selector: dict[str, str] | None = Field(None, description="Pods with these labels (in the job's namespace, or in the namespaces namespaceSelector picks).")
+    namespace_selector: dict[str, str] | None = Field(None, description="Namespaces with these labels.")
+
+    @model_validator(mode="after")
+    def _selects_something(self) -> "IngressPeer":
+        if self.pod_selector is None and self.namespace_selector is None:
+            raise ValueError("each serving.ingressFrom peer needs a podSelector or a namespaceSelector")
+        return self
+
+
 class ServingSpec(Section):
     enabled: bool = Field(True, description="On success, serve final/ with an inference Deployment and Service.")
     replicas: int = Field(1, ge=1, le=64, description="Inference pods.")
     resources: ServingResources = Field(default_factory=ServingResources)
     image: str = Field(DEFAULT_INFERENCE_IMAGE, min_length=1, description="Inference image (runs `dreambooth serve`); default: the operator's (the chart's images.inference).")
+    server: str | None = Field(
+        None, pattern=NAME_RE, max_length=MAX_NAME_LENGTH,
+        description="LoRA jobs only: the shared inference server (one per base model, in the job's namespace) that serves this job's "
+                    "adapter, created by the first job that names it; unset: a Deployment of the job's own.")
+    auth: ServingAuth = Field(default_factory=ServingAuth)
+    ingress_from: list[IngressPeer] = Field(
+        default_factory=list, description="Who may reach the inference port (NetworkPolicy peers); empty: every pod in the job's namespace.")
 
 
 class RunPolicySpec(Section):
@@ -177,6 +211,8 @@ class DreamboothJobSpec(TrainerSections):
             raise ValueError(f"data.instanceUri {self.data.instance_uri!r} must be an s3://bucket/prefix URI (pods share no volume)")
         if self.resources.accelerator == "cpu" and self.resources.gpus_per_node != 1:
             raise ValueError("resources.gpusPerNode must be 1 (or unset) when resources.accelerator is cpu")
+        if self.serving.server and not self.training.lora.enabled:
+            raise ValueError(SHARED_NEEDS_LORA)
         try:
             train_config_from_spec(self, f"s3://{self.storage.bucket}/jobs/validate")
         except ConfigError as error:
@@ -270,6 +306,12 @@ class ProgressStatus(Section):
     update_time: str | None = Field(None, description="When rank 0 wrote the progress record.")
 
 
+class ServingStatus(Section):
+    url: str | None = Field(None, description="Base URL of the inference server (OpenAI SDKs take `<url>/v1`).")
+    model: str | None = Field(None, description="The `model` to name in requests for this job's subject.")
+    server: str | None = Field(None, description="The shared server this job's adapter is registered with (LoRA jobs with serving.server).")
+
+
 class DreamboothJobStatus(Section):
     phase: Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"] | None = None
     message: str | None = None
@@ -283,6 +325,7 @@ class DreamboothJobStatus(Section):
     latest_checkpoint: str | None = None
     output_uri: str | None = None
     endpoint: str | None = None
+    serving: ServingStatus | None = None
 
 
 # --- CRD --------------------------------------------------------------------------------
@@ -365,6 +408,11 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
     ],
     "spec": [
         {
+            "rule": "!has(self.serving.server) || self.training.lora.enabled",
+            "message": "spec." + SHARED_NEEDS_LORA,
+            "fieldPath": ".serving.server",
+        },
+        {
             "rule": "!self.prior.enabled || (has(self.prior.classPrompt) && size(self.prior.classPrompt) > 0)",
             "message": "spec.prior.classPrompt is required when spec.prior.enabled is true",
             "fieldPath": ".prior.classPrompt",
@@ -419,6 +467,13 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
             "fieldPath": ".gpusPerNode",
         },
         *[_quantity_rule("spec.resources", field) for field in ("cpu", "memory", "sharedMemory")],
+    ],
+    "spec.serving": [
+        {
+            "rule": "!has(self.ingressFrom) || self.ingressFrom.all(peer, has(peer.podSelector) || has(peer.namespaceSelector))",
+            "message": "spec.serving.ingressFrom: each peer needs a podSelector or a namespaceSelector",
+            "fieldPath": ".ingressFrom",
+        },
     ],
     "spec.serving.resources": [_quantity_rule("spec.serving.resources", field) for field in ("cpu", "memory")],
 }

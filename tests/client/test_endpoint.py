@@ -32,7 +32,7 @@ class FakeServer(BaseHTTPRequestHandler):
         if not body.get("prompt", "").strip():
             self.reply(422, b'{"detail": [{"loc": ["body", "prompt"], "msg": "empty"}]}', "application/json")
         else:
-            self.reply(200, PNG, "image/png", {"X-Seed": str(body.get("seed", 7))})
+            self.reply(200, PNG, "image/png", {"X-Seed": str(body.get("seed", 7)), "X-Model": str(body.get("model"))})
 
     def do_GET(self) -> None:
         self.reply(200, json.dumps({"paths": {"/v1/generate": {}, "/healthz": {}}}).encode(), "application/json")
@@ -90,3 +90,21 @@ def test_what_to_paste() -> None:
     compile(python[2], "<openai call>", "exec")
     assert "base_url='http://127.0.0.1:8081/v1'" in python[2] and "model='rex'" in python[2]
     assert not any("OpenAI" in line for line in call_lines(status, "p", openai=False))
+
+
+def test_a_job_on_a_shared_server_asks_for_its_own_subject(endpoint: Endpoint) -> None:
+    seen: list[str] = []
+    request = endpoint.request
+
+    def recording(*args: object, **kwargs: object) -> tuple[int, dict[str, str], bytes]:
+        status, headers, body = request(*args, **kwargs)
+        seen.append(headers.get("X-Model", ""))
+        return status, headers, body
+
+    endpoint.request = recording  # type: ignore[method-assign]
+    endpoint.model = "rex"
+    endpoint.generate("a photo of sks dog")
+    assert seen == ["rex"]
+    shared = JobStatus("rex", "team-a", phase="Succeeded", endpoint="http://sd15-shared.team-a.svc:8080", model_name="rex")
+    curl = next(line for line in call_lines(shared, "p") if line.strip().startswith("-d"))
+    assert json.loads(shlex.split(curl)[1])["model"] == "rex"

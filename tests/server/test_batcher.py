@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from dreambooth_trainer.batcher import BatchShape, MicroBatcher, QueueFull, take_batch
+from dreambooth_serving.batcher import BatchShape, MicroBatcher, QueueFull, take_batch
 from dreambooth_trainer.generate import ImageRequest
 
 SMALL = BatchShape(steps=2, guidance=7.5, width=32, height=32)
@@ -20,7 +20,7 @@ def requests(*seeds: int) -> list[ImageRequest]:
 def test_take_batch_keeps_shapes_apart_and_fills_up_to_max_batch() -> None:
     loop = asyncio.new_event_loop()
     try:
-        from dreambooth_trainer.batcher import PendingJob
+        from dreambooth_serving.batcher import PendingJob
 
         jobs = [
             PendingJob(SMALL, requests(1, 2), loop.create_future()),
@@ -39,7 +39,7 @@ def test_take_batch_keeps_shapes_apart_and_fills_up_to_max_batch() -> None:
 def test_concurrent_requests_share_batches_and_get_their_own_results() -> None:
     batches: list[list[int]] = []
 
-    def run_batch(shape: BatchShape, chunk: list[ImageRequest]) -> list[int]:
+    def run_batch(shape: BatchShape, chunk: list[ImageRequest], adapters: list[str]) -> list[int]:
         batches.append([request.seed for request in chunk])
         return [request.seed * 10 for request in chunk]
 
@@ -63,7 +63,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_results() -> None:
 def test_a_full_queue_refuses_at_once() -> None:
     started, release = threading.Event(), threading.Event()
 
-    def run_batch(shape: BatchShape, chunk: list[ImageRequest]) -> list[int]:
+    def run_batch(shape: BatchShape, chunk: list[ImageRequest], adapters: list[str]) -> list[int]:
         started.set()
         release.wait(10)
         return [0] * len(chunk)
@@ -88,7 +88,7 @@ def test_a_full_queue_refuses_at_once() -> None:
 
 
 def test_a_failing_batch_fails_its_callers_and_the_worker_goes_on() -> None:
-    def run_batch(shape: BatchShape, chunk: list[ImageRequest]) -> list[int]:
+    def run_batch(shape: BatchShape, chunk: list[ImageRequest], adapters: list[str]) -> list[int]:
         if shape == LARGE:
             raise RuntimeError("out of memory")
         return [1] * len(chunk)

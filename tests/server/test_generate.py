@@ -96,7 +96,7 @@ def test_the_web_page_and_docs_are_served(live_server: LiveServer) -> None:
 def test_bearer_token_is_required_when_set() -> None:
     from fastapi.testclient import TestClient
 
-    from dreambooth_trainer.server import ServerSettings, create_app
+    from dreambooth_serving.app import ServerSettings, create_app
 
     from .test_readiness import wait_ready_in
 
@@ -114,7 +114,7 @@ def test_bearer_token_is_required_when_set() -> None:
 
 
 def test_token_comes_from_the_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dreambooth_trainer.server import api_token_from_env
+    from dreambooth_serving.settings import api_token_from_env
 
     monkeypatch.delenv("DREAMBOOTH_API_TOKEN", raising=False)
     assert api_token_from_env() is None
@@ -131,7 +131,7 @@ def test_a_full_queue_answers_429_at_once() -> None:
 
     from fastapi.testclient import TestClient
 
-    from dreambooth_trainer.server import ServerSettings, create_app
+    from dreambooth_serving.app import ServerSettings, create_app
 
     from .test_readiness import wait_ready_in
 
@@ -140,10 +140,10 @@ def test_a_full_queue_answers_429_at_once() -> None:
     generate_for_real, hold, entered = runtime.run_batch, threading.Event(), threading.Event()
     hold.set()
 
-    def held_batch(shape: object, requests: list) -> list:
+    def held_batch(shape: object, requests: list, adapters: list) -> list:
         entered.set()
         assert hold.wait(30)
-        return generate_for_real(shape, requests)
+        return generate_for_real(shape, requests, adapters)
 
     runtime.run_batch = held_batch  # the batcher picks it up when the app starts
     body = {"prompt": "a dog", "steps": 1}

@@ -23,7 +23,7 @@ def images_generated(client: TestClient) -> float:
 
 def test_not_ready_until_loaded_and_warmed_up() -> None:
     from dreambooth_trainer.models import load_pipeline
-    from dreambooth_trainer.server import ServerSettings, create_app
+    from dreambooth_serving.app import ServerSettings, create_app
 
     release = threading.Event()
 
@@ -47,7 +47,7 @@ def test_not_ready_until_loaded_and_warmed_up() -> None:
 
 
 def test_a_model_that_cannot_load_is_reported_not_ready() -> None:
-    from dreambooth_trainer.server import ServerSettings, create_app
+    from dreambooth_serving.app import ServerSettings, create_app
 
     app = create_app(ServerSettings(model="/nonexistent/final", device="cpu"))
     with TestClient(app) as client:

@@ -77,3 +77,30 @@ def test_the_page_shows_which_field_is_wrong(live_server: LiveServer) -> None:
             expect(page.locator("#status")).to_have_class("error")
         finally:
             browser.close()
+
+
+def test_the_page_lists_the_subjects_and_draws_the_one_picked(shared_server) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.server.conftest import TOKEN
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(shared_server.url + "/")
+            expect(page.locator("#models-note")).to_contain_text("API token", timeout=30_000)  # the list needs the token
+            page.click("summary")
+            page.fill("#token", TOKEN)
+            page.click("#reload-models")
+            expect(page.locator("#model option")).to_have_count(3, timeout=30_000)
+            assert page.locator("#model option").all_inner_texts() == ["tiny (base model)", "rex", "mia"]
+            page.select_option("#model", "mia")
+            page.fill("#prompt", "a photo of sks dog")
+            page.fill("#steps", "2")
+            page.fill("#seed", "3")
+            page.click("#generate")
+            expect(page.locator("#gallery figcaption").first).to_contain_text("subject mia", timeout=60_000)
+            expect(page.locator("#status")).to_contain_text("Done", timeout=60_000)
+        finally:
+            browser.close()

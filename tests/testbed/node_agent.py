@@ -55,6 +55,8 @@ POD_EXEC = Path(__file__).with_name("pod_exec.py")
 MARKER = "DREAMBOOTH_TESTBED_ROOT"
 HOST_IP = "127.0.0.1"
 TICK = 0.2
+# How often mounted ConfigMaps follow their ConfigMap (a kubelet takes up to about a minute).
+CONFIG_MAP_SYNC_S = 2.0
 log = logging.getLogger("node-agent")
 
 
@@ -134,6 +136,7 @@ class PodRun:
         self.transitions: dict[str, tuple[str, str]] = {}
         self.env_cache: dict[str, dict[str, str]] = {}
         self.mounts_cache: dict[str, list[dict]] = {}
+        self.volumes_synced = 0.0
 
     # ---------------------------------------------------------------- identity
     @property
@@ -255,8 +258,13 @@ class PodRun:
         for rel, value, item_mode in pairs:
             path = target / rel
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(value)
-            path.chmod(item_mode if item_mode is not None else (mode if mode is not None else 0o644))
+            if path.exists() and path.read_bytes() == value:
+                continue
+            # Replaced whole (a reader never sees half a file), as the kubelet's atomic writer does.
+            staging = path.with_name(f".{path.name}.new")
+            staging.write_bytes(value)
+            staging.chmod(item_mode if item_mode is not None else (mode if mode is not None else 0o644))
+            staging.replace(path)
 
     def _configmap_bytes(self, name: str, optional: bool) -> dict[str, bytes] | None:
         cm = self.agent.get_configmap_raw(self.ns, name, optional)
@@ -328,6 +336,24 @@ class PodRun:
                 raise ConfigError(f"volume {name}: only configMap, secret, emptyDir, projected, downwardAPI "
                                   "and hostPath volumes are supported on local-0")
         return paths
+
+    def sync_config_map_volumes(self) -> None:
+        """Rewrite configMap volumes whose ConfigMap changed, as the kubelet does for running pods
+        (a subPath mount keeps the file it started with: the replaced file is a new inode)."""
+        if time.monotonic() - self.volumes_synced < CONFIG_MAP_SYNC_S:
+            return
+        self.volumes_synced = time.monotonic()
+        for vol in self.pod["spec"].get("volumes") or []:
+            if "configMap" not in vol:
+                continue
+            src = vol["configMap"]
+            data = self._configmap_bytes(src["name"], True)
+            if data is not None:
+                try:
+                    self._write_items(self.dir / "volumes" / vol["name"], data, src.get("items"), src.get("defaultMode"),
+                                      True, f"configmap {src['name']}")
+                except (ConfigError, OSError) as e:
+                    log.info("pod %s/%s: volume %s not refreshed: %s", self.ns, self.name, vol["name"], e)
 
     def _downward(self, target: Path, items: list, mode: int | None) -> None:
         target.mkdir(parents=True, exist_ok=True)
@@ -492,6 +518,7 @@ class PodRun:
             if self.reap(c) or c.terminated:
                 if self.should_restart(c) and c.terminated is not None:
                     self.schedule_restart(c)
+        self.sync_config_map_volumes()
         self.probe_all()
         if all(c.terminated is not None for c in self.containers):
             ok = all(c.terminated["exitCode"] == 0 for c in self.containers)

@@ -27,6 +27,24 @@ def test_the_command_face_imports_no_room_until_a_command_runs() -> None:
 
 
 def test_nothing_imports_the_command_face() -> None:
-    importers = [path for folder in ("trainer", "operator") for path in (REPO / folder).rglob("*.py")
+    importers = [path for folder in ("trainer", "operator", "serving") for path in (REPO / folder).rglob("*.py")
                  if "dreambooth_cli" in path.read_text()]
     assert importers == []
+
+
+def test_dependencies_point_one_way() -> None:
+    """Serving sits above the trainer and knows no cluster; the trainer knows no server."""
+    def importers(folder: str, *modules: str) -> list[str]:
+        return [f"{path.relative_to(REPO)} imports {module}" for path in (REPO / folder).rglob("*.py")
+                for module in modules if f"import {module}" in path.read_text() or f"from {module}" in path.read_text()]
+
+    assert importers("serving", "kopf", "kubernetes", "dreambooth_operator") == []
+    assert importers("trainer", "dreambooth_serving", "fastapi", "uvicorn", "kopf", "kubernetes") == []
+
+
+def test_the_operator_image_needs_nothing_heavy_from_serving() -> None:
+    code = ("import sys, dreambooth_serving.registry, dreambooth_operator.shared_server; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'fastapi', 'uvicorn', 'PIL') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

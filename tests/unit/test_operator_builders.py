@@ -244,6 +244,7 @@ def test_inference_deployment() -> None:
                             "command": [
                                 "dreambooth", "serve",
                                 "--model", "s3://dreambooth/jobs/team-a/rex/uid-1/final",
+                                "--model-name", "rex",
                                 "--host", "0.0.0.0",
                                 "--port", "8080",
                             ],

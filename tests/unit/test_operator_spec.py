@@ -241,6 +241,20 @@ def test_the_installation_defaults_fill_only_what_a_job_leaves_out() -> None:
         parse_spec(spec_with_defaults(bare, operator_defaults({})))
 
 
+def test_the_installations_read_only_secret_goes_with_its_read_write_one() -> None:
+    from dreambooth_operator.handlers import operator_defaults, spec_with_defaults
+
+    env = {"DREAMBOOTH_STORAGE_ENDPOINT": "minio.storage.svc:9000", "DREAMBOOTH_STORAGE_BUCKET": "shared",
+           "DREAMBOOTH_STORAGE_CREDENTIALS_SECRET": "team-s3", "DREAMBOOTH_STORAGE_SERVING_CREDENTIALS_SECRET": "team-s3-ro"}
+    bare = {k: v for k, v in MINIMAL.items() if k != "storage"}
+    spec = parse_spec(spec_with_defaults(bare, operator_defaults(env)))
+    assert (spec.storage.credentials_secret_ref.name, spec.storage.serving_credentials_secret_ref.name) == ("team-s3", "team-s3-ro")
+    own = parse_spec(spec_with_defaults(MINIMAL, operator_defaults(env)))
+    assert own.storage.serving_credentials_secret_ref is None, "a job with its own keys does not get the installation's read-only ones"
+    assert parse_spec(spec_with_defaults(bare, operator_defaults({**env, "DREAMBOOTH_STORAGE_SERVING_CREDENTIALS_SECRET": ""}))) \
+        .storage.serving_credentials_secret_ref is None
+
+
 def test_the_crd_leaves_storage_and_images_to_the_installation() -> None:
     spec = crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert "storage" not in spec.get("required", [])

@@ -109,9 +109,10 @@ docs/operator.md; tests/chart measures them with `kubectl auth can-i`.
   resources: ["pods"]
   verbs: ["list"]
 # The trainer config and the headless worker Service (create-or-patch); the inference Service is deleted with serving.
+# A shared server's adapter registry is read and replaced whole (update), and deleted with its last adapter.
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["create", "patch"]
+  verbs: ["get", "create", "patch", "update", "delete"]
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["create", "patch", "delete"]
@@ -119,6 +120,10 @@ docs/operator.md; tests/chart measures them with `kubectl auth can-i`.
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# One NetworkPolicy per job and per shared server (create-or-patch; removed with their owner).
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["create", "patch"]
 # Events on every condition change (kopf.event).
 - apiGroups: [""]
   resources: ["events"]

@@ -1,26 +1,31 @@
 """Micro-batching: concurrent requests of the same shape share one UNet batch.
 
 Requests wait in one FIFO queue. The worker takes the oldest request, gathers every queued
-request with the same `BatchShape` (up to `max_batch` images), waits at most `max_wait_s`
-after the oldest one arrived for more to join, and runs the whole group in ONE call of
-`run_batch` on a single dedicated thread (the accelerator is used by one batch at a time).
-While a batch runs, new requests queue up and form the next batch, so batches grow with load.
-A full queue refuses new work at once (`QueueFull`) instead of letting callers hang.
+request with the same `BatchShape` (up to `max_batch` images, and up to `max_adapters` distinct
+adapters: 1 keeps every batch to one adapter), waits at most `max_wait_s` after the oldest one
+arrived for more to join, and runs the whole group in ONE call of `run_batch` on a single
+dedicated thread (the accelerator is used by one batch at a time). Each request names its
+adapter (`BASE` for the base model); `run_batch` gets one name per image, so each image's rows
+run with its own adapter only. While a batch runs, new requests queue up and form the next
+batch, so batches grow with load. A full queue refuses new work at once (`QueueFull`) instead
+of letting callers hang.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from .generate import ImageRequest
+from dreambooth_trainer.generate import ImageRequest
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
+# The adapter name of a request for the base model (peft's name for "no adapter on this row").
+BASE = "__base__"
 
 
 class QueueFull(RuntimeError):
@@ -46,47 +51,52 @@ class PendingJob(Generic[R]):
     shape: BatchShape
     requests: list[ImageRequest]
     future: asyncio.Future
+    adapter: str = BASE
     enqueued: float = field(default_factory=time.monotonic)
 
 
-def take_batch(pending: list[PendingJob], shape: BatchShape, max_batch: int) -> list[PendingJob]:
-    """Jobs of `shape`, oldest first, while their images fit in `max_batch` (the first always)."""
+def take_batch(pending: list[PendingJob], shape: BatchShape, max_batch: int, max_adapters: int = 1) -> list[PendingJob]:
+    """Jobs of `shape`, oldest first, while their images fit in `max_batch` and their adapters in
+    `max_adapters` distinct names (the first job always goes)."""
     batch: list[PendingJob] = []
+    adapters: set[str] = set()
     images = 0
     for job in pending:
         if job.shape != shape or job.future.done():
             continue
         if batch and images + len(job.requests) > max_batch:
             break
+        if job.adapter not in adapters and len(adapters) >= max_adapters:
+            continue  # a later job of an adapter already in the batch may still join
         batch.append(job)
+        adapters.add(job.adapter)
         images += len(job.requests)
     return batch
-
-
-def chunked(items: Sequence[ImageRequest], size: int) -> list[list[ImageRequest]]:
-    return [list(items[start:start + size]) for start in range(0, len(items), size)]
 
 
 class MicroBatcher(Generic[R]):
     """Groups queued requests into batches and runs them one at a time on a worker thread.
 
-    `run_batch(shape, requests)` returns one result per request, in order; it is called with at
-    most `max_batch` requests. `on_batch(n)` and `on_queue_depth(n)` feed metrics.
+    `run_batch(shape, requests, adapters)` returns one result per request, in order; it is called
+    with at most `max_batch` requests and one adapter name per request. `on_batch(n)` and
+    `on_queue_depth(n)` feed metrics.
     """
 
     def __init__(
         self,
-        run_batch: Callable[[BatchShape, list[ImageRequest]], list[R]],
+        run_batch: Callable[[BatchShape, list[ImageRequest], list[str]], list[R]],
         max_batch: int = 8,
         max_queue: int = 64,
         max_wait_s: float = 0.02,
+        max_adapters: int = 1,
         on_batch: Callable[[int], None] = lambda n: None,
         on_queue_depth: Callable[[int], None] = lambda n: None,
     ):
-        if max_batch < 1 or max_queue < 1:
-            raise ValueError("max_batch and max_queue must be at least 1")
+        if max_batch < 1 or max_queue < 1 or max_adapters < 1:
+            raise ValueError("max_batch, max_queue and max_adapters must be at least 1")
         self.run_batch = run_batch
         self.max_batch = max_batch
+        self.max_adapters = max_adapters
         self.max_queue = max_queue
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch
@@ -104,13 +114,13 @@ class MicroBatcher(Generic[R]):
         """Run `action` on the generation thread (loading, warm-up) so nothing overlaps a batch."""
         return asyncio.get_running_loop().run_in_executor(self.executor, action)
 
-    async def submit(self, shape: BatchShape, requests: list[ImageRequest]) -> list[R]:
-        """Queue the requests; results in order. Raises QueueFull when the queue is full."""
+    async def submit(self, shape: BatchShape, requests: list[ImageRequest], adapter: str = BASE) -> list[R]:
+        """Queue the requests (all for `adapter`); results in order. Raises QueueFull when full."""
         if self.closed:
             raise BatcherClosed("the server is shutting down")
         if len(self.pending) >= self.max_queue:
             raise QueueFull(f"queue is full ({self.max_queue} requests waiting)")
-        job = PendingJob(shape, list(requests), asyncio.get_running_loop().create_future())
+        job = PendingJob(shape, list(requests), asyncio.get_running_loop().create_future(), adapter)
         self.pending.append(job)
         self.on_queue_depth(len(self.pending))
         self.arrived.set()
@@ -135,7 +145,7 @@ class MicroBatcher(Generic[R]):
         oldest = self.pending[0]
         deadline = oldest.enqueued + self.max_wait_s
         while True:
-            batch = take_batch(self.pending, oldest.shape, self.max_batch)
+            batch = take_batch(self.pending, oldest.shape, self.max_batch, self.max_adapters)
             images = sum(len(job.requests) for job in batch)
             remaining = deadline - time.monotonic()
             if not batch or images >= self.max_batch or remaining <= 0:
@@ -155,11 +165,13 @@ class MicroBatcher(Generic[R]):
     async def execute(self, batch: list[PendingJob]) -> None:
         shape = batch[0].shape
         requests = [request for job in batch for request in job.requests]
+        adapters = [job.adapter for job in batch for _ in job.requests]
 
         def run_all() -> list[R]:
             results: list[R] = []
-            for chunk in chunked(requests, self.max_batch):
-                results.extend(self.run_batch(shape, chunk))
+            for start in range(0, len(requests), self.max_batch):
+                chunk = requests[start:start + self.max_batch]
+                results.extend(self.run_batch(shape, chunk, adapters[start:start + self.max_batch]))
                 self.on_batch(len(chunk))
             return results
 

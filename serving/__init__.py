@@ -1,0 +1,1 @@
+"""The inference server (`dreambooth serve`): many subjects on one base model, OpenAI Images API."""
