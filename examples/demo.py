@@ -9,8 +9,8 @@
 5. an image is fetched from the endpoint into demo-output/, and a summary says where
    everything is and how to tear it down.
 
-The demo trains the example long enough to see DreamBooth work (LEARNING below: a few hundred
-steps, about two minutes on two cores): demo-output/before-after.png shows the instance prompt's
+The demo trains the example long enough to see DreamBooth work (LEARNING below: 600 steps, the
+settings of examples/train-tiny.yaml, a few minutes on two cores): demo-output/before-after.png shows the instance prompt's
 images (top rows) and the class prompt's (bottom rows) before and after training, and the
 trainer's subject-fidelity figures (pixel distance to the nearest photo) are printed.
 """
@@ -40,7 +40,7 @@ EXAMPLE = REPO / "examples" / "job-tiny.yaml"
 SUBJECT = REPO / "examples" / "tiny-subject"
 # The example job, trained long enough for the subject to show (as examples/train-tiny.yaml).
 LEARNING = {
-    "training": {"maxSteps": 300, "learningRate": 1.0e-3},
+    "training": {"maxSteps": 600, "learningRate": 3.0e-3, "ema": True, "emaDecay": 0.99},
     "prior": {"numClassImages": 8, "sampleSteps": 10, "sampleBatchSize": 4},
     "checkpointing": {"everyNSteps": 100},
     "validation": {"numImages": 4, "steps": 25, "guidanceScale": 3.0},

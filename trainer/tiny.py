@@ -112,7 +112,7 @@ def tiny_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusionPipeli
         set_alpha_to_one=False,
         steps_offset=1,
         thresholding=True,
-        sample_max_value=1.0,
+        sample_max_value=VAE_SCALING_FACTOR / 2,
     )
     return StableDiffusionPipeline(
         vae=vae,
