@@ -25,8 +25,11 @@ $(PY):
 $(UV): | $(PY)
 	$(PY) -m pip install --quiet uv
 
+# Bytecode is compiled once here: with PYTHONDONTWRITEBYTECODE set (as on CI), every Python
+# process would otherwise recompile torch, Lightning and diffusers from source (~5 s of CPU each).
 $(STAMP): pyproject.toml | $(UV)
 	$(UV) pip install --quiet --python $(PY) -e '.[test]'
+	$(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" > /dev/null || true
 	touch $@
 
 venv: $(STAMP)

@@ -1,18 +1,57 @@
 #!/usr/bin/env bash
-# One accelerator session, prepared ahead. The lent machine has PyTorch and Lightning but not
-# every package this project needs: wheels travel in .whl/ (fetched with `pip download` for
-# cp312 manylinux). Each step has its own time limit, most important first.
-set -u
+# Every GPU check in one prepared run (<= 8 minutes on one H100/H200): the GPU-marked tests
+# (fp16, bf16, auto precision, 8-bit Adam, inductor compile, the no-sync step loop), `make bench`
+# and `make bench-serve`. JSON lines go to $OUT (default: bench-output/gpu-session/):
+#   summary.jsonl   one line per part: name, exit code, seconds
+#   tests.xml       the GPU tests' JUnit report
+#   bench.jsonl     bench_trainer.py's output;   serve.jsonl  bench_serve.py's output
+#
+# Where to run it:
+#   - here (no GPU): a dry run; the GPU tests are skipped, the benchmarks run tiny shapes on CPU.
+#   - a device machine whose python3 has torch but not this project's other packages: first, on a
+#     machine that reaches PyPI, `bash benchmarks/gpu_wheels.sh` fills .whl/ (git-ignored); carry
+#     .whl and run `bash benchmarks/gpu_session.sh` from the repository root.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench-output/gpu-session}"
+mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
-out="${OUT:-/tmp/gpu-out}"
-mkdir -p "$out" /tmp/pkgs
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-ln -sfn "$PWD/trainer" /tmp/pkgs/dreambooth_trainer   # the package-dir mapping of pyproject.toml
-export PYTHONPATH=/tmp/pkgs:/tmp/site
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python3 -c "import torch, diffusers, pytorch_lightning as pl; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'lightning', pl.__version__)" | tee -a "$out/gpu.txt"
-step() { local name="$1" limit="$2"; shift 2; echo "== $name" | tee -a "$out/summary.txt"; timeout "$limit" "$@" > "$out/$name.log" 2>&1; grep -E '^\{|speedup|passed|failed|rror' "$out/$name.log" | tee -a "$out/summary.txt"; }
-step trainer-compiled "${TRAINER_LIMIT:-240}" python3 benchmarks/bench_trainer.py --modes default
-step gpu-tests 75 python3 -m pytest -q -m gpu tests/trainer/test_training.py -p no:cacheprovider -x
-step trainer-cudagraphs "${CUDAGRAPH_LIMIT:-100}" python3 benchmarks/bench_trainer.py --modes reduce-overhead
-exit 0
+PY=python3
+if [ -x .venv/bin/python ]; then
+  PY=.venv/bin/python
+else
+  # A bare machine: the carried wheels, and this project's packages linked by their import
+  # names (pyproject's package-dir), in one folder on PYTHONPATH.
+  site=/tmp/dreambooth-site
+  mkdir -p "$site"
+  if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl || exit 1
+  fi
+  python3 -c '
+import os, sys, tomllib
+with open("pyproject.toml", "rb") as handle:
+    folders = tomllib.load(handle)["tool"]["setuptools"]["package-dir"]
+for name, folder in folders.items():
+    link = os.path.join(sys.argv[1], name)
+    if os.path.lexists(link):
+        os.remove(link)
+    os.symlink(os.path.abspath(folder), link)
+' "$site" || exit 1
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+"$PY" -c 'import json, torch; print(json.dumps({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__}))' \
+  | tee "$OUT/device.json"
+
+part() {  # part NAME SECONDS_LIMIT COMMAND...: run one part, record its exit code and duration
+  local name="$1" limit="$2" started=$SECONDS code
+  shift 2
+  timeout "$limit" "$@"
+  code=$?
+  printf '{"part": "%s", "exit": %d, "seconds": %d}\n' "$name" "$code" "$((SECONDS - started))" | tee -a "$OUT/summary.jsonl"
+}
+
+: > "$OUT/summary.jsonl"
+part gpu-tests 180 "$PY" -m pytest -q -m gpu tests/trainer/test_gpu.py tests/trainer/test_training.py \
+  -p no:cacheprovider --junitxml="$OUT/tests.xml"
+part bench 210 bash -c "\"$PY\" benchmarks/bench_trainer.py --rounds 3 | tee \"$OUT/bench.jsonl\""
+part bench-serve 90 bash -c "\"$PY\" benchmarks/bench_serve.py | tee \"$OUT/serve.jsonl\""

@@ -13,6 +13,11 @@
    Deployment in the inference image);
 5. an image is fetched from the endpoint into demo-output/, and a summary says where
    everything is and how to tear it down.
+
+The demo trains the example long enough to see DreamBooth work (LEARNING below: 600 steps, the
+settings of examples/train-tiny.yaml, a few minutes on two cores): demo-output/before-after.png shows the instance prompt's
+images (top rows) and the class prompt's (bottom rows) before and after training, and the
+trainer's subject-fidelity figures (pixel distance to the nearest photo) are printed.
 """
 from __future__ import annotations
 
@@ -42,6 +47,13 @@ BUCKET = "dreambooth"
 SECRET = "dreambooth-s3"
 EXAMPLE = REPO / "examples" / "job-tiny.yaml"
 SUBJECT = REPO / "examples" / "tiny-subject"
+# The example job, trained long enough for the subject to show (as examples/train-tiny.yaml).
+LEARNING = {
+    "training": {"maxSteps": 600, "learningRate": 3.0e-3, "ema": True, "emaDecay": 0.99},
+    "prior": {"numClassImages": 8, "sampleSteps": 10, "sampleBatchSize": 4},
+    "checkpointing": {"everyNSteps": 100},
+    "validation": {"numImages": 4, "steps": 25, "guidanceScale": 3.0},
+}
 
 
 def say(message: str) -> None:
@@ -132,6 +144,43 @@ def fetch_image(bed: Testbed, prompt: str, target: Path) -> None:
     say(f'POST http://{ip}:8080/v1/generate {{"prompt": "{prompt}"}} -> {target}')
 
 
+def read_output(bed: Testbed, output_uri: str, key: str) -> bytes:
+    from minio import Minio
+
+    env = bed.env_vars()
+    client = Minio(env["AWS_ENDPOINT_URL"].removeprefix("http://"), env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], secure=False)
+    bucket, _, prefix = output_uri.removeprefix("s3://").partition("/")
+    response = client.get_object(bucket, f"{prefix}/{key}")
+    try:
+        return response.read()
+    finally:
+        response.close()
+        response.release_conn()
+
+
+def before_after(bed: Testbed, output_uri: str, target: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """before-after.png from the trainer's fidelity grids; the figures before and after."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    grids = [Image.open(io.BytesIO(read_output(bed, output_uri, f"samples/fidelity-{label}.png"))).convert("RGB")
+             for label in ("step-00000000", "final")]
+    scale, margin = 4, 16
+    width, height = grids[0].width * scale, grids[0].height * scale
+    canvas = Image.new("RGB", (2 * width + 3 * margin, height + 2 * margin), "white")
+    draw = ImageDraw.Draw(canvas)
+    for column, (grid, label) in enumerate(zip(grids, ("before training", "after training"))):
+        left = margin + column * (width + margin)
+        canvas.paste(grid.resize((width, height), Image.NEAREST), (left, margin))
+        draw.text((left, 2), f"{label}: instance prompt (top), class prompt (bottom)", fill="black")
+    canvas.save(target)
+    lines = [json.loads(line) for line in read_output(bed, output_uri, "metrics.jsonl").decode().splitlines()]
+    figures = [{k: v for k, v in line.items() if k.startswith("fidelity/")} for line in lines]
+    figures = [f for f in figures if f]
+    return figures[0], figures[-1]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo-output", type=Path)
@@ -164,15 +213,21 @@ def main() -> int:
     manifest["spec"]["data"]["instanceUri"] = instance
     # The images come from the installation (the chart's defaults: the images just built).
     del manifest["spec"]["resources"]["image"], manifest["spec"]["serving"]["image"]
+    for section, values in LEARNING.items():
+        manifest["spec"][section].update(values)
     apply(bed, manifest)
     say(f"applied {EXAMPLE.relative_to(REPO)} (namespace {NAMESPACE}); following `kubectl get dbj {name}`:")
     job = follow(bed, name)
     status = job["status"]
     for prompt, file in (("a photo of sks dog", "subject.png"), ("a photo of sks dog on the moon", "subject-on-the-moon.png")):
         fetch_image(bed, prompt, out / file)
+    before, after = before_after(bed, status["outputUri"], out / "before-after.png")
     print(f"""
 [demo] done in {time.monotonic() - started:.0f} s: {name} {status['phase']}, {status['progress']['step']}/{status['progress']['totalSteps']} steps, restarts {status.get('restarts', 0)}
   images:        {out / 'subject.png'}, {out / 'subject-on-the-moon.png'}
+  learned:       {out / 'before-after.png'}
+  fidelity:      distance of the instance prompt's images to the nearest photo {before.get('fidelity/instance_distance', 0):.3f} -> {after.get('fidelity/instance_distance', 0):.3f}
+                 (class prompt's, kept generic by prior preservation: {before.get('fidelity/class_distance', 0):.3f} -> {after.get('fidelity/class_distance', 0):.3f})
   model:         {status.get('outputUri')}/final   (checkpoints: {status.get('latestCheckpoint')})
   endpoint:      {status.get('endpoint')}
   by hand:       source {bed.env_file}; kubectl get dbj -n {NAMESPACE}; kubectl describe dbj {name} -n {NAMESPACE}

@@ -1,9 +1,10 @@
 """Lightning callbacks: every side effect of training (files, uploads, signals) lives here.
 
 - ProgressReporter (rank 0): metrics.jsonl (a line per optimizer step), progress.json every few
-  seconds, TensorBoard events mirrored to storage, JSON log lines in pods.
-- CheckpointTrigger: a checkpoint every N steps, at the last step, and on SIGTERM (all ranks
-  agree on stopping through one tiny all-reduce per step, then exit 143).
+  seconds, TensorBoard events mirrored to storage, JSON log lines in pods. The step loop only
+  hands device tensors over; reading them back and writing happen on a BackgroundWriter thread.
+- CheckpointTrigger: a checkpoint every N steps, at the last step, and on SIGTERM. Ranks agree on
+  stopping over a host-side (gloo) channel every few steps, so no poll waits for the GPU.
 - ValidationSampler (rank 0): an image grid of the validation prompts every N steps.
 """
 from __future__ import annotations
@@ -11,8 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import queue
 import signal
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,103 +40,212 @@ def images_per_optimizer_step(cfg: TrainConfig, world: int) -> int:
     return per_micro * cfg.training.gradient_accumulation_steps * world
 
 
-def read_metrics(storage: Storage, up_to_step: int) -> list[str]:
+def read_metrics(storage: Storage, up_to_step: int) -> list[dict[str, Any]]:
     """Metric lines of earlier runs up to the resume step (later ones are re-done)."""
     if not storage.exists(METRICS):
         return []
     lines = []
-    for line in storage.read_text(METRICS).splitlines():
+    for text in storage.read_text(METRICS).splitlines():
         try:
-            if json.loads(line)["step"] <= up_to_step:
+            line = json.loads(text)
+            if line["step"] <= up_to_step:
                 lines.append(line)
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError):
             continue
     return lines
 
 
-class ProgressReporter(pl.Callback):
-    """Rank 0's record of training. Losses stay on the device until a flush, so the hot loop
-    never waits for the GPU; a flush (every `progress_every_seconds`) syncs once."""
+class BackgroundWriter:
+    """One thread running rank 0's writes (metrics, progress, TensorBoard, samples) in order, so
+    the step loop never waits for storage or for values to come back from the GPU."""
 
-    def __init__(self, cfg: TrainConfig, storage: Storage, world: int, start_step: int, tb_dir: Path | None, json_logs: bool):
+    def __init__(self) -> None:
+        self.tasks: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="progress-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, task: Callable[[], None]) -> None:
+        self.tasks.put(task)
+
+    def _run(self) -> None:
+        while (task := self.tasks.get()) is not None:
+            try:
+                task()
+            except Exception:  # a failed progress write must never stop training
+                log.exception("progress write failed")
+            finally:
+                self.tasks.task_done()
+        self.tasks.task_done()
+
+    def drain(self) -> None:
+        """Wait until every submitted write is done."""
+        self.tasks.join()
+
+    def close(self) -> None:
+        self.tasks.put(None)
+        self.thread.join()
+
+
+class DeviceValues:
+    """Values still on the device, copied to host memory without making the host wait; `get`
+    (on the writer thread) waits for the copy."""
+
+    def __init__(self, values: torch.Tensor):
+        self.event = None
+        if values.is_cuda:
+            self.host = values.to("cpu", non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = values
+
+    def get(self) -> list[float]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
+class ProgressReporter(pl.Callback):
+    """Rank 0's record of training: a metrics line per optimizer step (its loss is the mean over
+    its micro-batches, on rank 0), progress.json every `progress_every_seconds`."""
+
+    def __init__(self, cfg: TrainConfig, storage: Storage, world: int, start_step: int, tb_dir: Path | None,
+                 json_logs: bool, rank: int = 0):
         self.cfg, self.storage, self.world = cfg, storage, world
         self.tb_dir = tb_dir
         self.json_logs = json_logs
-        self.lines: list[str] = read_metrics(storage, start_step)
-        self.pending: list[tuple[int, torch.Tensor, float, float]] = []  # step, loss (device), lr, time
+        self.writer = BackgroundWriter() if rank == 0 else None
+        # One line per optimizer step: its loss, lr and time, and any validation figures of that
+        # step; figures taken before training (step 0) get a line of their own, without a loss.
+        self.lines: list[dict[str, Any]] = read_metrics(storage, start_step) if rank == 0 else []
+        self.pending: list[tuple[int, float, float]] = []  # step, lr, time
+        self.pending_losses: list[torch.Tensor] = []
         self.step_seconds: float | None = None
         self.last_step_time = time.monotonic()
-        self.last_flush = 0.0
-        self.loss_sum: torch.Tensor | None = None
-        self.loss_count = 0
+        self.last_handoff = 0.0
         self.last_loss = math.nan
         self.step = start_step
+        self.tb_writer: Any = None
+        self.figures: dict[int, dict[str, float]] = {}  # step -> validation figures, until written
+        self.latest_figures: dict[str, float] = {}  # shown in every later progress record
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        loss = (outputs["loss"] if isinstance(outputs, dict) else outputs).detach()
-        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
-        self.loss_count += 1
         if trainer.global_step == self.step:
             return  # still accumulating
+        loss = module.take_step_loss()
         now = time.monotonic()
         elapsed = now - self.last_step_time
         self.last_step_time = now
         self.step_seconds = elapsed if self.step_seconds is None else 0.8 * self.step_seconds + 0.2 * elapsed
-        mean_loss = self.loss_sum / self.loss_count
-        if self.world > 1:
-            mean_loss = trainer.strategy.reduce(mean_loss, reduce_op="mean")
-        self.loss_sum, self.loss_count = None, 0
         self.step = trainer.global_step
-        if not trainer.is_global_zero:
+        if self.writer is None or loss is None:
             return
-        self.pending.append((self.step, mean_loss, trainer.optimizers[0].param_groups[0]["lr"], time.time()))
-        if now - self.last_flush >= self.cfg.output.progress_every_seconds or self.step >= self.cfg.training.max_steps:
-            self.flush()
+        self.pending.append((self.step, trainer.optimizers[0].param_groups[0]["lr"], time.time()))
+        self.pending_losses.append(loss)
+        if now - self.last_handoff >= self.cfg.output.progress_every_seconds or self.step >= self.cfg.training.max_steps:
+            self.hand_off()
 
-    def drain(self) -> None:
-        """Move pending losses to metric lines: one device sync for all of them."""
-        if not self.pending:
+    def record(self, step: int, figures: dict[str, float]) -> None:
+        """Validation figures of a step, for its metrics line and the progress records after it."""
+        self.figures.setdefault(step, {}).update(figures)
+
+    def hand_off(self, state: str = "training") -> None:
+        """Give what is pending to the writer thread; the step loop does not wait."""
+        if self.writer is None:
             return
-        values = torch.stack([loss.float() for _, loss, _, _ in self.pending]).cpu().tolist()
-        for (step, _, lr, stamp), value in zip(self.pending, values):
-            self.lines.append(json.dumps({"step": step, "loss": value, "lr": lr, "time": stamp}))
-        self.last_loss = values[-1]
-        self.pending.clear()
-
-    def progress_record(self, state: str = "training") -> dict[str, Any]:
-        total = self.cfg.training.max_steps
-        remaining = max(0, total - self.step)
-        rate = images_per_optimizer_step(self.cfg, self.world) / self.step_seconds if self.step_seconds else None
-        return {
-            "state": state,
-            "step": self.step,
-            "total_steps": total,
-            "percent": round(100.0 * self.step / total, 1),
-            "loss": None if math.isnan(self.last_loss) else round(self.last_loss, 6),
-            "images_per_second": round(rate, 3) if rate else None,
-            "eta_seconds": round(remaining * self.step_seconds, 1) if self.step_seconds else None,
-            "time": time.time(),
-        }
+        self.last_handoff = time.monotonic()
+        pending, self.pending = self.pending, []
+        losses = DeviceValues(torch.stack(self.pending_losses).float()) if self.pending_losses else None
+        self.pending_losses = []
+        snapshot = {"step": self.step, "step_seconds": self.step_seconds, "figures": self.figures}
+        self.figures = {}
+        self.writer.submit(lambda: self._write(pending, losses, snapshot, state))
 
     def flush(self, state: str = "training") -> None:
-        self.drain()
-        self.last_flush = time.monotonic()
-        record = self.progress_record(state)
+        """Hand off and wait until written (end of run)."""
+        self.hand_off(state)
+        if self.writer is not None:
+            self.writer.drain()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    # -- on the writer thread ------------------------------------------------------------------
+    def _write(self, pending: list[tuple[int, float, float]], losses: DeviceValues | None, snapshot: dict[str, Any], state: str) -> None:
+        values = losses.get() if losses is not None else []
+        new_lines = [{"step": step, "loss": value, "lr": lr, "time": stamp} for (step, lr, stamp), value in zip(pending, values)]
+        if values:
+            self.last_loss = values[-1]
+        self.lines.extend(new_lines)
+        by_step = {line["step"]: line for line in self.lines}
+        for step in sorted(snapshot["figures"]):
+            figures = snapshot["figures"][step]
+            if step not in by_step:
+                by_step[step] = {"step": step}
+                self.lines.append(by_step[step])
+                new_lines.append(by_step[step])
+            by_step[step].update(figures)
+            self.latest_figures.update(figures)
+        self.lines.sort(key=lambda line: line["step"])
+        record = self.progress_record(snapshot, state)
         if self.json_logs:
             log.info("progress", extra=record)
-        self.storage.write_text(METRICS, "\n".join(self.lines) + ("\n" if self.lines else ""))
+        self.storage.write_text(METRICS, "".join(json.dumps(line) + "\n" for line in self.lines))
         self.storage.write_text(PROGRESS, json.dumps(record))
-        if self.tb_dir is not None and self.tb_dir.exists():
-            self.storage.upload_tree("tb", self.tb_dir)
+        self._tensorboard(new_lines, record)
+
+    def _tensorboard(self, lines: list[dict[str, Any]], record: dict[str, Any]) -> None:
+        if self.tb_dir is None:
+            return
+        if self.tb_writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb_writer = SummaryWriter(str(self.tb_dir))
+        for line in lines:
+            for name, value in line.items():
+                if name not in ("step", "time") and isinstance(value, (int, float)):
+                    self.tb_writer.add_scalar(name, value, line["step"])
+        if record.get("images_per_second"):
+            self.tb_writer.add_scalar("images_per_second", record["images_per_second"], record["step"])
+        self.tb_writer.flush()
+        self.storage.upload_tree("tb", self.tb_dir)
+
+    def progress_record(self, snapshot: dict[str, Any], state: str = "training") -> dict[str, Any]:
+        total = self.cfg.training.max_steps
+        step, step_seconds = snapshot["step"], snapshot["step_seconds"]
+        remaining = max(0, total - step)
+        rate = images_per_optimizer_step(self.cfg, self.world) / step_seconds if step_seconds else None
+        record = {
+            "state": state,
+            "step": step,
+            "total_steps": total,
+            "percent": round(100.0 * step / total, 1),
+            "loss": None if math.isnan(self.last_loss) else round(self.last_loss, 6),
+            "images_per_second": round(rate, 3) if rate else None,
+            "eta_seconds": round(remaining * step_seconds, 1) if step_seconds else None,
+            "time": time.time(),
+        }
+        record.update({name: round(value, 6) for name, value in self.latest_figures.items()})
+        return record
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self.last_step_time = time.monotonic()
-        if trainer.is_global_zero:
-            self.flush()
+        self.hand_off()
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if trainer.is_global_zero:
-            self.flush("stopped" if self.step < self.cfg.training.max_steps else "trained")
+        self.flush("stopped" if self.step < self.cfg.training.max_steps else "trained")
+
+
+def control_group(trainer: pl.Trainer) -> Any:
+    """A host-side (gloo) process group for agreeing on flags without touching the GPU; the
+    default group when it already is gloo. Every rank calls this at the same point."""
+    import torch.distributed as dist
+
+    if trainer.world_size == 1 or not dist.is_initialized():
+        return None
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
 
 class CheckpointTrigger(pl.Callback):
@@ -143,6 +257,8 @@ class CheckpointTrigger(pl.Callback):
         self.stopped_by_sigterm = False
         self.last_saved_step: int | None = None
         self.seen_step: int | None = None
+        self.control: Any = None
+        self.stalls: list[float] = []
 
     def _handle_sigterm(self, signum: int, frame: Any) -> None:
         self.sigterm = True
@@ -151,6 +267,7 @@ class CheckpointTrigger(pl.Callback):
         # Replaces Lightning's own handler (registered just before): we decide when to stop.
         self.previous_handler = signal.signal(signal.SIGTERM, self._handle_sigterm)
         self.seen_step = trainer.global_step
+        self.control = control_group(trainer)
 
     def teardown(self, trainer: pl.Trainer, module: pl.LightningModule, stage: str) -> None:
         if getattr(self, "previous_handler", None) is not None:
@@ -158,15 +275,17 @@ class CheckpointTrigger(pl.Callback):
             self.previous_handler = None
 
     def stop_requested(self, trainer: pl.Trainer, step: int) -> bool:
-        """Did any rank get SIGTERM? Asked every SIGTERM_POLL_STEPS steps in a gang: the
-        all-reduce makes the host wait for the GPU, and the grace period allows a few steps."""
+        """Did any rank get SIGTERM? Asked every SIGTERM_POLL_STEPS steps in a gang, over the
+        host-side channel (a CPU tensor: nothing waits for the GPU); the grace period allows it."""
         if trainer.world_size == 1:
             return self.sigterm
         if step % SIGTERM_POLL_STEPS and step < self.max_steps:
             return False
-        flag = torch.tensor(1.0 if self.sigterm else 0.0, device=trainer.strategy.root_device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self.sigterm else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(flag[0] > 0)
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
@@ -182,26 +301,51 @@ class CheckpointTrigger(pl.Callback):
             log.info("stopping after SIGTERM", extra={"step": step})
 
     def save(self, trainer: pl.Trainer, step: int) -> None:
-        if self.last_saved_step != step:
-            trainer.save_checkpoint(checkpoint_key(step))
-            self.last_saved_step = step
+        """What the step loop pays for a checkpoint: state to host buffers; the write runs behind."""
+        if self.last_saved_step == step:
+            return
+        started = time.monotonic()
+        trainer.save_checkpoint(checkpoint_key(step))
+        self.stalls.append(time.monotonic() - started)
+        self.last_saved_step = step
+        log.info("checkpoint started", extra={"step": step, "stall_seconds": round(self.stalls[-1], 3)})
 
 
 class ValidationSampler(pl.Callback):
-    def __init__(self, cfg: TrainConfig, storage: Storage, render: "Any"):
-        self.cfg, self.storage, self.render = cfg, storage, render
+    """Rank 0: validation images and figures (subject fidelity) before training (a fresh run) and
+    every `validation.every_n_steps`; the writer thread uploads them."""
+
+    def __init__(self, cfg: TrainConfig, storage: Storage, validate: Callable[[pl.LightningModule, int], "ValidationResult"],
+                 progress: ProgressReporter):
+        self.cfg, self.storage, self.validate, self.progress = cfg, storage, validate, progress
         self.seen_step: int | None = None
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self.seen_step = trainer.global_step
+        if trainer.global_step == 0:
+            self.run(trainer, module, 0)
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step, every = trainer.global_step, self.cfg.validation.every_n_steps
         if step == self.seen_step:
             return
         self.seen_step = step
-        if every and step % every == 0 and trainer.is_global_zero and self.cfg.validation.prompts:
-            self.storage.write_bytes(f"samples/step-{step:08d}.png", self.render(module))
+        if every and step % every == 0:
+            self.run(trainer, module, step)
+
+    def run(self, trainer: pl.Trainer, module: pl.LightningModule, step: int) -> None:
+        if not trainer.is_global_zero or self.progress.writer is None:
+            return
+        result = self.validate(module, step)
+        self.progress.record(step, result.figures)
+        for key, data in result.files.items():
+            self.progress.writer.submit(lambda key=key, data=data: self.storage.write_bytes(key, data))
+
+
+@dataclass
+class ValidationResult:
+    files: dict[str, bytes]  # storage key -> PNG
+    figures: dict[str, float]
 
 
 class JsonLogFormatter(logging.Formatter):

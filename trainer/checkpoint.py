@@ -1,12 +1,20 @@
-"""Checkpoints in object storage: object by object, manifest LAST, then the `latest` pointer.
+"""Checkpoints in object storage: every rank writes its share in the background; manifest LAST.
 
-checkpoints/step-00000006/model.safetensors   weights of what trains
-checkpoints/step-00000006/trainer_state.pt    optimizer, LR scheduler, loops (step, data position), RNG, EMA
-checkpoints/step-00000006/manifest.json       sizes + sha256 of the above; written after them
-latest                                        "checkpoints/step-00000006", moved after the manifest
+checkpoints/step-00000006/tensors-0.safetensors  rank 0's share of every tensor of the state
+checkpoints/step-00000006/tensors-1.safetensors  rank 1's share (weights, optimizer moments, EMA ...)
+checkpoints/step-00000006/state.pt               the rest: loops (step, data position), LR scheduler,
+                                                 optimizer hyper-parameters; tensors replaced by names
+checkpoints/step-00000006/rank-0.pt, rank-1.pt   what differs between ranks (RNG states)
+checkpoints/step-00000006/shard-0.json, ...      each rank's record of its files, written after them
+checkpoints/step-00000006/manifest.json          every file's size and sha256 and the world size:
+                                                 written by rank 0 after every shard record
+latest                                           "checkpoints/step-00000006", moved after the manifest
 
-A checkpoint without a manifest (a writer died half-way) is never loaded, and `latest` never
-points at one. After a new checkpoint is complete, all but the newest `keep_last` are deleted.
+The step loop pays only for copying its tensors into reused (pinned, on a GPU) host buffers;
+serialising, hashing (one pass, while writing) and uploading run on a background thread, one
+checkpoint in flight. A checkpoint without a manifest (a writer died half-way) is never loaded,
+and `latest` never points at one. After a new checkpoint is complete, all but the newest
+`keep_last` are deleted.
 """
 from __future__ import annotations
 
@@ -14,15 +22,18 @@ import hashlib
 import json
 import logging
 import re
+import struct
 import tempfile
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
+from safetensors.torch import load_file
 
 from .storage import Storage, StorageError, join_key
 
@@ -31,9 +42,17 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 MANIFEST = "manifest.json"
-WEIGHTS = "model.safetensors"
-STATE = "trainer_state.pt"
+STATE = "state.pt"
+FORMAT = 2
 STEP_RE = re.compile(r"step-(\d+)$")
+# The key of a checkpoint dict whose value differs between ranks (RNG states): stored per rank.
+RANK_LOCAL = "rank_local"
+TENSOR_REF = "__tensor__"
+SHARD_WAIT_SECONDS = 1800.0
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
 
 
 def checkpoint_key(step: int) -> str:
@@ -45,6 +64,18 @@ def step_of(key: str) -> int:
     if not match:
         raise ValueError(f"{key!r} is not a checkpoint key")
     return int(match.group(1))
+
+
+def tensors_name(rank: int) -> str:
+    return f"tensors-{rank}.safetensors"
+
+
+def rank_local_name(rank: int) -> str:
+    return f"rank-{rank}.pt"
+
+
+def shard_record_name(rank: int) -> str:
+    return f"shard-{rank}.json"
 
 
 def sha256_file(path: Path) -> str:
@@ -72,49 +103,197 @@ def find_resume_checkpoint(storage: Storage) -> str | None:
     return complete[-1] if complete else None
 
 
-class ObjectStoreCheckpointIO(CheckpointIO):
-    """Lightning CheckpointIO writing to a Storage (local folder or s3://) with a manifest."""
+# -- the state as tensors + a skeleton ------------------------------------------------------------
 
-    def __init__(self, storage: Storage, keep_last: int):
+def child_path(path: str, key: object) -> str:
+    return f"{path}/{key}" if path else str(key)
+
+
+def split_tensors(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """`value` with every tensor replaced by {TENSOR_REF: name}; the tensors go into `tensors`."""
+    if torch.is_tensor(value):
+        tensors[path] = value.detach()
+        return {TENSOR_REF: path}
+    if isinstance(value, dict):
+        return {key: split_tensors(item, child_path(path, key), tensors) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [split_tensors(item, child_path(path, index), tensors) for index, item in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    return value
+
+
+def join_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of split_tensors."""
+    if isinstance(value, dict):
+        if set(value) == {TENSOR_REF}:
+            return tensors[value[TENSOR_REF]]
+        return {key: join_tensors(item, tensors) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [join_tensors(item, tensors) for item in value]
+        return items if isinstance(value, list) else tuple(items)
+    return value
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def assign_shards(tensors: dict[str, torch.Tensor], world: int) -> list[list[str]]:
+    """Tensor names per rank, balanced by bytes (largest first to the lightest rank); the same on
+    every rank, because every rank holds the same replicated state."""
+    shards: list[list[str]] = [[] for _ in range(world)]
+    loads = [0] * world
+    for name in sorted(tensors, key=lambda n: (-tensor_bytes(tensors[n]), n)):
+        lightest = loads.index(min(loads))
+        shards[lightest].append(name)
+        loads[lightest] += tensor_bytes(tensors[name])
+    return [sorted(names) for names in shards]
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    size: int
+    sha256: str
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> WrittenFile:
+    """Write tensors (host memory) in the safetensors layout, hashing the bytes as they are written."""
+    header: dict[str, Any] = {}
+    offset = 0
+    names = sorted(tensors)
+    for name in names:
+        tensor = tensors[name]
+        size = tensor_bytes(tensor)
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    digest = hashlib.sha256()
+    total = 0
+    with open(path, "wb") as handle:
+        for chunk in (struct.pack("<Q", len(encoded)), encoded):
+            handle.write(chunk)
+            digest.update(chunk)
+            total += len(chunk)
+        for name in names:
+            data = tensors[name].reshape(-1).view(torch.uint8).numpy()
+            handle.write(memoryview(data))
+            digest.update(memoryview(data))
+            total += data.nbytes
+    return WrittenFile(total, digest.hexdigest())
+
+
+def write_torch(path: Path, value: Any) -> WrittenFile:
+    torch.save(value, path)
+    return WrittenFile(path.stat().st_size, sha256_file(path))
+
+
+class HostBuffers:
+    """Host copies of the checkpoint's tensors, allocated once and reused (pinned on a GPU machine)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def copy(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        copies: dict[str, torch.Tensor] = {}
+        device_copy = False
+        for name, tensor in tensors.items():
+            buffer = self.buffers.get(name)
+            if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+                buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.is_cuda)
+                self.buffers[name] = buffer
+            buffer.copy_(tensor, non_blocking=tensor.is_cuda)
+            device_copy = device_copy or tensor.is_cuda
+            copies[name] = buffer
+        if device_copy:
+            torch.cuda.synchronize()  # the one wait a checkpoint costs the step loop
+        return copies
+
+
+class ObjectStoreCheckpointIO(CheckpointIO):
+    """Lightning CheckpointIO: called on EVERY rank (see EveryRankSavesDDPStrategy); each rank writes
+    its share of the tensors, rank 0 the rest, in the background; rank 0 commits with the manifest."""
+
+    def __init__(self, storage: Storage, keep_last: int, rank: int = 0, world: int = 1):
         self.storage = storage
         self.keep_last = keep_last
-        self.last_saved: str | None = None
+        self.rank, self.world = rank, world
+        self.host = HostBuffers()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self.in_flight: Future | None = None
+        self.lock = threading.Lock()
+        self.last_stall_seconds = 0.0
+        self.saved: list[str] = []
 
+    # -- save ---------------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str, storage_options: Any | None = None) -> None:
         started = time.monotonic()
-        key = path
-        weights = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in checkpoint["state_dict"].items()}
-        rest = {name: value for name, value in checkpoint.items() if name != "state_dict"}
-        files: dict[str, dict[str, Any]] = {}
-        with tempfile.TemporaryDirectory() as folder:
-            weights_path, state_path = Path(folder, WEIGHTS), Path(folder, STATE)
-            save_file(weights, str(weights_path))
-            torch.save(rest, state_path)
-            for name, local in ((WEIGHTS, weights_path), (STATE, state_path)):
-                files[name] = {"size": local.stat().st_size, "sha256": sha256_file(local)}
-                self.storage.upload_file(join_key(key, name), local)
-        manifest = {"format": 1, "step": checkpoint.get("global_step"), "files": files, "written_at": time.time()}
+        self.wait()  # one checkpoint in flight: its buffers are about to be reused
+        checkpoint = dict(checkpoint)
+        rank_local = checkpoint.pop(RANK_LOCAL, {})
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = split_tensors(checkpoint, "", tensors)
+        mine = assign_shards(tensors, self.world)[self.rank]
+        copies = self.host.copy({name: tensors[name] for name in mine})
+        step = checkpoint.get("global_step")
+        self.last_stall_seconds = time.monotonic() - started
+        self.in_flight = self.executor.submit(self._write, path, step, copies, skeleton, rank_local)
+
+    def _write(self, key: str, step: int | None, copies: dict[str, torch.Tensor], skeleton: Any, rank_local: Any) -> None:
+        started = time.monotonic()
+        try:
+            files: dict[str, dict[str, Any]] = {}
+            with tempfile.TemporaryDirectory(prefix="checkpoint-") as folder:
+                local = {tensors_name(self.rank): lambda p: write_safetensors(p, copies),
+                         rank_local_name(self.rank): lambda p: write_torch(p, rank_local)}
+                if self.rank == 0:
+                    local[STATE] = lambda p: write_torch(p, skeleton)
+                for name, write in local.items():
+                    path = Path(folder, name)
+                    written = write(path)
+                    self.storage.upload_file(join_key(key, name), path)
+                    files[name] = {"size": written.size, "sha256": written.sha256}
+            record = {"rank": self.rank, "world": self.world, "files": files}
+            self.storage.write_text(join_key(key, shard_record_name(self.rank)), json.dumps(record))
+            if self.rank == 0:
+                self._commit(key, step)
+            log.info("checkpoint written", extra={"checkpoint": self.storage.describe(key), "rank": self.rank,
+                                                  "seconds": round(time.monotonic() - started, 2)})
+        except Exception:
+            log.exception("checkpoint write failed; the checkpoint stays incomplete and is never loaded",
+                          extra={"checkpoint": self.storage.describe(key)})
+            raise
+
+    def _commit(self, key: str, step: int | None) -> None:
+        """Rank 0: once every rank's record is there, write the manifest, then move `latest`."""
+        deadline = time.monotonic() + SHARD_WAIT_SECONDS
+        records: list[dict[str, Any]] = []
+        for rank in range(self.world):
+            name = join_key(key, shard_record_name(rank))
+            while not self.storage.exists(name):
+                if time.monotonic() > deadline:
+                    raise StorageError(f"rank {rank} never finished its share of {self.storage.describe(key)}")
+                time.sleep(0.2)
+            records.append(json.loads(self.storage.read_text(name)))
+        files = {name: meta for record in records for name, meta in record["files"].items()}
+        manifest = {"format": FORMAT, "step": step, "world": self.world, "files": files, "written_at": time.time()}
         self.storage.write_text(join_key(key, MANIFEST), json.dumps(manifest, indent=1))
         self.storage.write_text(LATEST, key)
-        self.last_saved = key
+        self.saved.append(key)
         self.prune()
-        log.info("checkpoint saved", extra={"checkpoint": self.storage.describe(key), "seconds": round(time.monotonic() - started, 2)})
 
+    def wait(self) -> None:
+        """Block until the checkpoint in flight is written (SIGTERM and the end of a run call this)."""
+        if self.in_flight is not None:
+            future, self.in_flight = self.in_flight, None
+            future.result()
+
+    def teardown(self) -> None:
+        self.wait()
+
+    # -- load ---------------------------------------------------------------------------------
     def load_checkpoint(self, path: str, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
-        key = path
-        try:
-            manifest = json.loads(self.storage.read_text(join_key(key, MANIFEST)))
-        except StorageError:
-            raise StorageError(f"checkpoint {self.storage.describe(key)} has no manifest (incomplete); not loading it") from None
-        with tempfile.TemporaryDirectory() as folder:
-            for name, meta in manifest["files"].items():
-                local = Path(folder, name)
-                self.storage.download_file(join_key(key, name), local)
-                if local.stat().st_size != meta["size"] or sha256_file(local) != meta["sha256"]:
-                    raise StorageError(f"checkpoint object {self.storage.describe(join_key(key, name))} does not match its manifest")
-            state = torch.load(Path(folder, STATE), map_location=map_location or "cpu", weights_only=False)
-            state["state_dict"] = load_safetensors(Path(folder, WEIGHTS).read_bytes())
-        return state
+        return load_checkpoint_state(self.storage, path, self.rank, self.world)
 
     def remove_checkpoint(self, path: str) -> None:
         self.storage.delete_prefix(path)
@@ -130,3 +309,50 @@ class ObjectStoreCheckpointIO(CheckpointIO):
             if STEP_RE.search(key) and step_of(key) < newest:
                 self.remove_checkpoint(key)
 
+
+def read_manifest(storage: Storage, key: str) -> dict[str, Any]:
+    try:
+        return json.loads(storage.read_text(join_key(key, MANIFEST)))
+    except StorageError:
+        raise StorageError(f"checkpoint {storage.describe(key)} has no manifest (incomplete); not loading it") from None
+
+
+def fetch_checked(storage: Storage, key: str, name: str, meta: dict[str, Any], folder: Path) -> Path:
+    local = Path(folder, name)
+    storage.download_file(join_key(key, name), local)
+    if local.stat().st_size != meta["size"] or sha256_file(local) != meta["sha256"]:
+        raise StorageError(f"checkpoint object {storage.describe(join_key(key, name))} does not match its manifest")
+    return local
+
+
+def load_checkpoint_tensors(storage: Storage, key: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a complete checkpoint, checked against its manifest."""
+    manifest = read_manifest(storage, key)
+    tensors: dict[str, torch.Tensor] = {}
+    with tempfile.TemporaryDirectory(prefix="checkpoint-") as folder:
+        for rank in range(manifest["world"]):
+            name = tensors_name(rank)
+            tensors.update(load_file(str(fetch_checked(storage, key, name, manifest["files"][name], Path(folder)))))
+    return tensors
+
+
+def load_checkpoint_state(storage: Storage, key: str, rank: int, world: int) -> dict[str, Any]:
+    """The checkpoint dict Lightning saved, for this rank."""
+    manifest = read_manifest(storage, key)
+    if manifest.get("format") != FORMAT:
+        raise StorageError(f"checkpoint {storage.describe(key)} has format {manifest.get('format')}, this trainer reads {FORMAT}")
+    written_by = manifest["world"]
+    if written_by != world:
+        log.warning(
+            "checkpoint written by another world size: weights, optimizer state and step carry over; the data order, "
+            "noise and RNG from here on follow the new world size, so the curve will not match an uninterrupted run",
+            extra={"checkpoint": storage.describe(key), "written_by_world": written_by, "world": world},
+        )
+    tensors = load_checkpoint_tensors(storage, key)
+    with tempfile.TemporaryDirectory(prefix="checkpoint-") as folder:
+        skeleton = torch.load(fetch_checked(storage, key, STATE, manifest["files"][STATE], Path(folder)), weights_only=False)
+        state = join_tensors(skeleton, tensors)
+        local = rank_local_name(rank)
+        if local in manifest["files"] and written_by == world:
+            state[RANK_LOCAL] = torch.load(fetch_checked(storage, key, local, manifest["files"][local], Path(folder)), weights_only=False)
+    return state

@@ -95,6 +95,13 @@ class LoraConfig(Section):
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
 
 
+class DdpConfig(Section):
+    static_graph: bool = Field(True, description="The set of trained parameters never changes between steps: DDP skips re-discovering it.")
+    bucket_cap_mb: int | None = Field(None, ge=1, le=1024, description="Gradient bucket size in MiB; default: the trained parameters' size / 16, within 25-200.")
+    gradient_compression: Literal["none", "fp16", "bf16"] = Field(
+        "none", description="Compress gradients to this type for the all-reduce (halves the traffic between nodes).")
+
+
 class TrainingConfig(Section):
     max_steps: int = Field(400, gt=0, description="Optimizer steps to train.")
     seed: int = Field(0, ge=0, description="Seed for data order, noise, timesteps and the tiny model.")
@@ -105,7 +112,8 @@ class TrainingConfig(Section):
     batch_size: int = Field(1, ge=1, description="Instance images per rank per micro-batch (as many class images join them).")
     gradient_accumulation_steps: int = Field(1, ge=1)
     gradient_checkpointing: bool = False
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="auto: bf16 on a GPU that supports it, else full precision (fp32).")
     train_text_encoder: bool = False
     max_grad_norm: float | None = Field(1.0, gt=0)
     optimizer: Literal["adamw", "adamw_8bit"] = Field("adamw", description="adamw_8bit needs bitsandbytes and a GPU.")
@@ -123,6 +131,7 @@ class TrainingConfig(Section):
     attention: Literal["sdpa", "default"] = Field("sdpa", description="Attention kernel: PyTorch SDPA or the model's default.")
     channels_last: bool = Field(False, description="Channels-last memory format for the UNet (faster on GPUs).")
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    ddp: DdpConfig = Field(default_factory=DdpConfig)
 
 
 class CheckpointingConfig(Section):
@@ -139,6 +148,9 @@ class ValidationConfig(Section):
     steps: int = Field(25, ge=1, le=1000)
     guidance_scale: float = Field(7.5, ge=0)
     seed: int = 0
+    fidelity: bool = Field(True, description="Measure how close the instance prompt's images come to the subject photos (and the class prompt's stay away) before training, at each validation and at the end.")
+    fidelity_model: str | None = Field(
+        None, description="A CLIP or DINO vision model (local folder or hf://org/name) for an embedding similarity too; without it only the pixel distance is reported.")
 
 
 class OutputConfig(Section):

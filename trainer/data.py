@@ -41,11 +41,15 @@ def read_images(storage: Storage, keys: list[str], what: str) -> list[Image.Imag
     return [decode_image(storage.read_bytes(key), storage.describe(key), what) for key in keys]
 
 
-def to_pixels(image: Image.Image, resolution: int, center_crop: bool, flip: bool, crop_seed: int = 0) -> torch.Tensor:
-    """Resize the short side to `resolution`, crop square, maybe flip; CHW float in [-1, 1]."""
+def resize_short_side(image: Image.Image, resolution: int) -> Image.Image:
+    """Scale so the short side is `resolution` (done once per photo, at load)."""
     width, height = image.size
     scale = resolution / min(width, height)
-    image = image.resize((max(resolution, round(width * scale)), max(resolution, round(height * scale))), Image.BICUBIC)
+    return image.resize((max(resolution, round(width * scale)), max(resolution, round(height * scale))), Image.BICUBIC)
+
+
+def crop_to_pixels(image: Image.Image, resolution: int, center_crop: bool, flip: bool, crop_seed: int = 0) -> torch.Tensor:
+    """Crop a resized photo square, maybe flip; CHW float in [-1, 1]."""
     width, height = image.size
     if center_crop:
         left, top = (width - resolution) // 2, (height - resolution) // 2
@@ -57,6 +61,11 @@ def to_pixels(image: Image.Image, resolution: int, center_crop: bool, flip: bool
         image = ImageOps.mirror(image)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def to_pixels(image: Image.Image, resolution: int, center_crop: bool, flip: bool, crop_seed: int = 0) -> torch.Tensor:
+    """Resize the short side to `resolution`, crop square, maybe flip; CHW float in [-1, 1]."""
+    return crop_to_pixels(resize_short_side(image, resolution), resolution, center_crop, flip, crop_seed)
 
 
 def mix_seed(*parts: int) -> int:
@@ -104,43 +113,84 @@ class ImageSet:
     prompt: str
 
 
+class PreparedImages:
+    """An image set resized once at load. Center crops are cut (and flipped) once too; random
+    crops are cut per draw from the resized photo."""
+
+    def __init__(self, image_set: ImageSet, resolution: int, center_crop: bool, random_flip: bool):
+        self.count = len(image_set.images)
+        self.resolution, self.center_crop = resolution, center_crop
+        self.resized = [resize_short_side(image, resolution) for image in image_set.images]
+        self.crops: dict[tuple[int, bool], torch.Tensor] = {}
+        if center_crop:
+            for index, image in enumerate(self.resized):
+                for flip in (False, True) if random_flip else (False,):
+                    self.crops[(index, flip)] = crop_to_pixels(image, resolution, True, flip)
+
+    def pixels(self, draw: Draw) -> torch.Tensor:
+        if self.center_crop:
+            return self.crops[(draw.index, draw.flip)]
+        return crop_to_pixels(self.resized[draw.index], self.resolution, False, draw.flip, draw.crop_seed)
+
+
 class DreamBoothBatches(torch.utils.data.IterableDataset):
-    """Yields ready micro-batches for micro-steps [start, stop) of this rank.
+    """Yields ready micro-batches for micro-steps [start, stop) of this rank, in order.
 
     Each batch: `pixels` (instance then class images) or, with cached latents, `latent_params`;
-    `num_instance`; `prompt_kind` (0 instance, 1 class per row); `micro_step`.
+    `num_instance`; `prompt_kind` (0 instance, 1 class per row); `micro_step`. With N dataloader
+    workers, worker w makes micro-steps start+w, start+w+N, ...; the DataLoader takes them round
+    robin, so the sequence is the same for any N. It has no length on purpose: Lightning then
+    never ends an "epoch" early on resume and restarts the sequence; max_steps ends the run.
     """
 
     def __init__(self, instance: ImageSet, klass: ImageSet | None, resolution: int, center_crop: bool, random_flip: bool,
                  batch_size: int, seed: int, rank: int, world: int, start: int, stop: int,
                  latent_cache: "LatentCache | None" = None):
         super().__init__()
-        self.instance, self.klass = instance, klass
-        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.counts = [len(instance.images)] + ([len(klass.images)] if klass else [])
+        self.random_flip = random_flip
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.start, self.stop = start, stop
         self.latent_cache = latent_cache
-
-    def __len__(self) -> int:
-        return max(0, self.stop - self.start)
+        self.prepared = [] if latent_cache is not None else [
+            PreparedImages(image_set, resolution, center_crop, random_flip) for image_set in (instance, klass) if image_set]
 
     def batch_at(self, micro_step: int) -> dict[str, torch.Tensor | int]:
-        sets = [(0, self.instance)] + ([(1, self.klass)] if self.klass else [])
         rows: list[torch.Tensor] = []
         kinds: list[int] = []
-        for stream, image_set in sets:
-            for draw in draw_indices(self.seed, stream, len(image_set.images), micro_step, self.rank, self.world, self.batch_size, self.random_flip):
+        for stream, count in enumerate(self.counts):
+            for draw in draw_indices(self.seed, stream, count, micro_step, self.rank, self.world, self.batch_size, self.random_flip):
                 if self.latent_cache is not None:
                     rows.append(self.latent_cache.params(stream, draw.index, draw.flip))
                 else:
-                    rows.append(to_pixels(image_set.images[draw.index], self.resolution, self.center_crop, draw.flip, draw.crop_seed))
+                    rows.append(self.prepared[stream].pixels(draw))
                 kinds.append(stream)
         key = "latent_params" if self.latent_cache is not None else "pixels"
         return {key: torch.stack(rows), "prompt_kind": torch.tensor(kinds), "num_instance": self.batch_size, "micro_step": micro_step}
 
+    def micro_steps(self) -> range:
+        """This process's share of [start, stop): all of it, or every N-th in worker w of N."""
+        worker = torch.utils.data.get_worker_info()
+        if worker is None:
+            return range(self.start, self.stop)
+        return range(self.start + worker.id, self.stop, worker.num_workers)
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor | int]]:
-        for micro_step in range(self.start, self.stop):
+        for micro_step in self.micro_steps():
             yield self.batch_at(micro_step)
+
+
+# log-variance standing for "no noise": a deterministic encoder's latents as a distribution.
+DETERMINISTIC_LOGVAR = -30.0
+
+
+def latent_distribution_params(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE's latent distribution as (mean, logvar) stacked on channels. A KL autoencoder gives
+    its Gaussian; a deterministic one (AutoencoderTiny) gives its latents with no variance."""
+    encoded = vae.encode(pixels)
+    if hasattr(encoded, "latent_dist"):
+        return encoded.latent_dist.parameters
+    return torch.cat([encoded.latents, torch.full_like(encoded.latents, DETERMINISTIC_LOGVAR)], dim=1)
 
 
 class LatentCache:
@@ -156,9 +206,10 @@ class LatentCache:
             if image_set is None:
                 continue
             for index, image in enumerate(image_set.images):
+                resized = resize_short_side(image, resolution)
                 for flip in flips:
-                    pixels = to_pixels(image, resolution, True, flip).unsqueeze(0).to(device, dtype)
-                    self._params[(stream, index, flip)] = vae.encode(pixels).latent_dist.parameters[0].float().cpu()
+                    pixels = crop_to_pixels(resized, resolution, True, flip).unsqueeze(0).to(device, dtype)
+                    self._params[(stream, index, flip)] = latent_distribution_params(vae, pixels)[0].float().cpu()
 
     def params(self, stream: int, index: int, flip: bool) -> torch.Tensor:
         return self._params[(stream, index, flip)]

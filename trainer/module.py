@@ -1,13 +1,12 @@
 """The LightningModule: what trains, the step, the optimizer. Side effects live in callbacks."""
 from __future__ import annotations
 
-import math
-
 import pytorch_lightning as pl
 import torch
 
+from .checkpoint import RANK_LOCAL
 from .config import TrainConfig
-from .data import step_generator
+from .data import latent_distribution_params, step_generator
 from .errors import UserInputError
 from .loss import diffusion_target, prior_preservation_loss
 
@@ -43,8 +42,10 @@ class DreamBoothModule(pl.LightningModule):
         if cfg.training.ema:
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel(self.unet.parameters(), decay=cfg.training.ema_decay)
-        self.last_loss: float = math.nan
+            self.ema = EMAModel(self.ema_parameters(), decay=cfg.training.ema_decay)
+        # The optimizer step's loss: the sum of its micro-batch losses, kept on the device.
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_count = 0
 
     def _configure_trainable(self) -> None:
         training = self.cfg.training
@@ -79,6 +80,10 @@ class DreamBoothModule(pl.LightningModule):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def ema_parameters(self) -> list[torch.nn.Parameter]:
+        """What the EMA averages: the UNet's trained parameters (only the adapters with LoRA)."""
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
     def state_dict(self, *args, **kwargs):  # noqa: D401 - torch signature
         """Only trained modules: the frozen VAE (and text encoder) come from the base model."""
         state = super().state_dict(*args, **kwargs)
@@ -89,12 +94,14 @@ class DreamBoothModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
-        checkpoint["rng"] = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        checkpoint[RANK_LOCAL] = {"rng": {"torch": torch.get_rng_state(),
+                                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
-        rng = checkpoint.get("rng")
+            self.ema.to(self.device)
+        rng = checkpoint.get(RANK_LOCAL, {}).get("rng")
         if rng:
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] and torch.cuda.is_available():
@@ -111,7 +118,7 @@ class DreamBoothModule(pl.LightningModule):
             return batch["latent_params"]
         with torch.no_grad():
             pixels = batch["pixels"].to(self.device, next(self.vae.parameters()).dtype)
-            return self.vae.encode(pixels).latent_dist.parameters
+            return latent_distribution_params(self.vae, pixels)
 
     def compute_loss(self, batch: dict) -> torch.Tensor:
         generator = step_generator(self.cfg.training.seed, int(batch["micro_step"]), self.global_rank, self.device)
@@ -126,33 +133,43 @@ class DreamBoothModule(pl.LightningModule):
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=hidden).sample
         target = diffusion_target(self.noise_scheduler, latents, noise, timesteps)
         parts = prior_preservation_loss(prediction, target, int(batch["num_instance"]), self.cfg.prior.loss_weight)
-        self.log("loss/instance", parts.instance.detach(), on_step=True, prog_bar=False)
-        if parts.prior is not None:
-            self.log("loss/prior", parts.prior.detach(), on_step=True, prog_bar=False)
         return parts.total
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # Nothing is logged here: Lightning's logging reads values back from the device every step.
         loss = self.compute_loss(batch)
-        self.log("loss", loss.detach(), on_step=True, prog_bar=True)
+        detached = loss.detach()
+        self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
+        self._loss_count += 1
         return loss
+
+    def take_step_loss(self) -> torch.Tensor | None:
+        """The finished optimizer step's loss (mean over its micro-batches, on the device); resets."""
+        if self._loss_sum is None:
+            return None
+        mean = self._loss_sum / self._loss_count
+        self._loss_sum, self._loss_count = None, 0
+        return mean
 
     def on_fit_start(self) -> None:
         if self.ema is not None:
             self.ema.to(self.device)
+        # The schedule's tables live on the device once, so add_noise never copies them per step.
+        for name in ("alphas_cumprod",):
+            table = getattr(self.noise_scheduler, name, None)
+            if torch.is_tensor(table):
+                setattr(self.noise_scheduler, name, table.to(self.device))
         if self.cfg.training.compile:
             training = self.cfg.training
             mode = None if training.compile_mode == "default" else training.compile_mode
             # In place: parameter names (and so checkpoints) stay the same.
             self.unet.compile(backend=training.compile_backend, mode=mode)
 
-    def on_train_start(self) -> None:
-        self._ema_step = self.trainer.global_step
-
-    def on_train_batch_end(self, outputs: object, batch: dict, batch_idx: int) -> None:
-        # global_step moves only when the optimizer stepped: the EMA follows real updates only.
-        if self.ema is not None and self.trainer.global_step != self._ema_step:
-            self._ema_step = self.trainer.global_step
-            self.ema.step(self.unet.parameters())
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: object, optimizer_closure: object = None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Inside the step, before any callback: a checkpoint of this step holds this step's EMA.
+        if self.ema is not None:
+            self.ema.step(self.ema_parameters())
 
     # -- optimizer -------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict:

@@ -1,7 +1,9 @@
-"""A tiny random Stable Diffusion, built in code from a seed (no download).
+"""A tiny Stable Diffusion, built in code from a seed (no download).
 
-Same architecture family as SD1.5 (CLIP text encoder, UNet2DCondition, AutoencoderKL), small
-enough to train a few steps on a CPU in seconds. Used by tests, examples and the demo.
+Same architecture family as SD1.5 (CLIP text encoder, UNet2DCondition, a VAE), small enough to
+train a few steps on a CPU in seconds. Used by tests, examples and the demo. The text encoder and
+UNet are random; the VAE is set by hand to average 4x4 pixel blocks into its latents and repeat
+them back, so what the UNet learns shows in pixels: a few hundred steps on a CPU draw the subject.
 """
 from __future__ import annotations
 
@@ -11,11 +13,15 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderTiny, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 TEXT_HIDDEN = 32
 MAX_TOKENS = 77
+VAE_BLOCKS = 3  # two 2x downsamplings: the latent is 1/4 of the image's side
+LATENT_CHANNELS = 4  # red, green, blue, luminance
+# The encoder's latents are pixel means in [0, 1] less 0.5; x2 puts the model's latents in [-1, 1].
+VAE_SCALING_FACTOR = 2.0
 
 
 def tiny_tokenizer() -> CLIPTokenizer:
@@ -29,6 +35,36 @@ def tiny_tokenizer() -> CLIPTokenizer:
         merges_path.write_text("#version: 0.2\n")
         # model_max_length must be set explicitly: the default is a huge sentinel int.
         return CLIPTokenizer(str(vocab_path), str(merges_path), model_max_length=MAX_TOKENS)
+
+
+@torch.no_grad()
+def block_mean_autoencoder() -> AutoencoderTiny:
+    """An AutoencoderTiny whose weights are set, not learned: the encoder averages 4x4 pixel blocks
+    of R, G, B (and their mean) into the latent; the decoder repeats each latent pixel back.
+    Every weight that would add a nonlinear detail is zero, so each block is the identity."""
+    channels = (LATENT_CHANNELS,) * VAE_BLOCKS
+    vae = AutoencoderTiny(encoder_block_out_channels=channels, decoder_block_out_channels=channels,
+                          num_encoder_blocks=(1,) * VAE_BLOCKS, num_decoder_blocks=(1,) * VAE_BLOCKS,
+                          latent_channels=LATENT_CHANNELS, scaling_factor=VAE_SCALING_FACTOR)
+    for parameter in vae.parameters():
+        parameter.zero_()
+    # The blocks' own convolutions stay zero, which makes each block the identity on the
+    # non-negative values it sees (ReLU(0 + x)); the convolutions between blocks carry the image.
+    encoder_convs = [m for m in vae.encoder.layers if isinstance(m, torch.nn.Conv2d)]
+    decoder_convs = [m for m in vae.decoder.layers if isinstance(m, torch.nn.Conv2d)]
+    for conv in encoder_convs + decoder_convs:
+        if conv.stride == (2, 2):  # downsampling: the mean of each 2x2 block, channel by channel
+            for channel in range(conv.out_channels):
+                conv.weight[channel, channel, 1:, 1:] = 0.25
+        else:  # pass red, green, blue through the 3x3 kernel's centre
+            for channel in range(min(conv.in_channels, conv.out_channels, 3)):
+                conv.weight[channel, channel, 1, 1] = 1.0
+    # The encoder's last convolution also writes luminance into the fourth latent channel and
+    # centres the latents on 0; the decoder's first one adds the 0.5 back.
+    encoder_convs[-1].weight[3, :3, 1, 1] = 1.0 / 3.0
+    encoder_convs[-1].bias.fill_(-0.5)
+    decoder_convs[0].bias[:3] = 0.5
+    return vae
 
 
 def tiny_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusionPipeline:
@@ -51,7 +87,7 @@ def tiny_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusionPipeli
             )
         )
         unet = UNet2DConditionModel(
-            sample_size=sample_size // 8,
+            sample_size=max(1, sample_size // 2 ** (VAE_BLOCKS - 1)),
             in_channels=4,
             out_channels=4,
             block_out_channels=(32, 64),
@@ -62,19 +98,12 @@ def tiny_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusionPipeli
             attention_head_dim=8,
             norm_num_groups=8,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 16, 16),
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=8,
-            sample_size=sample_size,
-        )
+        vae = block_mean_autoencoder()
     finally:
         torch.random.set_rng_state(generator_state)
+    # The tiny model's latents are bounded ([-1, 1]): dynamic thresholding keeps each step's
+    # estimate of the clean latent inside that range, so a briefly trained model samples images,
+    # not blown-up noise.
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -82,6 +111,8 @@ def tiny_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusionPipeli
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        thresholding=True,
+        sample_max_value=VAE_SCALING_FACTOR / 2,
     )
     return StableDiffusionPipeline(
         vae=vae,

@@ -66,8 +66,13 @@ def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float =
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def metric_lines(folder: Path) -> list[dict[str, Any]]:
+def all_metric_lines(folder: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def metric_lines(folder: Path) -> list[dict[str, Any]]:
+    """The optimizer steps' lines (a line of figures taken before training has no loss)."""
+    return [line for line in all_metric_lines(folder) if "loss" in line]
 
 
 def copy_subject(target: Path) -> Path:

@@ -33,7 +33,7 @@ def test_two_ranks_over_gloo_stay_in_sync_and_split_class_generation(tmp_path: P
     codes = [process.wait(timeout=600) for process in ranks]
     assert codes == [0, 0], "\n".join((tmp_path / f"rank{r}.log").read_text()[-2000:] for r in (0, 1))
     records = [json.loads((out / "ranks" / f"{rank}.json").read_text()) for rank in (0, 1)]
-    assert records[0]["weights_sha256"] == records[1]["weights_sha256"], "DDP kept the weights identical"
+    assert records[0]["weights_digest"] == records[1]["weights_digest"], "DDP kept the weights identical"
     assert records[0]["step"] == records[1]["step"] == 4
     generated = [record["class_images_generated"] for record in records]
     assert generated == [2, 2], "class generation was split between the ranks"
@@ -54,7 +54,7 @@ def test_a_run_on_minio_streams_images_checkpoints_there_and_reuses_the_class_ca
     first = open_storage(first_uri)
     assert first.read_text("latest") == "checkpoints/step-00000002"
     assert first.exists("checkpoints/step-00000002/manifest.json") and first.exists("final/model_index.json")
-    assert [json.loads(line)["step"] for line in first.read_text("metrics.jsonl").splitlines()] == [1, 2]
+    assert [line["step"] for line in map(json.loads, first.read_text("metrics.jsonl").splitlines()) if "loss" in line] == [1, 2]
     assert json.loads(first.read_text("ranks/0.json"))["class_images_generated"] == 3
     cache_keys = open_storage(f"s3://{bucket}/class-cache").list()
     assert sum(key.endswith(".png") for key in cache_keys) == 3 and any(key.endswith("complete.json") for key in cache_keys)

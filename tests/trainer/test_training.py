@@ -14,7 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dreambooth_trainer.checkpoint import load_checkpoint_tensors
 from dreambooth_trainer.config import config_from_dict
+from dreambooth_trainer.storage import LocalStorage
 from dreambooth_trainer.tiny import tiny_pipeline
 from dreambooth_trainer.train import run_training
 
@@ -34,6 +36,12 @@ def final_weights(out: Path, component: str) -> dict[str, torch.Tensor]:
     files = list(folder.glob("*.safetensors"))
     assert files, f"no weights in {folder}"
     return load_file(str(files[0]))
+
+
+def checkpoint_weights(out: Path, step: int) -> dict[str, torch.Tensor]:
+    """The model weights a checkpoint holds (all ranks' shares)."""
+    tensors = load_checkpoint_tensors(LocalStorage(out), f"checkpoints/step-{step:08d}")
+    return {key.removeprefix("state_dict/"): value for key, value in tensors.items() if key.startswith("state_dict/")}
 
 
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -126,8 +134,8 @@ def test_vae_frozen_unet_trained_text_encoder_only_when_asked(tmp_path: Path) ->
 def test_lora_trains_only_adapters_and_exports_both_key_layouts(tmp_path: Path) -> None:
     out = train(tmp_path, "lora", training={"max_steps": 2, "lora": {"enabled": True, "rank": 4}},
                 checkpointing={"every_n_steps": 2})
-    checkpoint = load_file(str(out / "checkpoints" / "step-00000002" / "model.safetensors"))
-    assert checkpoint and all("lora_" in key for key in checkpoint), "only adapter weights are trained and saved"
+    weights = checkpoint_weights(out, 2)
+    assert weights and all("lora_" in key for key in weights), "only adapter weights are trained and saved"
     diffusers_keys = load_file(str(out / "final" / "lora" / "pytorch_lora_weights.safetensors")).keys()
     kohya_keys = load_file(str(out / "final" / "lora" / "lora_kohya.safetensors")).keys()
     assert diffusers_keys and all(key.startswith("unet.") for key in diffusers_keys)
@@ -160,7 +168,7 @@ def test_bf16_accumulation_and_ema_train(tmp_path: Path) -> None:
                                               "ema": True, "ema_decay": 0.9}, checkpointing={"every_n_steps": 3})
     lines = metric_lines(out)
     assert [line["step"] for line in lines] == [1, 2, 3] and all(math.isfinite(line["loss"]) for line in lines)
-    raw = load_file(str(out / "checkpoints" / "step-00000003" / "model.safetensors"))
+    raw = checkpoint_weights(out, 3)
     exported = final_weights(out, "unet")
     key = next(k for k in exported if k.endswith("conv_in.weight"))
     assert not torch.equal(exported[key], raw["unet." + key]), "the export holds the EMA weights, not the raw ones"
