@@ -60,22 +60,28 @@ def cached_train_case(dev: str, tiny: bool, per_side: int, steps: int, warmup: i
     opt = torch.optim.AdamW(unet.parameters(), lr=5e-6, fused=dev == "cuda")
 
     def step() -> torch.Tensor:
-        with amp:
-            latents = (mean + std * torch.randn_like(std)) * 0.18215
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, 1000, (bsz,), device=dev)
-            pred = model(sched.add_noise(latents, noise, t), t, enc).sample
-            inst, prior = pred.float().chunk(2)
-            n_inst, n_prior = noise.float().chunk(2)
-            loss = F.mse_loss(inst, n_inst) + F.mse_loss(prior, n_prior)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+        latents = (mean + std * torch.randn_like(std)) * 0.18215
+        return prior_preservation_step(model, sched, opt, amp, latents, enc)
 
     seconds = _timed(step, steps, warmup, dev)
     return {"case": f"baseline cached per_side={per_side} compile={compile_unet}", "s_per_step": round(seconds, 4),
             "images_per_s": round(bsz / seconds, 2)}
+
+
+def prior_preservation_step(model: torch.nn.Module, sched, opt: torch.optim.Optimizer, amp, latents: torch.Tensor,
+                            enc: torch.Tensor) -> torch.Tensor:
+    """One optimizer step of the loop's loss: instance half + class (prior) half, each an MSE to its noise."""
+    with amp:
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (latents.shape[0],), device=latents.device)
+        pred = model(sched.add_noise(latents, noise, t), t, enc).sample
+        inst, prior = pred.float().chunk(2)
+        n_inst, n_prior = noise.float().chunk(2)
+        loss = F.mse_loss(inst, n_inst) + F.mse_loss(prior, n_prior)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
 
 
 def save_like_accelerate(folder: Path, unet: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
@@ -95,19 +101,10 @@ def job_case(dev: str, tiny: bool, per_side: int, steps: int, every: int, folder
     opt = torch.optim.AdamW(unet.parameters(), lr=5e-6, fused=dev == "cuda")
 
     def step() -> None:
-        with amp:
-            with torch.no_grad():
-                latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample() * 0.18215
-                enc = te(ids)[0]
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, 1000, (bsz,), device=dev)
-            pred = unet(sched.add_noise(latents, noise, t), t, enc).sample
-            inst, prior = pred.float().chunk(2)
-            n_inst, n_prior = noise.float().chunk(2)
-            loss = F.mse_loss(inst, n_inst) + F.mse_loss(prior, n_prior)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with amp, torch.no_grad():
+            latents = vae.encode(pixels.to(vae.dtype)).latent_dist.sample() * 0.18215
+            enc = te(ids)[0]
+        prior_preservation_step(unet, sched, opt, amp, latents, enc)
 
     step()  # step 1 warms up (kernels, allocator) untimed, as ours does
     if dev == "cuda":
