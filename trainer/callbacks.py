@@ -161,6 +161,17 @@ class ProgressReporter(pl.Callback):
         self.figures = {}
         self.writer.submit(lambda: self._write(pending, losses, snapshot, state))
 
+    def written_marker(self) -> threading.Event:
+        """Hand off what is pending; the event is set once that (and all before it) is written.
+        A checkpoint commits only after it: the metrics of the steps it covers are never lost."""
+        done = threading.Event()
+        if self.writer is None:
+            done.set()
+            return done
+        self.hand_off()
+        self.writer.submit(done.set)
+        return done
+
     def flush(self, state: str = "training") -> None:
         """Hand off and wait until written (end of run)."""
         self.hand_off(state)
@@ -248,8 +259,13 @@ def control_group(trainer: pl.Trainer) -> Any:
     return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
 
+# A checkpoint waits at most this long for the metrics of its steps (a stuck store must not hold it).
+COMMIT_WAIT_SECONDS = 120.0
+
+
 class CheckpointTrigger(pl.Callback):
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, progress: ProgressReporter | None = None):
+        self.progress = progress
         self.every = cfg.checkpointing.every_n_steps
         self.max_steps = cfg.training.max_steps
         self.on_sigterm = cfg.checkpointing.on_sigterm
@@ -305,6 +321,9 @@ class CheckpointTrigger(pl.Callback):
         if self.last_saved_step == step:
             return
         started = time.monotonic()
+        if self.progress is not None:
+            marker = self.progress.written_marker()
+            trainer.strategy.checkpoint_io.commit_after = lambda: marker.wait(COMMIT_WAIT_SECONDS)
         trainer.save_checkpoint(checkpoint_key(step))
         self.stalls.append(time.monotonic() - started)
         self.last_saved_step = step

@@ -26,6 +26,7 @@ import struct
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,6 +225,9 @@ class ObjectStoreCheckpointIO(CheckpointIO):
         self.lock = threading.Lock()
         self.last_stall_seconds = 0.0
         self.saved: list[str] = []
+        # Set before a save: what must be durable before that checkpoint commits (rank 0's
+        # metrics of the steps it covers); taken by the save.
+        self.commit_after: Callable[[], object] | None = None
 
     # -- save ---------------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str, storage_options: Any | None = None) -> None:
@@ -237,9 +241,11 @@ class ObjectStoreCheckpointIO(CheckpointIO):
         copies = self.host.copy({name: tensors[name] for name in mine})
         step = checkpoint.get("global_step")
         self.last_stall_seconds = time.monotonic() - started
-        self.in_flight = self.executor.submit(self._write, path, step, copies, skeleton, rank_local)
+        commit_after, self.commit_after = self.commit_after, None
+        self.in_flight = self.executor.submit(self._write, path, step, copies, skeleton, rank_local, commit_after)
 
-    def _write(self, key: str, step: int | None, copies: dict[str, torch.Tensor], skeleton: Any, rank_local: Any) -> None:
+    def _write(self, key: str, step: int | None, copies: dict[str, torch.Tensor], skeleton: Any, rank_local: Any,
+               commit_after: Callable[[], object] | None = None) -> None:
         started = time.monotonic()
         try:
             files: dict[str, dict[str, Any]] = {}
@@ -256,6 +262,8 @@ class ObjectStoreCheckpointIO(CheckpointIO):
             record = {"rank": self.rank, "world": self.world, "files": files}
             self.storage.write_text(join_key(key, shard_record_name(self.rank)), json.dumps(record))
             if self.rank == 0:
+                if commit_after is not None:
+                    commit_after()
                 self._commit(key, step)
             log.info("checkpoint written", extra={"checkpoint": self.storage.describe(key), "rank": self.rank,
                                                   "seconds": round(time.monotonic() - started, 2)})

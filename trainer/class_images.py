@@ -41,7 +41,9 @@ def class_cache_key(model: str, class_prompt: str, resolution: int, sampler: str
 def model_identity(cfg: TrainConfig) -> str:
     """What makes generated images differ between models (tiny models differ by seed and size)."""
     if cfg.model.source == "tiny":
-        return f"tiny:seed={cfg.training.seed}:size={cfg.model.tiny_resolution}"
+        from .tiny import TINY_DESIGN  # the built-in model's design: a new one must not reuse old images
+
+        return f"tiny:{TINY_DESIGN}:seed={cfg.training.seed}:size={cfg.model.tiny_resolution}"
     return cfg.model.source
 
 

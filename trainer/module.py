@@ -183,8 +183,9 @@ class DreamBoothModule(pl.LightningModule):
         if training.optimizer == "adamw_8bit":
             optimizer = eight_bit_adamw(groups, kwargs)
         else:
-            # Fused AdamW unscales inside its kernel, which fp16 loss scaling with clipping cannot allow.
-            fused = self.device.type == "cuda" and training.mixed_precision != "fp16"
+            # One fused kernel over all parameters (CUDA and CPU); not with fp16 on CUDA: fused AdamW
+            # unscales inside its kernel, which fp16 loss scaling with clipping cannot allow.
+            fused = self.device.type == "cpu" or (self.device.type == "cuda" and training.mixed_precision != "fp16")
             optimizer = torch.optim.AdamW(groups, fused=fused, **kwargs)
         from diffusers.optimization import get_scheduler
 

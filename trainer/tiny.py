@@ -16,6 +16,9 @@ import torch
 from diffusers import AutoencoderTiny, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+# Names the tiny model's design; change it whenever the same seed would give different weights, so
+# caches keyed by the model (class images) never serve images of an older design.
+TINY_DESIGN = "block-mean-vae-1"
 TEXT_HIDDEN = 32
 MAX_TOKENS = 77
 VAE_BLOCKS = 3  # two 2x downsamplings: the latent is 1/4 of the image's side

@@ -155,8 +155,8 @@ def make_trainer(cfg: TrainConfig, place: Placement, output: "object", json_logs
     training = cfg.training
     workdir = Path(tempfile.mkdtemp(prefix="dreambooth-"))
     tb_dir = workdir / "tb" if cfg.output.tensorboard and place.rank == 0 else None
-    trigger = CheckpointTrigger(cfg)
     progress = ProgressReporter(cfg, output, place.world, start_step, tb_dir, json_logs, place.rank)
+    trigger = CheckpointTrigger(cfg, progress)
     validation = []
     if validator is not None and (cfg.validation.every_n_steps or cfg.validation.fidelity):
         validation = [ValidationSampler(cfg, output, lambda m, step: validator(m.unet, m.text_encoder, step, with_samples=step > 0), progress)]

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,16 @@ def tiny_config_dict(output: str, instance: str = str(SUBJECT), **sections: dict
     return deep_merge(base, sections)
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Class-image and model caches per test session, never the user's home."""
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Class-image and model caches per test session, never the user's home: session-scoped, so
+    module-scoped fixtures (a reference run) get it too."""
     cache = tmp_path_factory.getbasetemp() / "dreambooth-cache"
-    monkeypatch.setenv("DREAMBOOTH_CACHE", str(cache))
-    monkeypatch.setenv("DREAMBOOTH_LOG_FORMAT", "json")
-    return cache
+    patch = pytest.MonkeyPatch()
+    patch.setenv("DREAMBOOTH_CACHE", str(cache))
+    patch.setenv("DREAMBOOTH_LOG_FORMAT", "json")
+    yield cache
+    patch.undo()
 
 
 @pytest.fixture()
