@@ -238,7 +238,8 @@ def test_submit_in_a_terminal_goes_from_photos_to_an_image(testbed: Any, operato
     forward = next(line.strip().removesuffix("&").strip() for line in lines if "dreambooth jobs port-forward" in line)
     curl_at = next(i for i, line in enumerate(lines) if line.strip().startswith("curl -sf"))
     curl = lines[curl_at].strip().removesuffix("\\") + " " + lines[curl_at + 1].strip()
-    forwarder = subprocess.Popen(shlex.split(forward), cwd=tmp_path, env=user_env(testbed), stdout=subprocess.PIPE, text=True)
+    forwarder = subprocess.Popen(shlex.split(forward), cwd=tmp_path, env=user_env(testbed), stdout=subprocess.PIPE, text=True,
+                                 preexec_fn=ctrl_c_delivered)
     try:
         assert f"Forwarding http://127.0.0.1:{port}" in forwarder.stdout.readline()
         pasted = subprocess.run(curl, shell=True, cwd=tmp_path, capture_output=True, timeout=120)
@@ -266,10 +267,17 @@ def edit_user_kubeconfig(testbed: Any, namespace: str, folder: Path) -> Path:
     return path
 
 
+def ctrl_c_delivered() -> None:
+    """In the child, before exec: SIGINT acts as in a terminal. A test run started in the
+    background by a non-interactive shell inherits SIGINT ignored, and Python then never raises
+    KeyboardInterrupt; a user's terminal never starts the command that way."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def follow_process(testbed: Any, name: str, namespace: str, cwd: Path) -> subprocess.Popen:
     """`dreambooth jobs follow` with its output in a pipe (not a terminal: plain lines)."""
     return subprocess.Popen([str(BIN / "dreambooth"), "jobs", "follow", name, "-n", namespace], cwd=cwd, env=user_env(testbed),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=ctrl_c_delivered)
 
 
 def test_the_sdk_submits_waits_generates_and_deletes(testbed: Any, operator: Any, installation: str, minio_client: Any,

@@ -67,9 +67,11 @@ def test_a_run_on_minio_streams_images_checkpoints_there_and_reuses_the_class_ca
 
     # The model exported to MinIO loads back through the s3:// model source.
     from dreambooth_trainer.models import load_pipeline
+    from dreambooth_trainer.tiny import tiny_pipeline
 
     pipeline = load_pipeline(f"{first_uri}/final")
-    assert pipeline.unet.config.sample_size == 4
+    fresh = tiny_pipeline(0, 32).unet.config  # the same architecture came back
+    assert (pipeline.unet.config.sample_size, list(pipeline.unet.config.block_out_channels)) == (fresh.sample_size, list(fresh.block_out_channels))
 
 
 def test_given_class_images_are_used_and_only_the_rest_generated(tmp_path: Path) -> None:
