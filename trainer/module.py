@@ -183,9 +183,10 @@ class DreamBoothModule(pl.LightningModule):
         if training.optimizer == "adamw_8bit":
             optimizer = eight_bit_adamw(groups, kwargs)
         else:
-            # One fused kernel over all parameters (CUDA and CPU); not with fp16 on CUDA: fused AdamW
-            # unscales inside its kernel, which fp16 loss scaling with clipping cannot allow.
-            fused = self.device.type == "cpu" or (self.device.type == "cuda" and training.mixed_precision != "fp16")
+            # One fused kernel over all parameters (CUDA and CPU), except under mixed precision with
+            # gradient clipping: fused AdamW unscales inside its kernel, so Lightning cannot clip first.
+            mixed = str(self.trainer.precision).endswith("-mixed")
+            fused = self.device.type in ("cpu", "cuda") and not (mixed and training.max_grad_norm is not None)
             optimizer = torch.optim.AdamW(groups, fused=fused, **kwargs)
         from diffusers.optimization import get_scheduler
 

@@ -193,8 +193,12 @@ def slowdowns(tmp_path: Path) -> dict[str, str]:
 def test_sigterm_several_times_in_a_row_then_finishing_continues_the_same_curve(reference: Path, tmp_path: Path,
                                                                                  slowdowns: dict[str, str]) -> None:
     out = tmp_path / "run"
-    config = write_config(tmp_path / "c.yaml", tiny_config_dict(str(out), **sections(checkpointing={"every_n_steps": 100})))
-    env = {**slowdowns, "DREAMBOOTH_CACHE": str(tmp_path.parent / "cache"), "SLOW_STEP_SECONDS": "0.4"}
+    # Progress every 0.25 s and 0.6 s steps: the SIGTERM lands a step or two after the one seen,
+    # well before the run's end (a 1 s progress record lagged past it once).
+    data = tiny_config_dict(str(out), **sections(checkpointing={"every_n_steps": 100}))
+    data["output"]["progress_every_seconds"] = 0.25
+    config = write_config(tmp_path / "c.yaml", data)
+    env = {**slowdowns, "DREAMBOOTH_CACHE": str(tmp_path.parent / "cache"), "SLOW_STEP_SECONDS": "0.6"}
     stops = []
     for _ in range(2):
         start = progress_step(out)
