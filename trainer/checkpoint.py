@@ -24,7 +24,6 @@ import logging
 import re
 import struct
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -222,8 +221,6 @@ class ObjectStoreCheckpointIO(CheckpointIO):
         self.host = HostBuffers()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self.in_flight: Future | None = None
-        self.lock = threading.Lock()
-        self.last_stall_seconds = 0.0
         self.saved: list[str] = []
         # Set before a save: what must be durable before that checkpoint commits (rank 0's
         # metrics of the steps it covers); taken by the save.
@@ -231,7 +228,6 @@ class ObjectStoreCheckpointIO(CheckpointIO):
 
     # -- save ---------------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str, storage_options: Any | None = None) -> None:
-        started = time.monotonic()
         self.wait()  # one checkpoint in flight: its buffers are about to be reused
         checkpoint = dict(checkpoint)
         rank_local = checkpoint.pop(RANK_LOCAL, {})
@@ -240,7 +236,6 @@ class ObjectStoreCheckpointIO(CheckpointIO):
         mine = assign_shards(tensors, self.world)[self.rank]
         copies = self.host.copy({name: tensors[name] for name in mine})
         step = checkpoint.get("global_step")
-        self.last_stall_seconds = time.monotonic() - started
         commit_after, self.commit_after = self.commit_after, None
         self.in_flight = self.executor.submit(self._write, path, step, copies, skeleton, rank_local, commit_after)
 
