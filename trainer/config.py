@@ -45,6 +45,8 @@ class ModelConfig(Section):
         description="Base model: `tiny` (built-in random SD), `hf://org/name[@revision]`, `s3://bucket/prefix`, or a local diffusers folder.",
     )
     tiny_resolution: int = Field(32, ge=8, description="Sample size in pixels the built-in tiny model is shaped for.")
+    family: Literal["sd", "sdxl", "sd3", "flux"] | None = Field(
+        None, description="Model family (sd: SD 1.x/2.x); detected from model_index.json when unset, a mismatch is refused.")
 
     @field_validator("source")
     @classmethod
@@ -130,6 +132,9 @@ class TrainingConfig(Section):
     cache_latents: bool = Field(False, description="Encode images and prompts once; the hot step runs the UNet only.")
     attention: Literal["sdpa", "default"] = Field("sdpa", description="Attention kernel: PyTorch SDPA or the model's default.")
     channels_last: bool = Field(False, description="Channels-last memory format for the UNet (faster on GPUs).")
+    min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting γ (DDPM families: sd, sdxl); unset: off.")
+    noise_offset: float = Field(0.0, ge=0, description="Offset noise strength (DDPM families: sd, sdxl); 0: off.")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: a full replica per rank; fsdp: parameters, gradients and optimizer state sharded across ranks.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     ddp: DdpConfig = Field(default_factory=DdpConfig)
 
