@@ -15,6 +15,7 @@ from typing import Any
 from .adapters import AdapterError, AdapterFiles, AdapterLimits, ResidentAdapters
 from .batcher import BASE, BatchShape, MicroBatcher
 from .catalog import ModelCatalog
+from .family import ServedFamily, denoiser, served_family
 from .metrics import ServerMetrics
 from .settings import ServerSettings
 
@@ -31,15 +32,33 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def prepare_pipeline(settings: ServerSettings) -> Any:
-    """Load weights (the trainer's loader), apply a fixed LoRA, then `ready_for_serving`."""
-    import torch
+def load_served_pipeline(source: str, seed: int, tiny_resolution: int, dtype: Any) -> Any:
+    """The built-in tiny models through the trainer's loader; any diffusers folder or hf:// model
+    with `DiffusionPipeline`, which picks the pipeline class (SD, SDXL, SD3, Flux) from model_index.json."""
+    from diffusers import DiffusionPipeline
 
-    from dreambooth_trainer.models import load_pipeline
+    from dreambooth_trainer.errors import UserInputError
+    from dreambooth_trainer.models import fetch_s3_model, load_pipeline, parse_hf_source
+    from dreambooth_trainer.storage import is_s3
+
+    if source.startswith("tiny"):
+        return load_pipeline(source, seed=seed, tiny_resolution=tiny_resolution, dtype=dtype)
+    if source.startswith("hf://"):
+        repo, revision = parse_hf_source(source)
+        return DiffusionPipeline.from_pretrained(repo, revision=revision, torch_dtype=dtype)
+    folder = fetch_s3_model(source) if is_s3(source) else Path(source).expanduser()
+    if not (folder / "model_index.json").exists():
+        raise UserInputError(f"model source {source} has no model_index.json (not a diffusers folder)")
+    return DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype)
+
+
+def prepare_pipeline(settings: ServerSettings) -> Any:
+    """Load weights, apply a fixed LoRA, then `ready_for_serving`."""
+    import torch
 
     device = resolve_device(settings.device)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    pipeline = load_pipeline(settings.model, seed=settings.tiny_seed, tiny_resolution=settings.tiny_resolution, dtype=dtype)
+    pipeline = load_served_pipeline(settings.model, settings.tiny_seed, settings.tiny_resolution, dtype)
     if settings.lora:
         from dreambooth_trainer.export import apply_lora
 
@@ -48,25 +67,45 @@ def prepare_pipeline(settings: ServerSettings) -> Any:
 
 
 def ready_for_serving(pipeline: Any, device: str, compile: bool = False) -> Any:
-    """Inference mode on the device; channels-last (and TF32) on GPU; optionally compile the UNet."""
+    """Inference mode on the device; channels-last (and TF32) on GPU; optionally compile the denoiser."""
     import torch
 
     pipeline.to(device)
-    for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
-        module.eval().requires_grad_(False)
+    pipeline.set_progress_bar_config(disable=True)
+    for module in pipeline.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval().requires_grad_(False)
+    model = denoiser(pipeline)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        pipeline.unet.to(memory_format=torch.channels_last)
+        if getattr(pipeline, "unet", None) is not None:
+            pipeline.unet.to(memory_format=torch.channels_last)
         pipeline.vae.to(memory_format=torch.channels_last)
     if compile:
-        pipeline.unet.compile()  # in place: the pipeline keeps its UNet2DConditionModel
+        model.compile()  # in place: the pipeline keeps its own model class
     return pipeline
 
 
-def pipeline_size(pipeline: Any) -> int:
-    """The model's native image side in pixels (the default width and height)."""
-    return pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+def tiny_side(settings: ServerSettings) -> int | None:
+    """A built-in tiny model is shaped for --tiny-resolution (its config may not say so)."""
+    return settings.tiny_resolution if settings.model.startswith("tiny") else None
+
+
+def draw_batch(pipeline: Any, family: ServedFamily, shape: BatchShape, requests: list) -> list:
+    """Images for one batch, each from its own seed (drawn on the CPU: the same image on any device).
+    SD 1.x/2.x runs the trainer's batched sampler; the other families run their diffusers pipeline."""
+    import torch
+
+    if family.name == "sd":
+        from dreambooth_trainer.generate import generate_images
+
+        return generate_images(pipeline, requests, steps=shape.steps, guidance=shape.guidance, height=shape.height, width=shape.width)
+    extra = {"negative_prompt": [r.negative_prompt for r in requests]} if family.negative_prompt else {}
+    generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
+    with torch.inference_mode():
+        return pipeline(prompt=[r.prompt for r in requests], num_inference_steps=shape.steps, guidance_scale=shape.guidance,
+                        height=shape.height, width=shape.width, generator=generators, output_type="pil", **extra).images
 
 
 class ModelRuntime:
@@ -77,6 +116,7 @@ class ModelRuntime:
         self.catalog = ModelCatalog(settings.base_name, dict(settings.adapters), Path(settings.registry) if settings.registry else None)
         self.files = AdapterFiles()
         self.pipeline: Any = None
+        self.family: ServedFamily | None = None
         self.adapters: ResidentAdapters | None = None
         self.state = "loading"
         self.error: str | None = None
@@ -90,17 +130,13 @@ class ModelRuntime:
 
     @property
     def image_side(self) -> int:
-        return pipeline_size(self.pipeline)
+        return self.family.native_side
 
     def run_batch(self, shape: BatchShape, requests: list, adapters: list[str]) -> list:
-        """One UNet batch on the generation thread; row i runs with adapters[i]."""
-        from dreambooth_trainer.generate import generate_images
-
+        """One denoiser batch on the generation thread; row i runs with adapters[i]."""
         self.adapters.ensure(adapters, self.weights_file)
         with self.adapters.routing(adapters):
-            return generate_images(
-                self.pipeline, requests, steps=shape.steps, guidance=shape.guidance, height=shape.height, width=shape.width
-            )
+            return draw_batch(self.pipeline, self.family, shape, requests)
 
     def weights_file(self, model: str) -> Path:
         uri = self.catalog.uri(model)
@@ -142,6 +178,7 @@ class ModelRuntime:
         started = time.perf_counter()
         try:
             self.pipeline = await self.batcher.run_blocking(self.load)
+            self.family = served_family(self.pipeline, tiny_side(self.settings))
             self.adapters = ResidentAdapters(
                 self.pipeline,
                 AdapterLimits(self.settings.max_resident_adapters, self.settings.max_adapter_bytes),
@@ -149,7 +186,7 @@ class ModelRuntime:
                 on_evict=self.metrics.adapter_evictions.inc,
             )
             self.state = "warming"
-            shape = BatchShape(self.settings.warmup_steps, 7.5, self.image_side, self.image_side)
+            shape = BatchShape(self.settings.warmup_steps, self.family.default_guidance, self.image_side, self.image_side)
             await self.batcher.submit(shape, [ImageRequest("warm-up", "", 0)])
         except Exception as error:  # the pod must say why it never gets ready
             self.state, self.error, self.failure = "failed", f"{type(error).__name__}: {error}", error
