@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 .PHONY: help venv test test-unit test-trainer test-server test-chart browser terminal demo bench bench-serve bench-operator clean images
 
 help:
-	@echo "make demo   - run the product end to end on this machine"
+	@echo "make demo   - run the product end to end on this machine (FAMILY=sdxl|sd3|flux: another model family)"
 	@echo "make test   - build what the tests need and run the whole suite"
 	@echo "make images - build the operator, trainer and inference images (buildah; sizes printed)"
 	@echo "make bench  - trainer throughput vs the diffusers-style baseline"
@@ -57,8 +57,10 @@ test-unit: $(STAMP)
 test-trainer: $(STAMP) testbed-binaries
 	$(PY) -m pytest tests/trainer $(PYTEST_ARGS)
 
+# FAMILY=sdxl|sd3|flux: the same demo with that family's tiny model (LoRA); default: the SD1 `tiny`.
+FAMILY ?= tiny
 demo: $(STAMP) testbed-binaries images
-	$(PY) examples/demo.py --out demo-output
+	$(PY) examples/demo.py --out demo-output --family $(FAMILY)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_trainer.py

@@ -44,9 +44,9 @@ class ModelConfig(Section):
         "tiny",
         description="Base model: `tiny` (built-in random SD), `hf://org/name[@revision]`, `s3://bucket/prefix`, or a local diffusers folder.",
     )
+    family: Literal["auto", "sd", "sdxl", "sd3", "flux"] = Field(
+        "auto", description="Model family; auto reads it from the model (model_index.json's pipeline class). An explicit family must match the model.")
     tiny_resolution: int = Field(32, ge=8, description="Sample size in pixels the built-in tiny model is shaped for.")
-    family: Literal["sd", "sdxl", "sd3", "flux"] | None = Field(
-        None, description="Model family (sd: SD 1.x/2.x); detected from model_index.json when unset, a mismatch is refused.")
 
     @field_validator("source")
     @classmethod

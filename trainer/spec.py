@@ -248,7 +248,7 @@ PIXEL_MULTIPLE = {"flux": 16}
 
 def spec_family(model: Any) -> str | None:
     """The family a spec names or implies; None when only the model's files can tell."""
-    return model.family or TINY_FAMILIES.get(model.source)
+    return model.family if model.family != "auto" else TINY_FAMILIES.get(model.source)
 
 
 def family_refusals(spec: "DreamboothJobSpec") -> list[str]:
@@ -464,7 +464,7 @@ def _family_in(families: tuple[str, ...]) -> str:
     """CEL: the spec's family (model.family, else the tiny source's) is one of `families`."""
     named = "[" + ", ".join(f"'{f}'" for f in families) + "]"
     tiny = "[" + ", ".join(f"'{s}'" for s, f in TINY_FAMILIES.items() if f in families) + "]"
-    return f"(has(self.model.family) ? self.model.family in {named} : self.model.source in {tiny})"
+    return f"(has(self.model.family) && self.model.family != 'auto' ? self.model.family in {named} : self.model.source in {tiny})"
 
 
 def family_rules() -> list[dict[str, str]]:
