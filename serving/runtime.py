@@ -51,22 +51,28 @@ def ready_for_serving(pipeline: Any, device: str, compile: bool = False) -> Any:
     """Inference mode on the device; channels-last (and TF32) on GPU; optionally compile the UNet."""
     import torch
 
+    from dreambooth_trainer.families import family_of_pipeline
+
+    parts = family_of_pipeline(pipeline).components(pipeline)
     pipeline.to(device)
-    for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
+    for module in (parts.denoiser, parts.vae, *parts.text_encoders):
         module.eval().requires_grad_(False)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        pipeline.unet.to(memory_format=torch.channels_last)
+        if hasattr(pipeline, "unet"):  # 4-D activations; transformers work on token sequences
+            pipeline.unet.to(memory_format=torch.channels_last)
         pipeline.vae.to(memory_format=torch.channels_last)
     if compile:
-        pipeline.unet.compile()  # in place: the pipeline keeps its UNet2DConditionModel
+        parts.denoiser.compile()  # in place: the pipeline keeps its denoiser
     return pipeline
 
 
 def pipeline_size(pipeline: Any) -> int:
     """The model's native image side in pixels (the default width and height)."""
-    return pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    from dreambooth_trainer.families import family_of_pipeline
+
+    return family_of_pipeline(pipeline).native_size(pipeline)
 
 
 class ModelRuntime:
