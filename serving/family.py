@@ -1,7 +1,7 @@
 """What a request may ask of the served model's family: sizes, guidance, negative prompts.
 
-The family is read from the loaded pipeline's class (what `DiffusionPipeline.from_pretrained`
-picked from model_index.json), so an exported folder serves as whatever it is.
+The family is the trainer's (`dreambooth_trainer.families`), read from the loaded pipeline's
+class, which the loader picked from model_index.json: an exported folder serves as what it is.
 """
 from __future__ import annotations
 
@@ -10,13 +10,6 @@ from typing import Any
 
 from .settings import MAX_SIDE
 
-# Pipeline class name -> family (the trainer's `model.family` names).
-PIPELINE_FAMILIES = {
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusion3Pipeline": "sd3",
-    "FluxPipeline": "flux",
-}
 # Sizes above the native one up to this factor are allowed (SD 1.5: 1024 for a 512 model).
 MAX_SIDE_FACTOR = 2
 # Diffusers' default guidance per family (Flux's is the distilled guidance of FLUX.1-dev).
@@ -57,34 +50,16 @@ class ServedFamily:
                                                         "(its guidance is distilled into the model)")
 
 
-def family_name(pipeline: Any) -> str:
-    name = PIPELINE_FAMILIES.get(type(pipeline).__name__)
-    if name is None:
-        raise ValueError(f"cannot serve a {type(pipeline).__name__}: the server knows {', '.join(PIPELINE_FAMILIES.values())}")
-    return name
-
-
 def denoiser(pipeline: Any) -> Any:
     """The UNet or transformer: the model LoRA adapters attach to."""
     return getattr(pipeline, "unet", None) or pipeline.transformer
 
 
-def native_side(pipeline: Any, tiny_side: int | None = None) -> int:
-    """The size the model was made for: its sample size in latents times the VAE's factor.
-    Flux's transformer has none: a built-in tiny model's `tiny_side`, else the pipeline's
-    default (1024 px for FLUX.1)."""
-    sample_size = getattr(denoiser(pipeline).config, "sample_size", None)
-    if sample_size is None and tiny_side:
-        return tiny_side
-    if sample_size is None:
-        sample_size = getattr(pipeline, "default_sample_size", 128)
-    return int(sample_size) * pipeline.vae_scale_factor
+def served_family(pipeline: Any) -> ServedFamily:
+    """The request rules of a loaded pipeline's family."""
+    from dreambooth_trainer.families import family_of_pipeline
 
-
-def served_family(pipeline: Any, tiny_side: int | None = None) -> ServedFamily:
-    """The family facts of a loaded pipeline (`tiny_side`: see `native_side`)."""
-    name = family_name(pipeline)
-    side = native_side(pipeline, tiny_side)
-    flux = name == "flux"
-    return ServedFamily(name=name, native_side=side, pixel_multiple=16 if flux else 8,
-                        negative_prompt=not flux, default_guidance=DEFAULT_GUIDANCE[name])
+    family = family_of_pipeline(pipeline)
+    flux = family.name == "flux"
+    return ServedFamily(name=family.name, native_side=family.native_size(pipeline), pixel_multiple=16 if flux else 8,
+                        negative_prompt=not flux, default_guidance=DEFAULT_GUIDANCE[family.name])

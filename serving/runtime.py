@@ -15,7 +15,7 @@ from typing import Any
 from .adapters import AdapterError, AdapterFiles, AdapterLimits, ResidentAdapters
 from .batcher import BASE, BatchShape, MicroBatcher
 from .catalog import ModelCatalog
-from .family import ServedFamily, denoiser, served_family
+from .family import ServedFamily, served_family
 from .metrics import ServerMetrics
 from .settings import ServerSettings
 
@@ -32,33 +32,16 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_served_pipeline(source: str, seed: int, tiny_resolution: int, dtype: Any) -> Any:
-    """The built-in tiny models through the trainer's loader; any diffusers folder or hf:// model
-    with `DiffusionPipeline`, which picks the pipeline class (SD, SDXL, SD3, Flux) from model_index.json."""
-    from diffusers import DiffusionPipeline
-
-    from dreambooth_trainer.errors import UserInputError
-    from dreambooth_trainer.models import fetch_s3_model, load_pipeline, parse_hf_source
-    from dreambooth_trainer.storage import is_s3
-
-    if source.startswith("tiny"):
-        return load_pipeline(source, seed=seed, tiny_resolution=tiny_resolution, dtype=dtype)
-    if source.startswith("hf://"):
-        repo, revision = parse_hf_source(source)
-        return DiffusionPipeline.from_pretrained(repo, revision=revision, torch_dtype=dtype)
-    folder = fetch_s3_model(source) if is_s3(source) else Path(source).expanduser()
-    if not (folder / "model_index.json").exists():
-        raise UserInputError(f"model source {source} has no model_index.json (not a diffusers folder)")
-    return DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype)
-
-
 def prepare_pipeline(settings: ServerSettings) -> Any:
-    """Load weights, apply a fixed LoRA, then `ready_for_serving`."""
+    """Load weights (the trainer's loader: the pipeline class of any family, from model_index.json),
+    apply a fixed LoRA, then `ready_for_serving`."""
     import torch
+
+    from dreambooth_trainer.models import load_pipeline
 
     device = resolve_device(settings.device)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    pipeline = load_served_pipeline(settings.model, settings.tiny_seed, settings.tiny_resolution, dtype)
+    pipeline = load_pipeline(settings.model, seed=settings.tiny_seed, tiny_resolution=settings.tiny_resolution, dtype=dtype)
     if settings.lora:
         from dreambooth_trainer.export import apply_lora
 
@@ -70,42 +53,22 @@ def ready_for_serving(pipeline: Any, device: str, compile: bool = False) -> Any:
     """Inference mode on the device; channels-last (and TF32) on GPU; optionally compile the denoiser."""
     import torch
 
+    from dreambooth_trainer.families import family_of_pipeline
+
+    parts = family_of_pipeline(pipeline).components(pipeline)
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
-    for module in pipeline.components.values():
-        if isinstance(module, torch.nn.Module):
-            module.eval().requires_grad_(False)
-    model = denoiser(pipeline)
+    for module in (parts.denoiser, parts.vae, *parts.text_encoders):
+        module.eval().requires_grad_(False)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        if getattr(pipeline, "unet", None) is not None:
+        if hasattr(pipeline, "unet"):  # 4-D activations; transformers work on token sequences
             pipeline.unet.to(memory_format=torch.channels_last)
         pipeline.vae.to(memory_format=torch.channels_last)
     if compile:
-        model.compile()  # in place: the pipeline keeps its own model class
+        parts.denoiser.compile()  # in place: the pipeline keeps its denoiser
     return pipeline
-
-
-def tiny_side(settings: ServerSettings) -> int | None:
-    """A built-in tiny model is shaped for --tiny-resolution (its config may not say so)."""
-    return settings.tiny_resolution if settings.model.startswith("tiny") else None
-
-
-def draw_batch(pipeline: Any, family: ServedFamily, shape: BatchShape, requests: list) -> list:
-    """Images for one batch, each from its own seed (drawn on the CPU: the same image on any device).
-    SD 1.x/2.x runs the trainer's batched sampler; the other families run their diffusers pipeline."""
-    import torch
-
-    if family.name == "sd":
-        from dreambooth_trainer.generate import generate_images
-
-        return generate_images(pipeline, requests, steps=shape.steps, guidance=shape.guidance, height=shape.height, width=shape.width)
-    extra = {"negative_prompt": [r.negative_prompt for r in requests]} if family.negative_prompt else {}
-    generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
-    with torch.inference_mode():
-        return pipeline(prompt=[r.prompt for r in requests], num_inference_steps=shape.steps, guidance_scale=shape.guidance,
-                        height=shape.height, width=shape.width, generator=generators, output_type="pil", **extra).images
 
 
 class ModelRuntime:
@@ -133,10 +96,14 @@ class ModelRuntime:
         return self.family.native_side
 
     def run_batch(self, shape: BatchShape, requests: list, adapters: list[str]) -> list:
-        """One denoiser batch on the generation thread; row i runs with adapters[i]."""
+        """One denoiser batch on the generation thread; row i runs with adapters[i]. Each image
+        comes from its own seed (SD: the trainer's batched sampler; others: their pipeline)."""
+        from dreambooth_trainer.generate import generate_images
+
         self.adapters.ensure(adapters, self.weights_file)
         with self.adapters.routing(adapters):
-            return draw_batch(self.pipeline, self.family, shape, requests)
+            return generate_images(self.pipeline, requests, steps=shape.steps, guidance=shape.guidance,
+                                   height=shape.height, width=shape.width)
 
     def weights_file(self, model: str) -> Path:
         uri = self.catalog.uri(model)
@@ -178,7 +145,7 @@ class ModelRuntime:
         started = time.perf_counter()
         try:
             self.pipeline = await self.batcher.run_blocking(self.load)
-            self.family = served_family(self.pipeline, tiny_side(self.settings))
+            self.family = served_family(self.pipeline)
             self.adapters = ResidentAdapters(
                 self.pipeline,
                 AdapterLimits(self.settings.max_resident_adapters, self.settings.max_adapter_bytes),
