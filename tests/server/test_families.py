@@ -1,7 +1,7 @@
 """The server serves every family: tiny SDXL and Flux servers (the built-in tiny models) answer
 with their native size and their own guidance default, refuse what their family cannot draw
-naming the field (Flux: sides not a multiple of 16, a negative prompt), route rows of a batch to
-their own adapter, and refuse an adapter trained for another family by name."""
+naming the field (Flux: sides not a multiple of 16, a negative prompt), draw a subject with its
+own adapter, and refuse an adapter trained for another family by name."""
 from __future__ import annotations
 
 import base64
@@ -94,7 +94,7 @@ def test_each_family_draws_its_native_size_with_its_own_guidance(request: pytest
 
 
 @pytest.mark.parametrize("family", ["sdxl", "flux"])
-def test_rows_of_one_batch_get_their_own_adapter(request: pytest.FixtureRequest, family: str) -> None:
+def test_each_subject_draws_with_its_own_adapter_and_a_foreign_one_is_refused(request: pytest.FixtureRequest, family: str) -> None:
     client = request.getfixturevalue(family)
     own = "xl-rex" if family == "sdxl" else "flux-rex"
     base, subject = generate(client), generate(client, model=own)
