@@ -16,6 +16,8 @@ medians of ROUNDS alternating runs) and, on a GPU, both sides' peak memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import statistics
 import sys
@@ -72,10 +74,14 @@ def our_case(source: str, resolution: int, per_side: int, steps: int, warmup: in
         return build(*args, **kwargs)
 
     train.make_trainer = with_timer
+    log = io.StringIO()  # the trainer's own progress lines would bury the figures
     try:
-        train.run_training(our_config(source, resolution, per_side, warmup + steps, photos, gpu))
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            code = train.run_training(our_config(source, resolution, per_side, warmup + steps, photos, gpu))
     finally:
         train.make_trainer = build
+    if code:
+        raise RuntimeError(f"run_training exited {code}: {log.getvalue()[-400:]}")
     seconds = (timer.t1 - timer.t0) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
     return baselines.result(f"ours {source} lora per_side={per_side} {resolution}px", per_side, seconds, peak)
