@@ -78,7 +78,11 @@ def load_model(source: str, seed: int = 0, tiny_resolution: int = 32, dtype: tor
 
     detected = resolve_family(family, family_for(source), source)
     if source in TINY_SOURCES:
-        return detected, detected.tiny(seed, tiny_resolution).to(dtype=dtype)
+        pipeline = detected.tiny(seed, tiny_resolution).to(dtype=dtype)
+        for module in pipeline.components.values():  # inference mode, as from_pretrained gives (no dropout)
+            if isinstance(module, torch.nn.Module):
+                module.eval()
+        return detected, pipeline
     kwargs = {"torch_dtype": dtype, **detected.extra_pipeline_kwargs()}
     kwargs.pop("feature_extractor", None)
     pipeline_class = detected.pipeline_class()

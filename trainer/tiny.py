@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
 T = TypeVar("T")
@@ -86,7 +86,7 @@ def tiny_clip_config(tokenizer: CLIPTokenizer, hidden: int = TEXT_HIDDEN, projec
 
 def tiny_t5_encoder(tokenizer: T5Tokenizer, width: int) -> T5EncoderModel:
     return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=2 * width, num_layers=2, num_heads=4,
-                                   relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+                                   relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", dropout_rate=0.0,
                                    is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1))
 
 
@@ -185,8 +185,3 @@ def tiny_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusionPipeli
         feature_extractor=None,
         requires_safety_checker=False,
     )
-
-
-def training_scheduler_for(pipeline: StableDiffusionPipeline) -> DDPMScheduler:
-    """The noise scheduler used for training (DDPM with the pipeline's beta schedule)."""
-    return DDPMScheduler.from_config(pipeline.scheduler.config)
