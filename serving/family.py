@@ -28,7 +28,7 @@ class UnsupportedRequest(ValueError):
 class ServedFamily:
     name: str
     native_side: int  # default width and height in pixels
-    pixel_multiple: int  # 8, or 16 for Flux (2x2 latent patches of an 8x VAE)
+    pixel_multiple: int  # 8, or 16 for Flux and SD3 (2x2 latent patches of an 8x VAE)
     negative_prompt: bool  # Flux-dev has distilled guidance: one forward per step, nothing to subtract
     default_guidance: float
 
@@ -61,5 +61,15 @@ def served_family(pipeline: Any) -> ServedFamily:
 
     family = family_of_pipeline(pipeline)
     flux = family.name == "flux"
-    return ServedFamily(name=family.name, native_side=family.native_size(pipeline), pixel_multiple=16 if flux else 8,
+    return ServedFamily(name=family.name, native_side=family.native_size(pipeline), pixel_multiple=pixel_multiple(pipeline, family.name),
                         negative_prompt=not flux, default_guidance=DEFAULT_GUIDANCE[family.name])
+
+
+def pixel_multiple(pipeline: Any, family: str) -> int:
+    """Flux: 16 (as admission checks data.resolution); SD3: the VAE's factor times the transformer's
+    patch (16 for SD3 itself); SD and SDXL: 8."""
+    if family == "flux":
+        return 16
+    if family == "sd3":
+        return max(8, pipeline.vae_scale_factor * pipeline.transformer.config.patch_size)
+    return 8

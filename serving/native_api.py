@@ -35,8 +35,8 @@ class GenerateBody(BaseModel):
     guidance_scale: GuidanceScale | None = Field(
         None, description="Classifier-free guidance (≤ 1 turns it off); for Flux, the distilled guidance. The family's default when omitted (SD 7.5, SDXL 5, SD3 7, Flux 3.5).")
     seed: Seed | None = Field(None, description="Image i uses seed + i; random when omitted.")
-    width: Side | None = Field(None, description="Pixels, a multiple of 8 (16 for Flux) up to twice the model's size (at least 1024); the model's size when omitted.")
-    height: Side | None = Field(None, description="Pixels, a multiple of 8 (16 for Flux) up to twice the model's size (at least 1024); the model's size when omitted.")
+    width: Side | None = Field(None, description="Pixels, a multiple of 8 (16 for SD3 and Flux) up to twice the model's size (at least 1024); the model's size when omitted.")
+    height: Side | None = Field(None, description="Pixels, a multiple of 8 (16 for SD3 and Flux) up to twice the model's size (at least 1024); the model's size when omitted.")
 
 
 def parse_generate_body(raw: bytes) -> GenerateBody:

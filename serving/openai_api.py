@@ -73,7 +73,7 @@ class ImageGenerationBody(BaseModel):
     prompt: str = Field(min_length=1, max_length=4000, description="What to draw.")
     model: str | None = Field(None, min_length=1, max_length=200, description="The subject (a model id from GET /v1/models); the base model when omitted.")
     n: json_int(ge=1, le=10) = Field(1, description="Images to draw; image i uses seed + i.")
-    size: str | None = Field("auto", max_length=11, description="`WxH` in pixels, each a multiple of 8 (16 for Flux) up to twice the model's size (at least 1024), or `auto` (the model's size).")
+    size: str | None = Field("auto", max_length=11, description="`WxH` in pixels, each a multiple of 8 (16 for SD3 and Flux) up to twice the model's size (at least 1024), or `auto` (the model's size).")
     response_format: Literal["b64_json", "url"] | None = Field(None, description="b64_json only: the server keeps no images to link to.")
     output_format: Literal["png", "jpeg", "webp"] | None = Field(None, description="Image encoding (png by default).")
     output_compression: json_int(ge=0, le=100) | None = Field(None, description="Quality 0-100 for jpeg and webp.")

@@ -242,8 +242,8 @@ TINY_FAMILIES = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flu
 FLOW_MATCHING = ("sd3", "flux")
 # Options of the DDPM loss (epsilon/v targets) that flow matching has no counterpart for.
 DDPM_OPTIONS = {"min_snr_gamma": "minSnrGamma", "noise_offset": "noiseOffset"}
-# Flux packs 2x2 latent patches of an 8x VAE: pixel sides must be multiples of 16.
-PIXEL_MULTIPLE = {"flux": 16}
+# Flux packs 2x2 latent patches of an 8x VAE, SD3 embeds 2x2 patches: pixel sides are multiples of 16.
+PIXEL_MULTIPLE = {"sd3": 16, "flux": 16}
 
 
 def spec_family(model: Any) -> str | None:

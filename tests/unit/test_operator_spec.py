@@ -237,6 +237,7 @@ BAD_SPECS = [
     ("min-SNR on a flow-matching family", {"model.family": "flux", "training.minSnrGamma": 5.0}, "training.minSnrGamma"),
     ("noise offset on tiny sd3", {"model.source": "tiny-sd3", "training.noiseOffset": 0.05}, "training.noiseOffset"),
     ("flux resolution not a multiple of 16", {"model.family": "flux", "data.resolution": 1000}, "data.resolution"),
+    ("sd3 resolution not a multiple of 16", {"model.source": "tiny-sd3", "data.resolution": 40}, "data.resolution"),
     ("unknown family", {"model.family": "sd4"}, "model.family"),
     ("unknown strategy", {"training.strategy": "zero3"}, "training.strategy"),
 ]
