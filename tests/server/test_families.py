@@ -1,4 +1,4 @@
-"""The server serves every family: tiny SDXL and Flux servers (the built-in tiny models) answer
+"""The server serves every family: tiny SDXL, SD3 and Flux servers (the built-in tiny models) answer
 with their native size and their own guidance default, refuse what their family cannot draw
 naming the field (Flux: sides not a multiple of 16, a negative prompt), draw a subject with its
 own adapter, and refuse an adapter trained for another family by name."""
@@ -70,6 +70,11 @@ def sdxl(adapters: dict[str, Path]) -> Iterator[TestClient]:
 
 
 @pytest.fixture(scope="module")
+def sd3(adapters: dict[str, Path]) -> Iterator[TestClient]:
+    yield from client_for("tiny-sd3", adapters)
+
+
+@pytest.fixture(scope="module")
 def flux(adapters: dict[str, Path]) -> Iterator[TestClient]:
     yield from client_for("tiny-flux", adapters)
 
@@ -84,12 +89,12 @@ def pixels(result: dict, index: int = 0) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(result["images"][index]["png_base64"])))
 
 
-@pytest.mark.parametrize("family", ["sdxl", "flux"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
 def test_each_family_draws_its_native_size_with_its_own_guidance(request: pytest.FixtureRequest, family: str) -> None:
     client = request.getfixturevalue(family)
     result = generate(client)
     assert (result["width"], result["height"]) == (SIDE, SIDE) and pixels(result).size == (SIDE, SIDE)
-    assert result["guidance_scale"] == {"sdxl": 5.0, "flux": 3.5}[family], "the family's default guidance"
+    assert result["guidance_scale"] == {"sdxl": 5.0, "sd3": 7.0, "flux": 3.5}[family], "the family's default guidance"
     assert generate(client)["images"] == result["images"], "a seed draws the same image again"
 
 
