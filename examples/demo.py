@@ -15,8 +15,10 @@
    everything is and how to tear it down.
 
 `make demo FAMILY=sdxl|sd3|flux` runs the same path with that family's built-in tiny model
-(`tiny-sdxl`, `tiny-sd3`, `tiny-flux`) as a LoRA job, the way those families are mostly trained;
-the default, FAMILY=tiny, is the SD1 example as it is.
+(`tiny-sdxl`, `tiny-sd3`, `tiny-flux`) as a LoRA job, the way those families are mostly trained
+(FAMILY=flux: about 3 minutes on two busy cores). Those tiny models decode with a random VAE, so
+their images are noise before and after: they show the path end to end, not a learned subject.
+The default, FAMILY=tiny, is the SD1 example as it is.
 
 The demo trains the example long enough to see DreamBooth work (LEARNING below: 600 steps, the
 settings of examples/train-tiny.yaml, a few minutes on two cores): demo-output/before-after.png shows the instance prompt's
