@@ -150,14 +150,18 @@ def main() -> int:
     parser.add_argument("--per-side", type=int, default=1, help="instance images per step (as many class images join them)")
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--families", default="sdxl,flux")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU intra-op threads for both sides (default 1, as bench_trainer.py: multi-threaded CPU figures swing on a shared machine)")
     args = parser.parse_args()
     from dreambooth_trainer.models import quiet_libraries
 
     quiet_libraries()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(args.threads)
     steps, warmup = (8, 3) if device == "cpu" else (10, 4)
     print(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-                      "resolution": args.resolution, "rounds": args.rounds}), flush=True)
+                      "resolution": args.resolution, "rounds": args.rounds, "cpu_threads": torch.get_num_threads()}), flush=True)
     photos = photos_folder(4, args.resolution)
     cases = {"sdxl": (args.sdxl, sdxl_baseline), "flux": (args.flux, flux_baseline)}
     figures: dict[str, float | None] = {}
