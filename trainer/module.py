@@ -146,8 +146,8 @@ class DreamBoothModule(pl.LightningModule):
         """The denoiser's text inputs for each row's prompt: cached, or encoded now when training them."""
         if self.cond_names and not self.train_text:
             return {name: getattr(self, f"text_cond_{name}")[indices] for name in self.cond_names}
-        view = self.family.with_trained(self._pipeline, self.denoiser, list(self.text_encoders))
-        return self.family.encode_text(view, [self.prompts[i] for i in indices.tolist()], self.device)
+        # The pipeline holds these very encoder objects (adapters and all), so it encodes with them.
+        return self.family.encode_text(self._pipeline, [self.prompts[i] for i in indices.tolist()], self.device)
 
     def latent_params(self, batch: dict) -> torch.Tensor:
         if "latent_params" in batch:

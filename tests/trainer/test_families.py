@@ -18,7 +18,7 @@ from dreambooth_trainer.config import config_from_dict
 from dreambooth_trainer.errors import UserInputError
 from dreambooth_trainer.train import run_training
 
-from .conftest import metric_lines, run_cli, tiny_config_dict
+from .conftest import metric_lines, tiny_config_dict
 
 SOURCES = {"sd": "tiny", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3", "flux": "tiny-flux"}
 PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
@@ -26,7 +26,7 @@ PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline
 QUICK = {
     "prior": {"num_class_images": 1, "sample_steps": 1, "sample_batch_size": 1},
     "training": {"max_steps": 2, "cache_latents": True, "lora": {"enabled": True, "rank": 2}},
-    "checkpointing": {"every_n_steps": 1, "keep_last": 1},
+    "checkpointing": {"every_n_steps": 100},
     "validation": {"fidelity": False, "steps": 1, "num_images": 1},
 }
 
@@ -47,9 +47,10 @@ def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     root = tmp_path_factory.mktemp(family)
     lora, resumed, full = root / "lora", root / "resumed", root / "full"
     assert run_training(family_config(lora, source)) == 0
-    assert run_training(family_config(resumed, source, training={"max_steps": 1})) == 0
-    assert run_training(family_config(resumed, source)) == 0
-    assert run_training(family_config(full, source, training={"lora": {"enabled": False}}, prior={"enabled": False})) == 0
+    every_step = {"every_n_steps": 1, "keep_last": 1}
+    assert run_training(family_config(resumed, source, training={"max_steps": 1}, checkpointing=every_step)) == 0
+    assert run_training(family_config(resumed, source, checkpointing=every_step)) == 0
+    assert run_training(family_config(full, source, training={"max_steps": 1, "lora": {"enabled": False}}, prior={"enabled": False})) == 0
     return {"family": family, "source": source, "lora": lora, "resumed": resumed, "full": full}
 
 
@@ -60,7 +61,7 @@ def test_lora_and_full_train_and_resume_on_the_same_curve(runs: dict[str, Any]) 
     assert sorted(resumed) == [1, 2]
     for step, loss in reference.items():
         assert resumed[step] == pytest.approx(loss, abs=1e-5), f"step {step} after resuming from step 1"
-    assert sorted(losses(runs["full"])) == [1, 2]
+    assert sorted(losses(runs["full"])) == [1]
     assert (runs["lora"] / "samples" / "final.png").exists(), "validation drew with the family's pipeline"
 
 
@@ -98,16 +99,21 @@ def test_the_lora_loads_with_load_lora_weights_and_generates_and_serves(runs: di
     assert pipeline_size(served) == 32
     image = generate_images(served, request, steps=2, height=32, width=32)[0]
     assert image.tobytes() == after.tobytes(), "the server draws what the trainer's generation draws"
-    exported = generate_images(load_pipeline(str(runs["full"] / "final")), request, steps=1)[0]
-    assert exported.size == (32, 32)
-    if runs["family"] == "flux":  # one CLI round trip: the other families run the same code in process
-        out = runs["lora"].parent / "cli.png"
-        result = run_cli(["generate", "--model", str(runs["lora"] / "final"), "--prompt", "a photo of sks toy", "--steps", "2",
-                          "--lora", str(lora_folder), "--out", str(out)])
-        assert result.returncode == 0, result.stderr[-2000:]
-        from PIL import Image
 
-        assert Image.open(out).size == (32, 32)
+
+def test_dreambooth_generate_draws_from_the_export_and_its_lora(runs: dict[str, Any]) -> None:
+    """The `dreambooth generate` command (in process: the command's own function, not a new interpreter)."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from dreambooth_cli.main import app
+
+    out = runs["lora"].parent / "generated.png"
+    final = runs["full"] / "final"
+    result = CliRunner().invoke(app, ["generate", "--model", str(final), "--prompt", "a photo of sks toy", "--steps", "1",
+                                      "--lora", str(runs["lora"] / "final" / "lora"), "--out", str(out)])
+    assert result.exit_code == 0, result.output[-2000:]
+    assert Image.open(out).size == (32, 32)
 
 
 def test_kohya_layout_where_the_family_has_one(runs: dict[str, Any]) -> None:
@@ -121,26 +127,10 @@ def test_kohya_layout_where_the_family_has_one(runs: dict[str, Any]) -> None:
         down, up, alpha = kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"], kohya[f"{name}.alpha"]
         assert up.shape[1] == down.shape[0] and alpha.numel() == 1, name
     assert all(name.startswith("lora_unet_") for name in names)
-    if runs["family"] != "flux":  # diffusers reads SD/SDXL kohya files back: the same image as the diffusers file
-        assert_same_image_from_both_files(runs)
-    else:  # diffusers' reverse converter assumes Flux-dev's 19/38 blocks: check BFL names and shapes
+    if runs["family"] == "flux":  # diffusers' reverse converter assumes Flux-dev's 19/38 blocks: BFL names and shapes
         assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_txt_attn_qkv",
                 "lora_unet_double_blocks_0_img_mlp_0", "lora_unet_single_blocks_0_linear1"} <= names
         assert float(kohya["lora_unet_double_blocks_0_img_attn_qkv.alpha"]) == 3 * 2, "alpha scales with the fused parts"
-
-
-def assert_same_image_from_both_files(runs: dict[str, Any]) -> None:
-    from dreambooth_trainer.generate import ImageRequest, generate_images
-    from dreambooth_trainer.models import load_pipeline
-
-    folder = runs["lora"] / "final" / "lora"
-    request = [ImageRequest("a photo of sks toy", seed=3)]
-    images = []
-    for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
-        pipeline = load_pipeline(runs["source"])
-        pipeline.load_lora_weights(str(folder), weight_name=name)
-        images.append(torch.tensor(list(generate_images(pipeline, request, steps=2)[0].getdata())).float())
-    assert (images[0] - images[1]).abs().max() <= 1, "the kohya file holds the same adapters"
 
 
 def test_flux_bfl_fusion_keeps_each_part_update() -> None:

@@ -42,7 +42,7 @@ class StableDiffusionXL(StableDiffusion):
                 "text_encoder": CLIPTextModel(tiny_clip_config(tokenizer)),
                 "text_encoder_2": CLIPTextModelWithProjection(tiny_clip_config(tokenizer)),
                 "unet": UNet2DConditionModel(
-                    sample_size=max(1, resolution // 4), in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                    sample_size=max(1, resolution // 4), in_channels=4, out_channels=4, block_out_channels=(16, 32),
                     layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4), use_linear_projection=True,
                     addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
