@@ -255,6 +255,10 @@ def family_refusals(spec: "DreamboothJobSpec") -> list[str]:
     """What the spec asks of its family that the family does not support (the CEL rules' twin)."""
     family = spec_family(spec.model)
     refusals = []
+    built_in = TINY_FAMILIES.get(spec.model.source)
+    if built_in and spec.model.family not in ("auto", built_in):
+        refusals.append(f"model.family {spec.model.family} does not match model.source {spec.model.source} (a {built_in} model): "
+                        f"set model.family to {built_in} or auto")
     if family in FLOW_MATCHING:
         for option, camel in DDPM_OPTIONS.items():
             if getattr(spec.training, option):
@@ -470,7 +474,17 @@ def _family_in(families: tuple[str, ...]) -> str:
 def family_rules() -> list[dict[str, str]]:
     """CEL rules on spec: options a family does not support, refused naming the field."""
     flow = _family_in(FLOW_MATCHING)
+    tiny = ", ".join(f"'{source}': '{family}'" for source, family in TINY_FAMILIES.items())
     rules = [
+        {
+            "rule": f"!has(self.model.family) || self.model.family == 'auto' || !(self.model.source in {{{tiny}}}) "
+                    f"|| {{{tiny}}}[self.model.source] == self.model.family",
+            "message": "spec.model.family does not match the built-in model spec.model.source (tiny: sd, tiny-sdxl: sdxl, "
+                       "tiny-sd3: sd3, tiny-flux: flux); set it to that family or auto",
+            "fieldPath": ".model.family",
+        },
+    ]
+    rules += [
         {
             "rule": f"!has(self.training.{camel}) || self.training.{camel} == 0.0 || !{flow}",
             "message": f"spec.training.{camel} is a DDPM loss option (sd, sdxl); families sd3 and flux train by flow matching",

@@ -46,9 +46,10 @@ BAD = [
     ("env the operator sets", {"podTemplate.env": [{"name": "NODE_RANK", "value": "0"}]}, "spec.podTemplate.env"),
     ("volume name the operator uses", {"podTemplate.volumes": [{"name": "config", "emptyDir": {}}]}, "spec.podTemplate.volumes"),
     ("mount of no volume", {"podTemplate.volumeMounts": [{"name": "cache", "mountPath": "/cache"}]}, "spec.podTemplate.volumeMounts"),
-    ("min-SNR on a flow-matching family", {"model.family": "flux", "training.minSnrGamma": 5.0}, "spec.training.minSnrGamma"),
+    ("min-SNR on a flow-matching family", {"model.source": "hf://org/flux-model", "model.family": "flux", "training.minSnrGamma": 5.0}, "spec.training.minSnrGamma"),
     ("noise offset on tiny sd3", {"model.source": "tiny-sd3", "training.noiseOffset": 0.05}, "spec.training.noiseOffset"),
-    ("flux resolution not a multiple of 16", {"model.family": "flux", "data.resolution": 1000}, "spec.data.resolution"),
+    ("flux resolution not a multiple of 16", {"model.source": "hf://org/flux-model", "model.family": "flux", "data.resolution": 1000}, "spec.data.resolution"),
+    ("family not the tiny model's", {"model.source": "tiny-sdxl", "model.family": "flux"}, "spec.model.family"),
     ("unknown family", {"model.family": "sd4"}, "spec.model.family"),
 ]
 
