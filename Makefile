@@ -9,10 +9,10 @@ PYTEST_ARGS ?=
 .PHONY: help venv test test-unit test-trainer test-server test-chart browser terminal demo bench bench-serve bench-operator clean images
 
 help:
-	@echo "make demo   - run the product end to end on this machine"
+	@echo "make demo   - run the product end to end on this machine (FAMILY=sdxl|sd3|flux: another model family)"
 	@echo "make test   - build what the tests need and run the whole suite"
 	@echo "make images - build the operator, trainer and inference images (buildah; sizes printed)"
-	@echo "make bench  - trainer throughput vs the diffusers-style baseline"
+	@echo "make bench  - trainer throughput vs the diffusers-style baseline; SDXL-LoRA and Flux-LoRA vs the diffusers example loops"
 	@echo "make bench-serve - the server vs a one-request-at-a-time diffusers loop (tiny on CPU, SD1.5 on a GPU)"
 	@echo "make bench-operator - 200 DreamboothJobs on 50 KWOK GPU nodes: apply->Job p50/p99, time to Running, operator RSS"
 	@echo "make testbed-up / testbed-down - the local Kubernetes test bed (source .testbed/env to use it)"
@@ -59,11 +59,14 @@ test-unit: $(STAMP)
 test-trainer: $(STAMP) testbed-binaries
 	$(PY) -m pytest tests/trainer $(PYTEST_ARGS)
 
+# FAMILY=sdxl|sd3|flux: the same demo with that family's tiny model (LoRA); default: the SD1 `tiny`.
+FAMILY ?= tiny
 demo: $(STAMP) testbed-binaries images
-	$(PY) examples/demo.py --out demo-output
+	$(PY) examples/demo.py --out demo-output --family $(FAMILY)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_trainer.py
+	$(PY) benchmarks/bench_families.py
 
 bench-serve: $(STAMP)
 	$(PY) benchmarks/bench_serve.py

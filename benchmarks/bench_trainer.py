@@ -47,6 +47,7 @@ from dreambooth_trainer.models import quiet_libraries  # noqa: E402
 from dreambooth_trainer.module import DreamBoothModule  # noqa: E402
 from dreambooth_trainer.storage import LocalStorage  # noqa: E402
 from dreambooth_trainer.tiny import tiny_tokenizer  # noqa: E402
+from dreambooth_trainer.families import FAMILIES, Components  # noqa: E402
 from dreambooth_trainer.train import Placement, encode_prompt_embeddings, make_trainer  # noqa: E402
 
 H100_H200_BF16_DENSE_TFLOPS = 989.4  # spec-sheet dense bf16 peak used for MFU
@@ -105,7 +106,9 @@ def our_run(dev: str, tiny: bool, per_side: int, max_steps: int, compile_mode: s
     cache.fill(vae, [instance, klass], resolution, (False,))
     embeddings = encode_prompt_embeddings(text_encoder, tokenizer, [cfg.data.instance_prompt, cfg.prior.class_prompt])
     scheduler = baseline.DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    module = DreamBoothModule(cfg, unet, vae, text_encoder, tokenizer, scheduler, embeddings).to(dev)
+    sd = FAMILIES["sd"]
+    pipeline = sd.assemble(Components(unet, vae, [text_encoder], [tokenizer], scheduler))
+    module = DreamBoothModule(cfg, sd, pipeline, {"prompt_embeds": embeddings}).to(dev)
     batches = DreamBoothBatches(instance, klass, resolution, True, False, per_side, 0, 0, 1, 0, max_steps, cache)
     place = Placement("gpu" if gpu else "cpu", 1, 1, 0, 1, "nccl" if gpu else "gloo")
     trainer, trigger, _ = make_trainer(cfg, place, LocalStorage(output), True, 0, extra_callbacks=[timer])

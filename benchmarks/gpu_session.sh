@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Every GPU check in one prepared run (<= 8 minutes on one H100/H200): the GPU-marked tests
 # (fp16, bf16, auto precision, 8-bit Adam, inductor compile, the no-sync step loop), `make bench`
-# and `make bench-serve`. JSON lines go to $OUT (default: bench-output/gpu-session/):
+# and `make bench-serve`; then the model families at native size (~10 more minutes, ~45 GB of
+# disk; SKIP_FAMILIES=1 leaves them out): random full-size SDXL and FLUX.1-dev folders, and
+# SDXL-LoRA and Flux-LoRA at 1024 px, ours vs the diffusers example loops, peak memory of each.
+# JSON lines go to $OUT (default: bench-output/gpu-session/):
 #   summary.jsonl   one line per part: name, exit code, seconds
 #   tests.xml       the GPU tests' JUnit report
 #   bench.jsonl     bench_trainer.py's output;   serve.jsonl  bench_serve.py's output
+#   families.jsonl  bench_families.py's output at 1024 px (speedups, peak GiB per family and side)
 #
 # Where to run it:
 #   - here (no GPU): a dry run; the GPU tests are skipped, the benchmarks run tiny shapes on CPU.
@@ -55,3 +59,10 @@ part gpu-tests 180 "$PY" -m pytest -q -m gpu tests/trainer/test_gpu.py tests/tra
   -p no:cacheprovider --junitxml="$OUT/tests.xml"
 part bench 210 bash -c "\"$PY\" benchmarks/bench_trainer.py --rounds 3 | tee \"$OUT/bench.jsonl\""
 part bench-serve 90 bash -c "\"$PY\" benchmarks/bench_serve.py | tee \"$OUT/serve.jsonl\""
+if [ "${SKIP_FAMILIES:-0}" != 1 ]; then
+  MODELS="${MODELS:-/tmp/dreambooth-random-models}"
+  part random-sdxl 240 "$PY" benchmarks/random_models.py --family sdxl --out "$MODELS/sdxl"
+  part random-flux 420 "$PY" benchmarks/random_models.py --family flux --out "$MODELS/flux"
+  part bench-families 900 bash -c "\"$PY\" benchmarks/bench_families.py --sdxl \"$MODELS/sdxl\" --flux \"$MODELS/flux\" \
+    --resolution 1024 --rounds 1 | tee \"$OUT/families.jsonl\""
+fi

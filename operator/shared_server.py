@@ -23,7 +23,7 @@ from pydantic import ConfigDict
 
 from dreambooth_serving.registry import REGISTRY_KEY, AdapterEntry, RegistryDocument, parse_registry, registry_json
 from dreambooth_trainer.config import Section
-from dreambooth_trainer.spec import DreamboothJobSpec, IngressPeer, ServingAuth, ServingResources, StorageSpec
+from dreambooth_trainer.spec import TINY_FAMILIES, DreamboothJobSpec, IngressPeer, ServingAuth, ServingResources, StorageSpec, spec_family
 
 from . import builders
 from .conditions import format_time
@@ -54,6 +54,7 @@ class ServerDefinition(Section):
     model_config = ConfigDict(extra="ignore")
 
     base_model: str
+    family: str | None = None  # model.family as the job named or implied it
     tiny_seed: int | None = None
     tiny_resolution: int | None = None
     image: str
@@ -65,9 +66,10 @@ class ServerDefinition(Section):
 
 
 def definition_from(spec: DreamboothJobSpec) -> ServerDefinition:
-    tiny = spec.model.source == "tiny"
+    tiny = spec.model.source in TINY_FAMILIES
     return ServerDefinition(
         base_model=spec.model.source,
+        family=spec_family(spec.model),
         tiny_seed=spec.training.seed if tiny else None,
         tiny_resolution=spec.model.tiny_resolution if tiny else None,
         image=spec.serving.image,
@@ -82,13 +84,16 @@ def definition_from(spec: DreamboothJobSpec) -> ServerDefinition:
 def base_model_text(definition: ServerDefinition) -> str:
     if definition.tiny_seed is None:
         return definition.base_model
-    return f"tiny (training.seed {definition.tiny_seed}, model.tinyResolution {definition.tiny_resolution})"
+    return f"{definition.base_model} (training.seed {definition.tiny_seed}, model.tinyResolution {definition.tiny_resolution})"
 
 
 def sharing_conflict(server: str, job_name: str, existing: ServerDefinition, wanted: ServerDefinition) -> str | None:
     """Why a job cannot put its adapter on this server (the message names the field), or None."""
     if job_name == server:
         return f"a job named like its server ({server}) would hide the server's base model: rename the job or the server"
+    if existing.family and wanted.family and existing.family != wanted.family:
+        return (f"serving.server {server} serves a {existing.family} model; this job's model.family is {wanted.family}: "
+                "adapters of one family cannot load into another: name another server")
     if base_model_text(existing) != base_model_text(wanted):
         return (f"serving.server {server} serves base model {base_model_text(existing)}; this job trained on "
                 f"{base_model_text(wanted)}: name another server")

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from .batcher import BASE
+from .family import denoiser
 
 log = logging.getLogger("dreambooth.serve")
 # Marks a LoRA layer that already carries the row-routing hook.
@@ -155,6 +156,9 @@ class ResidentAdapters:
 
     def load(self, model: str, path: Path) -> None:
         name = internal_name(model)
+        foreign = other_family(path, self.pipeline)
+        if foreign:
+            raise AdapterError(f"adapter {model} ({path.name}) {foreign}")
         try:
             self.pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
         except Exception as error:  # a broken or foreign file must fail its requests, not the server
@@ -250,13 +254,39 @@ class ResidentAdapters:
         """Within this block, request i of every pipeline call runs with adapter models[i]."""
         self.rows = [internal_name(model) if model != BASE else BASE for model in models]
         slots = {name: index for index, name in enumerate(dict.fromkeys(self.rows), start=1)}
-        device = next(self.pipeline.unet.parameters()).device
+        device = next(denoiser(self.pipeline).parameters()).device
         self.row_slots = torch.tensor([0 if name == BASE else slots[name] for name in self.rows], device=device)
         self.gathered = {}
         try:
             yield
         finally:
             self.rows, self.row_slots, self.gathered = None, None, {}
+
+
+# Where a LoRA file's keys go (diffusers layout, and kohya's for SD/SDXL and Flux).
+UNET_PREFIXES = ("unet.", "lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block", "lora_unet_input_blocks",
+                 "lora_unet_output_blocks", "lora_unet_middle_block")
+TRANSFORMER_PREFIXES = ("transformer.", "lora_unet_double_blocks", "lora_unet_single_blocks", "lora_transformer_")
+
+
+def other_family(path: Path, pipeline: Any) -> str | None:
+    """Why a LoRA file cannot be for this pipeline's family (UNet keys on a transformer model or
+    the reverse), or None: a mismatch named clearly instead of peft's missing-module errors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            keys = list(weights.keys())
+    except Exception:  # not readable here: load_lora_weights reports it
+        return None
+    served = "unet" if getattr(pipeline, "unet", None) is not None else "transformer"
+    trained = "unet" if any(k.startswith(UNET_PREFIXES) for k in keys) else \
+        "transformer" if any(k.startswith(TRANSFORMER_PREFIXES) for k in keys) else None
+    if trained is None or trained == served:
+        return None
+    kinds = {"unet": "a UNet model (SD, SDXL)", "transformer": "a transformer model (SD3, Flux)"}
+    return (f"was trained for {kinds[trained]}; this server's base model is a {type(pipeline).__name__}: "
+            "serve it from a server of its own base model")
 
 
 def gathers(layer: Any) -> bool:

@@ -27,7 +27,7 @@ class DrawOrder:
     negative_prompt: str
     count: int
     steps: int
-    guidance: float
+    guidance: float | None  # None: the family's default
     seed: int | None
     width: int | None
     height: int | None
@@ -39,23 +39,28 @@ class Drawn:
     seeds: list[int]
     width: int
     height: int
+    guidance: float
 
 
-async def draw(runtime: ModelRuntime, order: DrawOrder) -> Drawn:
-    """Images for `order`; raises NotReady, UnknownModel, AdapterError, QueueFull, BatcherClosed."""
+async def draw(runtime: ModelRuntime, order: DrawOrder, size_field: str | None = None) -> Drawn:
+    """Images for `order`; raises NotReady, UnsupportedRequest (naming the field, `size_field` for
+    both sides when they came as one), UnknownModel, AdapterError, QueueFull, BatcherClosed."""
     from dreambooth_trainer.generate import ImageRequest
 
     from .batcher import BatchShape
 
     if not runtime.ready:
         raise NotReady("model failed to load" if runtime.state == "failed" else f"model is {runtime.state}; retry shortly")
+    family = runtime.family
+    family.check(order.width, order.height, order.negative_prompt, size_field)
     adapter = await runtime.adapter_for(order.model)
-    width, height = order.width or runtime.image_side, order.height or runtime.image_side
+    width, height = order.width or family.native_side, order.height or family.native_side
+    guidance = family.default_guidance if order.guidance is None else order.guidance
     first_seed = secrets.randbelow(MAX_SEED + 1) if order.seed is None else order.seed
     seeds = [first_seed + index for index in range(order.count)]
     requests = [ImageRequest(order.prompt, order.negative_prompt, seed) for seed in seeds]
-    images = await runtime.batcher.submit(BatchShape(order.steps, order.guidance, width, height), requests, adapter)
-    return Drawn(images, seeds, width, height)
+    images = await runtime.batcher.submit(BatchShape(order.steps, guidance, width, height), requests, adapter)
+    return Drawn(images, seeds, width, height, guidance)
 
 
 def encode_image(image: Any, image_format: str = "png", quality: int | None = None) -> bytes:

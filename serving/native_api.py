@@ -14,6 +14,7 @@ from .adapters import AdapterError
 from .batcher import BatcherClosed, QueueFull
 from .catalog import UnknownModel
 from .drawing import DrawOrder, NotReady, draw, encode_all, read_body
+from .family import UnsupportedRequest
 from .fields import GuidanceScale, Seed, Side, StepCount, json_int
 from .runtime import ModelRuntime
 from .settings import MAX_BODY_BYTES
@@ -27,14 +28,15 @@ class GenerateBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     prompt: str = Field(min_length=1, max_length=2000, description="What to draw.")
-    negative_prompt: str = Field("", max_length=2000, description="What to avoid.")
+    negative_prompt: str = Field("", max_length=2000, description="What to avoid (not for Flux: its guidance is distilled).")
     model: str | None = Field(None, min_length=1, max_length=200, description="Which model or subject (GET /v1/models); the server's base model when omitted.")
     num_images: ImageCount = Field(1, description="1 answers image/png; more answer JSON.")
     steps: StepCount = Field(25, description="Denoising steps.")
-    guidance_scale: GuidanceScale = Field(7.5, description="Classifier-free guidance; ≤ 1 turns it off.")
+    guidance_scale: GuidanceScale | None = Field(
+        None, description="Classifier-free guidance (≤ 1 turns it off); for Flux, the distilled guidance. The family's default when omitted (SD 7.5, SDXL 5, SD3 7, Flux 3.5).")
     seed: Seed | None = Field(None, description="Image i uses seed + i; random when omitted.")
-    width: Side | None = Field(None, description="Pixels, a multiple of 8; the model's size when omitted.")
-    height: Side | None = Field(None, description="Pixels, a multiple of 8; the model's size when omitted.")
+    width: Side | None = Field(None, description="Pixels, a multiple of 8 (16 for SD3 and Flux) up to twice the model's size (at least 1024); the model's size when omitted.")
+    height: Side | None = Field(None, description="Pixels, a multiple of 8 (16 for SD3 and Flux) up to twice the model's size (at least 1024); the model's size when omitted.")
 
 
 def parse_generate_body(raw: bytes) -> GenerateBody:
@@ -98,7 +100,7 @@ def generate_router(runtime: ModelRuntime, auth: list[Callable[..., Any]]) -> AP
             401: {"model": ErrorMessage, "description": "A token is set on the server and this one is missing or wrong."},
             404: {"model": ErrorMessage, "description": "`model` names no model of this server."},
             413: {"model": ErrorMessage, "description": f"The body is larger than {MAX_BODY_BYTES} bytes."},
-            422: {"model": InvalidRequest, "description": "The body is not JSON, or a field is unknown, of the wrong type or out of range."},
+            422: {"model": InvalidRequest, "description": "The body is not JSON, or a field is unknown, of the wrong type, out of range, or not supported by the model's family."},
             429: {"model": ErrorMessage, "description": "The queue is full; retry later."},
             503: {"model": ErrorMessage, "description": "The model is still loading, failed to load, an adapter cannot be loaded, or the server is stopping."},
         },
@@ -117,6 +119,8 @@ def generate_router(runtime: ModelRuntime, auth: list[Callable[..., Any]]) -> AP
                           body.guidance_scale, body.seed, body.width, body.height)
         try:
             drawn = await draw(runtime, order)
+        except UnsupportedRequest as error:
+            raise RequestValidationError([{"type": "unsupported_by_model", "loc": ("body", error.field), "msg": str(error)}]) from None
         except NotReady as error:
             raise HTTPException(503, str(error), headers={"Retry-After": "5"}) from None
         except UnknownModel as error:
@@ -130,7 +134,7 @@ def generate_router(runtime: ModelRuntime, auth: list[Callable[..., Any]]) -> AP
             return Response(pngs[0], media_type="image/png", headers={"X-Seed": str(drawn.seeds[0])})
         result = GenerateResult(
             images=[GeneratedImage(seed=s, png_base64=base64.b64encode(p).decode()) for s, p in zip(drawn.seeds, pngs)],
-            width=drawn.width, height=drawn.height, steps=body.steps, guidance_scale=body.guidance_scale,
+            width=drawn.width, height=drawn.height, steps=body.steps, guidance_scale=drawn.guidance,
         )
         return JSONResponse(result.model_dump())
 

@@ -23,6 +23,7 @@ from .adapters import AdapterError
 from .batcher import BatcherClosed, QueueFull
 from .catalog import UnknownModel
 from .drawing import DrawOrder, NotReady, draw, encode_all, read_body
+from .family import UnsupportedRequest
 from .fields import GuidanceScale, Seed, StepCount, json_int
 from .runtime import ModelRuntime
 from .settings import MAX_BODY_BYTES, MAX_SIDE
@@ -72,7 +73,7 @@ class ImageGenerationBody(BaseModel):
     prompt: str = Field(min_length=1, max_length=4000, description="What to draw.")
     model: str | None = Field(None, min_length=1, max_length=200, description="The subject (a model id from GET /v1/models); the base model when omitted.")
     n: json_int(ge=1, le=10) = Field(1, description="Images to draw; image i uses seed + i.")
-    size: str | None = Field("auto", max_length=11, description="`WxH` in pixels, each a multiple of 8 up to 1024, or `auto` (the model's size).")
+    size: str | None = Field("auto", max_length=11, description="`WxH` in pixels, each a multiple of 8 (16 for SD3 and Flux) up to twice the model's size (at least 1024), or `auto` (the model's size).")
     response_format: Literal["b64_json", "url"] | None = Field(None, description="b64_json only: the server keeps no images to link to.")
     output_format: Literal["png", "jpeg", "webp"] | None = Field(None, description="Image encoding (png by default).")
     output_compression: json_int(ge=0, le=100) | None = Field(None, description="Quality 0-100 for jpeg and webp.")
@@ -86,7 +87,7 @@ class ImageGenerationBody(BaseModel):
     negative_prompt: str = Field("", max_length=2000, description="Extension: what to avoid.")
     seed: Seed | None = Field(None, description="Extension: image i uses seed + i; random when omitted.")
     steps: StepCount = Field(25, validation_alias=AliasChoices("steps", "num_inference_steps"), description="Extension: denoising steps (alias num_inference_steps).")
-    guidance_scale: GuidanceScale = Field(7.5, validation_alias=AliasChoices("guidance_scale", "guidance"), description="Extension: classifier-free guidance (alias guidance).")
+    guidance_scale: GuidanceScale | None = Field(None, validation_alias=AliasChoices("guidance_scale", "guidance"), description="Extension: classifier-free guidance (alias guidance); for Flux the distilled guidance; the family's default when omitted.")
 
 
 class ImageData(BaseModel):
@@ -204,7 +205,9 @@ def openai_router(runtime: ModelRuntime, auth: list[Callable[..., Any]]) -> APIR
         order = DrawOrder(body.model, body.prompt, body.negative_prompt, body.n, body.steps, body.guidance_scale,
                           body.seed, width, height)
         try:
-            drawn = await draw(runtime, order)
+            drawn = await draw(runtime, order, size_field="size")
+        except UnsupportedRequest as error:
+            raise OpenAIError(400, str(error), param=error.field, code="unsupported_value") from None
         except NotReady as error:
             raise OpenAIError(503, str(error), code="model_not_ready", headers={"Retry-After": "5"}) from None
         except UnknownModel as error:

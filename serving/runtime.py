@@ -15,6 +15,7 @@ from typing import Any
 from .adapters import AdapterError, AdapterFiles, AdapterLimits, ResidentAdapters
 from .batcher import BASE, BatchShape, MicroBatcher
 from .catalog import ModelCatalog
+from .family import ServedFamily, served_family
 from .metrics import ServerMetrics
 from .settings import ServerSettings
 
@@ -32,7 +33,8 @@ def resolve_device(device: str) -> str:
 
 
 def prepare_pipeline(settings: ServerSettings) -> Any:
-    """Load weights (the trainer's loader), apply a fixed LoRA, then `ready_for_serving`."""
+    """Load weights (the trainer's loader: the pipeline class of any family, from model_index.json),
+    apply a fixed LoRA, then `ready_for_serving`."""
     import torch
 
     from dreambooth_trainer.models import load_pipeline
@@ -48,25 +50,25 @@ def prepare_pipeline(settings: ServerSettings) -> Any:
 
 
 def ready_for_serving(pipeline: Any, device: str, compile: bool = False) -> Any:
-    """Inference mode on the device; channels-last (and TF32) on GPU; optionally compile the UNet."""
+    """Inference mode on the device; channels-last (and TF32) on GPU; optionally compile the denoiser."""
     import torch
 
+    from dreambooth_trainer.families import family_of_pipeline
+
+    parts = family_of_pipeline(pipeline).components(pipeline)
     pipeline.to(device)
-    for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
+    pipeline.set_progress_bar_config(disable=True)
+    for module in (parts.denoiser, parts.vae, *parts.text_encoders):
         module.eval().requires_grad_(False)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        pipeline.unet.to(memory_format=torch.channels_last)
+        if hasattr(pipeline, "unet"):  # 4-D activations; transformers work on token sequences
+            pipeline.unet.to(memory_format=torch.channels_last)
         pipeline.vae.to(memory_format=torch.channels_last)
     if compile:
-        pipeline.unet.compile()  # in place: the pipeline keeps its UNet2DConditionModel
+        parts.denoiser.compile()  # in place: the pipeline keeps its denoiser
     return pipeline
-
-
-def pipeline_size(pipeline: Any) -> int:
-    """The model's native image side in pixels (the default width and height)."""
-    return pipeline.unet.config.sample_size * pipeline.vae_scale_factor
 
 
 class ModelRuntime:
@@ -77,6 +79,7 @@ class ModelRuntime:
         self.catalog = ModelCatalog(settings.base_name, dict(settings.adapters), Path(settings.registry) if settings.registry else None)
         self.files = AdapterFiles()
         self.pipeline: Any = None
+        self.family: ServedFamily | None = None
         self.adapters: ResidentAdapters | None = None
         self.state = "loading"
         self.error: str | None = None
@@ -90,17 +93,17 @@ class ModelRuntime:
 
     @property
     def image_side(self) -> int:
-        return pipeline_size(self.pipeline)
+        return self.family.native_side
 
     def run_batch(self, shape: BatchShape, requests: list, adapters: list[str]) -> list:
-        """One UNet batch on the generation thread; row i runs with adapters[i]."""
+        """One denoiser batch on the generation thread; row i runs with adapters[i]. Each image
+        comes from its own seed (SD: the trainer's batched sampler; others: their pipeline)."""
         from dreambooth_trainer.generate import generate_images
 
         self.adapters.ensure(adapters, self.weights_file)
         with self.adapters.routing(adapters):
-            return generate_images(
-                self.pipeline, requests, steps=shape.steps, guidance=shape.guidance, height=shape.height, width=shape.width
-            )
+            return generate_images(self.pipeline, requests, steps=shape.steps, guidance=shape.guidance,
+                                   height=shape.height, width=shape.width)
 
     def weights_file(self, model: str) -> Path:
         uri = self.catalog.uri(model)
@@ -142,6 +145,7 @@ class ModelRuntime:
         started = time.perf_counter()
         try:
             self.pipeline = await self.batcher.run_blocking(self.load)
+            self.family = served_family(self.pipeline)
             self.adapters = ResidentAdapters(
                 self.pipeline,
                 AdapterLimits(self.settings.max_resident_adapters, self.settings.max_adapter_bytes),
@@ -149,7 +153,7 @@ class ModelRuntime:
                 on_evict=self.metrics.adapter_evictions.inc,
             )
             self.state = "warming"
-            shape = BatchShape(self.settings.warmup_steps, 7.5, self.image_side, self.image_side)
+            shape = BatchShape(self.settings.warmup_steps, self.family.default_guidance, self.image_side, self.image_side)
             await self.batcher.submit(shape, [ImageRequest("warm-up", "", 0)])
         except Exception as error:  # the pod must say why it never gets ready
             self.state, self.error, self.failure = "failed", f"{type(error).__name__}: {error}", error

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 TOKEN_ENV = "DREAMBOOTH_API_TOKEN"
 MAX_SEED = 2**32 - 1
-MAX_SIDE = 1024
+# The API's ceiling for any family; each family's own limit is checked per request (family.py).
+MAX_SIDE = 2048
 MAX_BODY_BYTES = 64 * 1024
 
 

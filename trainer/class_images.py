@@ -38,13 +38,17 @@ def class_cache_key(model: str, class_prompt: str, resolution: int, sampler: str
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def model_identity(cfg: TrainConfig) -> str:
-    """What makes generated images differ between models (tiny models differ by seed and size)."""
-    if cfg.model.source == "tiny":
+def model_identity(cfg: TrainConfig, family: str | None = None) -> str:
+    """What makes generated images differ between models: the family and the source (tiny models
+    also differ by design, seed and size)."""
+    from .families import TINY_SOURCES
+
+    family = family or cfg.model.family
+    if cfg.model.source in TINY_SOURCES:
         from .tiny import TINY_DESIGN  # the built-in model's design: a new one must not reuse old images
 
-        return f"tiny:{TINY_DESIGN}:seed={cfg.training.seed}:size={cfg.model.tiny_resolution}"
-    return cfg.model.source
+        return f"{family}:{cfg.model.source}:{TINY_DESIGN}:seed={cfg.training.seed}:size={cfg.model.tiny_resolution}"
+    return f"{family}:{cfg.model.source}"
 
 
 def default_cache_uri(cfg: TrainConfig) -> str:
@@ -105,8 +109,10 @@ def ensure_class_images(cfg: TrainConfig, pipeline: object, rank: int = 0, world
     missing_count = wanted - len(images)
     if missing_count <= 0:
         return ClassImages(ImageSet(images, cfg.prior.class_prompt or ""), 0, None)
+    from .families import family_of_pipeline
+
     key = class_cache_key(
-        model_identity(cfg), cfg.prior.class_prompt or "", cfg.data.resolution, cfg.prior.sampler,
+        model_identity(cfg, family_of_pipeline(pipeline).name), cfg.prior.class_prompt or "", cfg.data.resolution, cfg.prior.sampler,
         cfg.prior.sample_steps, cfg.prior.guidance_scale, cfg.training.seed, missing_count,
     )
     cache = open_storage(f"{default_cache_uri(cfg).rstrip('/')}/{key}")

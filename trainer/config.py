@@ -42,8 +42,10 @@ class Section(BaseModel):
 class ModelConfig(Section):
     source: str = Field(
         "tiny",
-        description="Base model: `tiny` (built-in random SD), `hf://org/name[@revision]`, `s3://bucket/prefix`, or a local diffusers folder.",
+        description="Base model: a built-in random model (`tiny` SD1, `tiny-sdxl`, `tiny-sd3`, `tiny-flux`), `hf://org/name[@revision]`, `s3://bucket/prefix`, or a local diffusers folder.",
     )
+    family: Literal["auto", "sd", "sdxl", "sd3", "flux"] = Field(
+        "auto", description="Model family; auto reads it from the model (model_index.json's pipeline class). An explicit family must match the model.")
     tiny_resolution: int = Field(32, ge=8, description="Sample size in pixels the built-in tiny model is shaped for.")
 
     @field_validator("source")
@@ -92,7 +94,7 @@ class LoraConfig(Section):
     rank: int = Field(4, ge=1, description="LoRA rank.")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha (default: rank).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    target_modules: list[str] = Field(default_factory=list, description="Denoiser modules adapted; empty: the family's usual ones (SD/SDXL attention to_q/k/v/out; SD3 and Flux also the text stream, Flux the feed-forwards).")
 
 
 class DdpConfig(Section):
@@ -130,6 +132,14 @@ class TrainingConfig(Section):
     cache_latents: bool = Field(False, description="Encode images and prompts once; the hot step runs the UNet only.")
     attention: Literal["sdpa", "default"] = Field("sdpa", description="Attention kernel: PyTorch SDPA or the model's default.")
     channels_last: bool = Field(False, description="Channels-last memory format for the UNet (faster on GPUs).")
+    min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting γ (DDPM families: sd, sdxl); unset: off.")
+    noise_offset: float = Field(0.0, ge=0, description="Offset noise strength (DDPM families: sd, sdxl); 0: off.")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: a full replica per rank; fsdp: parameters, gradients and optimizer state sharded across ranks.")
+    weighting_scheme: Literal["logit_normal", "mode", "uniform"] = Field(
+        "logit_normal", description="Flow-matching families (SD3, Flux): how timesteps are drawn (SD3 paper).")
+    logit_mean: float = Field(0.0, description="logit_normal: mean of the normal before the sigmoid.")
+    logit_std: float = Field(1.0, gt=0, description="logit_normal: its standard deviation.")
+    mode_scale: float = Field(1.29, description="mode: how strongly the middle timesteps are favoured.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     ddp: DdpConfig = Field(default_factory=DdpConfig)
 

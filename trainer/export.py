@@ -4,74 +4,93 @@ final/                     a complete pipeline, loadable by DiffusionPipeline.fr
                            (with LoRA on, the adapters are fused into it)
 final/lora/pytorch_lora_weights.safetensors   LoRA in diffusers key layout
 final/lora/lora_kohya.safetensors             the same LoRA in kohya (A1111/ComfyUI) key layout
+                                              (SD, SDXL; Flux in BFL names; SD3 has none: ComfyUI reads diffusers keys)
 """
 from __future__ import annotations
 
 import copy
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import UserInputError
 from .storage import Storage, is_s3, open_storage
 
+if TYPE_CHECKING:
+    from .families import ModelFamily
+
 FINAL = "final"
 LORA_DIFFUSERS = "pytorch_lora_weights.safetensors"
 LORA_KOHYA = "lora_kohya.safetensors"
 
 
-def lora_state_dicts(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> dict[str, dict[str, torch.Tensor]]:
-    from peft.utils import get_peft_model_state_dict
+def as_family(family_or_class: object) -> "ModelFamily":
+    """A family, given one or a diffusers pipeline class (the older call style)."""
+    from .families import ModelFamily, family_from_class_name
 
-    layers = {"unet": get_peft_model_state_dict(unet)}
-    if text_encoder is not None and getattr(text_encoder, "peft_config", None):
-        layers["text_encoder"] = get_peft_model_state_dict(text_encoder)
-    return layers
+    return family_or_class if isinstance(family_or_class, ModelFamily) else family_from_class_name(family_or_class.__name__)
 
 
-def write_lora_files(folder: Path, pipeline_cls: type, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+def as_list(text_encoders: torch.nn.Module | list[torch.nn.Module] | None) -> list[torch.nn.Module]:
+    if text_encoders is None:
+        return []
+    return list(text_encoders) if isinstance(text_encoders, (list, tuple, torch.nn.ModuleList)) else [text_encoders]
+
+
+def write_lora_files(folder: Path, family: object, denoiser: torch.nn.Module,
+                     text_encoders: torch.nn.Module | list[torch.nn.Module] | None, alpha: float | None = None) -> None:
+    """The adapters in diffusers layout (what `Pipeline.load_lora_weights(folder)` reads) and, for
+    the families that have one, kohya's layout (A1111/ComfyUI)."""
     from safetensors.torch import save_file
 
-    layers = lora_state_dicts(unet, text_encoder)
-    folder.mkdir(parents=True, exist_ok=True)
-    pipeline_cls.save_lora_weights(
-        str(folder),
-        unet_lora_layers=convert_state_dict_to_diffusers(layers["unet"]),
-        text_encoder_lora_layers=convert_state_dict_to_diffusers(layers["text_encoder"]) if "text_encoder" in layers else None,
-        safe_serialization=True,
-    )
-    kohya: dict[str, torch.Tensor] = {}
-    for prefix, state in layers.items():
-        peft_keys = {f"{prefix}.{key}": value for key, value in state.items()}
-        kohya.update(convert_state_dict_to_kohya(peft_keys))
-    save_file({k: v.detach().cpu().contiguous() for k, v in kohya.items()}, str(folder / LORA_KOHYA))
+    family = as_family(family)
+    encoders = as_list(text_encoders)
+    family.save_lora(folder, denoiser, encoders)
+    rank = next(iter(getattr(denoiser, "peft_config", {}).values())).r
+    kohya = family.kohya_lora(denoiser, encoders, alpha or rank)
+    if kohya is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in kohya.items()}, str(folder / LORA_KOHYA))
 
 
-def fused_copy(module: torch.nn.Module) -> torch.nn.Module:
+def merged_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A copy with LoRA adapters merged into the base weights and removed."""
     fused = copy.deepcopy(module)
-    if hasattr(fused, "fuse_lora") and getattr(fused, "peft_config", None):
+    if not getattr(fused, "peft_config", None):
+        return fused
+    if hasattr(fused, "fuse_lora"):  # diffusers models
         fused.fuse_lora()
         fused.unload_lora()
+        return fused
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, layer in list(fused.named_modules()):  # transformers text encoders: merge layer by layer
+        if isinstance(layer, BaseTunerLayer):
+            layer.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(fused.get_submodule(parent_name) if parent_name else fused, child, layer.get_base_layer())
+    del fused.peft_config
+    fused._hf_peft_config_loaded = False
     return fused
 
 
-def export_pipeline(pipeline: object, unet: torch.nn.Module, text_encoder: torch.nn.Module, storage: Storage, lora: bool) -> str:
-    """Save the pipeline with the trained modules under `final/` of storage; returns its URI."""
-    from diffusers import StableDiffusionPipeline
 
+def export_pipeline(pipeline: object, denoiser: torch.nn.Module, text_encoders: torch.nn.Module | list[torch.nn.Module],
+                    storage: Storage, lora: bool, lora_alpha: float | None = None, family: object | None = None) -> str:
+    """Save the pipeline with the trained modules under `final/` of storage; returns its URI.
+    The pipeline class and scheduler (with its prediction_type) are the base model's."""
+    from .families import family_of_pipeline
+
+    family = family or family_of_pipeline(pipeline)
+    encoders = as_list(text_encoders)
     with tempfile.TemporaryDirectory() as folder:
         local = Path(folder, FINAL)
         if lora:
-            write_lora_files(local / "lora", StableDiffusionPipeline, unet, text_encoder)
-            unet = fused_copy(unet)
-            text_encoder = fused_copy(text_encoder) if getattr(text_encoder, "peft_config", None) else text_encoder
-        final = StableDiffusionPipeline(
-            vae=pipeline.vae, text_encoder=text_encoder, tokenizer=pipeline.tokenizer, unet=unet,
-            scheduler=pipeline.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+            write_lora_files(local / "lora", family, denoiser, encoders, lora_alpha)
+            denoiser = merged_copy(denoiser)
+            encoders = [merged_copy(e) if getattr(e, "peft_config", None) else e for e in encoders]
+        final = family.with_trained(pipeline, denoiser, encoders)
         final.save_pretrained(str(local), safe_serialization=True)
         storage.delete_prefix(FINAL)
         storage.upload_tree(FINAL, local)

@@ -83,10 +83,18 @@ def decode_images(pipeline: object, latents: torch.Tensor) -> list[Image.Image]:
 
 
 def generate_images(pipeline: object, requests: list[ImageRequest], steps: int = 25, guidance: float = 7.5, height: int | None = None, width: int | None = None, sampler: str = "ddim") -> list[Image.Image]:
-    size = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    """SD runs the batched loop above (with `sampler`); other families run their own pipeline
+    (its scheduler; for Flux `guidance` is the distilled guidance)."""
+    from .families import family_of_pipeline
+
+    family = family_of_pipeline(pipeline)
+    size = family.native_size(pipeline)
     height, width = height or size, width or size
     if height % 8 or width % 8:
         raise ValueError(f"width and height must be multiples of 8 (got {width}x{height})")
+    if family.name != "sd":
+        return family.generate(pipeline, [r.prompt for r in requests], [r.negative_prompt for r in requests],
+                               [r.seed for r in requests], steps, guidance, height, width)
     latents = generate_latents(pipeline, requests, steps, guidance, height, width, sampler)
     return decode_images(pipeline, latents)
 

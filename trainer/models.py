@@ -1,16 +1,19 @@
-"""Load a Stable Diffusion pipeline from any model source the config accepts."""
+"""Load a model of any supported family from any model source the config accepts."""
 from __future__ import annotations
 
 import hashlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 
 from .errors import UserInputError
 from .storage import is_s3, open_storage
-from .tiny import tiny_pipeline
+
+if TYPE_CHECKING:
+    from .families import ModelFamily
 
 SAMPLERS = {
     "ddim": DDIMScheduler,
@@ -45,21 +48,56 @@ def fetch_s3_model(uri: str) -> Path:
     return folder
 
 
-def load_pipeline(source: str, seed: int = 0, tiny_resolution: int = 32, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """`tiny`, `hf://org/name[@rev]`, `s3://bucket/prefix` or a local diffusers folder."""
-    if source == "tiny":
-        return tiny_pipeline(seed=seed, sample_size=tiny_resolution).to(dtype=dtype)
-    kwargs = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+def family_for(source: str, revision: str | None = None) -> "ModelFamily":
+    """The family of a model source: the built-in tiny name, or model_index.json's pipeline class
+    (read alone, before any weights load)."""
+    from .families import TINY_SOURCES, family_from_class_name, family_of_folder
+
+    if source in TINY_SOURCES:
+        return TINY_SOURCES[source]
     if source.startswith("hf://"):
+        from diffusers import DiffusionPipeline
+
         repo, revision = parse_hf_source(source)
-        return StableDiffusionPipeline.from_pretrained(repo, revision=revision, **kwargs)
+        return family_from_class_name(DiffusionPipeline.load_config(repo, revision=revision).get("_class_name", ""))
+    return family_of_folder(model_folder(source))
+
+
+def model_folder(source: str) -> Path:
     folder = fetch_s3_model(source) if is_s3(source) else Path(source).expanduser()
     if not (folder / "model_index.json").exists():
         raise UserInputError(f"model source {source} has no model_index.json (not a diffusers folder)")
-    return StableDiffusionPipeline.from_pretrained(str(folder), **kwargs)
+    return folder
 
 
-def sampler_for(pipeline: StableDiffusionPipeline, name: str) -> object:
+def load_model(source: str, seed: int = 0, tiny_resolution: int = 32, dtype: torch.dtype = torch.float32,
+               family: str = "auto") -> tuple["ModelFamily", Any]:
+    """`tiny`, `tiny-sdxl`, `tiny-sd3`, `tiny-flux`, `hf://org/name[@rev]`, `s3://bucket/prefix` or a
+    local diffusers folder -> (its family, its pipeline). `family` is `model.family` (auto or a name)."""
+    from .families import TINY_SOURCES, resolve_family
+
+    detected = resolve_family(family, family_for(source), source)
+    if source in TINY_SOURCES:
+        pipeline = detected.tiny(seed, tiny_resolution).to(dtype=dtype)
+        for module in pipeline.components.values():  # inference mode, as from_pretrained gives (no dropout)
+            if isinstance(module, torch.nn.Module):
+                module.eval()
+        return detected, pipeline
+    kwargs = {"torch_dtype": dtype, **detected.extra_pipeline_kwargs()}
+    kwargs.pop("feature_extractor", None)
+    pipeline_class = detected.pipeline_class()
+    if source.startswith("hf://"):
+        repo, revision = parse_hf_source(source)
+        return detected, pipeline_class.from_pretrained(repo, revision=revision, **kwargs)
+    return detected, pipeline_class.from_pretrained(str(model_folder(source)), **kwargs)
+
+
+def load_pipeline(source: str, seed: int = 0, tiny_resolution: int = 32, dtype: torch.dtype = torch.float32) -> Any:
+    """The pipeline alone (any family), as `load_model` loads it."""
+    return load_model(source, seed, tiny_resolution, dtype)[1]
+
+
+def sampler_for(pipeline: Any, name: str) -> object:
     """A fresh inference scheduler of the named kind with the pipeline's beta schedule."""
     return SAMPLERS[name].from_config(pipeline.scheduler.config)
 

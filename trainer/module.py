@@ -8,35 +8,53 @@ from .checkpoint import RANK_LOCAL
 from .config import TrainConfig
 from .data import latent_distribution_params, step_generator
 from .errors import UserInputError
-from .loss import diffusion_target, prior_preservation_loss
+from .families import FlowSettings, ModelFamily, StepMeta
+from .families.base import TEXT_LORA_TARGETS
+from .loss import prior_preservation_loss
 
-TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-def sample_latents(params: torch.Tensor, scaling_factor: float, generator: torch.Generator) -> torch.Tensor:
-    """Draw from the VAE's diagonal Gaussian (mean, logvar stacked on channels), then scale."""
+def sample_raw_latents(params: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Draw from the VAE's diagonal Gaussian (mean, logvar stacked on channels), unscaled."""
     mean, logvar = params.float().chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
     eps = torch.randn(mean.shape, generator=generator, device=mean.device)
-    return (mean + std * eps) * scaling_factor
+    return mean + std * eps
+
+
+def prompt_list(cfg: TrainConfig) -> list[str]:
+    """The distinct prompts a batch's `prompt_kind` indexes: the instance prompt, then the class prompt."""
+    return [cfg.data.instance_prompt, cfg.prior.class_prompt or ""]
+
+
+def flow_settings(cfg: TrainConfig) -> FlowSettings:
+    training = cfg.training
+    return FlowSettings(training.weighting_scheme, training.logit_mean, training.logit_std, training.mode_scale)
 
 
 class DreamBoothModule(pl.LightningModule):
-    def __init__(self, cfg: TrainConfig, unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module,
-                 tokenizer: object, noise_scheduler: object, prompt_embeddings: torch.Tensor | None = None):
+    """The family-agnostic step: the family says how to noise, condition, predict and compare."""
+
+    def __init__(self, cfg: TrainConfig, family: ModelFamily, pipeline: object,
+                 text_conds: dict[str, torch.Tensor] | None = None, prompts: list[str] | None = None):
         super().__init__()
-        self.cfg = cfg
-        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
-        self.tokenizer, self.noise_scheduler = tokenizer, noise_scheduler
+        self.cfg, self.family = cfg, family
+        parts = family.components(pipeline)
+        self.denoiser, self.vae = parts.denoiser, parts.vae
+        self.text_encoders = torch.nn.ModuleList(parts.text_encoders)
+        self._pipeline = pipeline  # the frozen parts (tokenizers, schedulers) for text encoding
+        self.noise_scheduler = family.training_scheduler(pipeline)
+        self.vae_scale = int(getattr(pipeline, "vae_scale_factor", 8))
+        self.flow = flow_settings(cfg)
+        self.prompts = prompts or prompt_list(cfg)
         self.strict_loading = False  # checkpoints hold only what trains
         self.vae.requires_grad_(False).eval()
         self.train_text = cfg.training.train_text_encoder
-        self.text_encoder.requires_grad_(False)
-        prompts = [cfg.data.instance_prompt, cfg.prior.class_prompt or ""]
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-        self.register_buffer("prompt_ids", ids, persistent=False)
-        # Cached text embeddings (frozen text encoder): the hot step skips the encoder.
-        self.register_buffer("prompt_embeddings", prompt_embeddings, persistent=False)
+        self.text_encoders.requires_grad_(False)
+        # Cached text conditions (frozen text encoders): the hot step runs the denoiser only.
+        self.cond_names = sorted(text_conds or {})
+        for name in self.cond_names:
+            self.register_buffer(f"text_cond_{name}", text_conds[name], persistent=False)
         self._configure_trainable()
         self.ema = None
         if cfg.training.ema:
@@ -47,47 +65,63 @@ class DreamBoothModule(pl.LightningModule):
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
 
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The denoiser under its SD name (a UNet or a transformer)."""
+        return self.denoiser
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        return self.text_encoders[0]
+
+    def trained_text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoders[i] for i in self.family.trainable_text_encoders] if self.train_text else []
+
     def _configure_trainable(self) -> None:
-        training = self.cfg.training
+        training, family = self.cfg.training, self.family
         if training.lora.enabled:
             from peft import LoraConfig
 
             lora = training.lora
-            self.unet.requires_grad_(False)
-            self.unet.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, lora_dropout=lora.dropout,
-                                             init_lora_weights="gaussian", target_modules=list(lora.target_modules)))
-            if self.train_text:
-                self.text_encoder.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank,
-                                                         init_lora_weights="gaussian", target_modules=TEXT_LORA_TARGETS))
+            self.denoiser.requires_grad_(False)
+            targets = list(lora.target_modules) or list(family.denoiser_lora_targets)
+            self.denoiser.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, lora_dropout=lora.dropout,
+                                                 init_lora_weights="gaussian", target_modules=targets))
+            for encoder in self.trained_text_encoders():
+                encoder.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank,
+                                               init_lora_weights="gaussian", target_modules=TEXT_LORA_TARGETS))
         else:
-            self.unet.requires_grad_(True)
-            if self.train_text:
-                self.text_encoder.requires_grad_(True)
-        self.unet.train()
-        self.text_encoder.train(self.train_text)
+            self.denoiser.requires_grad_(True)
+            for encoder in self.trained_text_encoders():
+                encoder.requires_grad_(True)
+        self.denoiser.train()
+        self.text_encoders.train(False)
+        for encoder in self.trained_text_encoders():
+            encoder.train()
         if training.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-            if self.train_text:
-                self.text_encoder.gradient_checkpointing_enable()
-        if training.attention == "default":
+            self.denoiser.enable_gradient_checkpointing()
+            for encoder in self.trained_text_encoders():
+                encoder.gradient_checkpointing_enable()
+        unet = family.denoiser_name == "unet"
+        if training.attention == "default" and unet:  # transformers keep their joint-attention processors
             from diffusers.models.attention_processor import AttnProcessor
 
-            self.unet.set_attn_processor(AttnProcessor())
-        if training.channels_last:
-            self.unet.to(memory_format=torch.channels_last)
+            self.denoiser.set_attn_processor(AttnProcessor())
+        if training.channels_last and unet:
+            self.denoiser.to(memory_format=torch.channels_last)
 
     # -- what is trained and saved ------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
     def ema_parameters(self) -> list[torch.nn.Parameter]:
-        """What the EMA averages: the UNet's trained parameters (only the adapters with LoRA)."""
-        return [p for p in self.unet.parameters() if p.requires_grad]
+        """What the EMA averages: the denoiser's trained parameters (only the adapters with LoRA)."""
+        return [p for p in self.denoiser.parameters() if p.requires_grad]
 
     def state_dict(self, *args, **kwargs):  # noqa: D401 - torch signature
         """Only trained modules: the frozen VAE (and text encoder) come from the base model."""
         state = super().state_dict(*args, **kwargs)
-        keep = ("unet.",) + (("text_encoder.",) if self.train_text else ())
+        keep = ("denoiser.",) + tuple(f"text_encoders.{i}." for i in self.family.trainable_text_encoders if self.train_text)
         lora_only = self.cfg.training.lora.enabled
         return {key: value for key, value in state.items() if key.startswith(keep) and (not lora_only or "lora_" in key)}
 
@@ -108,10 +142,12 @@ class DreamBoothModule(pl.LightningModule):
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
     # -- the step -------------------------------------------------------------------------------
-    def encode_prompts(self, kinds: torch.Tensor) -> torch.Tensor:
-        if self.prompt_embeddings is not None and not self.train_text:
-            return self.prompt_embeddings[kinds]
-        return self.text_encoder(self.prompt_ids[kinds])[0]
+    def text_conditions(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The denoiser's text inputs for each row's prompt: cached, or encoded now when training them."""
+        if self.cond_names and not self.train_text:
+            return {name: getattr(self, f"text_cond_{name}")[indices] for name in self.cond_names}
+        # The pipeline holds these very encoder objects (adapters and all), so it encodes with them.
+        return self.family.encode_text(self._pipeline, [self.prompts[i] for i in indices.tolist()], self.device)
 
     def latent_params(self, batch: dict) -> torch.Tensor:
         if "latent_params" in batch:
@@ -120,19 +156,22 @@ class DreamBoothModule(pl.LightningModule):
             pixels = batch["pixels"].to(self.device, next(self.vae.parameters()).dtype)
             return latent_distribution_params(self.vae, pixels)
 
+    def step_meta(self, batch: dict) -> StepMeta:
+        return StepMeta(self.vae_scale, batch.get("original_size"), batch.get("crop_top_left"))
+
     def compute_loss(self, batch: dict) -> torch.Tensor:
+        family = self.family
         generator = step_generator(self.cfg.training.seed, int(batch["micro_step"]), self.global_rank, self.device)
-        latents = sample_latents(self.latent_params(batch).to(self.device), self.vae.config.scaling_factor, generator)
-        noise = torch.randn(latents.shape, generator=generator, device=self.device)
-        steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=self.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        hidden = self.encode_prompts(batch["prompt_kind"].to(self.device))
-        if self.cfg.training.channels_last:
-            noisy = noisy.contiguous(memory_format=torch.channels_last)
-        prediction = self.unet(noisy, timesteps, encoder_hidden_states=hidden).sample
-        target = diffusion_target(self.noise_scheduler, latents, noise, timesteps)
-        parts = prior_preservation_loss(prediction, target, int(batch["num_instance"]), self.cfg.prior.loss_weight)
+        raw = sample_raw_latents(self.latent_params(batch).to(self.device), generator)
+        latents = family.to_model_space(raw, self.vae)
+        noised = family.noise(latents, self.noise_scheduler, generator, self.flow)
+        conds = self.text_conditions(batch.get("prompt_index", batch["prompt_kind"]).to(self.device))
+        if self.cfg.training.channels_last and family.denoiser_name == "unet":
+            noised.noisy = noised.noisy.contiguous(memory_format=torch.channels_last)
+        prediction = family.predict(self.denoiser, noised, conds, self.step_meta(batch))
+        target = family.target(noised, self.noise_scheduler)
+        weights = family.loss_weights(noised, self.noise_scheduler)
+        parts = prior_preservation_loss(prediction, target, int(batch["num_instance"]), self.cfg.prior.loss_weight, weights)
         return parts.total
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -155,7 +194,7 @@ class DreamBoothModule(pl.LightningModule):
         if self.ema is not None:
             self.ema.to(self.device)
         # The schedule's tables live on the device once, so add_noise never copies them per step.
-        for name in ("alphas_cumprod",):
+        for name in ("alphas_cumprod",):  # DDPM; flow sigmas are indexed on the host
             table = getattr(self.noise_scheduler, name, None)
             if torch.is_tensor(table):
                 setattr(self.noise_scheduler, name, table.to(self.device))
@@ -163,7 +202,7 @@ class DreamBoothModule(pl.LightningModule):
             training = self.cfg.training
             mode = None if training.compile_mode == "default" else training.compile_mode
             # In place: parameter names (and so checkpoints) stay the same.
-            self.unet.compile(backend=training.compile_backend, mode=mode)
+            self.denoiser.compile(backend=training.compile_backend, mode=mode)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: object, optimizer_closure: object = None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
@@ -174,10 +213,10 @@ class DreamBoothModule(pl.LightningModule):
     # -- optimizer -------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict:
         training = self.cfg.training
-        unet_params = [p for p in self.unet.parameters() if p.requires_grad]
-        groups = [{"params": unet_params, "lr": training.learning_rate}]
+        denoiser_params = [p for p in self.denoiser.parameters() if p.requires_grad]
+        groups = [{"params": denoiser_params, "lr": training.learning_rate}]
         if self.train_text:
-            text_params = [p for p in self.text_encoder.parameters() if p.requires_grad]
+            text_params = [p for encoder in self.trained_text_encoders() for p in encoder.parameters() if p.requires_grad]
             groups.append({"params": text_params, "lr": training.text_encoder_learning_rate or training.learning_rate})
         kwargs = dict(betas=(training.adam_beta1, training.adam_beta2), weight_decay=training.adam_weight_decay, eps=training.adam_epsilon)
         if training.optimizer == "adamw_8bit":

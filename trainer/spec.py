@@ -228,11 +228,45 @@ class DreamboothJobSpec(TrainerSections):
         self.pod_template.mounts_name_volumes()
         if self.serving.server and not self.training.lora.enabled:
             raise ValueError(SHARED_NEEDS_LORA)
+        for refusal in family_refusals(self):
+            raise ValueError(refusal)
         try:
             train_config_from_spec(self, f"s3://{self.storage.bucket}/jobs/validate")
         except ConfigError as error:
             raise ValueError(camel_keys(str(error))) from None
         return self
+
+
+# The family admission can tell from the spec alone: model.family, or a built-in tiny model's.
+TINY_FAMILIES = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux"}
+FLOW_MATCHING = ("sd3", "flux")
+# Options of the DDPM loss (epsilon/v targets) that flow matching has no counterpart for.
+DDPM_OPTIONS = {"min_snr_gamma": "minSnrGamma", "noise_offset": "noiseOffset"}
+# Flux packs 2x2 latent patches of an 8x VAE, SD3 embeds 2x2 patches: pixel sides are multiples of 16.
+PIXEL_MULTIPLE = {"sd3": 16, "flux": 16}
+
+
+def spec_family(model: Any) -> str | None:
+    """The family a spec names or implies; None when only the model's files can tell."""
+    return model.family if model.family != "auto" else TINY_FAMILIES.get(model.source)
+
+
+def family_refusals(spec: "DreamboothJobSpec") -> list[str]:
+    """What the spec asks of its family that the family does not support (the CEL rules' twin)."""
+    family = spec_family(spec.model)
+    refusals = []
+    built_in = TINY_FAMILIES.get(spec.model.source)
+    if built_in and spec.model.family not in ("auto", built_in):
+        refusals.append(f"model.family {spec.model.family} does not match model.source {spec.model.source} (a {built_in} model): "
+                        f"set model.family to {built_in} or auto")
+    if family in FLOW_MATCHING:
+        for option, camel in DDPM_OPTIONS.items():
+            if getattr(spec.training, option):
+                refusals.append(f"training.{camel} is a DDPM loss option (sd, sdxl); model family {family} trains by flow matching")
+    multiple = PIXEL_MULTIPLE.get(family or "", 8)
+    if spec.data.resolution % multiple:
+        refusals.append(f"data.resolution must be a multiple of {multiple} for model family {family}")
+    return refusals
 
 
 def _check_bounds(value: Any, path: tuple[str, ...]) -> None:
@@ -430,6 +464,45 @@ def _leave_to_operator(spec: dict[str, Any]) -> None:
                 del parent["required"]
 
 
+def _family_in(families: tuple[str, ...]) -> str:
+    """CEL: the spec's family (model.family, else the tiny source's) is one of `families`."""
+    named = "[" + ", ".join(f"'{f}'" for f in families) + "]"
+    tiny = "[" + ", ".join(f"'{s}'" for s, f in TINY_FAMILIES.items() if f in families) + "]"
+    return f"(has(self.model.family) && self.model.family != 'auto' ? self.model.family in {named} : self.model.source in {tiny})"
+
+
+def family_rules() -> list[dict[str, str]]:
+    """CEL rules on spec: options a family does not support, refused naming the field."""
+    flow = _family_in(FLOW_MATCHING)
+    tiny = ", ".join(f"'{source}': '{family}'" for source, family in TINY_FAMILIES.items())
+    rules = [
+        {
+            "rule": f"!has(self.model.family) || self.model.family == 'auto' || !(self.model.source in {{{tiny}}}) "
+                    f"|| {{{tiny}}}[self.model.source] == self.model.family",
+            "message": "spec.model.family does not match the built-in model spec.model.source (tiny: sd, tiny-sdxl: sdxl, "
+                       "tiny-sd3: sd3, tiny-flux: flux); set it to that family or auto",
+            "fieldPath": ".model.family",
+        },
+    ]
+    rules += [
+        {
+            "rule": f"!has(self.training.{camel}) || self.training.{camel} == 0.0 || !{flow}",
+            "message": f"spec.training.{camel} is a DDPM loss option (sd, sdxl); families sd3 and flux train by flow matching",
+            "fieldPath": f".training.{camel}",
+        }
+        for camel in DDPM_OPTIONS.values()
+    ]
+    rules += [
+        {
+            "rule": f"!{_family_in((family,))} || self.data.resolution % {multiple} == 0",
+            "message": f"spec.data.resolution must be a multiple of {multiple} for model family {family}",
+            "fieldPath": ".data.resolution",
+        }
+        for family, multiple in PIXEL_MULTIPLE.items()
+    ]
+    return rules
+
+
 # CEL rules, by the path of the schema node they sit on. Each message names the field.
 CEL_RULES: dict[str, list[dict[str, str]]] = {
     "": [
@@ -471,6 +544,7 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
             "message": "spec.training.cacheLatents needs spec.data.centerCrop=true (a random crop cannot be cached)",
             "fieldPath": ".training.cacheLatents",
         },
+        *family_rules(),
     ],
     "spec.data": [
         {

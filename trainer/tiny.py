@@ -7,18 +7,19 @@ them back, so what the UNet learns shows in pixels: a few hundred steps on a CPU
 """
 from __future__ import annotations
 
-import json
 import string
-import tempfile
-from pathlib import Path
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
-from diffusers import AutoencoderTiny, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+T = TypeVar("T")
 
 # Names the tiny model's design; change it whenever the same seed would give different weights, so
 # caches keyed by the model (class images) never serve images of an older design.
-TINY_DESIGN = "block-mean-vae-1"
+TINY_DESIGN = "block-mean-vae-word-tokens-2"
 TEXT_HIDDEN = 32
 MAX_TOKENS = 77
 VAE_BLOCKS = 3  # two 2x downsamplings: the latent is 1/4 of the image's side
@@ -27,17 +28,86 @@ LATENT_CHANNELS = 4  # red, green, blue, luminance
 VAE_SCALING_FACTOR = 2.0
 
 
+# The words of the prompts the project's examples, tests and docs use: each is one token, so the
+# instance prompt differs from the class prompt by one embedding (`sks`), not by three characters.
+# Any other word still tokenizes, character by character.
+TINY_WORDS = tuple(sorted(set("""
+a an the of on in at to and or with by from for is it its this that photo picture image painting portrait
+drawing sketch render style art sks zwx ohwx toy dog cat man woman person car house moon beach forest city
+street snow mountain sea sky garden table room red green blue yellow black white small big cute blurry warm
+up x on wearing hat sitting standing""".split())))
+T5_MAX_TOKENS = 32  # the tiny T5's sequence length (SD3 and Flux pad their T5 prompts to it)
+
+
+def word_merges(words: tuple[str, ...]) -> tuple[list[str], list[tuple[str, str]]]:
+    """BPE tokens and merges that turn each whole word into one token. Words are built from their
+    end (c_k + suffix</w>): only a pair holding an end-of-word token can merge, so merges made for
+    one word never split another, and a word outside the list falls back to characters."""
+    tokens: list[str] = []
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        suffix = word[-1] + "</w>"
+        for char in reversed(word[:-1]):
+            merge = (char, suffix)
+            suffix = char + suffix
+            if suffix not in tokens:
+                tokens.append(suffix)
+                merges.append(merge)
+    return tokens, merges
+
+
 def tiny_tokenizer() -> CLIPTokenizer:
-    """A character-level CLIP tokenizer: every printable char and its end-of-word form."""
+    """A word-level CLIP tokenizer: every printable char, its end-of-word form, and each of
+    TINY_WORDS as one token (built offline, no vocabulary download)."""
     chars = [c for c in string.printable if not c.isspace()]
-    vocab_list = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
-    vocab = {token: index for index, token in enumerate(vocab_list)}
-    with tempfile.TemporaryDirectory() as folder:
-        vocab_path, merges_path = Path(folder, "vocab.json"), Path(folder, "merges.txt")
-        vocab_path.write_text(json.dumps(vocab))
-        merges_path.write_text("#version: 0.2\n")
-        # model_max_length must be set explicitly: the default is a huge sentinel int.
-        return CLIPTokenizer(str(vocab_path), str(merges_path), model_max_length=MAX_TOKENS)
+    words, merges = word_merges(TINY_WORDS)
+    vocab_list = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars] + words
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(vocab_list))}
+    # model_max_length must be set explicitly: the default is a huge sentinel int.
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
+
+
+def tiny_t5_tokenizer() -> T5Tokenizer:
+    """A word-level T5 (Unigram) tokenizer: each of TINY_WORDS is one piece, other words fall back
+    to characters (a lower score makes the whole word win)."""
+    chars = [c for c in string.printable if not c.isspace()]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + word, 0.0) for word in TINY_WORDS] + [(c, -5.0) for c in chars]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_TOKENS)
+
+
+def tiny_clip_config(tokenizer: CLIPTokenizer, hidden: int = TEXT_HIDDEN, projection: int = TEXT_HIDDEN) -> CLIPTextConfig:
+    # The token ids come from the tokenizer: CLIP pools at the tokenizer's end-of-text id.
+    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                          num_attention_heads=2, max_position_embeddings=MAX_TOKENS, projection_dim=projection,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+
+
+def tiny_t5_encoder(tokenizer: T5Tokenizer, width: int) -> T5EncoderModel:
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=2 * width, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                                   is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1))
+
+
+def tiny_kl_autoencoder(resolution: int, latent_channels: int, shift: float | None = None, scale: float = 1.0,
+                        quant_conv: bool = True) -> AutoencoderKL:
+    """A random KL VAE whose latents are 1/4 of the image's side (as the SD1 tiny model's)."""
+    extra = {"shift_factor": shift} if shift is not None else {}
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * VAE_BLOCKS,
+                         up_block_types=("UpDecoderBlock2D",) * VAE_BLOCKS, block_out_channels=(8,) * VAE_BLOCKS,
+                         layers_per_block=1, latent_channels=latent_channels, norm_num_groups=2, sample_size=resolution,
+                         scaling_factor=scale, use_quant_conv=quant_conv, use_post_quant_conv=quant_conv, **extra)
+
+
+def seeded(seed: int, build: "Callable[[], T]") -> "T":
+    """Build modules under a fixed seed without disturbing the caller's random state."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return build()
+    finally:
+        torch.random.set_rng_state(state)
 
 
 @torch.no_grad()
@@ -76,19 +146,7 @@ def tiny_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusionPipeli
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=TEXT_HIDDEN,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                max_position_embeddings=MAX_TOKENS,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
+        text_encoder = CLIPTextModel(tiny_clip_config(tokenizer))
         unet = UNet2DConditionModel(
             sample_size=max(1, sample_size // 2 ** (VAE_BLOCKS - 1)),
             in_channels=4,
@@ -127,8 +185,3 @@ def tiny_pipeline(seed: int = 0, sample_size: int = 32) -> StableDiffusionPipeli
         feature_extractor=None,
         requires_safety_checker=False,
     )
-
-
-def training_scheduler_for(pipeline: StableDiffusionPipeline) -> DDPMScheduler:
-    """The noise scheduler used for training (DDPM with the pipeline's beta schedule)."""
-    return DDPMScheduler.from_config(pipeline.scheduler.config)

@@ -96,9 +96,16 @@ def training_precision(cfg: TrainConfig, device_type: str) -> "torch.autocast":
 
 @torch.no_grad()
 def encode_prompt_embeddings(text_encoder: torch.nn.Module, tokenizer: object, prompts: list[str]) -> torch.Tensor:
+    """SD's text embeddings alone (the benchmark's baseline loop uses them)."""
     device = next(text_encoder.parameters()).device
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
     return text_encoder(ids.to(device))[0].float().cpu()
+
+
+@torch.no_grad()
+def cached_text_conditions(family: object, pipeline: object, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """Every distinct prompt's text conditions, encoded once by the frozen encoders (kept as fp32)."""
+    return {name: value.float().cpu() for name, value in family.encode_text(pipeline, prompts, device).items()}
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -159,7 +166,7 @@ def make_trainer(cfg: TrainConfig, place: Placement, output: "object", json_logs
     trigger = CheckpointTrigger(cfg, progress)
     validation = []
     if validator is not None and (cfg.validation.every_n_steps or cfg.validation.fidelity):
-        validation = [ValidationSampler(cfg, output, lambda m, step: validator(m.unet, m.text_encoder, step, with_samples=step > 0), progress)]
+        validation = [ValidationSampler(cfg, output, lambda m, step: validator(m.denoiser, list(m.text_encoders), step, with_samples=step > 0), progress)]
     # Extra callbacks (the benchmark's timer) run first, so they never time a checkpoint write;
     # validation runs before the progress reporter hands its step over.
     callbacks: list = [*(extra_callbacks or []), *validation, progress, trigger]
@@ -185,10 +192,9 @@ def run_training(cfg: TrainConfig) -> int:
     from .data import DreamBoothBatches, ImageSet, LatentCache, list_images, read_images
     from .distributed import dist_env_from, wait_for_master
     from .export import export_pipeline
-    from .models import load_pipeline, quiet_libraries
-    from .module import DreamBoothModule
+    from .models import load_model, quiet_libraries
+    from .module import DreamBoothModule, prompt_list
     from .storage import S3Storage, open_storage
-    from .tiny import training_scheduler_for
 
     json_logs = json_logs_wanted(cfg)
     configure_logging(json_logs)
@@ -212,10 +218,13 @@ def run_training(cfg: TrainConfig) -> int:
 
     pl.seed_everything(training.seed, workers=True, verbose=False)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if place.accelerator == "gpu" else torch.device("cpu")
-    pipeline = load_pipeline(cfg.model.source, seed=training.seed, tiny_resolution=cfg.model.tiny_resolution)
-    pipeline.vae.to(device, frozen_dtype(cfg))
-    pipeline.text_encoder.to(device, torch.float32 if training.train_text_encoder else frozen_dtype(cfg))
-    pipeline.unet.to(device)
+    family, pipeline = load_model(cfg.model.source, seed=training.seed, tiny_resolution=cfg.model.tiny_resolution, family=cfg.model.family)
+    parts = family.components(pipeline)
+    parts.vae.to(device, frozen_dtype(cfg))
+    for index, encoder in enumerate(parts.text_encoders):
+        trained = training.train_text_encoder and index in family.trainable_text_encoders
+        encoder.to(device, torch.float32 if trained else frozen_dtype(cfg))
+    parts.denoiser.to(device)
 
     klass = None
     generated = 0
@@ -226,16 +235,16 @@ def run_training(cfg: TrainConfig) -> int:
     rank_record = {"rank": place.rank, "class_images_generated": generated}
     output.write_text(f"ranks/{place.rank}.json", json.dumps(rank_record))
 
-    latent_cache, prompt_embeddings = None, None
+    latent_cache, text_conds = None, None
     if training.cache_latents:
         latent_cache = LatentCache()
         flips = (False, True) if cfg.data.random_flip else (False,)
-        latent_cache.fill(pipeline.vae, [instance, klass], cfg.data.resolution, flips)
-        if not training.train_text_encoder:
-            prompt_embeddings = encode_prompt_embeddings(pipeline.text_encoder, pipeline.tokenizer,
-                                                         [cfg.data.instance_prompt, cfg.prior.class_prompt or ""])
-    module = DreamBoothModule(cfg, pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer,
-                              training_scheduler_for(pipeline), prompt_embeddings)
+        latent_cache.fill(parts.vae, [instance, klass], cfg.data.resolution, flips)
+    prompts = prompt_list(cfg)
+    if not training.train_text_encoder:
+        with training_precision(cfg, device.type):
+            text_conds = cached_text_conditions(family, pipeline, prompts, device)
+    module = DreamBoothModule(cfg, family, pipeline, text_conds, prompts)
 
     accumulate = training.gradient_accumulation_steps
     batches = DreamBoothBatches(instance, klass, cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip,
@@ -252,7 +261,7 @@ def run_training(cfg: TrainConfig) -> int:
         from .validation import Validator, load_embedding_model
 
         validator = Validator(cfg, pipeline, instance.images, training_precision(cfg, device.type),
-                              load_embedding_model(cfg.validation.fidelity_model))
+                              load_embedding_model(cfg.validation.fidelity_model), family)
     trainer, trigger, progress = make_trainer(cfg, place, output, json_logs, start_step, validator, trainable_bytes=trainable_bytes)
     wait_for_master(dist_env_from())
     trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_key)
@@ -265,11 +274,11 @@ def run_training(cfg: TrainConfig) -> int:
         log.info("stopped by SIGTERM after a checkpoint", extra={"step": trainer.global_step})
         return EXIT_SIGTERM
     if trainer.is_global_zero:
-        unet = module.unet
         if module.ema is not None:
             module.ema.copy_to(module.ema_parameters())
-        final_uri = export_pipeline(pipeline, unet, module.text_encoder, output, lora=training.lora.enabled)
-        result = validator(unet, module.text_encoder, None)
+        final_uri = export_pipeline(pipeline, module.denoiser, list(module.text_encoders), output, lora=training.lora.enabled,
+                                    lora_alpha=training.lora.alpha or training.lora.rank, family=family)
+        result = validator(module.denoiser, list(module.text_encoders), None)
         for key, data in result.files.items():
             output.write_bytes(key, data)
         progress.record(trainer.global_step, result.figures)

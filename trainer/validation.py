@@ -11,7 +11,7 @@ Images come out in the training precision, from seeds `validation.seed + i`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -33,16 +33,17 @@ class Validator:
     subject: list[Image.Image]
     precision: object  # a context manager: autocast to the training precision
     embedding: EmbeddingModel | None = None
-    _view_cache: dict = field(default_factory=dict)
+    family: object | None = None  # the model's family (read from the pipeline when not given)
 
-    def view(self, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> object:
-        """The pipeline with the modules being trained in place of the base ones."""
-        from diffusers import StableDiffusionPipeline
+    def view(self, denoiser: torch.nn.Module, text_encoders: torch.nn.Module | list[torch.nn.Module]) -> object:
+        """The family's pipeline with the modules being trained in place of the base ones."""
+        from .export import as_list
+        from .families import family_of_pipeline
 
-        base = self.pipeline
-        return StableDiffusionPipeline(vae=base.vae, text_encoder=text_encoder, tokenizer=base.tokenizer, unet=unet,
-                                       scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        family = self.family or family_of_pipeline(self.pipeline)
+        trained = as_list(text_encoders)
+        base = family.components(self.pipeline).text_encoders
+        return family.with_trained(self.pipeline, denoiser, trained + base[len(trained):])
 
     def draw(self, view: object, prompts: list[str]) -> list[Image.Image]:
         validation = self.cfg.validation
@@ -51,15 +52,15 @@ class Validator:
             return generate_images(view, requests, steps=validation.steps, guidance=validation.guidance_scale,
                                    height=self.cfg.data.resolution, width=self.cfg.data.resolution)
 
-    def __call__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module, step: int | None,
+    def __call__(self, denoiser: torch.nn.Module, text_encoders: torch.nn.Module | list[torch.nn.Module], step: int | None,
                  with_samples: bool = True) -> ValidationResult:
         """Draw and measure; `step` None means the end of the run."""
-        was_training = unet.training
-        unet.eval()
+        was_training = denoiser.training
+        denoiser.eval()
         try:
-            return self._run(self.view(unet, text_encoder), step, with_samples)
+            return self._run(self.view(denoiser, text_encoders), step, with_samples)
         finally:
-            unet.train(was_training)
+            denoiser.train(was_training)
 
     def _run(self, view: object, step: int | None, with_samples: bool) -> ValidationResult:
         cfg, label = self.cfg, step_label(step)

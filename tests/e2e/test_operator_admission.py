@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 pytestmark = pytest.mark.testbed
 
@@ -44,6 +46,11 @@ BAD = [
     ("env the operator sets", {"podTemplate.env": [{"name": "NODE_RANK", "value": "0"}]}, "spec.podTemplate.env"),
     ("volume name the operator uses", {"podTemplate.volumes": [{"name": "config", "emptyDir": {}}]}, "spec.podTemplate.volumes"),
     ("mount of no volume", {"podTemplate.volumeMounts": [{"name": "cache", "mountPath": "/cache"}]}, "spec.podTemplate.volumeMounts"),
+    ("min-SNR on a flow-matching family", {"model.source": "hf://org/flux-model", "model.family": "flux", "training.minSnrGamma": 5.0}, "spec.training.minSnrGamma"),
+    ("noise offset on tiny sd3", {"model.source": "tiny-sd3", "training.noiseOffset": 0.05}, "spec.training.noiseOffset"),
+    ("flux resolution not a multiple of 16", {"model.source": "hf://org/flux-model", "model.family": "flux", "data.resolution": 1000}, "spec.data.resolution"),
+    ("family not the tiny model's", {"model.source": "tiny-sdxl", "model.family": "flux"}, "spec.model.family"),
+    ("unknown family", {"model.family": "sd4"}, "spec.model.family"),
 ]
 
 
@@ -83,6 +90,24 @@ def test_a_bad_spec_is_refused_naming_the_field(testbed: Any, crd: str, namespac
     assert result.returncode != 0, f"{what}: accepted"
     assert field in result.stderr, result.stderr
     assert testbed.get("dreamboothjob", "bad", namespace) is None
+
+
+@pytest.mark.parametrize("example", ["job-sdxl-lora.yaml", "job-flux-lora.yaml"])
+def test_the_family_examples_pass_the_api_servers_rules(testbed: Any, crd: str, namespace: str, example: str) -> None:
+    manifest = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / example).read_text())
+    manifest["metadata"]["namespace"] = namespace
+
+    def dry_run() -> Any:
+        return testbed.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(manifest), check=False)
+
+    accepted = dry_run()
+    assert accepted.returncode == 0, accepted.stderr
+    manifest["spec"]["training"]["minSnrGamma"] = 5.0  # a DDPM option: sdxl takes it, flux refuses it
+    ddpm_option = dry_run()
+    if manifest["spec"]["model"]["family"] == "flux":
+        assert ddpm_option.returncode != 0 and "spec.training.minSnrGamma" in ddpm_option.stderr, ddpm_option.stderr
+    else:
+        assert ddpm_option.returncode == 0, ddpm_option.stderr
 
 
 def test_a_bad_name_is_refused(testbed: Any, crd: str, namespace: str) -> None:

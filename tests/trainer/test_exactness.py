@@ -104,7 +104,8 @@ def test_the_metrics_line_holds_the_mean_of_the_accumulated_micro_batches(tmp_pa
     from dreambooth_trainer.data import DreamBoothBatches, ImageSet, list_images, read_images
     from dreambooth_trainer.module import DreamBoothModule
     from dreambooth_trainer.storage import open_storage
-    from dreambooth_trainer.tiny import tiny_pipeline, training_scheduler_for
+    from dreambooth_trainer.families import FAMILIES
+    from dreambooth_trainer.tiny import tiny_pipeline
 
     from .conftest import SUBJECT
 
@@ -113,7 +114,7 @@ def test_the_metrics_line_holds_the_mean_of_the_accumulated_micro_batches(tmp_pa
     train_in_process(out, **overrides)
     cfg = config_from_dict(tiny_config_dict(str(out), **sections(**overrides)))
     pipeline = tiny_pipeline(seed=0)
-    module = DreamBoothModule(cfg, pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, training_scheduler_for(pipeline))
+    module = DreamBoothModule(cfg, FAMILIES["sd"], pipeline)
     storage = open_storage(str(SUBJECT))
     instance = ImageSet(read_images(storage, list_images(storage, "instance image"), "instance image"), cfg.data.instance_prompt)
     batches = DreamBoothBatches(instance, None, 32, True, True, 1, 0, 0, 1, 0, 2)
@@ -125,11 +126,12 @@ def test_the_metrics_line_holds_the_mean_of_the_accumulated_micro_batches(tmp_pa
 
 def test_with_lora_the_ema_covers_the_adapters_only(make_config) -> None:
     from dreambooth_trainer.module import DreamBoothModule
-    from dreambooth_trainer.tiny import tiny_pipeline, training_scheduler_for
+    from dreambooth_trainer.families import FAMILIES
+    from dreambooth_trainer.tiny import tiny_pipeline
 
     cfg = make_config(training={"ema": True, "lora": {"enabled": True, "rank": 2}})
     pipeline = tiny_pipeline(seed=0)
-    module = DreamBoothModule(cfg, pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, training_scheduler_for(pipeline))
+    module = DreamBoothModule(cfg, FAMILIES["sd"], pipeline)
     shadow = module.ema.shadow_params
     adapters = [p for n, p in module.unet.named_parameters() if "lora_" in n]
     assert len(shadow) == len(adapters) > 0

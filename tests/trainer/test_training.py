@@ -171,7 +171,7 @@ def test_bf16_accumulation_and_ema_train(tmp_path: Path) -> None:
     raw = checkpoint_weights(out, 3)
     exported = final_weights(out, "unet")
     key = next(k for k in exported if k.endswith("conv_in.weight"))
-    assert not torch.equal(exported[key], raw["unet." + key]), "the export holds the EMA weights, not the raw ones"
+    assert not torch.equal(exported[key], raw["denoiser." + key]), "the export holds the EMA weights, not the raw ones"
 
 
 @pytest.mark.parametrize(

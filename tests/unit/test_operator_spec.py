@@ -179,6 +179,23 @@ def test_examples_are_valid_specs() -> None:
     assert (tiny.resources.nodes, tiny.resources.accelerator, tiny.model.source) == (2, "cpu", "tiny")
 
 
+@pytest.mark.parametrize(("name", "family"), [("job-sdxl-lora.yaml", "sdxl"), ("job-flux-lora.yaml", "flux")])
+def test_family_examples_are_gpu_lora_jobs_on_public_models(name: str, family: str) -> None:
+    manifest = yaml.safe_load((REPO / "examples" / name).read_text())
+    spec = parse_spec(manifest["spec"])
+    assert spec.model.family == family and spec.model.source.startswith("hf://")
+    assert spec.training.lora.enabled and spec.serving.server, "a LoRA job served by its family's shared server"
+    assert (spec.resources.accelerator, spec.data.resolution) == ("gpu", 1024), "the family's native size on GPUs"
+    assert train_config_from_spec(spec, "s3://b/p").training.mixed_precision == "bf16"
+    # The same spec with the other family's loss options is refused (DDPM options on Flux) or kept.
+    ddpm = spec_with(**{"model.source": spec.model.source, "model.family": family, "training.minSnrGamma": 5.0})
+    if family == "flux":
+        with pytest.raises(ConfigError, match="spec.training.minSnrGamma"):
+            parse_spec(ddpm)
+    else:
+        assert parse_spec(ddpm).training.min_snr_gamma == 5.0
+
+
 def test_quantities_accept_numbers_and_strings() -> None:
     spec = parse_spec(spec_with(**{"resources.cpu": 4, "resources.memory": "64Gi", "serving.resources.cpu": "500m"}))
     assert (spec.resources.cpu, spec.resources.memory, spec.serving.resources.cpu) == ("4", "64Gi", "500m")
@@ -217,6 +234,13 @@ BAD_SPECS = [
     ("mount of no volume", {"podTemplate.volumeMounts": [{"name": "cache", "mountPath": "/cache"}]}, "podTemplate.volumeMounts"),
     ("service account not a DNS name", {"podTemplate.serviceAccountName": "Trainer_SA"}, "podTemplate.serviceAccountName"),
     ("negative disruptions", {"runPolicy.maxDisruptions": -1}, "runPolicy.maxDisruptions"),
+    ("min-SNR on a flow-matching family", {"model.source": "hf://org/flux-model", "model.family": "flux", "training.minSnrGamma": 5.0}, "training.minSnrGamma"),
+    ("noise offset on tiny sd3", {"model.source": "tiny-sd3", "training.noiseOffset": 0.05}, "training.noiseOffset"),
+    ("flux resolution not a multiple of 16", {"model.source": "hf://org/flux-model", "model.family": "flux", "data.resolution": 1000}, "data.resolution"),
+    ("sd3 resolution not a multiple of 16", {"model.source": "tiny-sd3", "data.resolution": 40}, "data.resolution"),
+    ("family not the tiny model's", {"model.source": "tiny-sdxl", "model.family": "flux"}, "model.family"),
+    ("unknown family", {"model.family": "sd4"}, "model.family"),
+    ("unknown strategy", {"training.strategy": "zero3"}, "training.strategy"),
 ]
 
 

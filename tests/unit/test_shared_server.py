@@ -58,6 +58,9 @@ def test_who_may_share_a_server() -> None:
     assert shared_server.sharing_conflict("sd", "mia", first, shared_server.definition_from(job("mia").spec)) is None
     other_base = shared_server.definition_from(job(training={"seed": 3}).spec)
     assert "training.seed 3" in shared_server.sharing_conflict("sd", "mia", first, other_base)
+    flux = shared_server.definition_from(job("mia", model={"source": "tiny-flux"}).spec)
+    assert flux.family == "flux" and first.family == "sd"
+    assert "model.family is flux" in shared_server.sharing_conflict("sd", "mia", first, flux)
     no_token = shared_server.definition_from(job(serving={"auth": {}}).spec)
     assert "Secret api key token" in shared_server.sharing_conflict("sd", "mia", first, no_token)
     elsewhere = shared_server.definition_from(job(storage={"endpoint": "other:9000"}).spec)

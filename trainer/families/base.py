@@ -1,0 +1,231 @@
+"""What every model family provides, and the pieces two or more families share.
+
+A family is a stateless object passed explicitly (no global registry of strategies): tests and the
+server can hold several in one process. The step that uses it lives in `module.py`:
+latents -> model space, text conditions (cached when the encoders are frozen), noise/timesteps,
+the denoiser's prediction, the target and per-sample loss weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass
+class Components:
+    """The modules of one model by role (a diffusers pipeline's parts, named for what they do)."""
+
+    denoiser: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list[torch.nn.Module]
+    tokenizers: list[Any]
+    scheduler: Any  # the inference scheduler; its config also drives the training noise
+
+
+@dataclass(frozen=True)
+class FlowSettings:
+    """Flow-matching timestep sampling (SD3 paper; diffusers' `compute_density_for_timestep_sampling`)."""
+
+    weighting_scheme: str = "logit_normal"  # logit_normal | mode | uniform
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+
+
+@dataclass
+class Noised:
+    """One micro-batch after noising: what the denoiser sees and what it is compared with."""
+
+    latents: torch.Tensor  # clean, model space
+    noise: torch.Tensor
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor | None = None  # flow matching only
+
+
+@dataclass(frozen=True)
+class StepMeta:
+    """Per-batch facts a family may need beyond latents and text (SDXL's size conditioning)."""
+
+    vae_scale: int  # pixels per latent pixel
+    original_size: torch.Tensor | None = None  # LongTensor [B, 2] (h, w) when the data knows it
+    crop_top_left: torch.Tensor | None = None  # LongTensor [B, 2] (top, left)
+
+
+class ModelFamily:
+    """The interface; SD's behaviour is the default where a family does not differ."""
+
+    name = "base"
+    pipeline_classes: tuple[str, ...] = ()  # model_index.json `_class_name`s this family reads
+    tiny_source = ""
+    denoiser_name = "unet"
+    text_encoder_names: tuple[str, ...] = ("text_encoder",)
+    tokenizer_names: tuple[str, ...] = ("tokenizer",)
+    trainable_text_encoders: tuple[int, ...] = (0,)  # which encoders `train_text_encoder` trains
+    denoiser_lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    pixel_multiple = 8
+    flow_matching = False
+
+    # -- building ----------------------------------------------------------------------------
+    def pipeline_class(self) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_classes[0])
+
+    def tiny(self, seed: int, resolution: int) -> Any:
+        raise NotImplementedError
+
+    def extra_pipeline_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def components(self, pipeline: Any) -> Components:
+        return Components(
+            denoiser=getattr(pipeline, self.denoiser_name), vae=pipeline.vae,
+            text_encoders=[getattr(pipeline, name) for name in self.text_encoder_names],
+            tokenizers=[getattr(pipeline, name) for name in self.tokenizer_names], scheduler=pipeline.scheduler)
+
+    def assemble(self, parts: Components) -> Any:
+        """A pipeline of this family's class around these modules (no copies)."""
+        kwargs = {self.denoiser_name: parts.denoiser, "vae": parts.vae, "scheduler": parts.scheduler}
+        kwargs.update(zip(self.text_encoder_names, parts.text_encoders))
+        kwargs.update(zip(self.tokenizer_names, parts.tokenizers))
+        return self.pipeline_class()(**kwargs, **self.extra_pipeline_kwargs())
+
+    def with_trained(self, pipeline: Any, denoiser: torch.nn.Module, text_encoders: list[torch.nn.Module]) -> Any:
+        """The pipeline with the modules being trained in place of the base ones."""
+        parts = self.components(pipeline)
+        parts.denoiser, parts.text_encoders = denoiser, list(text_encoders)
+        return self.assemble(parts)
+
+    def native_size(self, pipeline: Any) -> int:
+        """The image side the model is made for (the default width and height)."""
+        denoiser = getattr(pipeline, self.denoiser_name)
+        sample = getattr(denoiser.config, "sample_size", None)
+        if sample is not None and self.denoiser_name == "unet":
+            return int(sample) * pipeline.vae_scale_factor
+        vae_size = getattr(pipeline.vae.config, "sample_size", None)
+        return int(vae_size[0] if isinstance(vae_size, (list, tuple)) else vae_size or 1024)
+
+    # -- text ---------------------------------------------------------------------------------
+    def encode_text(self, pipeline: Any, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """Batch-first conditions for the denoiser, one row per prompt (cacheable)."""
+        raise NotImplementedError
+
+    def text_cache_key(self, pipeline: Any) -> dict[str, Any]:
+        """What changes the cached conditions besides the prompt (lengths, encoder dtypes)."""
+        return {"family": self.name, "dtypes": [str(next(m.parameters()).dtype) for m in self.components(pipeline).text_encoders]}
+
+    # -- latents ------------------------------------------------------------------------------
+    def to_model_space(self, latents: torch.Tensor, vae: torch.nn.Module) -> torch.Tensor:
+        """Raw VAE latents -> what the denoiser works on (shift, then scale)."""
+        config = vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:  # per-channel statistics (some SDXL-style VAEs)
+            view = (1, -1) + (1,) * (latents.dim() - 2)
+            mean = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(view)
+            std = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(view)
+            return (latents - mean) * config.scaling_factor / std
+        shift = getattr(config, "shift_factor", None) or 0.0
+        return (latents - shift) * config.scaling_factor
+
+    # -- the objective -------------------------------------------------------------------------
+    def training_scheduler(self, pipeline: Any) -> Any:
+        raise NotImplementedError
+
+    def draw_noise(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """THE place a family draws its noise (an offset-noise term joins here)."""
+        return torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+
+    def noise(self, latents: torch.Tensor, scheduler: Any, generator: torch.Generator, flow: FlowSettings) -> Noised:
+        raise NotImplementedError
+
+    def predict(self, denoiser: torch.nn.Module, noised: Noised, conds: dict[str, torch.Tensor], meta: StepMeta) -> torch.Tensor:
+        raise NotImplementedError
+
+    def target(self, noised: Noised, scheduler: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss_weights(self, noised: Noised, scheduler: Any) -> torch.Tensor | None:
+        """THE place per-sample loss weights apply (min-SNR for DDPM families joins here); None = 1."""
+        return None
+
+    # -- LoRA -----------------------------------------------------------------------------------
+    def lora_layers(self, denoiser: torch.nn.Module, text_encoders: list[torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+        """`save_lora_weights` keyword -> diffusers-layout adapter weights (only adapted modules)."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = {f"{self.denoiser_name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))}
+        for index, encoder in enumerate(text_encoders):
+            if getattr(encoder, "peft_config", None):
+                name = self.text_encoder_names[index]
+                layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
+        return layers
+
+    def save_lora(self, folder: Path, denoiser: torch.nn.Module, text_encoders: list[torch.nn.Module]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.pipeline_class().save_lora_weights(str(folder), **self.lora_layers(denoiser, text_encoders), safe_serialization=True)
+
+    def kohya_lora(self, denoiser: torch.nn.Module, text_encoders: list[torch.nn.Module], alpha: float) -> dict[str, torch.Tensor] | None:
+        """The same adapters in kohya's (A1111/ComfyUI) key layout, or None where the family has none."""
+        return None
+
+    # -- generation -----------------------------------------------------------------------------
+    def generate(self, pipeline: Any, prompts: list[str], negatives: list[str], seeds: list[int], steps: int, guidance: float,
+                 height: int, width: int) -> list[Any]:
+        """Images through the family's own pipeline; each image from its own seed's generator."""
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        kwargs = self.call_kwargs(pipeline, negatives, guidance)
+        pipeline.set_progress_bar_config(disable=True)
+        output = pipeline(prompt=prompts, num_inference_steps=steps, height=height, width=width,
+                          generator=generators, output_type="pil", **kwargs)
+        return list(output.images)
+
+    def call_kwargs(self, pipeline: Any, negatives: list[str], guidance: float) -> dict[str, Any]:
+        return {"negative_prompt": negatives, "guidance_scale": guidance}
+
+    def metadata(self, pipeline: Any) -> dict[str, Any]:
+        return {"family": self.name}
+
+
+def ddpm_noise(latents: torch.Tensor, noise: torch.Tensor, scheduler: Any, generator: torch.Generator) -> Noised:
+    """t ~ U{0..T-1}; x_t from the DDPM schedule."""
+    steps = scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=latents.device)
+    return Noised(latents, noise, scheduler.add_noise(latents, noise, timesteps), timesteps)
+
+
+def flow_noise(latents: torch.Tensor, noise: torch.Tensor, scheduler: Any, generator: torch.Generator, flow: FlowSettings) -> Noised:
+    """Rectified flow: u from the weighting scheme picks a scheduler step; x_t = (1-σ)x0 + σn.
+    The scheduler's sigmas carry its shift (SD3 bakes 3.0 in; Flux-dev's dynamic shift leaves them unshifted)."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    u = compute_density_for_timestep_sampling(flow.weighting_scheme, latents.shape[0], logit_mean=flow.logit_mean,
+                                              logit_std=flow.logit_std, mode_scale=flow.mode_scale,
+                                              device=latents.device, generator=generator)
+    count = scheduler.config.num_train_timesteps
+    indices = (u * count).long().clamp(0, count - 1).cpu()
+    timesteps = scheduler.timesteps[indices].to(latents.device)
+    sigmas = scheduler.sigmas[indices].to(latents.device, latents.dtype)
+    shape = (-1,) + (1,) * (latents.dim() - 1)
+    noisy = (1.0 - sigmas.view(shape)) * latents + sigmas.view(shape) * noise
+    return Noised(latents, noise, noisy, timesteps, sigmas)
+
+
+def flow_scheduler(pipeline: Any) -> Any:
+    """A fresh flow-matching scheduler from the pipeline's config (its sigmas for training)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
+
+
+def ddpm_scheduler(pipeline: Any) -> Any:
+    """DDPM with the pipeline's beta schedule and prediction type (epsilon or v_prediction)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipeline.scheduler.config)
