@@ -132,7 +132,8 @@ def test_kohya_layout_where_the_family_has_one(runs: dict[str, Any]) -> None:
     for name in names:
         down, up, alpha = kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"], kohya[f"{name}.alpha"]
         assert up.shape[1] == down.shape[0] and alpha.numel() == 1, name
-    assert all(name.startswith("lora_unet_") for name in names)
+    kohya_prefixes = {"sd": {"lora_unet", "lora_te1"}, "sdxl": {"lora_unet", "lora_te1", "lora_te2"}, "flux": {"lora_unet"}}
+    assert {name.split("_", 2)[0] + "_" + name.split("_", 2)[1] for name in names} == kohya_prefixes[runs["family"]]
     if runs["family"] == "flux":  # diffusers' reverse converter assumes Flux-dev's 19/38 blocks: BFL names and shapes
         assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_txt_attn_qkv",
                 "lora_unet_double_blocks_0_img_mlp_0", "lora_unet_single_blocks_0_linear1"} <= names
