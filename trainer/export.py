@@ -2,6 +2,7 @@
 
 final/                     a complete pipeline, loadable by DiffusionPipeline.from_pretrained
                            (with LoRA on, the adapters are fused into it)
+final/dreambooth.json      the family and what it trained with (prediction type, Flux guidance)
 final/lora/pytorch_lora_weights.safetensors   LoRA in diffusers key layout
 final/lora/lora_kohya.safetensors             the same LoRA in kohya (A1111/ComfyUI) key layout
                                               (SD, SDXL; Flux in BFL names; SD3 has none: ComfyUI reads diffusers keys)
@@ -9,6 +10,7 @@ final/lora/lora_kohya.safetensors             the same LoRA in kohya (A1111/Comf
 from __future__ import annotations
 
 import copy
+import json
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 FINAL = "final"
 LORA_DIFFUSERS = "pytorch_lora_weights.safetensors"
 LORA_KOHYA = "lora_kohya.safetensors"
+METADATA = "dreambooth.json"
 
 
 def as_family(family_or_class: object) -> "ModelFamily":
@@ -92,6 +95,8 @@ def export_pipeline(pipeline: object, denoiser: torch.nn.Module, text_encoders: 
             encoders = [merged_copy(e) if getattr(e, "peft_config", None) else e for e in encoders]
         final = family.with_trained(pipeline, denoiser, encoders)
         final.save_pretrained(str(local), safe_serialization=True)
+        # What the family trained with (prediction type; Flux's guidance and T5 length) beside the model.
+        (local / METADATA).write_text(json.dumps(family.metadata(pipeline), indent=2))
         storage.delete_prefix(FINAL)
         storage.upload_tree(FINAL, local)
     return storage.describe(FINAL)

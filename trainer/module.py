@@ -27,6 +27,15 @@ def prompt_list(cfg: TrainConfig) -> list[str]:
     return [cfg.data.instance_prompt, cfg.prior.class_prompt or ""]
 
 
+def add_text_adapter(encoder: torch.nn.Module, config: object) -> None:
+    """LoRA into a transformers text encoder through peft itself: transformers' own `add_adapter`
+    asks for a newer peft than diffusers does. `peft_config` is what peft's state-dict helpers read."""
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, encoder, adapter_name="default")
+    encoder.peft_config = {"default": config}
+
+
 def flow_settings(cfg: TrainConfig) -> FlowSettings:
     training = cfg.training
     return FlowSettings(training.weighting_scheme, training.logit_mean, training.logit_std, training.mode_scale)
@@ -88,8 +97,8 @@ class DreamBoothModule(pl.LightningModule):
             self.denoiser.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, lora_dropout=lora.dropout,
                                                  init_lora_weights="gaussian", target_modules=targets))
             for encoder in self.trained_text_encoders():
-                encoder.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank,
-                                               init_lora_weights="gaussian", target_modules=TEXT_LORA_TARGETS))
+                add_text_adapter(encoder, LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank,
+                                                     init_lora_weights="gaussian", target_modules=TEXT_LORA_TARGETS))
         else:
             self.denoiser.requires_grad_(True)
             for encoder in self.trained_text_encoders():

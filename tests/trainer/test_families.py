@@ -1,8 +1,9 @@
 """Model families end to end on the four built-in tiny models (SD1, SDXL, SD3, Flux).
 
-One module-scoped set of runs per family: a LoRA run (prior preservation with class images drawn
-by that family's pipeline, cached latents and text), a run stopped after one step and resumed, and a
-full fine-tune; the tests then read their outputs (export, from_pretrained, generate, serve).
+One module-scoped set of runs per family: a LoRA run (denoiser and CLIP text encoders, prior
+preservation with class images drawn by that family's pipeline, cached latents), the same run stopped
+after one step and resumed, and a full fine-tune of the denoiser on cached text conditions; the tests
+then read their outputs (export, from_pretrained, load_lora_weights, generate, serve).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline
              "flux": "FluxPipeline"}
 QUICK = {
     "prior": {"num_class_images": 1, "sample_steps": 1, "sample_batch_size": 1},
-    "training": {"max_steps": 2, "cache_latents": True, "lora": {"enabled": True, "rank": 2}},
+    "training": {"max_steps": 2, "cache_latents": True, "train_text_encoder": True, "lora": {"enabled": True, "rank": 2}},
     "checkpointing": {"every_n_steps": 100},
     "validation": {"fidelity": False, "steps": 1, "num_images": 1},
 }
@@ -50,7 +51,8 @@ def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     every_step = {"every_n_steps": 1, "keep_last": 1}
     assert run_training(family_config(resumed, source, training={"max_steps": 1}, checkpointing=every_step)) == 0
     assert run_training(family_config(resumed, source, checkpointing=every_step)) == 0
-    assert run_training(family_config(full, source, training={"max_steps": 1, "lora": {"enabled": False}}, prior={"enabled": False})) == 0
+    full_run = {"max_steps": 1, "train_text_encoder": False, "lora": {"enabled": False}}
+    assert run_training(family_config(full, source, training=full_run, prior={"enabled": False})) == 0
     return {"family": family, "source": source, "lora": lora, "resumed": resumed, "full": full}
 
 
@@ -117,6 +119,10 @@ def test_dreambooth_generate_draws_from_the_export_and_its_lora(runs: dict[str, 
 
 
 def test_kohya_layout_where_the_family_has_one(runs: dict[str, Any]) -> None:
+    prefixes = {key.split(".")[0] for key in load_file(str(runs["lora"] / "final" / "lora" / "pytorch_lora_weights.safetensors"))}
+    trained_text = {"sd": {"text_encoder"}, "sdxl": {"text_encoder", "text_encoder_2"}, "sd3": {"text_encoder", "text_encoder_2"},
+                    "flux": {"text_encoder"}}[runs["family"]]
+    assert prefixes == {"unet" if runs["family"] in ("sd", "sdxl") else "transformer"} | trained_text
     files = {path.name for path in (runs["lora"] / "final" / "lora").iterdir()}
     if runs["family"] == "sd3":
         assert files == {"pytorch_lora_weights.safetensors"}, "SD3 has no kohya layout (ComfyUI reads diffusers keys)"
@@ -126,7 +132,8 @@ def test_kohya_layout_where_the_family_has_one(runs: dict[str, Any]) -> None:
     for name in names:
         down, up, alpha = kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"], kohya[f"{name}.alpha"]
         assert up.shape[1] == down.shape[0] and alpha.numel() == 1, name
-    assert all(name.startswith("lora_unet_") for name in names)
+    kohya_prefixes = {"sd": {"lora_unet", "lora_te1"}, "sdxl": {"lora_unet", "lora_te1", "lora_te2"}, "flux": {"lora_unet"}}
+    assert {name.split("_", 2)[0] + "_" + name.split("_", 2)[1] for name in names} == kohya_prefixes[runs["family"]]
     if runs["family"] == "flux":  # diffusers' reverse converter assumes Flux-dev's 19/38 blocks: BFL names and shapes
         assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_txt_attn_qkv",
                 "lora_unet_double_blocks_0_img_mlp_0", "lora_unet_single_blocks_0_linear1"} <= names
@@ -194,6 +201,7 @@ def test_v_prediction_trains_on_the_velocity_and_the_export_keeps_it(tmp_path: P
     export_pipeline(pipeline, module.denoiser, list(module.text_encoders), LocalStorage(tmp_path / "export"), lora=False)
     config = json.loads((tmp_path / "export" / "final" / "scheduler" / "scheduler_config.json").read_text())
     assert config["prediction_type"] == "v_prediction"
+    assert json.loads((tmp_path / "export" / "final" / "dreambooth.json").read_text()) == {"family": "sd", "prediction_type": "v_prediction"}
 
 
 def seen_noised(module: Any, batch: dict) -> Any:
