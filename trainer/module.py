@@ -8,7 +8,7 @@ from .checkpoint import RANK_LOCAL
 from .config import TrainConfig
 from .data import latent_distribution_params, step_generator
 from .errors import UserInputError
-from .loss import diffusion_target, prior_preservation_loss
+from .loss import diffusion_target, min_snr_weights, offset_noise, prior_preservation_loss
 
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
@@ -23,7 +23,8 @@ def sample_latents(params: torch.Tensor, scaling_factor: float, generator: torch
 
 class DreamBoothModule(pl.LightningModule):
     def __init__(self, cfg: TrainConfig, unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module,
-                 tokenizer: object, noise_scheduler: object, prompt_embeddings: torch.Tensor | None = None):
+                 tokenizer: object, noise_scheduler: object, prompt_embeddings: torch.Tensor | None = None,
+                 prompts: list[str] | None = None):
         super().__init__()
         self.cfg = cfg
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
@@ -32,7 +33,8 @@ class DreamBoothModule(pl.LightningModule):
         self.vae.requires_grad_(False).eval()
         self.train_text = cfg.training.train_text_encoder
         self.text_encoder.requires_grad_(False)
-        prompts = [cfg.data.instance_prompt, cfg.prior.class_prompt or ""]
+        # Every distinct prompt once (the dataset's table: instance, class, then captions); rows index it.
+        prompts = prompts or [cfg.data.instance_prompt, cfg.prior.class_prompt or ""]
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
         self.register_buffer("prompt_ids", ids, persistent=False)
         # Cached text embeddings (frozen text encoder): the hot step skips the encoder.
@@ -108,10 +110,10 @@ class DreamBoothModule(pl.LightningModule):
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
     # -- the step -------------------------------------------------------------------------------
-    def encode_prompts(self, kinds: torch.Tensor) -> torch.Tensor:
+    def encode_prompts(self, indices: torch.Tensor) -> torch.Tensor:
         if self.prompt_embeddings is not None and not self.train_text:
-            return self.prompt_embeddings[kinds]
-        return self.text_encoder(self.prompt_ids[kinds])[0]
+            return self.prompt_embeddings[indices]
+        return self.text_encoder(self.prompt_ids[indices])[0]
 
     def latent_params(self, batch: dict) -> torch.Tensor:
         if "latent_params" in batch:
@@ -126,14 +128,22 @@ class DreamBoothModule(pl.LightningModule):
         noise = torch.randn(latents.shape, generator=generator, device=self.device)
         steps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=self.device)
+        noise = offset_noise(noise, self.cfg.training.noise_offset, generator)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        hidden = self.encode_prompts(batch["prompt_kind"].to(self.device))
+        hidden = self.encode_prompts(batch.get("prompt_index", batch["prompt_kind"]).to(self.device))
         if self.cfg.training.channels_last:
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=hidden).sample
         target = diffusion_target(self.noise_scheduler, latents, noise, timesteps)
-        parts = prior_preservation_loss(prediction, target, int(batch["num_instance"]), self.cfg.prior.loss_weight)
+        weights = self.snr_weights(timesteps)
+        parts = prior_preservation_loss(prediction, target, int(batch["num_instance"]), self.cfg.prior.loss_weight, weights)
         return parts.total
+
+    def snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        gamma = self.cfg.training.min_snr_gamma
+        if gamma is None:
+            return None
+        return min_snr_weights(timesteps, self.noise_scheduler.alphas_cumprod, gamma, self.noise_scheduler.config.prediction_type)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # Nothing is logged here: Lightning's logging reads values back from the device every step.
