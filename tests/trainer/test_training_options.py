@@ -195,7 +195,7 @@ def test_a_run_with_captions_buckets_min_snr_and_offset_noise(subject: Path, tmp
     cfg = tiny_config_dict(str(out), instance=str(subject),
                            data={"bucketing": True, "bucket_step": 8, "caption_template": "a photo of {token} toy, {caption}"},
                            training={"max_steps": 5, "batch_size": 1, "cache_latents": True, "min_snr_gamma": 5.0, "noise_offset": 0.1},
-                           validation={"fidelity": False})
+                           validation={"fidelity": False, "steps": 1, "num_images": 1})
     assert run_training(config_from_dict(cfg)) == 0
     # One pass over the five photos (batch 1): the wide one at its bucket, the captioned one on its caption.
     assert len(seen) == 5 and {shape for shape, _ in seen} == {(2, 8, 6, 10), (2, 8, 8, 8)}, seen
