@@ -64,13 +64,24 @@ class DataConfig(Section):
     center_crop: bool = Field(True, description="Center crop after resizing (random crop when false).")
     random_flip: bool = Field(False, description="Randomly flip images horizontally.")
     num_workers: int = Field(0, ge=0, description="Dataloader worker processes.")
+    caption_template: str | None = Field(
+        None, description="Prompt for a photo with a caption file (`photo.txt` beside `photo.jpg`), e.g. `a photo of {token} {caption}`. "
+        "Without it the caption itself is the prompt and must contain the token. Photos without a caption use instance_prompt.")
+    bucketing: bool = Field(False, description="Aspect-ratio buckets: photos keep their shape (area about resolution², sides multiples of bucket_step); each batch comes from one bucket.")
+    bucket_step: int = Field(64, ge=8, description="Bucket sides are multiples of this many pixels (a multiple of 8; 16 for Flux).")
 
-    @field_validator("resolution")
+    @field_validator("resolution", "bucket_step")
     @classmethod
     def _multiple_of_eight(cls, value: int) -> int:
         if value % 8:
             raise ValueError("must be a multiple of 8")
         return value
+
+    @model_validator(mode="after")
+    def _buckets_fit(self) -> "DataConfig":
+        if self.bucketing and self.resolution % self.bucket_step:
+            raise ValueError(f"data.bucket_step {self.bucket_step} must divide data.resolution {self.resolution} when data.bucketing is true")
+        return self
 
 
 class PriorConfig(Section):
@@ -132,9 +143,8 @@ class TrainingConfig(Section):
     cache_latents: bool = Field(False, description="Encode images and prompts once; the hot step runs the UNet only.")
     attention: Literal["sdpa", "default"] = Field("sdpa", description="Attention kernel: PyTorch SDPA or the model's default.")
     channels_last: bool = Field(False, description="Channels-last memory format for the UNet (faster on GPUs).")
-    min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting γ (DDPM families: sd, sdxl); unset: off.")
-    noise_offset: float = Field(0.0, ge=0, description="Offset noise strength (DDPM families: sd, sdxl); 0: off.")
-    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp: a full replica per rank; fsdp: parameters, gradients and optimizer state sharded across ranks.")
+    min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR-γ loss weighting (5 is usual; epsilon and v-prediction models); unset: off.")
+    noise_offset: float = Field(0.0, ge=0, le=1, description="Offset noise: add this x a normal draw per sample and channel to the noise (0.05-0.1 is usual); 0: off.")
     weighting_scheme: Literal["logit_normal", "mode", "uniform"] = Field(
         "logit_normal", description="Flow-matching families (SD3, Flux): how timesteps are drawn (SD3 paper).")
     logit_mean: float = Field(0.0, description="logit_normal: mean of the normal before the sigmoid.")
@@ -198,12 +208,26 @@ class TrainConfig(TrainerSections):
                 raise ValueError("prior.class_prompt is required when prior.enabled is true")
             if contains_word(self.prior.class_prompt, token):
                 raise ValueError(f"prior.class_prompt {self.prior.class_prompt!r} must not contain the token {token!r}")
+        if self.data.caption_template is not None:
+            check_caption_template(self.data.caption_template, token)
         if self.training.cache_latents and not self.data.center_crop:
             raise ValueError("training.cache_latents needs data.center_crop=true (a random crop cannot be cached)")
         return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def check_caption_template(template: str, token: str) -> None:
+    """The template names only {token} and {caption}, uses {caption}, and its prompts hold the token."""
+    try:
+        rendered = template.format(token=token, caption="")
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(f"data.caption_template {template!r} may use only {{token}} and {{caption}} ({error})") from None
+    if "\0" not in template.format(token=token, caption="\0"):
+        raise ValueError(f"data.caption_template {template!r} must contain {{caption}}")
+    if not contains_word(rendered, token):
+        raise ValueError(f"data.caption_template {template!r} must contain {{token}} or the token {token!r}")
 
 
 def contains_word(text: str, word: str) -> bool:

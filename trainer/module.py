@@ -41,6 +41,13 @@ def flow_settings(cfg: TrainConfig) -> FlowSettings:
     return FlowSettings(training.weighting_scheme, training.logit_mean, training.logit_std, training.mode_scale)
 
 
+def refuse_ddpm_options(cfg: TrainConfig, family: ModelFamily) -> None:
+    """min-SNR and offset noise are defined on a DDPM schedule: a flow-matching family refuses them by name."""
+    for field in ("min_snr_gamma", "noise_offset"):
+        if family.flow_matching and getattr(cfg.training, field):
+            raise UserInputError(f"training.{field} applies to the DDPM families (sd, sdxl), not to {family.name} (flow matching)")
+
+
 class DreamBoothModule(pl.LightningModule):
     """The family-agnostic step: the family says how to noise, condition, predict and compare."""
 
@@ -48,6 +55,7 @@ class DreamBoothModule(pl.LightningModule):
                  text_conds: dict[str, torch.Tensor] | None = None, prompts: list[str] | None = None):
         super().__init__()
         self.cfg, self.family = cfg, family
+        refuse_ddpm_options(cfg, family)
         parts = family.components(pipeline)
         self.denoiser, self.vae = parts.denoiser, parts.vae
         self.text_encoders = torch.nn.ModuleList(parts.text_encoders)
@@ -173,13 +181,13 @@ class DreamBoothModule(pl.LightningModule):
         generator = step_generator(self.cfg.training.seed, int(batch["micro_step"]), self.global_rank, self.device)
         raw = sample_raw_latents(self.latent_params(batch).to(self.device), generator)
         latents = family.to_model_space(raw, self.vae)
-        noised = family.noise(latents, self.noise_scheduler, generator, self.flow)
+        noised = family.noise(latents, self.noise_scheduler, generator, self.flow, self.cfg.training.noise_offset)
         conds = self.text_conditions(batch.get("prompt_index", batch["prompt_kind"]).to(self.device))
         if self.cfg.training.channels_last and family.denoiser_name == "unet":
             noised.noisy = noised.noisy.contiguous(memory_format=torch.channels_last)
         prediction = family.predict(self.denoiser, noised, conds, self.step_meta(batch))
         target = family.target(noised, self.noise_scheduler)
-        weights = family.loss_weights(noised, self.noise_scheduler)
+        weights = family.loss_weights(noised, self.noise_scheduler, self.cfg.training.min_snr_gamma)
         parts = prior_preservation_loss(prediction, target, int(batch["num_instance"]), self.cfg.prior.loss_weight, weights)
         return parts.total
 

@@ -108,6 +108,16 @@ def cached_text_conditions(family: object, pipeline: object, prompts: list[str],
     return {name: value.float().cpu() for name, value in family.encode_text(pipeline, prompts, device).items()}
 
 
+def training_buckets(cfg: TrainConfig, pixel_multiple: int = 8) -> list[tuple[int, int]] | None:
+    """The aspect-ratio buckets when data.bucketing is on (`pixel_multiple`: what the model's
+    latents need, 8 for SD-like VAEs, 16 for Flux), else None (square crops)."""
+    from .buckets import make_buckets
+
+    if not cfg.data.bucketing:
+        return None
+    return make_buckets(cfg.data.resolution, cfg.data.bucket_step, pixel_multiple)
+
+
 def weights_digest(module: torch.nn.Module) -> str:
     """A digest of the trained weights, equal on every rank when DDP kept them in sync. Two integer
     sums of each tensor's bit patterns are computed where the tensor lives and read back once,
@@ -189,11 +199,11 @@ def run_training(cfg: TrainConfig) -> int:
     from .callbacks import configure_logging
     from .checkpoint import find_resume_checkpoint, step_of
     from .class_images import ensure_class_images
-    from .data import DreamBoothBatches, ImageSet, LatentCache, list_images, read_images
+    from .data import DreamBoothBatches, LatentCache, load_instance_images
     from .distributed import dist_env_from, wait_for_master
     from .export import export_pipeline
     from .models import load_model, quiet_libraries
-    from .module import DreamBoothModule, prompt_list
+    from .module import DreamBoothModule
     from .storage import S3Storage, open_storage
 
     json_logs = json_logs_wanted(cfg)
@@ -210,7 +220,7 @@ def run_training(cfg: TrainConfig) -> int:
         output.ensure_bucket()
 
     instance_storage = open_storage(cfg.data.instance_uri)
-    instance = ImageSet(read_images(instance_storage, list_images(instance_storage, "instance image"), "instance image"), cfg.data.instance_prompt)
+    instance = load_instance_images(instance_storage, cfg.data.instance_prompt, cfg.data.token, cfg.data.caption_template)
     resume_key = find_resume_checkpoint(output) if cfg.checkpointing.resume else None
     start_step = step_of(resume_key) if resume_key else 0
     log.info("starting", extra={"rank": place.rank, "world": place.world, "instance_images": len(instance.images),
@@ -235,22 +245,22 @@ def run_training(cfg: TrainConfig) -> int:
     rank_record = {"rank": place.rank, "class_images_generated": generated}
     output.write_text(f"ranks/{place.rank}.json", json.dumps(rank_record))
 
+    buckets = training_buckets(cfg, family.pixel_multiple)
     latent_cache, text_conds = None, None
     if training.cache_latents:
         latent_cache = LatentCache()
         flips = (False, True) if cfg.data.random_flip else (False,)
-        latent_cache.fill(parts.vae, [instance, klass], cfg.data.resolution, flips)
-    prompts = prompt_list(cfg)
-    if not training.train_text_encoder:
-        with training_precision(cfg, device.type):
-            text_conds = cached_text_conditions(family, pipeline, prompts, device)
-    module = DreamBoothModule(cfg, family, pipeline, text_conds, prompts)
+        latent_cache.fill(parts.vae, [instance, klass], cfg.data.resolution, flips, buckets)
 
     accumulate = training.gradient_accumulation_steps
     batches = DreamBoothBatches(instance, klass, cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip,
                                 training.batch_size, training.seed, place.rank, place.world,
                                 start=start_step * accumulate, stop=training.max_steps * accumulate,
-                                latent_cache=latent_cache)
+                                latent_cache=latent_cache, buckets=buckets)
+    if not training.train_text_encoder:
+        with training_precision(cfg, device.type):
+            text_conds = cached_text_conditions(family, pipeline, batches.prompts, device)
+    module = DreamBoothModule(cfg, family, pipeline, text_conds, batches.prompts)
     # Pinned host memory lets Lightning copy batches to the GPU without making the host wait.
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.data.num_workers,
                                          pin_memory=place.accelerator == "gpu")

@@ -137,11 +137,15 @@ class ModelFamily:
     def training_scheduler(self, pipeline: Any) -> Any:
         raise NotImplementedError
 
-    def draw_noise(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """THE place a family draws its noise (an offset-noise term joins here)."""
-        return torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    def draw_noise(self, latents: torch.Tensor, generator: torch.Generator, offset: float = 0.0) -> torch.Tensor:
+        """THE place a family draws its noise, with `training.noise_offset`'s term (0: none drawn)."""
+        from ..loss import offset_noise
 
-    def noise(self, latents: torch.Tensor, scheduler: Any, generator: torch.Generator, flow: FlowSettings) -> Noised:
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        return offset_noise(noise, offset, generator)
+
+    def noise(self, latents: torch.Tensor, scheduler: Any, generator: torch.Generator, flow: FlowSettings,
+              noise_offset: float = 0.0) -> Noised:
         raise NotImplementedError
 
     def predict(self, denoiser: torch.nn.Module, noised: Noised, conds: dict[str, torch.Tensor], meta: StepMeta) -> torch.Tensor:
@@ -150,9 +154,14 @@ class ModelFamily:
     def target(self, noised: Noised, scheduler: Any) -> torch.Tensor:
         raise NotImplementedError
 
-    def loss_weights(self, noised: Noised, scheduler: Any) -> torch.Tensor | None:
-        """THE place per-sample loss weights apply (min-SNR for DDPM families joins here); None = 1."""
-        return None
+    def loss_weights(self, noised: Noised, scheduler: Any, min_snr_gamma: float | None = None) -> torch.Tensor | None:
+        """THE place per-sample loss weights apply: min-SNR-γ for DDPM families; None = 1."""
+        if min_snr_gamma is None or self.flow_matching:
+            return None
+        from ..loss import min_snr_weights
+
+        return min_snr_weights(noised.timesteps, scheduler.alphas_cumprod, min_snr_gamma,
+                               scheduler.config.get("prediction_type", "epsilon"))
 
     # -- LoRA -----------------------------------------------------------------------------------
     def lora_layers(self, denoiser: torch.nn.Module, text_encoders: list[torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:

@@ -48,8 +48,9 @@ class StableDiffusion(ModelFamily):
     def training_scheduler(self, pipeline: Any) -> Any:
         return ddpm_scheduler(pipeline)
 
-    def noise(self, latents: torch.Tensor, scheduler: Any, generator: torch.Generator, flow: FlowSettings) -> Noised:
-        return ddpm_noise(latents, self.draw_noise(latents, generator), scheduler, generator)
+    def noise(self, latents: torch.Tensor, scheduler: Any, generator: torch.Generator, flow: FlowSettings,
+              noise_offset: float = 0.0) -> Noised:
+        return ddpm_noise(latents, self.draw_noise(latents, generator, noise_offset), scheduler, generator)
 
     def predict(self, denoiser: torch.nn.Module, noised: Noised, conds: dict[str, torch.Tensor], meta: StepMeta) -> torch.Tensor:
         return denoiser(noised.noisy, noised.timesteps, encoder_hidden_states=conds["prompt_embeds"]).sample

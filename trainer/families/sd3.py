@@ -27,7 +27,9 @@ class FlowFamily(ModelFamily):
     def training_scheduler(self, pipeline: Any) -> Any:
         return flow_scheduler(pipeline)
 
-    def noise(self, latents: torch.Tensor, scheduler: Any, generator: torch.Generator, flow: FlowSettings) -> Noised:
+    def noise(self, latents: torch.Tensor, scheduler: Any, generator: torch.Generator, flow: FlowSettings,
+              noise_offset: float = 0.0) -> Noised:
+        # noise_offset is a DDPM option: refused for flow-matching families before training starts.
         return flow_noise(latents, self.draw_noise(latents, generator), scheduler, generator, flow)
 
     def target(self, noised: Noised, scheduler: Any) -> torch.Tensor:
