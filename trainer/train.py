@@ -110,6 +110,7 @@ def weights_digest(module: torch.nn.Module) -> str:
     bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
     sums = []
     for _, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # FSDP: this rank's shard
         flat = tensor.detach().reshape(-1)
         values = flat.view(bits[flat.element_size()]).to(torch.int64)
         positions = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64) % 65521 + 1
@@ -137,6 +138,30 @@ def ddp_strategy(cfg: TrainConfig, place: Placement, trainable_bytes: int) -> ob
     )
 
 
+def check_strategy(cfg: TrainConfig, place: Placement) -> None:
+    if cfg.training.strategy == "fsdp" and place.world < 2:
+        raise UserInputError("training.strategy=fsdp shards the model across processes but this run has one; "
+                             "use training.strategy=ddp, or run 2 or more processes (NNODES x NPROC_PER_NODE)")
+
+
+def training_strategy(cfg: TrainConfig, place: Placement, trainable_bytes: int) -> object:
+    """FSDP when asked for; else DDP in a gang, Lightning's single-device strategy alone."""
+    if cfg.training.strategy == "fsdp":
+        from .fsdp import fsdp_strategy
+
+        return fsdp_strategy(cfg, place.world, place.backend)
+    return ddp_strategy(cfg, place, trainable_bytes) if place.world > 1 else "auto"
+
+
+def final_denoiser(cfg: TrainConfig, module: torch.nn.Module, rank: int) -> torch.nn.Module | None:
+    """The trained UNet to export: as it is, or under FSDP gathered whole on rank 0 (a collective)."""
+    if cfg.training.strategy != "fsdp":
+        return module.unet
+    from .fsdp import denoiser_of, gathered_copy
+
+    return gathered_copy(denoiser_of(module), rank)
+
+
 def bucket_cap_mb_for(trainable_bytes: int) -> int:
     """About 16 gradient buckets: few enough all-reduce calls, early enough overlap with backward."""
     return int(min(200, max(25, trainable_bytes / 16 / 2**20)))
@@ -158,12 +183,13 @@ def make_trainer(cfg: TrainConfig, place: Placement, output: "object", json_logs
     progress = ProgressReporter(cfg, output, place.world, start_step, tb_dir, json_logs, place.rank)
     trigger = CheckpointTrigger(cfg, progress)
     validation = []
-    if validator is not None and (cfg.validation.every_n_steps or cfg.validation.fidelity):
+    # Under FSDP rank 0 alone cannot run the sharded denoiser: only the final validation runs.
+    if validator is not None and (cfg.validation.every_n_steps or cfg.validation.fidelity) and training.strategy != "fsdp":
         validation = [ValidationSampler(cfg, output, lambda m, step: validator(m.unet, m.text_encoder, step, with_samples=step > 0), progress)]
     # Extra callbacks (the benchmark's timer) run first, so they never time a checkpoint write;
     # validation runs before the progress reporter hands its step over.
     callbacks: list = [*(extra_callbacks or []), *validation, progress, trigger]
-    strategy = ddp_strategy(cfg, place, trainable_bytes) if place.world > 1 else "auto"
+    strategy = training_strategy(cfg, place, trainable_bytes)
     trainer = pl.Trainer(
         accelerator=place.accelerator, devices=place.devices, num_nodes=place.num_nodes, strategy=strategy,
         precision=PRECISION[resolved_precision(cfg)], max_steps=training.max_steps,
@@ -198,6 +224,7 @@ def run_training(cfg: TrainConfig) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     place = placement_from_env()
+    check_strategy(cfg, place)
     training = cfg.training
     output = open_storage(cfg.output.uri)
     if isinstance(output, S3Storage) and place.rank == 0:
@@ -264,8 +291,8 @@ def run_training(cfg: TrainConfig) -> int:
         progress.close()
         log.info("stopped by SIGTERM after a checkpoint", extra={"step": trainer.global_step})
         return EXIT_SIGTERM
+    unet = final_denoiser(cfg, module, place.rank)
     if trainer.is_global_zero:
-        unet = module.unet
         if module.ema is not None:
             module.ema.copy_to(module.ema_parameters())
         final_uri = export_pipeline(pipeline, unet, module.text_encoder, output, lora=training.lora.enabled)
