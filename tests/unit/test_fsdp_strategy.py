@@ -72,10 +72,13 @@ def test_the_strategy_follows_the_config_and_the_gang() -> None:
 
 
 def test_blocks_come_from_the_model_or_the_config() -> None:
-    from dreambooth_trainer.fsdp import block_class_names, denoiser_of
-    from dreambooth_trainer.tiny import tiny_pipeline
+    from diffusers import UNet2DConditionModel
 
-    unet = tiny_pipeline(0, 16).unet
+    from dreambooth_trainer.fsdp import block_class_names, denoiser_of
+
+    unet = UNet2DConditionModel(sample_size=4, block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=8, attention_head_dim=4)
     assert block_class_names(unet, []) == set(unet._no_split_modules)
     assert block_class_names(unet, ["ResnetBlock2D"]) == {"ResnetBlock2D"}
     with pytest.raises(UserInputError, match=r"training\.fsdp\.block_classes: FluxTransformerBlock not in UNet2DConditionModel"):
@@ -119,3 +122,17 @@ def test_a_checkpoint_resumes_only_under_the_strategy_that_wrote_it(tmp_path: Pa
     ddp_written.wait()
     with pytest.raises(UserInputError, match=r"written with training\.strategy=ddp"):
         ObjectStoreCheckpointIO(storage, keep_last=5).load_sharded(checkpoint_key(3), {})
+
+
+def test_the_operator_refuses_fsdp_jobs_it_cannot_run_naming_the_field() -> None:
+    from dreambooth_trainer.spec import parse_spec
+
+    from .test_operator_spec import spec_with
+
+    one_rank = {"training.strategy": "fsdp", "resources.nodes": 1, "resources.gpusPerNode": 1}
+    with pytest.raises(ConfigError, match=r"spec\.training\.strategy fsdp .*resources\.nodes"):
+        parse_spec(spec_with(**one_rank))
+    with pytest.raises(ConfigError, match=r"training\.ema=True cannot be used with training\.strategy=fsdp"):
+        parse_spec(spec_with(**{**one_rank, "resources.gpusPerNode": 8, "training.ema": True}))
+    spec = parse_spec(spec_with(**{**one_rank, "resources.gpusPerNode": 8, "training.fsdp": {"blockClasses": ["FluxTransformerBlock"]}}))
+    assert (spec.training.strategy, spec.training.fsdp.block_classes) == ("fsdp", ["FluxTransformerBlock"])
