@@ -216,6 +216,10 @@ def moved_file(source: Path) -> Callable[[Path], WrittenFile]:
     return move
 
 
+# What a checkpoint writes: file name -> a function writing it to a path; or a function giving that.
+Writers = dict[str, Callable[[Path], WrittenFile]] | Callable[[], dict[str, Callable[[Path], WrittenFile]]]
+
+
 class HostBuffers:
     """Host copies of the checkpoint's tensors, allocated once and reused (pinned on a GPU machine)."""
 
@@ -269,32 +273,39 @@ class ObjectStoreCheckpointIO(CheckpointIO):
             writers[STATE] = lambda p: write_torch(p, skeleton)
         self._submit(path, checkpoint.get("global_step"), writers, LAYOUT_TENSORS)
 
-    def save_sharded(self, key: str, sharded: dict[str, Any], rest: dict[str, Any]) -> None:
-        """FSDP, on every rank: write this rank's shards of `sharded` (weights, optimizer state) with
-        torch.distributed.checkpoint to a local folder (collective, so in the step loop), then upload
-        it and the rest (rank 0) in the background and commit as any checkpoint."""
+    def save_sharded(self, key: str, sharded: dict[str, Any], rest: dict[str, Any], group: Any = None) -> None:
+        """FSDP, on every rank: this rank's shards of `sharded` (weights, optimizer state) are copied
+        to host memory here, then written with torch.distributed.checkpoint to a local folder, uploaded
+        with the rest (rank 0) and committed in the background. `group` (its own gloo group) carries
+        the writers' collectives beside the step loop's."""
         import torch.distributed.checkpoint as dcp
 
         self.wait()
         rest = dict(rest)
         rank_local = rest.pop(RANK_LOCAL, {})
         folder = Path(tempfile.mkdtemp(prefix="checkpoint-dcp-"))
-        dcp.save(sharded, storage_writer=dcp.FileSystemWriter(str(folder)))
-        writers = {f"{DCP_FOLDER}/{file.name}": moved_file(file) for file in sorted(folder.iterdir())}
-        writers[rank_local_name(self.rank)] = lambda p: write_torch(p, rank_local)
-        if self.rank == 0:
-            writers[STATE] = lambda p: write_torch(p, rest)
+        saving = dcp.async_save(sharded, storage_writer=dcp.FileSystemWriter(str(folder)), process_group=group)
+
+        def writers() -> dict[str, Callable[[Path], WrittenFile]]:
+            getattr(saving, "upload_completion", saving).result()
+            files = {f"{DCP_FOLDER}/{file.name}": moved_file(file) for file in sorted(folder.iterdir())}
+            files[rank_local_name(self.rank)] = lambda p: write_torch(p, rank_local)
+            if self.rank == 0:
+                files[STATE] = lambda p: write_torch(p, rest)
+            return files
+
         self._submit(key, rest.get("global_step"), writers, LAYOUT_DCP, cleanup=folder)
 
-    def _submit(self, key: str, step: int | None, writers: dict[str, Callable[[Path], WrittenFile]], layout: str,
-                cleanup: Path | None = None) -> None:
+    def _submit(self, key: str, step: int | None, writers: Writers, layout: str, cleanup: Path | None = None) -> None:
         commit_after, self.commit_after = self.commit_after, None
         self.in_flight = self.executor.submit(self._write, key, step, writers, layout, commit_after, cleanup)
 
-    def _write(self, key: str, step: int | None, writers: dict[str, Callable[[Path], WrittenFile]], layout: str,
+    def _write(self, key: str, step: int | None, writers: Writers, layout: str,
                commit_after: Callable[[], object] | None = None, cleanup: Path | None = None) -> None:
         started = time.monotonic()
         try:
+            if callable(writers):  # known once the files they move are written
+                writers = writers()
             files: dict[str, dict[str, Any]] = {}
             with tempfile.TemporaryDirectory(prefix="checkpoint-") as folder:
                 for name, write in writers.items():

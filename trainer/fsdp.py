@@ -65,11 +65,22 @@ def gathered_copy(denoiser: torch.nn.Module, rank: int) -> torch.nn.Module | Non
     full = get_model_state_dict(denoiser, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
         return None
-    plain = unsharded_class(denoiser).from_config(denoiser.config)
-    for name, config in (getattr(denoiser, "peft_config", None) or {}).items():
-        plain.add_adapter(config, adapter_name=name)
-    plain.load_state_dict(full, strict=True)
-    return plain.to(next(iter(full.values())).dtype) if full else plain
+    # Built on the meta device, so the gathered tensors are assigned, not copied into a second model.
+    plain = empty_like_model(denoiser, torch.device("meta"))
+    plain.load_state_dict(full, strict=True, assign=True)
+    if any(buffer.is_meta for buffer in plain.buffers()):  # a buffer no state dict holds: build it for real
+        plain = empty_like_model(denoiser, torch.device("cpu"))
+        plain.load_state_dict(full, strict=True)
+    return plain
+
+
+def empty_like_model(denoiser: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A new, unsharded model of the denoiser's class and config, with the same LoRA adapters."""
+    with device:
+        plain = unsharded_class(denoiser).from_config(denoiser.config)
+        for name, config in (getattr(denoiser, "peft_config", None) or {}).items():
+            plain.add_adapter(config, adapter_name=name)
+    return plain
 
 
 def fsdp_strategy(cfg: Any, world: int, backend: str) -> Any:
@@ -91,6 +102,7 @@ def fsdp_strategy(cfg: Any, world: int, backend: str) -> Any:
             units = shard_denoiser(denoiser, self.device_mesh["data_parallel"], block_class_names(denoiser, fsdp.block_classes),
                                    fsdp.reshard_after_forward)
             log.info("denoiser sharded", extra={"units": units, "world": self.world_size, "model": type(denoiser).__name__})
+            self.checkpoint_group = torch.distributed.new_group(backend="gloo")  # every rank, at the same point
             _materialize_distributed_module(self.model, self.root_device)
             self.model = self.precision_plugin.convert_module(self.model)
             self.model_to_device()
@@ -118,7 +130,7 @@ def fsdp_strategy(cfg: Any, world: int, backend: str) -> Any:
             rest = dict(checkpoint)
             sharded = {"state_dict": rest.pop("state_dict"),
                        **{f"optimizer_{i}": state for i, state in enumerate(rest.pop("optimizer_states", []))}}
-            self.checkpoint_io.save_sharded(str(filepath), sharded, rest)
+            self.checkpoint_io.save_sharded(str(filepath), sharded, rest, self.checkpoint_group)
 
         def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
             from torch.distributed.checkpoint.state_dict import (
