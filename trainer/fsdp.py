@@ -11,6 +11,8 @@ the object-store checkpoint IO; the export gathers the full denoiser on rank 0.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -83,6 +85,18 @@ def empty_like_model(denoiser: torch.nn.Module, device: torch.device) -> torch.n
     return plain
 
 
+@contextmanager
+def moved_while(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """`module` on `device` inside the block, back where it was after (class images under FSDP
+    are drawn with the whole denoiser, before it is sharded)."""
+    home = next(module.parameters()).device
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to(home)
+
+
 def fsdp_strategy(cfg: Any, world: int, backend: str) -> Any:
     """Lightning's FSDP2 strategy (ModelParallelStrategy) that shards the denoiser itself and keeps
     checkpoints in the object store."""
@@ -97,8 +111,7 @@ def fsdp_strategy(cfg: Any, world: int, backend: str) -> Any:
         def setup(self, trainer: Any) -> None:
             # ModelParallelStrategy.setup, with the sharding done here instead of in a configure_model hook.
             self.accelerator.setup(trainer)
-            denoiser = denoiser_of(self.lightning_module)
-            denoiser.to(self.root_device)
+            denoiser = denoiser_of(self.lightning_module)  # on the host: fully_shard moves each unit to the GPU
             units = shard_denoiser(denoiser, self.device_mesh["data_parallel"], block_class_names(denoiser, fsdp.block_classes),
                                    fsdp.reshard_after_forward)
             log.info("denoiser sharded", extra={"units": units, "world": self.world_size, "model": type(denoiser).__name__})

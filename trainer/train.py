@@ -242,12 +242,15 @@ def run_training(cfg: TrainConfig) -> int:
     pipeline = load_pipeline(cfg.model.source, seed=training.seed, tiny_resolution=cfg.model.tiny_resolution)
     pipeline.vae.to(device, frozen_dtype(cfg))
     pipeline.text_encoder.to(device, torch.float32 if training.train_text_encoder else frozen_dtype(cfg))
-    pipeline.unet.to(device)
+    # Under FSDP the denoiser reaches the GPU one sharded block at a time (it may not fit whole).
+    pipeline.unet.to(device if training.strategy == "ddp" else "cpu")
 
     klass = None
     generated = 0
     if cfg.prior.enabled:
-        with training_precision(cfg, device.type):
+        from .fsdp import moved_while
+
+        with training_precision(cfg, device.type), moved_while(pipeline.unet, device):
             result = ensure_class_images(cfg, pipeline, place.rank, place.world)
         klass, generated = result.image_set, result.generated_here
     rank_record = {"rank": place.rank, "class_images_generated": generated}
