@@ -34,8 +34,11 @@ $(STAMP): pyproject.toml | $(UV)
 
 venv: $(STAMP)
 
+# Two workers: the tests that share the session's test bed run in one (xdist group `testbed`,
+# tests/conftest.py) while the trainer, server and unit tests run beside them.
+PYTEST_WORKERS ?= 2
 test: $(STAMP) testbed-binaries browser terminal images
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # Debian's chromium for the web-page test (installed once; a no-op when present).
 browser:

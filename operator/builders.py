@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,6 +187,21 @@ def _resources(cpu: str, memory: str, gpus: int) -> dict[str, Any]:
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
+def cpu_threads(cpu: str, ranks: int) -> int:
+    """Threads per rank that the pod's CPU limit pays for (at least one)."""
+    from kubernetes.utils import parse_quantity
+
+    return max(1, math.floor(parse_quantity(cpu) / ranks))
+
+
+def threads_env(cpu: str, ranks: int, user_env: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """OMP_NUM_THREADS from the CPU limit: torch would otherwise start one thread per core of the
+    node and, throttled to the limit, run several times slower. A podTemplate value wins."""
+    if any(item.get("name") == "OMP_NUM_THREADS" for item in user_env):
+        return []
+    return [{"name": "OMP_NUM_THREADS", "value": str(cpu_threads(cpu, ranks))}]
+
+
 def _gpu_tolerations(gpus: int) -> list[dict[str, Any]]:
     return [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}] if gpus else []
 
@@ -240,6 +256,8 @@ def trainer_env(job: JobRef, gang: int) -> list[dict[str, Any]]:
         {"name": "DREAMBOOTH_JOB", "value": f"{job.namespace}/{job.name}"},
         {"name": "DREAMBOOTH_GANG", "value": str(gang)},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *threads_env(resources.cpu, resources.gpus_per_node if on_gpu else 1,
+                     [e.model_dump(by_alias=True) for e in job.spec.pod_template.env]),
     ]
     if on_gpu:
         env += [
@@ -402,7 +420,7 @@ def inference_pod_template(labels: dict[str, str], image: str, args: list[str], 
                     "image": image,
                     "imagePullPolicy": "IfNotPresent",
                     "command": ["dreambooth", "serve", *args, "--host", "0.0.0.0", "--port", str(SERVE_PORT)],
-                    "env": env,
+                    "env": [*threads_env(resources.cpu, 1, env), *env],
                     "ports": [{"name": "http", "containerPort": SERVE_PORT, "protocol": "TCP"}],
                     # Ready once the weights are loaded and a warm-up image was generated.
                     "readinessProbe": {**probe, "httpGet": {"path": "/readyz", "port": "http"}, "failureThreshold": 3},

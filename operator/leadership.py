@@ -73,15 +73,20 @@ class Leadership:
     def stop(self) -> None:
         self._stop.set()
 
+    def _read(self) -> bool:
+        """One look at the peering object; any failure reads as 'not leading' (the other replica may act)."""
+        try:
+            found = kube.request("GET", self._path(), missing_ok=True, timeout=(3.0, 5.0))
+            return found is not None and is_leading(found.get("status") or {}, self.priority, datetime.now(timezone.utc))
+        except kube.KubeError as error:
+            log.warning("peering %s not readable: %s", self.peering, error)
+        except Exception:  # a malformed record must not end the loop: a dead loop never leads again
+            log.exception("peering %s not understood", self.peering)
+        return False
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                found = kube.request("GET", self._path(), missing_ok=True, timeout=(3.0, 5.0))
-                now = datetime.now(timezone.utc)
-                leading = found is not None and is_leading(found.get("status") or {}, self.priority, now)
-            except kube.KubeError as error:
-                log.warning("peering %s not readable: %s", self.peering, error)
-                leading = False  # when in doubt, do nothing: the other replica may be acting
+            leading = self._read()
             if leading != self._leading:
                 self._leading = leading
                 metrics.LEADER.set(1 if leading else 0)

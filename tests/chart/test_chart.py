@@ -189,14 +189,35 @@ def leads(testbed: Any, pod: dict[str, Any]) -> bool:
     return log.rfind(LEADING) > log.rfind(STANDING_BY)
 
 
-def leader_pod(testbed: Any, namespace: str, release_name: str, timeout: float = 60) -> dict[str, Any]:
+def leader_pod(testbed: Any, namespace: str, release_name: str, timeout: float = 120) -> dict[str, Any]:
     """The one active replica (leader election); fails if two act at once."""
     def one() -> dict[str, Any] | None:
         active = [p for p in operator_pods(testbed, namespace, release_name) if leads(testbed, p)]
         assert len(active) <= 1, f"two replicas act at once: {[p['metadata']['name'] for p in active]}"
         return active[0] if active else None
 
-    return testbed.wait_for(f"the active replica of {release_name}", one, timeout=timeout)
+    try:
+        return testbed.wait_for(f"the active replica of {release_name}", one, timeout=timeout)
+    except TimeoutError as error:
+        raise TimeoutError(f"{error}\n{leadership_report(testbed, namespace, release_name)}") from None
+
+
+def leadership_report(testbed: Any, namespace: str, release_name: str) -> str:
+    """What a failed leader wait needs to be understood: the peering records and each replica's own lines."""
+    lines = []
+    for kind, name in (("clusterkopfpeering", f"{release_name}-dreambooth-operator"),
+                       ("kopfpeering", f"{release_name}-dreambooth-operator")):
+        found = testbed.get(kind, name, namespace if kind == "kopfpeering" else None)
+        if found:
+            lines.append(f"{kind}/{name} status: {json.dumps(found.get('status'))} (now {time.time():.0f})")
+    for pod in operator_pods(testbed, namespace, release_name):
+        name = pod["metadata"]["name"]
+        log = testbed.pod_log(name, namespace, "operator").splitlines()
+        said = [line for line in log if any(word in line for word in ("leading", "standing by", "peering", "--- "))]
+        lines.append(f"{name} ({pod['status'].get('phase')}, restarts "
+                     f"{[c.get('restartCount') for c in pod['status'].get('containerStatuses', [])]}): "
+                     + " | ".join(said[-8:] + log[-3:]))
+    return "\n".join(lines)
 
 
 def test_install_creates_the_operator_deployment(testbed: Any, release: Release, operator_image: str) -> None:

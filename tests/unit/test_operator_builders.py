@@ -157,6 +157,7 @@ def test_trainer_job_on_gpus() -> None:
                                 {"name": "DREAMBOOTH_JOB", "value": "team-a/rex"},
                                 {"name": "DREAMBOOTH_GANG", "value": "1"},
                                 {"name": "PYTHONUNBUFFERED", "value": "1"},
+                                {"name": "OMP_NUM_THREADS", "value": "6"},
                                 {"name": "NCCL_DEBUG", "value": "WARN"},
                                 {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
                             ],
@@ -215,7 +216,26 @@ def test_trainer_job_on_cpu_differs_only_where_it_should() -> None:
         {"name": "DREAMBOOTH_JOB", "value": "demo/tiny"},
         {"name": "DREAMBOOTH_GANG", "value": "0"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "OMP_NUM_THREADS", "value": "1"},
     ]
+
+
+def threads(container: dict[str, Any]) -> list[str]:
+    return [e["value"] for e in container["env"] if e["name"] == "OMP_NUM_THREADS"]
+
+
+def test_torch_threads_follow_the_cpu_limit_per_rank_unless_the_pod_template_sets_them() -> None:
+    trainer = builders.build_trainer_job(gpu_job(), 0)["spec"]["template"]["spec"]["containers"][0]
+    server = builders.build_inference_deployment(gpu_job())["spec"]["template"]["spec"]["containers"][0]
+    assert threads(trainer) == ["6"], "48 CPUs for 8 ranks"
+    assert threads(server) == ["4"]
+    half = parse_spec({**CPU_SPEC, "resources": {**CPU_SPEC["resources"], "cpu": "500m"}})
+    assert threads(builders.build_trainer_job(builders.JobRef("tiny", "demo", "u", half), 0)["spec"]["template"]["spec"]["containers"][0]) == ["1"]
+    own = parse_spec({**GPU_SPEC, "podTemplate": {"env": [{"name": "OMP_NUM_THREADS", "value": "12"}]}})
+    job = builders.JobRef("rex", "team-a", "uid-1", own)
+    for container in (builders.build_trainer_job(job, 0)["spec"]["template"]["spec"]["containers"][0],
+                      builders.build_inference_deployment(job)["spec"]["template"]["spec"]["containers"][0]):
+        assert threads(container) == ["12"], "the user's value, once"
 
 
 def test_no_secret_value_in_any_manifest() -> None:
@@ -317,7 +337,7 @@ def test_inference_deployment() -> None:
                                 "--host", "0.0.0.0",
                                 "--port", "8080",
                             ],
-                            "env": [*CREDS, {"name": "DREAMBOOTH_LOG_FORMAT", "value": "json"}],
+                            "env": [{"name": "OMP_NUM_THREADS", "value": "4"}, *CREDS, {"name": "DREAMBOOTH_LOG_FORMAT", "value": "json"}],
                             "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
                             "readinessProbe": {
                                 "httpGet": {"path": "/readyz", "port": "http"},

@@ -128,6 +128,24 @@ def test_the_oldest_live_replica_leads() -> None:
     assert not leadership.is_leading({"a": peer(old, 1), "b": peer(old, 1)}, old, NOW)
 
 
+
+def test_a_record_it_cannot_read_does_not_end_the_leadership_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A malformed peering record reads as 'standing by' and the next good one still makes it lead."""
+    mine = leadership.priority_for_start(1000.0)
+    answers = [{"status": {"me": {"priority": "not a number", "lastseen": "yesterday"}}},
+               {"status": {"me": {"priority": mine, "lifetime": 60,
+                                  "lastseen": datetime.now(timezone.utc).isoformat()}}}]
+    monkeypatch.setattr(kube, "request", lambda *a, **kw: answers.pop(0) if len(answers) > 1 else answers[0])
+    monkeypatch.setattr(leadership, "POLL_SECONDS", 0.01)
+    gained = threading.Event()
+    lead = leadership.Leadership("peers", None, mine, gained.set)
+    lead.start()
+    try:
+        assert gained.wait(5), "the loop died on the malformed record"
+        assert lead.leading()
+    finally:
+        lead.stop()
+
 class _RecordingApi:
     """Stands in for kubernetes.client.ApiClient: records the timeout of every call."""
 
