@@ -79,14 +79,15 @@ def exported_unet(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("fsdp-straight")
-    train_two_ranks(folder, folder / "out", "straight")
-    return folder / "out"
+def test_fsdp_two_ranks_checkpoint_sharded_resume_the_same_curve_and_export_a_whole_pipeline(tmp_path: Path) -> None:
+    """One test, so that a parallel runner never splits it from the straight run it resumes."""
+    straight = tmp_path / "straight"
+    train_two_ranks(tmp_path, straight, "straight")
+    sharded_checkpoints_are_committed_and_pruned_whole(straight)
+    resuming_continues_the_same_curve_and_exports_a_whole_pipeline(straight, tmp_path / "resumed")
 
 
-def test_fsdp_checkpoints_are_sharded_per_rank_committed_and_pruned_whole(straight: Path) -> None:
+def sharded_checkpoints_are_committed_and_pruned_whole(straight: Path) -> None:
     assert (straight / "latest").read_text() == "checkpoints/step-00000003"
     assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]  # keep_last=2
     manifest = json.loads((straight / "checkpoints/step-00000003/manifest.json").read_text())
@@ -99,19 +100,18 @@ def test_fsdp_checkpoints_are_sharded_per_rank_committed_and_pruned_whole(straig
     assert digests[0] != digests[1], "each rank holds a different shard"
 
 
-def test_fsdp_resumes_the_same_curve_and_exports_a_whole_pipeline(straight: Path, tmp_path: Path) -> None:
+def resuming_continues_the_same_curve_and_exports_a_whole_pipeline(straight: Path, resumed: Path) -> None:
     from diffusers import DiffusionPipeline
 
     from dreambooth_trainer.tiny import tiny_pipeline
 
     # Stopped after step 2: its committed checkpoint, and a step-3 checkpoint whose writers died
     # before the commit (no manifest) that `latest` already names; the resume must not take it.
-    resumed = tmp_path / "out"
     shutil.copytree(straight / "checkpoints/step-00000002", resumed / "checkpoints/step-00000002")
     shutil.copytree(straight / "checkpoints/step-00000003", resumed / "checkpoints/step-00000003")
     (resumed / "checkpoints/step-00000003/manifest.json").unlink()
     (resumed / "latest").write_text("checkpoints/step-00000003")
-    logs = train_two_ranks(tmp_path, resumed, "resumed")
+    logs = train_two_ranks(resumed.parent, resumed, "resumed")
     starts = [json.loads(line) for line in logs[0].splitlines() if '"message": "starting"' in line]
     assert starts[0]["resume_from"] == "checkpoints/step-00000002"
     assert [line["step"] for line in metric_lines(resumed)] == [3]
