@@ -153,13 +153,17 @@ def training_strategy(cfg: TrainConfig, place: Placement, trainable_bytes: int) 
     return ddp_strategy(cfg, place, trainable_bytes) if place.world > 1 else "auto"
 
 
-def final_denoiser(cfg: TrainConfig, module: torch.nn.Module, rank: int) -> torch.nn.Module | None:
-    """The trained UNet to export: as it is, or under FSDP gathered whole on rank 0 (a collective)."""
+def final_denoiser(cfg: TrainConfig, trainer: object, module: torch.nn.Module, rank: int) -> torch.nn.Module | None:
+    """The trained UNet to export: as it is, or under FSDP gathered whole on rank 0 (a collective),
+    on the training device for the final validation."""
     if cfg.training.strategy != "fsdp":
         return module.unet
     from .fsdp import denoiser_of, gathered_copy
 
-    return gathered_copy(denoiser_of(module), rank)
+    for optimizer in trainer.optimizers:
+        optimizer.state.clear()  # the last checkpoint holds the moments; the whole denoiser needs the room
+    plain = gathered_copy(denoiser_of(module), rank)
+    return plain.to(module.device) if plain is not None else None
 
 
 def bucket_cap_mb_for(trainable_bytes: int) -> int:
@@ -294,7 +298,7 @@ def run_training(cfg: TrainConfig) -> int:
         progress.close()
         log.info("stopped by SIGTERM after a checkpoint", extra={"step": trainer.global_step})
         return EXIT_SIGTERM
-    unet = final_denoiser(cfg, module, place.rank)
+    unet = final_denoiser(cfg, trainer, module, place.rank)
     if trainer.is_global_zero:
         if module.ema is not None:
             module.ema.copy_to(module.ema_parameters())
