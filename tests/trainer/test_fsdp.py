@@ -125,3 +125,53 @@ def resuming_continues_the_same_curve_and_exports_a_whole_pipeline(straight: Pat
     pipeline = DiffusionPipeline.from_pretrained(str(straight / "final"))
     assert type(pipeline).__name__ == "StableDiffusionPipeline"
     assert torch.equal(pipeline.unet.state_dict()["conv_in.weight"], gathered["conv_in.weight"])
+
+
+def gather_lora_unet(rank: int, port: int, folder: Path) -> None:
+    """A rank that shards a tiny UNet with LoRA adapters over two ranks, then gathers it back."""
+    import torch.distributed as dist
+    from peft import LoraConfig
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dreambooth_trainer.fsdp import block_class_names, gathered_copy, shard_denoiser
+    from dreambooth_trainer.tiny import tiny_pipeline
+
+    code = 1
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        unet = tiny_pipeline(0, 16).unet
+        torch.manual_seed(1)
+        unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"], init_lora_weights="gaussian"))
+        shard_denoiser(unet, init_device_mesh("cpu", (2,)), block_class_names(unet, []), True)
+        plain = gathered_copy(unet, rank)
+        if rank == 0:
+            torch.save({"type": type(plain).__name__, "state": plain.state_dict(), "peft": sorted(plain.peft_config)}, folder / "gathered.pt")
+        dist.destroy_process_group()
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def test_a_sharded_unet_with_lora_gathers_back_whole_on_rank_0(tmp_path: Path) -> None:
+    from peft import LoraConfig
+
+    from dreambooth_trainer.tiny import tiny_pipeline
+
+    preload_training_modules()
+    port, fork = free_port(), multiprocessing.get_context("fork")
+    ranks = [fork.Process(target=gather_lora_unet, args=(rank, port, tmp_path)) for rank in (1, 0)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=120)
+    assert [process.exitcode for process in ranks] == [0, 0]
+    gathered = torch.load(tmp_path / "gathered.pt", weights_only=False)
+    original = tiny_pipeline(0, 16).unet
+    torch.manual_seed(1)
+    original.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"], init_lora_weights="gaussian"))
+    expected = original.state_dict()
+    assert (gathered["type"], gathered["peft"]) == ("UNet2DConditionModel", ["default"])
+    assert sorted(gathered["state"]) == sorted(expected) and any("lora_A" in key for key in expected)
+    assert all(torch.equal(gathered["state"][key], expected[key]) for key in expected)
