@@ -34,11 +34,10 @@ $(STAMP): pyproject.toml | $(UV)
 
 venv: $(STAMP)
 
-# Two workers: the tests that share the session's test bed run in one (xdist group `testbed`,
-# tests/conftest.py) while the trainer, server and unit tests run beside them.
-PYTEST_WORKERS ?= 2
+# The test-bed tests (tests/chart, e2e, testbed) and the rest run side by side: most of the
+# former's time is spent waiting on the cluster (tests/run-suites.sh).
 test: $(STAMP) testbed-binaries browser terminal images
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	PY=$(PY) bash tests/run-suites.sh $(PYTEST_ARGS)
 
 # Debian's chromium for the web-page test (installed once; a no-op when present).
 browser:

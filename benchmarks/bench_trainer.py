@@ -184,15 +184,20 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--modes", default=None, help="our compile modes, comma-separated (GPU default: none,default,reduce-overhead)")
     parser.add_argument("--job-steps", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU intra-op threads for both sides (default 1: on a shared machine OpenMP's spin-waits "
+                             "make multi-threaded CPU figures swing tenfold between rounds)")
     args = parser.parse_args()
     quiet_libraries()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu":
+        torch.set_num_threads(args.threads)
     tiny = args.tiny or dev == "cpu"
     if dev == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     print(json.dumps({"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
-                      "rounds": args.rounds}), flush=True)
+                      "rounds": args.rounds, "cpu_threads": torch.get_num_threads()}), flush=True)
     steps, warmup = (10, 3) if tiny else (20, 8)
     modes = [None if m == "none" else m for m in (args.modes or ("none,default,reduce-overhead" if dev == "cuda" else "none")).split(",")]
     sides: dict[str, Callable[[], dict]] = {

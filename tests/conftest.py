@@ -10,18 +10,6 @@ import pytest
 from tests.testbed.minio_server import MinioServer, start_minio
 
 
-TESTBED_FOLDERS = ("e2e", "chart", "testbed")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under xdist (`make test`), every test of the session's test bed runs in one worker: one
-    control plane, and the tests that count processes or nodes see only their own."""
-    for item in items:
-        folder = Path(str(item.path)).parent.name
-        if folder in TESTBED_FOLDERS or "testbed" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("testbed"))
-
-
 @pytest.fixture(scope="session")
 def minio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MinioServer]:
     """One real MinIO server per test session, random credentials, free loopback port."""

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# `make test`: two pytest processes side by side, one for the tests that share the session's test
+# bed (a control plane, KWOK nodes, MinIO; mostly waiting on the cluster), one for the trainer,
+# server, client and unit tests (mostly CPU). The second's output follows the first's.
+# Arguments go to both; with a test path among them, one pytest runs just that.
+set -uo pipefail
+PY=${PY:-.venv/bin/python}
+TESTBED_SUITES=(tests/chart tests/e2e tests/testbed)
+OTHER_SUITES=(tests/client tests/server tests/trainer tests/unit)
+
+for arg in "$@"; do
+  if [[ $arg != -* && -e ${arg%%::*} ]]; then
+    exec "$PY" -m pytest "$@"
+  fi
+done
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+"$PY" -m pytest "${OTHER_SUITES[@]}" "$@" > "$log" 2>&1 &
+other=$!
+"$PY" -m pytest "${TESTBED_SUITES[@]}" "$@"
+testbed_rc=$?
+wait "$other"
+other_rc=$?
+echo
+echo "==== ${OTHER_SUITES[*]} (ran beside the test-bed tests) ===="
+cat "$log"
+echo "test-bed suites: exit $testbed_rc; other suites: exit $other_rc"
+exit $(( testbed_rc != 0 ? testbed_rc : other_rc ))
