@@ -4,72 +4,31 @@ a resume continues the same curve, and the export is a whole diffusers folder.""
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
 import shutil
-import sys
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 
 from .conftest import metric_lines, tiny_config_dict, write_config
+from .test_distributed_and_s3 import launch_rank
 from tests.testbed.minio_server import free_port
 
 STEPS = 3
 
 
-def run_rank(config: Path, rank: int, port: int, log: Path) -> None:
-    """One rank, in a child forked from this process: what `dreambooth train` runs in a pod, without
-    paying the imports again (two runs of two ranks would spend most of their time there)."""
-    stream = open(log, "w", buffering=1)
-    os.dup2(stream.fileno(), 1)
-    os.dup2(stream.fileno(), 2)
-    sys.stdout = sys.stderr = stream
-    os.environ.update({"MASTER_ADDR": "localhost", "MASTER_PORT": str(port), "NNODES": "2", "NODE_RANK": str(rank),
-                       "NPROC_PER_NODE": "1", "DREAMBOOTH_LOG_FORMAT": "json"})
-    code = 1
-    try:
-        from dreambooth_trainer.config import load_config
-        from dreambooth_trainer.train import run_training
-
-        code = run_training(load_config(config))
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        stream.flush()
-        os._exit(code)
-
-
-def preload_training_modules() -> None:
-    """Import here, once, what a run imports, so that the forked ranks inherit it."""
-    import diffusers.optimization  # noqa: F401
-    import pytorch_lightning.strategies  # noqa: F401
-    import torch.distributed.checkpoint  # noqa: F401
-
-    from dreambooth_trainer import callbacks, class_images, data, export, fsdp, models, module, tiny, train, validation  # noqa: F401
-
-
 def train_two_ranks(tmp_path: Path, out: Path, name: str) -> list[str]:
-    """Both ranks of a run with training.strategy=fsdp; returns their logs."""
+    """Both ranks of a run with training.strategy=fsdp, through the command pods run; their logs."""
     config = write_config(tmp_path / f"{name}.yaml", tiny_config_dict(
         str(out), model={"tiny_resolution": 16}, data={"resolution": 16}, prior={"enabled": False},
         training={"max_steps": STEPS, "strategy": "fsdp"}, validation={"fidelity": False},
         checkpointing={"every_n_steps": 1, "keep_last": 2}))
     port = free_port()
     logs = [tmp_path / f"{name}-rank{rank}.log" for rank in (0, 1)]
-    preload_training_modules()
-    fork = multiprocessing.get_context("fork")
-    ranks = [fork.Process(target=run_rank, args=(config, rank, port, logs[rank])) for rank in (1, 0)]  # worker first
-    for process in ranks:
-        process.start()
-    for process in ranks:
-        process.join(timeout=300)
-        if process.exitcode is None:
-            process.kill()
+    ranks = [launch_rank(config, rank, port, {}, logs[rank]) for rank in (1, 0)]  # worker first
+    codes = [process.wait(timeout=600) for process in ranks]
     texts = [log.read_text() for log in logs]
-    assert [process.exitcode for process in ranks] == [0, 0], "\n".join(text[-3000:] for text in texts)
+    assert codes == [0, 0], "\n".join(text[-3000:] for text in texts)
     return texts
 
 
@@ -127,8 +86,9 @@ def resuming_continues_the_same_curve_and_exports_a_whole_pipeline(straight: Pat
     assert torch.equal(pipeline.unet.state_dict()["conv_in.weight"], gathered["conv_in.weight"])
 
 
-def gather_lora_unet(rank: int, port: int, folder: Path) -> None:
-    """A rank that shards a tiny UNet with LoRA adapters over two ranks, then gathers it back."""
+def test_a_sharded_unet_with_lora_gathers_back_whole(tmp_path: Path) -> None:
+    """The export's gather on a one-rank group in this process (the two-rank run above gathers
+    a full fine-tune): LoRA adapters survive sharding and come back on a plain UNet."""
     import torch.distributed as dist
     from peft import LoraConfig
     from torch.distributed.device_mesh import init_device_mesh
@@ -136,42 +96,21 @@ def gather_lora_unet(rank: int, port: int, folder: Path) -> None:
     from dreambooth_trainer.fsdp import block_class_names, gathered_copy, shard_denoiser
     from dreambooth_trainer.tiny import tiny_pipeline
 
-    code = 1
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    def lora_unet() -> torch.nn.Module:
         unet = tiny_pipeline(0, 16).unet
         torch.manual_seed(1)
         unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"], init_lora_weights="gaussian"))
-        shard_denoiser(unet, init_device_mesh("cpu", (2,)), block_class_names(unet, []), True)
-        plain = gathered_copy(unet, rank)
-        if rank == 0:
-            torch.save({"type": type(plain).__name__, "state": plain.state_dict(), "peft": sorted(plain.peft_config)}, folder / "gathered.pt")
-        dist.destroy_process_group()
-        code = 0
-    except BaseException:
-        traceback.print_exc()
+        return unet
+
+    expected = lora_unet().state_dict()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        sharded = lora_unet()
+        shard_denoiser(sharded, init_device_mesh("cpu", (1,)), block_class_names(sharded, []), True)
+        plain = gathered_copy(sharded, 0)
     finally:
-        os._exit(code)
-
-
-def test_a_sharded_unet_with_lora_gathers_back_whole_on_rank_0(tmp_path: Path) -> None:
-    from peft import LoraConfig
-
-    from dreambooth_trainer.tiny import tiny_pipeline
-
-    preload_training_modules()
-    port, fork = free_port(), multiprocessing.get_context("fork")
-    ranks = [fork.Process(target=gather_lora_unet, args=(rank, port, tmp_path)) for rank in (1, 0)]
-    for process in ranks:
-        process.start()
-    for process in ranks:
-        process.join(timeout=120)
-    assert [process.exitcode for process in ranks] == [0, 0]
-    gathered = torch.load(tmp_path / "gathered.pt", weights_only=False)
-    original = tiny_pipeline(0, 16).unet
-    torch.manual_seed(1)
-    original.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_v"], init_lora_weights="gaussian"))
-    expected = original.state_dict()
-    assert (gathered["type"], gathered["peft"]) == ("UNet2DConditionModel", ["default"])
-    assert sorted(gathered["state"]) == sorted(expected) and any("lora_A" in key for key in expected)
-    assert all(torch.equal(gathered["state"][key], expected[key]) for key in expected)
+        dist.destroy_process_group()
+    assert type(plain).__name__ == "UNet2DConditionModel" and sorted(plain.peft_config) == ["default"]
+    gathered = plain.state_dict()
+    assert sorted(gathered) == sorted(expected) and any("lora_A" in key for key in expected)
+    assert all(torch.equal(gathered[key], expected[key]) for key in expected)
