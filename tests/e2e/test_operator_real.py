@@ -66,7 +66,8 @@ def ran_from(pod: dict[str, Any], image: str) -> bool:
 
 def test_tiny_job_trains_checkpoints_succeeds_and_serves(testbed: Any, minio_client: Any, namespace: str, s3_secret: str,
                                                          images: dict[str, str]) -> None:
-    manifest = tiny_job(testbed, minio_client, namespace, images, maxSteps=40)
+    # 40 steps of one thread per rank take ~10 s: 3 micro-batches a step outlast two progress records.
+    manifest = tiny_job(testbed, minio_client, namespace, images, maxSteps=40, gradientAccumulationSteps=3)
     testbed.apply(manifest, namespace)
     name = manifest["metadata"]["name"]
     seen = watch(testbed, namespace, name, "Succeeded", timeout=600)
