@@ -10,6 +10,14 @@ checkpoints/step-00000006/manifest.json          every file's size and sha256 an
                                                  written by rank 0 after every shard record
 latest                                           "checkpoints/step-00000006", moved after the manifest
 
+Under training.strategy=fsdp no rank holds the whole state, so the tensors are written with
+torch.distributed.checkpoint instead ("layout": "dcp" in the manifest), one shard file per rank:
+checkpoints/step-00000006/dcp/__0_0.distcp, __1_0.distcp ...   each rank's shards of the denoiser's
+                                                 weights and optimizer moments
+checkpoints/step-00000006/dcp/.metadata          the index of every shard (rank 0)
+and state.pt holds the rest as a plain dict. rank-N.pt, shard-N.json, the manifest and `latest`
+are as above, so the same commit rules hold.
+
 The step loop pays only for copying its tensors into reused (pinned, on a GPU) host buffers;
 serialising, hashing (one pass, while writing) and uploading run on a background thread, one
 checkpoint in flight. A checkpoint without a manifest (a writer died half-way) is never loaded,
@@ -22,6 +30,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 import struct
 import tempfile
 import time
@@ -35,6 +44,7 @@ import torch
 from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
 from safetensors.torch import load_file
 
+from .errors import UserInputError
 from .storage import Storage, StorageError, join_key
 
 log = logging.getLogger(__name__)
@@ -44,6 +54,10 @@ LATEST = "latest"
 MANIFEST = "manifest.json"
 STATE = "state.pt"
 FORMAT = 2
+LAYOUT_TENSORS = "tensors"  # replicated state (DDP), split across ranks by bytes
+LAYOUT_DCP = "dcp"  # sharded state (FSDP), torch.distributed.checkpoint files under dcp/
+DCP_FOLDER = "dcp"
+DCP_METADATA = ".metadata"
 STEP_RE = re.compile(r"step-(\d+)$")
 # The key of a checkpoint dict whose value differs between ranks (RNG states): stored per rank.
 RANK_LOCAL = "rank_local"
@@ -76,6 +90,11 @@ def rank_local_name(rank: int) -> str:
 
 def shard_record_name(rank: int) -> str:
     return f"shard-{rank}.json"
+
+
+def checkpoint_of(object_key: str) -> str:
+    """checkpoints/step-00000006/dcp/__0_0.distcp -> checkpoints/step-00000006."""
+    return "/".join(object_key.split("/")[:2])
 
 
 def sha256_file(path: Path) -> str:
@@ -188,6 +207,19 @@ def write_torch(path: Path, value: Any) -> WrittenFile:
     return WrittenFile(path.stat().st_size, sha256_file(path))
 
 
+def moved_file(source: Path) -> Callable[[Path], WrittenFile]:
+    """A writer that moves an already written file into place."""
+    def move(path: Path) -> WrittenFile:
+        shutil.move(source, path)
+        return WrittenFile(path.stat().st_size, sha256_file(path))
+
+    return move
+
+
+# What a checkpoint writes: file name -> a function writing it to a path; or a function giving that.
+Writers = dict[str, Callable[[Path], WrittenFile]] | Callable[[], dict[str, Callable[[Path], WrittenFile]]]
+
+
 class HostBuffers:
     """Host copies of the checkpoint's tensors, allocated once and reused (pinned on a GPU machine)."""
 
@@ -235,22 +267,50 @@ class ObjectStoreCheckpointIO(CheckpointIO):
         skeleton = split_tensors(checkpoint, "", tensors)
         mine = assign_shards(tensors, self.world)[self.rank]
         copies = self.host.copy({name: tensors[name] for name in mine})
-        step = checkpoint.get("global_step")
-        commit_after, self.commit_after = self.commit_after, None
-        self.in_flight = self.executor.submit(self._write, path, step, copies, skeleton, rank_local, commit_after)
+        writers = {tensors_name(self.rank): lambda p: write_safetensors(p, copies),
+                   rank_local_name(self.rank): lambda p: write_torch(p, rank_local)}
+        if self.rank == 0:
+            writers[STATE] = lambda p: write_torch(p, skeleton)
+        self._submit(path, checkpoint.get("global_step"), writers, LAYOUT_TENSORS)
 
-    def _write(self, key: str, step: int | None, copies: dict[str, torch.Tensor], skeleton: Any, rank_local: Any,
-               commit_after: Callable[[], object] | None = None) -> None:
+    def save_sharded(self, key: str, sharded: dict[str, Any], rest: dict[str, Any], group: Any = None) -> None:
+        """FSDP, on every rank: this rank's shards of `sharded` (weights, optimizer state) are copied
+        to host memory here, then written with torch.distributed.checkpoint to a local folder, uploaded
+        with the rest (rank 0) and committed in the background. `group` (its own gloo group) carries
+        the writers' collectives beside the step loop's."""
+        import torch.distributed.checkpoint as dcp
+
+        self.wait()
+        rest = dict(rest)
+        rank_local = rest.pop(RANK_LOCAL, {})
+        folder = Path(tempfile.mkdtemp(prefix="checkpoint-dcp-"))
+        saving = dcp.async_save(sharded, storage_writer=dcp.FileSystemWriter(str(folder)), process_group=group)
+
+        def writers() -> dict[str, Callable[[Path], WrittenFile]]:
+            getattr(saving, "upload_completion", saving).result()
+            files = {f"{DCP_FOLDER}/{file.name}": moved_file(file) for file in sorted(folder.iterdir())}
+            files[rank_local_name(self.rank)] = lambda p: write_torch(p, rank_local)
+            if self.rank == 0:
+                files[STATE] = lambda p: write_torch(p, rest)
+            return files
+
+        self._submit(key, rest.get("global_step"), writers, LAYOUT_DCP, cleanup=folder)
+
+    def _submit(self, key: str, step: int | None, writers: Writers, layout: str, cleanup: Path | None = None) -> None:
+        commit_after, self.commit_after = self.commit_after, None
+        self.in_flight = self.executor.submit(self._write, key, step, writers, layout, commit_after, cleanup)
+
+    def _write(self, key: str, step: int | None, writers: Writers, layout: str,
+               commit_after: Callable[[], object] | None = None, cleanup: Path | None = None) -> None:
         started = time.monotonic()
         try:
+            if callable(writers):  # known once the files they move are written
+                writers = writers()
             files: dict[str, dict[str, Any]] = {}
             with tempfile.TemporaryDirectory(prefix="checkpoint-") as folder:
-                local = {tensors_name(self.rank): lambda p: write_safetensors(p, copies),
-                         rank_local_name(self.rank): lambda p: write_torch(p, rank_local)}
-                if self.rank == 0:
-                    local[STATE] = lambda p: write_torch(p, skeleton)
-                for name, write in local.items():
+                for name, write in writers.items():
                     path = Path(folder, name)
+                    path.parent.mkdir(parents=True, exist_ok=True)
                     written = write(path)
                     self.storage.upload_file(join_key(key, name), path)
                     files[name] = {"size": written.size, "sha256": written.sha256}
@@ -259,15 +319,18 @@ class ObjectStoreCheckpointIO(CheckpointIO):
             if self.rank == 0:
                 if commit_after is not None:
                     commit_after()
-                self._commit(key, step)
+                self._commit(key, step, layout)
             log.info("checkpoint written", extra={"checkpoint": self.storage.describe(key), "rank": self.rank,
                                                   "seconds": round(time.monotonic() - started, 2)})
         except Exception:
             log.exception("checkpoint write failed; the checkpoint stays incomplete and is never loaded",
                           extra={"checkpoint": self.storage.describe(key)})
             raise
+        finally:
+            if cleanup is not None:
+                shutil.rmtree(cleanup, ignore_errors=True)
 
-    def _commit(self, key: str, step: int | None) -> None:
+    def _commit(self, key: str, step: int | None, layout: str = LAYOUT_TENSORS) -> None:
         """Rank 0: once every rank's record is there, write the manifest, then move `latest`."""
         deadline = time.monotonic() + SHARD_WAIT_SECONDS
         records: list[dict[str, Any]] = []
@@ -279,7 +342,7 @@ class ObjectStoreCheckpointIO(CheckpointIO):
                 time.sleep(0.2)
             records.append(json.loads(self.storage.read_text(name)))
         files = {name: meta for record in records for name, meta in record["files"].items()}
-        manifest = {"format": FORMAT, "step": step, "world": self.world, "files": files, "written_at": time.time()}
+        manifest = {"format": FORMAT, "layout": layout, "step": step, "world": self.world, "files": files, "written_at": time.time()}
         self.storage.write_text(join_key(key, MANIFEST), json.dumps(manifest, indent=1))
         self.storage.write_text(LATEST, key)
         self.saved.append(key)
@@ -298,6 +361,23 @@ class ObjectStoreCheckpointIO(CheckpointIO):
     def load_checkpoint(self, path: str, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         return load_checkpoint_state(self.storage, path, self.rank, self.world)
 
+    def load_sharded(self, key: str, sharded: dict[str, Any]) -> dict[str, Any]:
+        """FSDP, on every rank: fill `sharded` (this rank's shards) in place from a checkpoint,
+        fetching only the shard files this rank reads; returns the rest of the checkpoint dict."""
+        import torch.distributed.checkpoint as dcp
+
+        manifest = checked_manifest(self.storage, key, LAYOUT_DCP)
+        with tempfile.TemporaryDirectory(prefix="checkpoint-") as folder:
+            def fetch(name: str) -> None:
+                object_name = f"{DCP_FOLDER}/{name}"
+                if not Path(folder, object_name).exists():
+                    fetch_checked(self.storage, key, object_name, manifest["files"][object_name], Path(folder))
+
+            dcp.load(sharded, storage_reader=fetching_reader(Path(folder, DCP_FOLDER), fetch))
+            state = torch.load(fetch_checked(self.storage, key, STATE, manifest["files"][STATE], Path(folder)), weights_only=False)
+            state.update(rank_local_state(self.storage, key, manifest, self.rank, self.world, Path(folder)))
+        return state
+
     def remove_checkpoint(self, path: str) -> None:
         self.storage.delete_prefix(path)
 
@@ -307,7 +387,7 @@ class ObjectStoreCheckpointIO(CheckpointIO):
         newest = step_of(complete[-1]) if complete else 0
         for key in complete[: -self.keep_last]:
             self.remove_checkpoint(key)
-        partial = {k.rsplit("/", 1)[0] for k in self.storage.list(CHECKPOINTS)} - set(complete)
+        partial = {checkpoint_of(k) for k in self.storage.list(CHECKPOINTS)} - set(complete)
         for key in partial:
             if STEP_RE.search(key) and step_of(key) < newest:
                 self.remove_checkpoint(key)
@@ -339,11 +419,21 @@ def load_checkpoint_tensors(storage: Storage, key: str) -> dict[str, torch.Tenso
     return tensors
 
 
-def load_checkpoint_state(storage: Storage, key: str, rank: int, world: int) -> dict[str, Any]:
-    """The checkpoint dict Lightning saved, for this rank."""
+def checked_manifest(storage: Storage, key: str, layout: str) -> dict[str, Any]:
+    """The manifest of a complete checkpoint this trainer can read with the strategy it runs."""
     manifest = read_manifest(storage, key)
     if manifest.get("format") != FORMAT:
         raise StorageError(f"checkpoint {storage.describe(key)} has format {manifest.get('format')}, this trainer reads {FORMAT}")
+    written = manifest.get("layout", LAYOUT_TENSORS)
+    if written != layout:
+        strategy = {LAYOUT_DCP: "fsdp", LAYOUT_TENSORS: "ddp"}
+        raise UserInputError(f"checkpoint {storage.describe(key)} was written with training.strategy={strategy[written]}; "
+                             f"resume it with that strategy, or set checkpointing.resume=false or a new output.uri")
+    return manifest
+
+
+def rank_local_state(storage: Storage, key: str, manifest: dict[str, Any], rank: int, world: int, folder: Path) -> dict[str, Any]:
+    """{RANK_LOCAL: this rank's RNG states} when the checkpoint was written by this world size, else {}."""
     written_by = manifest["world"]
     if written_by != world:
         log.warning(
@@ -351,11 +441,38 @@ def load_checkpoint_state(storage: Storage, key: str, rank: int, world: int) -> 
             "noise and RNG from here on follow the new world size, so the curve will not match an uninterrupted run",
             extra={"checkpoint": storage.describe(key), "written_by_world": written_by, "world": world},
         )
+        return {}
+    local = rank_local_name(rank)
+    if local not in manifest["files"]:
+        return {}
+    return {RANK_LOCAL: torch.load(fetch_checked(storage, key, local, manifest["files"][local], folder), weights_only=False)}
+
+
+def load_checkpoint_state(storage: Storage, key: str, rank: int, world: int) -> dict[str, Any]:
+    """The checkpoint dict Lightning saved, for this rank (DDP layout)."""
+    manifest = checked_manifest(storage, key, LAYOUT_TENSORS)
     tensors = load_checkpoint_tensors(storage, key)
     with tempfile.TemporaryDirectory(prefix="checkpoint-") as folder:
         skeleton = torch.load(fetch_checked(storage, key, STATE, manifest["files"][STATE], Path(folder)), weights_only=False)
         state = join_tensors(skeleton, tensors)
-        local = rank_local_name(rank)
-        if local in manifest["files"] and written_by == world:
-            state[RANK_LOCAL] = torch.load(fetch_checked(storage, key, local, manifest["files"][local], Path(folder)), weights_only=False)
+        state.update(rank_local_state(storage, key, manifest, rank, world, Path(folder)))
     return state
+
+
+def fetching_reader(path: Path, fetch: Callable[[str], None]) -> Any:
+    """A torch.distributed.checkpoint reader of `path` that first fetches (from the object store)
+    the metadata and then only the shard files this rank's load plan reads."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class FetchingReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            fetch(DCP_METADATA)
+            return super().read_metadata(*args, **kwargs)
+
+        def read_data(self, plan: Any, planner: Any) -> Any:
+            for name in sorted({self.storage_data[item.storage_index].relative_path for item in plan.items}):
+                fetch(name)
+            return super().read_data(plan, planner)
+
+    path.mkdir(parents=True, exist_ok=True)
+    return FetchingReader(str(path))

@@ -115,6 +115,25 @@ class DdpConfig(Section):
         "none", description="Compress gradients to this type for the all-reduce (halves the traffic between nodes).")
 
 
+class FsdpConfig(Section):
+    block_classes: list[str] = Field(
+        default_factory=list,
+        description="Denoiser block classes sharded one by one (e.g. FluxTransformerBlock); default: the model's `_no_split_modules`.")
+    reshard_after_forward: bool = Field(
+        True, description="Free each block's gathered weights after its forward (least memory); false keeps them for the backward (less traffic).")
+
+
+# What FSDP cannot combine with, each naming its field: (field, is it set?, why).
+FSDP_CONFLICTS: tuple[tuple[str, Any, str], ...] = (
+    ("training.ema", lambda t: t.ema, "the EMA copy would be a second unsharded UNet"),
+    ("training.compile", lambda t: t.compile, "torch.compile of the sharded denoiser is not supported yet"),
+    ("training.train_text_encoder", lambda t: t.train_text_encoder, "text encoders stay out of FSDP, unsynchronised"),
+    ("training.optimizer", lambda t: t.optimizer == "adamw_8bit", "bitsandbytes does not step sharded (DTensor) parameters"),
+    ("training.mixed_precision", lambda t: t.mixed_precision == "fp16", "Lightning's FSDP2 strategy has no fp16 loss scaling; use bf16"),
+    ("training.channels_last", lambda t: t.channels_last, "sharded parameters keep the default memory format"),
+)
+
+
 class TrainingConfig(Section):
     max_steps: int = Field(400, gt=0, description="Optimizer steps to train.")
     seed: int = Field(0, ge=0, description="Seed for data order, noise, timesteps and the tiny model.")
@@ -152,6 +171,17 @@ class TrainingConfig(Section):
     mode_scale: float = Field(1.29, description="mode: how strongly the middle timesteps are favoured.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     ddp: DdpConfig = Field(default_factory=DdpConfig)
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: every GPU holds the whole model. fsdp: parameters, gradients and optimizer state of the denoiser are sharded across the gang (needs 2 or more processes).")
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig)
+
+    @model_validator(mode="after")
+    def _fsdp_combinations(self) -> "TrainingConfig":
+        if self.strategy == "fsdp":
+            for field, is_set, why in FSDP_CONFLICTS:
+                if is_set(self):
+                    raise ValueError(f"{field}={getattr(self, field.split('.')[1])} cannot be used with training.strategy=fsdp ({why})")
+        return self
 
 
 class CheckpointingConfig(Section):
@@ -210,6 +240,8 @@ class TrainConfig(TrainerSections):
                 raise ValueError(f"prior.class_prompt {self.prior.class_prompt!r} must not contain the token {token!r}")
         if self.data.caption_template is not None:
             check_caption_template(self.data.caption_template, token)
+        if self.training.strategy == "fsdp" and self.validation.every_n_steps:
+            raise ValueError("validation.every_n_steps cannot be used with training.strategy=fsdp (rank 0 alone cannot run the sharded denoiser); the final validation still runs")
         if self.training.cache_latents and not self.data.center_crop:
             raise ValueError("training.cache_latents needs data.center_crop=true (a random crop cannot be cached)")
         return self

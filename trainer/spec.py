@@ -228,6 +228,8 @@ class DreamboothJobSpec(TrainerSections):
         self.pod_template.mounts_name_volumes()
         if self.serving.server and not self.training.lora.enabled:
             raise ValueError(SHARED_NEEDS_LORA)
+        if self.training.strategy == "fsdp" and self.resources.nodes * self.resources.gpus_per_node < 2:
+            raise ValueError("training.strategy fsdp shards the model across 2 or more ranks; raise resources.nodes or resources.gpusPerNode, or use ddp")
         for refusal in family_refusals(self):
             raise ValueError(refusal)
         try:

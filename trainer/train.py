@@ -127,6 +127,7 @@ def weights_digest(module: torch.nn.Module) -> str:
     bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
     sums = []
     for _, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # FSDP: this rank's shard
         flat = tensor.detach().reshape(-1)
         values = flat.view(bits[flat.element_size()]).to(torch.int64)
         positions = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64) % 65521 + 1
@@ -154,6 +155,34 @@ def ddp_strategy(cfg: TrainConfig, place: Placement, trainable_bytes: int) -> ob
     )
 
 
+def check_strategy(cfg: TrainConfig, place: Placement) -> None:
+    if cfg.training.strategy == "fsdp" and place.world < 2:
+        raise UserInputError("training.strategy=fsdp shards the model across processes but this run has one; "
+                             "use training.strategy=ddp, or run 2 or more processes (NNODES x NPROC_PER_NODE)")
+
+
+def training_strategy(cfg: TrainConfig, place: Placement, trainable_bytes: int) -> object:
+    """FSDP when asked for; else DDP in a gang, Lightning's single-device strategy alone."""
+    if cfg.training.strategy == "fsdp":
+        from .fsdp import fsdp_strategy
+
+        return fsdp_strategy(cfg, place.world, place.backend)
+    return ddp_strategy(cfg, place, trainable_bytes) if place.world > 1 else "auto"
+
+
+def final_denoiser(cfg: TrainConfig, trainer: object, module: torch.nn.Module, rank: int) -> torch.nn.Module | None:
+    """The trained UNet to export: as it is, or under FSDP gathered whole on rank 0 (a collective),
+    on the training device for the final validation."""
+    if cfg.training.strategy != "fsdp":
+        return module.unet
+    from .fsdp import denoiser_of, gathered_copy
+
+    for optimizer in trainer.optimizers:
+        optimizer.state.clear()  # the last checkpoint holds the moments; the whole denoiser needs the room
+    plain = gathered_copy(denoiser_of(module), rank)
+    return plain.to(module.device) if plain is not None else None
+
+
 def bucket_cap_mb_for(trainable_bytes: int) -> int:
     """About 16 gradient buckets: few enough all-reduce calls, early enough overlap with backward."""
     return int(min(200, max(25, trainable_bytes / 16 / 2**20)))
@@ -175,12 +204,13 @@ def make_trainer(cfg: TrainConfig, place: Placement, output: "object", json_logs
     progress = ProgressReporter(cfg, output, place.world, start_step, tb_dir, json_logs, place.rank)
     trigger = CheckpointTrigger(cfg, progress)
     validation = []
-    if validator is not None and (cfg.validation.every_n_steps or cfg.validation.fidelity):
+    # Under FSDP rank 0 alone cannot run the sharded denoiser: only the final validation runs.
+    if validator is not None and (cfg.validation.every_n_steps or cfg.validation.fidelity) and training.strategy != "fsdp":
         validation = [ValidationSampler(cfg, output, lambda m, step: validator(m.denoiser, list(m.text_encoders), step, with_samples=step > 0), progress)]
     # Extra callbacks (the benchmark's timer) run first, so they never time a checkpoint write;
     # validation runs before the progress reporter hands its step over.
     callbacks: list = [*(extra_callbacks or []), *validation, progress, trigger]
-    strategy = ddp_strategy(cfg, place, trainable_bytes) if place.world > 1 else "auto"
+    strategy = training_strategy(cfg, place, trainable_bytes)
     trainer = pl.Trainer(
         accelerator=place.accelerator, devices=place.devices, num_nodes=place.num_nodes, strategy=strategy,
         precision=PRECISION[resolved_precision(cfg)], max_steps=training.max_steps,
@@ -214,6 +244,7 @@ def run_training(cfg: TrainConfig) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     place = placement_from_env()
+    check_strategy(cfg, place)
     training = cfg.training
     output = open_storage(cfg.output.uri)
     if isinstance(output, S3Storage) and place.rank == 0:
@@ -234,12 +265,15 @@ def run_training(cfg: TrainConfig) -> int:
     for index, encoder in enumerate(parts.text_encoders):
         trained = training.train_text_encoder and index in family.trainable_text_encoders
         encoder.to(device, torch.float32 if trained else frozen_dtype(cfg))
-    parts.denoiser.to(device)
+    # Under FSDP the denoiser reaches the GPU one sharded block at a time (it may not fit whole).
+    parts.denoiser.to(device if training.strategy == "ddp" else "cpu")
 
     klass = None
     generated = 0
     if cfg.prior.enabled:
-        with training_precision(cfg, device.type):
+        from .fsdp import moved_while
+
+        with training_precision(cfg, device.type), moved_while(parts.denoiser, device):
             result = ensure_class_images(cfg, pipeline, place.rank, place.world)
         klass, generated = result.image_set, result.generated_here
     rank_record = {"rank": place.rank, "class_images_generated": generated}
@@ -283,12 +317,13 @@ def run_training(cfg: TrainConfig) -> int:
         progress.close()
         log.info("stopped by SIGTERM after a checkpoint", extra={"step": trainer.global_step})
         return EXIT_SIGTERM
+    denoiser = final_denoiser(cfg, trainer, module, place.rank)
     if trainer.is_global_zero:
         if module.ema is not None:
             module.ema.copy_to(module.ema_parameters())
-        final_uri = export_pipeline(pipeline, module.denoiser, list(module.text_encoders), output, lora=training.lora.enabled,
+        final_uri = export_pipeline(pipeline, denoiser, list(module.text_encoders), output, lora=training.lora.enabled,
                                     lora_alpha=training.lora.alpha or training.lora.rank, family=family)
-        result = validator(module.denoiser, list(module.text_encoders), None)
+        result = validator(denoiser, list(module.text_encoders), None)
         for key, data in result.files.items():
             output.write_bytes(key, data)
         progress.record(trainer.global_step, result.figures)
