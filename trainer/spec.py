@@ -268,6 +268,8 @@ def family_refusals(spec: "DreamboothJobSpec") -> list[str]:
     multiple = PIXEL_MULTIPLE.get(family or "", 8)
     if spec.data.resolution % multiple:
         refusals.append(f"data.resolution must be a multiple of {multiple} for model family {family}")
+    if spec.data.bucketing and spec.data.bucket_step % multiple:
+        refusals.append(f"data.bucketStep must be a multiple of {multiple} for model family {family}")
     return refusals
 
 
@@ -499,6 +501,15 @@ def family_rules() -> list[dict[str, str]]:
             "rule": f"!{_family_in((family,))} || self.data.resolution % {multiple} == 0",
             "message": f"spec.data.resolution must be a multiple of {multiple} for model family {family}",
             "fieldPath": ".data.resolution",
+        }
+        for family, multiple in PIXEL_MULTIPLE.items()
+    ]
+    rules += [
+        {
+            "rule": f"!{_family_in((family,))} || !has(self.data.bucketing) || !self.data.bucketing "
+                    f"|| !has(self.data.bucketStep) || self.data.bucketStep % {multiple} == 0",
+            "message": f"spec.data.bucketStep must be a multiple of {multiple} for model family {family}",
+            "fieldPath": ".data.bucketStep",
         }
         for family, multiple in PIXEL_MULTIPLE.items()
     ]

@@ -49,6 +49,7 @@ BAD = [
     ("min-SNR on a flow-matching family", {"model.source": "hf://org/flux-model", "model.family": "flux", "training.minSnrGamma": 5.0}, "spec.training.minSnrGamma"),
     ("noise offset on tiny sd3", {"model.source": "tiny-sd3", "training.noiseOffset": 0.05}, "spec.training.noiseOffset"),
     ("flux resolution not a multiple of 16", {"model.source": "hf://org/flux-model", "model.family": "flux", "data.resolution": 1000}, "spec.data.resolution"),
+    ("flux bucket step not a multiple of 16", {"model.source": "tiny-flux", "data.bucketing": True, "data.bucketStep": 8}, "spec.data.bucketStep"),
     ("family not the tiny model's", {"model.source": "tiny-sdxl", "model.family": "flux"}, "spec.model.family"),
     ("unknown family", {"model.family": "sd4"}, "spec.model.family"),
 ]

@@ -241,6 +241,7 @@ BAD_SPECS = [
     ("noise offset on tiny sd3", {"model.source": "tiny-sd3", "training.noiseOffset": 0.05}, "training.noiseOffset"),
     ("flux resolution not a multiple of 16", {"model.source": "hf://org/flux-model", "model.family": "flux", "data.resolution": 1000}, "data.resolution"),
     ("sd3 resolution not a multiple of 16", {"model.source": "tiny-sd3", "data.resolution": 40}, "data.resolution"),
+    ("flux bucket step not a multiple of 16", {"model.source": "tiny-flux", "data.bucketing": True, "data.bucketStep": 8}, "data.bucketStep"),
     ("family not the tiny model's", {"model.source": "tiny-sdxl", "model.family": "flux"}, "model.family"),
     ("unknown family", {"model.family": "sd4"}, "model.family"),
     ("unknown strategy", {"training.strategy": "zero3"}, "training.strategy"),
