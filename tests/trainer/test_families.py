@@ -86,7 +86,8 @@ def test_the_export_loads_as_the_family_pipeline_with_the_trained_weights(runs: 
 def test_the_lora_loads_with_load_lora_weights_and_generates_and_serves(runs: dict[str, Any]) -> None:
     from dreambooth_trainer.generate import ImageRequest, generate_images
     from dreambooth_trainer.models import load_pipeline
-    from serving.runtime import prepare_pipeline, pipeline_size
+    from serving.family import served_family
+    from serving.runtime import prepare_pipeline
     from serving.settings import ServerSettings
 
     lora_folder = runs["lora"] / "final" / "lora"
@@ -98,7 +99,7 @@ def test_the_lora_loads_with_load_lora_weights_and_generates_and_serves(runs: di
     assert before.size == after.size == (32, 32)
     assert before.tobytes() != after.tobytes(), "the adapters change the image"
     served = prepare_pipeline(ServerSettings(model=runs["source"], lora=str(lora_folder), device="cpu"))
-    assert pipeline_size(served) == 32
+    assert served_family(served).native_side == 32
     image = generate_images(served, request, steps=2, height=32, width=32)[0]
     assert image.tobytes() == after.tobytes(), "the server draws what the trainer's generation draws"
 

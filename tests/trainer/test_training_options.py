@@ -13,8 +13,9 @@ from dreambooth_trainer.config import config_from_dict
 from dreambooth_trainer.data import DreamBoothBatches, ImageSet, LatentCache, latent_distribution_params, load_instance_images
 from dreambooth_trainer.errors import UserInputError
 from dreambooth_trainer.storage import open_storage
-from dreambooth_trainer.tiny import tiny_pipeline, training_scheduler_for
-from dreambooth_trainer.train import encode_prompt_embeddings, run_training
+from dreambooth_trainer.families import family_of_pipeline
+from dreambooth_trainer.tiny import tiny_pipeline
+from dreambooth_trainer.train import cached_text_conditions, run_training
 
 from .conftest import SUBJECT, metric_lines, tiny_config_dict
 
@@ -57,12 +58,14 @@ def batches(instance: ImageSet, start: int = 0, stop: int = 12, **kwargs) -> Dre
     return DreamBoothBatches(instance, class_set(), 32, True, True, 2, 0, 0, 1, start, stop, buckets=make_buckets(32, 8), **kwargs)
 
 
-def module_for(pipeline, prompts: list[str] | None = None, embeddings: torch.Tensor | None = None, **training):
+def module_for(pipeline, prompts: list[str] | None = None, cached: bool = False, **training):
+    """The real module on the tiny SD pipeline; `cached`: text conditions encoded once up front."""
     from dreambooth_trainer.module import DreamBoothModule
 
     cfg = config_from_dict(tiny_config_dict("/unused", training=training))
-    return DreamBoothModule(cfg, pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer,
-                            training_scheduler_for(pipeline), embeddings, prompts)
+    family = family_of_pipeline(pipeline)
+    conds = cached_text_conditions(family, pipeline, prompts, torch.device("cpu")) if cached else None
+    return DreamBoothModule(cfg, family, pipeline, conds, prompts)
 
 
 def same_batch(a: dict, b: dict) -> bool:
@@ -80,9 +83,8 @@ def test_a_captioned_photo_is_conditioned_on_its_caption(subject: Path, pipeline
                              truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
         want = pipeline.text_encoder(ids)[0][0]
-        for module in (module_for(pipeline, data.prompts),
-                       module_for(pipeline, data.prompts, encode_prompt_embeddings(pipeline.text_encoder, pipeline.tokenizer, data.prompts))):
-            hidden = module.encode_prompts(captioned["prompt_index"])
+        for module in (module_for(pipeline, data.prompts), module_for(pipeline, data.prompts, cached=True)):
+            hidden = module.text_conditions(captioned["prompt_index"])["prompt_embeds"]
             assert torch.allclose(hidden[row], want, atol=1e-6)
             assert not torch.allclose(hidden[row], hidden[captioned["prompt_kind"].tolist().index(1)])
 
