@@ -109,7 +109,7 @@ class LoraConfig(Section):
 
 
 class DdpConfig(Section):
-    static_graph: bool = Field(True, description="The set of trained parameters never changes between steps: DDP skips re-discovering it.")
+    static_graph: bool = Field(True, description="The set of trained parameters never changes between steps: DDP skips re-discovering it. Off while training.gradientAccumulationSteps > 1 (a static graph cannot record a step under no_sync).")
     bucket_cap_mb: int | None = Field(None, ge=1, le=1024, description="Gradient bucket size in MiB; default: the trained parameters' size / 16, within 25-200.")
     gradient_compression: Literal["none", "fp16", "bf16"] = Field(
         "none", description="Compress gradients to this type for the all-reduce (halves the traffic between nodes).")

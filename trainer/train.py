@@ -136,6 +136,12 @@ def weights_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def static_graph(cfg: TrainConfig) -> bool:
+    """DDP's static graph, unless micro-batches accumulate: its first step would then run under
+    `no_sync`, which a static graph cannot record (torch's reducer asserts in backward)."""
+    return cfg.training.ddp.static_graph and cfg.training.gradient_accumulation_steps == 1
+
+
 def ddp_strategy(cfg: TrainConfig, place: Placement, trainable_bytes: int) -> object:
     """DDP as the trainer wants it: a static graph, no buffer broadcast per forward, buckets sized
     for the model, optional gradient compression; every rank writes its share of checkpoints."""
@@ -150,7 +156,7 @@ def ddp_strategy(cfg: TrainConfig, place: Placement, trainable_bytes: int) -> ob
     hook = {"fp16": default_hooks.fp16_compress_hook, "bf16": default_hooks.bf16_compress_hook}.get(ddp.gradient_compression)
     return EveryRankSavesDDPStrategy(
         process_group_backend=place.backend, find_unused_parameters=False, gradient_as_bucket_view=True,
-        static_graph=ddp.static_graph, broadcast_buffers=False, bucket_cap_mb=ddp.bucket_cap_mb or bucket_cap_mb_for(trainable_bytes),
+        static_graph=static_graph(cfg), broadcast_buffers=False, bucket_cap_mb=ddp.bucket_cap_mb or bucket_cap_mb_for(trainable_bytes),
         ddp_comm_hook=hook,
     )
 
