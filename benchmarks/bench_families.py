@@ -32,7 +32,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 import family_lora_baselines as baselines  # noqa: E402
-from bench_trainer import StepTimer  # noqa: E402
+from bench_trainer import StepTimer, alternate  # noqa: E402
 
 ROUNDS = 3
 PROMPTS = ("a photo of sks dog", "a photo of dog")
@@ -118,22 +118,6 @@ def flux_baseline(source: str, resolution: int, per_side: int, steps: int, warmu
     with torch.enable_grad():
         return baselines.flux_lora_case(pipeline.transformer, pipeline.vae, baselines.Conditions(embeds, pooled, text_ids),
                                         scheduler, resolution, per_side, steps, warmup, device=device)
-
-
-def alternate(sides: dict[str, Any], rounds: int) -> dict[str, list[dict[str, Any]]]:
-    results: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
-    for round_index in range(rounds):
-        for name, run in sides.items():
-            try:
-                outcome = run()
-            except Exception as error:  # one failing side must not hide the others
-                outcome = {"error": repr(error)[:400]}
-            print(json.dumps({"side": name, "round": round_index, **outcome}), flush=True)
-            if "error" not in outcome:
-                results[name].append(outcome)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-    return results
 
 
 def median(runs: list[dict[str, Any]], key: str) -> float | None:
