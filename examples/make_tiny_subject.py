@@ -1,4 +1,10 @@
-"""Draw the tiny example subject: a red-capped toy on four backgrounds (64x64 PNGs, no download)."""
+"""Draw the tiny example subject: a red-capped toy before a blue backdrop, four shots (64x64 PNGs, no download).
+
+The backdrop's shade changes from shot to shot (as the light would) but stays blue: the tiny model
+learns one subject in one setting within a few hundred steps. Four unrelated backgrounds made its
+images the toy on their average, a grey none of the photos has (-45 to -52 % to the nearest photo
+where this subject reaches -57 to -62 %; docs/trainer.md).
+"""
 from __future__ import annotations
 
 import sys
@@ -6,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-BACKGROUNDS = [(40, 90, 160), (200, 190, 150), (60, 140, 70), (230, 230, 230)]
+BACKGROUNDS = [(90, 140, 200), (110, 150, 190), (80, 130, 210), (100, 160, 200)]
 
 
 def draw_subject(background: tuple[int, int, int], shift: int) -> Image.Image:

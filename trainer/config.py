@@ -64,6 +64,9 @@ class DataConfig(Section):
     center_crop: bool = Field(True, description="Center crop after resizing (random crop when false).")
     random_flip: bool = Field(False, description="Randomly flip images horizontally.")
     num_workers: int = Field(0, ge=0, description="Dataloader worker processes.")
+    caption_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Chance that a training row's prompt is replaced by the empty prompt, so the unconditional prediction that classifier-free guidance steers away from is trained too (drawn from the seed and the micro-step: the same rows drop on resume and for any worker count).")
     caption_template: str | None = Field(
         None, description="Prompt for a photo with a caption file (`photo.txt` beside `photo.jpg`), e.g. `a photo of {token} {caption}`. "
         "Without it the caption itself is the prompt and must contain the token. Photos without a caption use instance_prompt.")

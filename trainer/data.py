@@ -126,6 +126,21 @@ def step_generator(seed: int, micro_step: int, rank: int, device: torch.device |
     return torch.Generator(device).manual_seed(mix_seed(seed, 7, micro_step, rank))
 
 
+def prompt_slot(prompts: list[str], prompt: str) -> int:
+    """The index of `prompt` in the prompt table, appended when missing."""
+    if prompt not in prompts:
+        prompts.append(prompt)
+    return prompts.index(prompt)
+
+
+def drop_captions(indices: list[int], empty: int, chance: float, seed: int, micro_step: int, rank: int) -> list[int]:
+    """Each row's prompt index, replaced by `empty` with probability `chance`: a draw of its own
+    from (seed, micro_step, rank), so it does not move any other random stream."""
+    generator = torch.Generator().manual_seed(mix_seed(seed, 11, micro_step, rank))
+    dropped = torch.rand(len(indices), generator=generator) < chance
+    return [empty if drop else index for index, drop in zip(indices, dropped.tolist())]
+
+
 @dataclass
 class ImageSet:
     """Images of one kind (instance or class) with their prompt, ready to batch; `image_prompts`
@@ -214,7 +229,8 @@ class DreamBoothBatches(torch.utils.data.IterableDataset):
 
     def __init__(self, instance: ImageSet, klass: ImageSet | None, resolution: int, center_crop: bool, random_flip: bool,
                  batch_size: int, seed: int, rank: int, world: int, start: int, stop: int,
-                 latent_cache: "LatentCache | None" = None, buckets: list[Size] | None = None):
+                 latent_cache: "LatentCache | None" = None, buckets: list[Size] | None = None,
+                 caption_dropout: float = 0.0):
         super().__init__()
         self.counts = [len(instance.images)] + ([len(klass.images)] if klass else [])
         self.random_flip = random_flip
@@ -225,6 +241,8 @@ class DreamBoothBatches(torch.utils.data.IterableDataset):
         self.prompts, instance_prompts = prompt_table(instance.prompt, klass.prompt if klass else "",
                                                       instance.image_prompts or [None] * len(instance.images))
         self.prompt_indices = [instance_prompts] + ([[1] * len(klass.images)] if klass else [])
+        self.caption_dropout = caption_dropout
+        self.empty_prompt = prompt_slot(self.prompts, "") if caption_dropout > 0 else None
         self.prepared = [] if latent_cache is not None else [
             PreparedImages(image_set, sizes, center_crop, random_flip)
             for image_set, sizes in zip((instance, klass), self.layout.per_stream) if image_set]
@@ -253,6 +271,8 @@ class DreamBoothBatches(torch.utils.data.IterableDataset):
                     examples.append(self.prepared[stream].example(draw, size))
                 kinds.append(stream)
                 prompts.append(self.prompt_indices[stream][draw.index])
+        if self.empty_prompt is not None:
+            prompts = drop_captions(prompts, self.empty_prompt, self.caption_dropout, self.seed, micro_step, self.rank)
         key = "latent_params" if self.latent_cache is not None else "pixels"
         return {key: torch.stack([example.tensor for example in examples]), "prompt_kind": torch.tensor(kinds),
                 "prompt_index": torch.tensor(prompts), "num_instance": self.batch_size, "micro_step": micro_step,

@@ -296,7 +296,7 @@ def run_training(cfg: TrainConfig) -> int:
     batches = DreamBoothBatches(instance, klass, cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip,
                                 training.batch_size, training.seed, place.rank, place.world,
                                 start=start_step * accumulate, stop=training.max_steps * accumulate,
-                                latent_cache=latent_cache, buckets=buckets)
+                                latent_cache=latent_cache, buckets=buckets, caption_dropout=cfg.data.caption_dropout)
     if not training.train_text_encoder:
         with training_precision(cfg, device.type):
             text_conds = cached_text_conditions(family, pipeline, batches.prompts, device)

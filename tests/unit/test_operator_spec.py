@@ -160,6 +160,7 @@ def test_train_config_from_spec_is_the_trainer_config() -> None:
         "center_crop": True,
         "random_flip": False,
         "num_workers": 0,
+        "caption_dropout": 0.0,
         "caption_template": None,
         "bucketing": False,
         "bucket_step": 64,

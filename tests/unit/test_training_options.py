@@ -9,6 +9,7 @@ import torch
 from dreambooth_trainer.buckets import bucket_batch_indices, make_buckets, nearest_bucket
 from dreambooth_trainer.captions import caption_key, caption_prompt, prompt_table
 from dreambooth_trainer.config import ConfigError, config_from_dict
+from dreambooth_trainer.data import drop_captions, prompt_slot
 from dreambooth_trainer.errors import UserInputError
 from dreambooth_trainer.loss import min_snr_weights, offset_noise, prior_preservation_loss
 
@@ -124,6 +125,24 @@ def test_the_prompt_table_lists_each_prompt_once_instance_and_class_first() -> N
     prompts, indices = prompt_table("a sks dog", "a dog", [None, "sks on a beach", "a sks dog", "sks on a beach", "sks asleep"])
     assert prompts == ["a sks dog", "a dog", "sks on a beach", "sks asleep"]
     assert indices == [0, 2, 0, 2, 3]
+
+
+def test_caption_dropout_drops_about_its_share_from_its_own_stream() -> None:
+    rows = [0, 1] * 2000
+    dropped = [drop_captions(rows[i:i + 2], 9, 0.25, 3, i, 0) for i in range(0, len(rows), 2)]
+    flat = [index for pair in dropped for index in pair]
+    assert 0.22 < flat.count(9) / len(flat) < 0.28
+    assert [index for index, original in zip(flat, rows) if index != 9] == [o for i, o in zip(flat, rows) if i != 9]
+    # The same (seed, micro-step, rank) drops the same rows; another rank or step draws anew.
+    assert drop_captions([0] * 64, 9, 0.5, 3, 7, 0) == drop_captions([0] * 64, 9, 0.5, 3, 7, 0)
+    assert drop_captions([0] * 64, 9, 0.5, 3, 7, 0) != drop_captions([0] * 64, 9, 0.5, 3, 7, 1)
+    assert drop_captions([0] * 64, 9, 0.0, 3, 7, 0) == [0] * 64
+
+
+def test_the_empty_prompt_takes_a_slot_once() -> None:
+    prompts = ["a sks dog", "a dog"]
+    assert prompt_slot(prompts, "") == 2 and prompt_slot(prompts, "") == 2 and prompts == ["a sks dog", "a dog", ""]
+    assert prompt_slot(prompts, "a dog") == 1
 
 
 BASE = {"data": {"instance_uri": "/x", "instance_prompt": "a photo of sks dog"}, "prior": {"enabled": False},

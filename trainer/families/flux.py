@@ -29,13 +29,13 @@ class Flux(FlowFamily):
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
         from transformers import CLIPTextModel
 
-        from ..tiny import TEXT_HIDDEN, seeded, tiny_clip_config, tiny_kl_autoencoder, tiny_t5_encoder, tiny_t5_tokenizer, tiny_tokenizer
+        from ..tiny import TEXT_HIDDEN, seeded, tiny_clip_encoder, tiny_kl_autoencoder, tiny_t5_encoder, tiny_t5_tokenizer, tiny_tokenizer
 
         tokenizer, t5_tokenizer = tiny_tokenizer(), tiny_t5_tokenizer()
 
         def build() -> dict[str, Any]:
             return {
-                "text_encoder": CLIPTextModel(tiny_clip_config(tokenizer)),
+                "text_encoder": tiny_clip_encoder(CLIPTextModel, tokenizer),
                 "text_encoder_2": tiny_t5_encoder(t5_tokenizer, TEXT_HIDDEN),
                 "transformer": FluxTransformer2DModel(
                     patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,

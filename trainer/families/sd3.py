@@ -51,15 +51,15 @@ class StableDiffusion3(FlowFamily):
         from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
         from transformers import CLIPTextModelWithProjection
 
-        from ..tiny import TEXT_HIDDEN, seeded, tiny_clip_config, tiny_kl_autoencoder, tiny_t5_encoder, tiny_t5_tokenizer, tiny_tokenizer
+        from ..tiny import TEXT_HIDDEN, seeded, tiny_clip_encoder, tiny_kl_autoencoder, tiny_t5_encoder, tiny_t5_tokenizer, tiny_tokenizer
 
         tokenizer, t5_tokenizer = tiny_tokenizer(), tiny_t5_tokenizer()
         joint = 2 * TEXT_HIDDEN  # CLIP-L ⊕ CLIP-G is padded to the T5 width, so T5 is at least as wide
 
         def build() -> dict[str, Any]:
             return {
-                "text_encoder": CLIPTextModelWithProjection(tiny_clip_config(tokenizer)),
-                "text_encoder_2": CLIPTextModelWithProjection(tiny_clip_config(tokenizer)),
+                "text_encoder": tiny_clip_encoder(CLIPTextModelWithProjection, tokenizer),
+                "text_encoder_2": tiny_clip_encoder(CLIPTextModelWithProjection, tokenizer),
                 "text_encoder_3": tiny_t5_encoder(t5_tokenizer, joint),
                 "transformer": SD3Transformer2DModel(
                     sample_size=max(1, resolution // 4), patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,

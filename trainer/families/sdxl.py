@@ -33,14 +33,14 @@ class StableDiffusionXL(StableDiffusion):
         from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-        from ..tiny import TEXT_HIDDEN, tiny_clip_config, tiny_kl_autoencoder, tiny_tokenizer, seeded
+        from ..tiny import TEXT_HIDDEN, tiny_clip_encoder, tiny_kl_autoencoder, tiny_tokenizer, seeded
 
         tokenizer = tiny_tokenizer()
 
         def build() -> dict[str, Any]:
             return {
-                "text_encoder": CLIPTextModel(tiny_clip_config(tokenizer)),
-                "text_encoder_2": CLIPTextModelWithProjection(tiny_clip_config(tokenizer)),
+                "text_encoder": tiny_clip_encoder(CLIPTextModel, tokenizer),
+                "text_encoder_2": tiny_clip_encoder(CLIPTextModelWithProjection, tokenizer),
                 "unet": UNet2DConditionModel(
                     sample_size=max(1, resolution // 4), in_channels=4, out_channels=4, block_out_channels=(16, 32),
                     layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
