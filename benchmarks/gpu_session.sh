@@ -7,7 +7,8 @@
 # JSON lines go to $OUT (default: bench-output/gpu-session/):
 #   summary.jsonl   one line per part: name, exit code, seconds
 #   tests.xml       the GPU tests' JUnit report
-#   bench.jsonl     bench_trainer.py's output;   serve.jsonl  bench_serve.py's output
+#   bench.jsonl     bench_trainer.py's output;   serve.jsonl  bench_serve.py's throughput case
+#   many-subjects.jsonl  bench_serve.py's many-subjects case (20 LoRA subjects on one server)
 #   families.jsonl  bench_families.py's output at 1024 px (speedups, peak GiB per family and side)
 #
 # Where to run it:
@@ -58,7 +59,10 @@ part() {  # part NAME SECONDS_LIMIT COMMAND...: run one part, record its exit co
 part gpu-tests 180 "$PY" -m pytest -q -m gpu tests/trainer/test_gpu.py tests/trainer/test_training.py \
   -p no:cacheprovider --junitxml="$OUT/tests.xml"
 part bench 210 bash -c "\"$PY\" benchmarks/bench_trainer.py --rounds 3 | tee \"$OUT/bench.jsonl\""
-part bench-serve 90 bash -c "\"$PY\" benchmarks/bench_serve.py | tee \"$OUT/serve.jsonl\""
+part bench-serve 90 bash -c "\"$PY\" benchmarks/bench_serve.py --case throughput | tee \"$OUT/serve.jsonl\""
+# Its own part: 20 subjects, 4 cases, 3 rounds (the CPU dry run takes ~65 s of it; all of
+# bench_serve.py at 5 rounds overran one 90 s part there).
+part bench-many-subjects 180 bash -c "\"$PY\" benchmarks/bench_serve.py --case many-subjects --rounds 3 | tee \"$OUT/many-subjects.jsonl\""
 if [ "${SKIP_FAMILIES:-0}" != 1 ]; then
   MODELS="${MODELS:-/tmp/dreambooth-random-models}"
   part random-sdxl 240 "$PY" benchmarks/random_models.py --family sdxl --out "$MODELS/sdxl"
