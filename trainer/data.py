@@ -58,11 +58,6 @@ def resize_to_cover(image: Image.Image, size: Size) -> Image.Image:
     return image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))), Image.BICUBIC)
 
 
-def resize_short_side(image: Image.Image, resolution: int) -> Image.Image:
-    """Scale so the short side is `resolution`."""
-    return resize_to_cover(image, (resolution, resolution))
-
-
 def crop_origin(image_size: tuple[int, int], size: Size, center_crop: bool, crop_seed: int = 0) -> tuple[int, int]:
     """(top, left) of a `size` crop in a photo of `image_size` (width, height): centered or seeded."""
     (width, height), (crop_height, crop_width) = image_size, size
@@ -73,10 +68,9 @@ def crop_origin(image_size: tuple[int, int], size: Size, center_crop: bool, crop
     return int(rng.integers(0, height - crop_height + 1)), left
 
 
-def crop_to_pixels(image: Image.Image, size: Size | int, center_crop: bool, flip: bool, crop_seed: int = 0) -> torch.Tensor:
-    """Crop a resized photo to `size` (height, width; an int is a square), maybe flip; CHW float in [-1, 1]."""
-    size = (size, size) if isinstance(size, int) else size
-    top, left = crop_origin(image.size, size, center_crop, crop_seed)
+def pixels_at(image: Image.Image, origin: tuple[int, int], size: Size, flip: bool) -> torch.Tensor:
+    """The `size` (height, width) crop at `origin` (top, left), maybe flipped; CHW float in [-1, 1]."""
+    top, left = origin
     image = image.crop((left, top, left + size[1], top + size[0]))
     if flip:
         image = ImageOps.mirror(image)
@@ -85,8 +79,10 @@ def crop_to_pixels(image: Image.Image, size: Size | int, center_crop: bool, flip
 
 
 def to_pixels(image: Image.Image, resolution: int, center_crop: bool, flip: bool, crop_seed: int = 0) -> torch.Tensor:
-    """Resize the short side to `resolution`, crop square, maybe flip; CHW float in [-1, 1]."""
-    return crop_to_pixels(resize_short_side(image, resolution), resolution, center_crop, flip, crop_seed)
+    """Resize so the short side is `resolution`, crop square, maybe flip; CHW float in [-1, 1]."""
+    size = (resolution, resolution)
+    resized = resize_to_cover(image, size)
+    return pixels_at(resized, crop_origin(resized.size, size, center_crop, crop_seed), size, flip)
 
 
 def mix_seed(*parts: int) -> int:
@@ -163,13 +159,10 @@ class Example:
 
 def cut_example(resized: Image.Image, original: Size, size: Size, center_crop: bool, flip: bool, crop_seed: int) -> Example:
     top, left = crop_origin(resized.size, size, center_crop, crop_seed)
+    pixels = pixels_at(resized, (top, left), size, flip)
     if flip:  # the crop's left edge as the model sees the mirrored photo
         left = resized.width - left - size[1]
-    return Example(crop_to_pixels(resized, size, center_crop, flip, crop_seed), original, (top, left))
-
-
-def square_sizes(count: int, resolution: int) -> list[tuple[Size, ...]]:
-    return [((resolution, resolution),)] * count
+    return Example(pixels, original, (top, left))
 
 
 class ImageLayout:

@@ -55,7 +55,6 @@ class DreamBoothModule(pl.LightningModule):
                  text_conds: dict[str, torch.Tensor] | None = None, prompts: list[str] | None = None):
         super().__init__()
         self.cfg, self.family = cfg, family
-        refuse_ddpm_options(cfg, family)
         parts = family.components(pipeline)
         self.denoiser, self.vae = parts.denoiser, parts.vae
         self.text_encoders = torch.nn.ModuleList(parts.text_encoders)

@@ -180,7 +180,7 @@ def final_denoiser(cfg: TrainConfig, trainer: object, module: torch.nn.Module, r
     """The trained UNet to export: as it is, or under FSDP gathered whole on rank 0 (a collective),
     on the training device for the final validation."""
     if cfg.training.strategy != "fsdp":
-        return module.unet
+        return module.denoiser
     from .fsdp import denoiser_of, gathered_copy
 
     for optimizer in trainer.optimizers:
@@ -239,7 +239,7 @@ def run_training(cfg: TrainConfig) -> int:
     from .distributed import dist_env_from, wait_for_master
     from .export import export_pipeline
     from .models import load_model, quiet_libraries
-    from .module import DreamBoothModule
+    from .module import DreamBoothModule, refuse_ddpm_options
     from .storage import S3Storage, open_storage
 
     json_logs = json_logs_wanted(cfg)
@@ -266,6 +266,7 @@ def run_training(cfg: TrainConfig) -> int:
     pl.seed_everything(training.seed, workers=True, verbose=False)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if place.accelerator == "gpu" else torch.device("cpu")
     family, pipeline = load_model(cfg.model.source, seed=training.seed, tiny_resolution=cfg.model.tiny_resolution, family=cfg.model.family)
+    refuse_ddpm_options(cfg, family)  # as soon as the family is known, before class images are drawn
     parts = family.components(pipeline)
     parts.vae.to(device, frozen_dtype(cfg))
     for index, encoder in enumerate(parts.text_encoders):

@@ -79,6 +79,11 @@ def metric_lines(folder: Path) -> list[dict[str, Any]]:
     return [line for line in all_metric_lines(folder) if "loss" in line]
 
 
+def losses(folder: Path) -> dict[int, float]:
+    """Each optimizer step's loss, by step."""
+    return {line["step"]: line["loss"] for line in metric_lines(folder)}
+
+
 def copy_subject(target: Path) -> Path:
     shutil.copytree(SUBJECT, target)
     return target

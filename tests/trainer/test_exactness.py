@@ -24,7 +24,7 @@ from dreambooth_trainer.config import config_from_dict
 from dreambooth_trainer.storage import LocalStorage
 from dreambooth_trainer.train import run_training
 
-from .conftest import metric_lines, tiny_config_dict, write_config
+from .conftest import losses, tiny_config_dict, write_config
 
 STEPS = 6
 TOLERANCE = 1e-5
@@ -46,10 +46,6 @@ def sections(**overrides: dict[str, Any]) -> dict[str, Any]:
 
 def train_in_process(out: Path, **overrides: dict[str, Any]) -> None:
     assert run_training(config_from_dict(tiny_config_dict(str(out), **sections(**overrides)))) == 0
-
-
-def losses(out: Path) -> dict[int, float]:
-    return {line["step"]: line["loss"] for line in metric_lines(out)}
 
 
 def unet_weights(out: Path) -> dict[str, torch.Tensor]:

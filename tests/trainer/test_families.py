@@ -19,7 +19,7 @@ from dreambooth_trainer.config import config_from_dict
 from dreambooth_trainer.errors import UserInputError
 from dreambooth_trainer.train import run_training
 
-from .conftest import metric_lines, tiny_config_dict
+from .conftest import losses, tiny_config_dict
 
 SOURCES = {"sd": "tiny", "sdxl": "tiny-sdxl", "sd3": "tiny-sd3", "flux": "tiny-flux"}
 PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
@@ -36,10 +36,6 @@ def family_config(out: Path, source: str, **extra: dict[str, Any]) -> Any:
     from .conftest import deep_merge
 
     return config_from_dict(tiny_config_dict(str(out), **deep_merge({"model": {"source": source}, **QUICK}, extra)))
-
-
-def losses(out: Path) -> dict[int, float]:
-    return {line["step"]: line["loss"] for line in metric_lines(out)}
 
 
 @pytest.fixture(scope="module", params=list(SOURCES), ids=list(SOURCES))

@@ -37,6 +37,30 @@ def test_min_snr_refuses_a_target_it_has_no_formula_for() -> None:
         min_snr_weights(torch.tensor([0]), ALPHAS, 5.0, "sample")
 
 
+@pytest.mark.parametrize("field", ["min_snr_gamma", "noise_offset"])
+def test_flow_families_refuse_the_ddpm_options_by_name(field: str) -> None:
+    from dreambooth_trainer.families import FAMILIES
+    from dreambooth_trainer.module import refuse_ddpm_options
+
+    cfg = config_from_dict({**BASE, "training": {field: 0.1 if field == "noise_offset" else 5.0}})
+    for name in ("sd3", "flux"):
+        with pytest.raises(UserInputError, match=f"training.{field} applies to the DDPM families .* not to {name}"):
+            refuse_ddpm_options(cfg, FAMILIES[name])
+    for name in ("sd", "sdxl"):
+        refuse_ddpm_options(cfg, FAMILIES[name])
+
+
+def test_admissions_family_tables_agree_with_the_trainers_families() -> None:
+    """The operator's admission (trainer/spec.py, no torch) keeps its own copy of what each family
+    needs; it must say what the families themselves say."""
+    from dreambooth_trainer import spec
+    from dreambooth_trainer.families import FAMILIES
+
+    assert spec.TINY_FAMILIES == {family.tiny_source: name for name, family in FAMILIES.items()}
+    assert set(spec.FLOW_MATCHING) == {name for name, family in FAMILIES.items() if family.flow_matching}
+    assert {name: spec.PIXEL_MULTIPLE.get(name, 8) for name in FAMILIES} == {name: f.pixel_multiple for name, f in FAMILIES.items()}
+
+
 def test_sample_weights_scale_each_row_before_the_prior_split() -> None:
     prediction = torch.tensor([[1.0, 1.0], [2.0, 2.0], [0.0, 2.0], [0.0, 0.0]])
     target = torch.zeros(4, 2)
