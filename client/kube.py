@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dreambooth_trainer.spec import GROUP, KIND, PLURAL, VERSION
+from dreambooth_api.v1alpha1.spec import GROUP, KIND, PLURAL, VERSION
 
 from .errors import AccessDenied, ClientError, ClusterUnreachable, NotFound, connection_reason
 

@@ -1,7 +1,7 @@
 """From what a user says (`--token sks --class dog --steps 800 ...`) to a validated DreamboothJob.
 
 Pure: no cluster, no storage. The spec is validated by the same model the CRD is generated from
-(`dreambooth_trainer.spec.parse_spec`), so what passes here passes admission.
+(`dreambooth_api.v1alpha1.spec.parse_spec`), so what passes here passes admission.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 from pydantic.alias_generators import to_camel
 
 from dreambooth_trainer.config import ConfigError, apply_overrides
-from dreambooth_trainer.spec import MAX_NAME_LENGTH, NAME_RE, parse_spec
+from dreambooth_api.v1alpha1.spec import MAX_NAME_LENGTH, NAME_RE, parse_spec
 
 from .errors import ClientError
 from .kube import job_manifest

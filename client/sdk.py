@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dreambooth_operator.builders import (
+from dreambooth_api.v1alpha1.labels import (
     COMPLETION_INDEX_ANNOTATION, LABEL_COMPONENT, LABEL_GANG, LABEL_JOB, SERVER_CONTAINER, TRAINER_CONTAINER,
 )
 
@@ -351,7 +351,7 @@ class Job:
         return b"".join(self.stream_logs(False, tail, inference, rank)).decode(errors="replace")
 
     def events(self) -> list[dict[str, Any]]:
-        from dreambooth_trainer.spec import KIND
+        from dreambooth_api.v1alpha1.spec import KIND
 
         events = self.client.kube.list_events(self.namespace, KIND, self.name)
         return sorted(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")

@@ -11,8 +11,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from dreambooth_trainer.pod_template import PodPlacement
-from dreambooth_trainer.spec import (
+import yaml
+
+from dreambooth_api.v1alpha1.labels import (
+    COMPLETION_INDEX_ANNOTATION, LABEL_COMPONENT, LABEL_GANG, LABEL_INSTANCE, LABEL_JOB, LABEL_MANAGED_BY, LABEL_NAME,
+    SERVER_CONTAINER, TRAINER_CONTAINER,
+)
+from dreambooth_api.v1alpha1.pod_template import PodPlacement
+from dreambooth_api.v1alpha1.spec import (
     DreamboothJobSpec,
     SecretKeyRef,
     ServingAuth,
@@ -35,8 +41,6 @@ CONFIG_KEY = "config.yaml"
 MASTER_PORT = 29500
 SERVE_PORT = 8080
 RUN_AS_USER = 1000
-TRAINER_CONTAINER = "trainer"
-SERVER_CONTAINER = "server"
 # The trainer's exit code for bad config or input: restarting cannot help.
 EXIT_BAD_INPUT = 2
 EXIT_SIGTERM = 143
@@ -45,13 +49,6 @@ GPU_RESOURCE = "nvidia.com/gpu"
 # The env var `dreambooth serve` reads its bearer token from (dreambooth_serving.settings.TOKEN_ENV).
 API_TOKEN_ENV = "DREAMBOOTH_API_TOKEN"
 
-LABEL_NAME = "app.kubernetes.io/name"
-LABEL_INSTANCE = "app.kubernetes.io/instance"
-LABEL_COMPONENT = "app.kubernetes.io/component"
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-LABEL_JOB = "dreambooth.dev/job-name"
-LABEL_GANG = "dreambooth.dev/gang"
-COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 # Hash of what a trainer Job was built from (scheduling + podTemplate): edits show as a difference.
 ANNOTATION_TEMPLATE_HASH = "dreambooth.dev/template-hash"
 # Hash of the inference Deployment as built: an edit of serving/podTemplate rolls it.
@@ -215,7 +212,7 @@ def build_config_map(job: JobRef) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(job, config_map_name(job.name), "config"),
-        "data": {CONFIG_KEY: config.to_yaml()},
+        "data": {CONFIG_KEY: yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)},
     }
 
 

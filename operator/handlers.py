@@ -12,7 +12,7 @@ from typing import Any
 
 import kopf
 
-from dreambooth_trainer.spec import GROUP, PLURAL, VERSION
+from dreambooth_api.v1alpha1.spec import GROUP, PLURAL, VERSION
 
 from . import leadership, metrics
 from .runtime import Runtime

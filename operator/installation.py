@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from dreambooth_trainer.spec import with_operator_defaults
+from dreambooth_api.v1alpha1.spec import with_operator_defaults
 
 # status.installationDefaults key -> (operator env var, spec field it defaults)
 FIELDS: dict[str, tuple[str, str]] = {

@@ -13,7 +13,7 @@ import os
 import threading
 from typing import Any
 
-from dreambooth_trainer.spec import GROUP, PLURAL, VERSION
+from dreambooth_api.v1alpha1.spec import GROUP, PLURAL, VERSION
 
 from . import builders
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from dreambooth_trainer.spec import DreamboothJobSpec
+from dreambooth_api.v1alpha1.spec import DreamboothJobSpec
 
 from . import builders, failures, shared_server
 from .conditions import (

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dreambooth_trainer.spec import IngressPeer
+from dreambooth_api.v1alpha1.spec import IngressPeer
 
 from . import builders
 

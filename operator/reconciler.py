@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from dreambooth_trainer.config import ConfigError
-from dreambooth_trainer.spec import API_VERSION, KIND, DreamboothJobSpec, parse_spec
+from dreambooth_api.v1alpha1.sections import ConfigError
+from dreambooth_api.v1alpha1.spec import API_VERSION, KIND, DreamboothJobSpec, parse_spec
 
 from . import builders, failures, installation, kube, lifecycle, metrics, polling, registration, store
 from .conditions import ACCEPTED, FAILED, NAME_CONFLICT, TERMINAL_PHASES, is_true, parse_time

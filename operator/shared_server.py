@@ -22,8 +22,8 @@ from typing import Any
 from pydantic import ConfigDict
 
 from dreambooth_serving.registry import REGISTRY_KEY, AdapterEntry, RegistryDocument, parse_registry, registry_json
-from dreambooth_trainer.config import Section
-from dreambooth_trainer.spec import TINY_FAMILIES, DreamboothJobSpec, IngressPeer, ServingAuth, ServingResources, StorageSpec, spec_family
+from dreambooth_api.v1alpha1.sections import Section
+from dreambooth_api.v1alpha1.spec import TINY_FAMILIES, DreamboothJobSpec, IngressPeer, ServingAuth, ServingResources, StorageSpec, spec_family
 
 from . import builders
 from .conditions import format_time
@@ -160,7 +160,7 @@ def owner_reference(api_version: str, kind: str, name: str, uid: str, controller
 
 
 def job_owner(job: builders.JobRef) -> dict[str, Any]:
-    from dreambooth_trainer.spec import API_VERSION, KIND
+    from dreambooth_api.v1alpha1.spec import API_VERSION, KIND
 
     return owner_reference(API_VERSION, KIND, job.name, job.uid)
 

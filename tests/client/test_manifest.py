@@ -9,7 +9,7 @@ from dreambooth_client.errors import ClientError
 from dreambooth_client.manifest import (
     KUEUE_QUEUE_LABEL, PHOTOS_ANNOTATION, SubmitOptions, build_manifest, build_spec, camel_override, job_name,
 )
-from dreambooth_trainer.spec import MAX_NAME_LENGTH, NAME_RE, parse_spec
+from dreambooth_api.v1alpha1.spec import MAX_NAME_LENGTH, NAME_RE, parse_spec
 
 STORAGE = {"endpoint": "minio.storage.svc:9000", "bucket": "dreambooth", "secure": False,
            "credentialsSecretRef": {"name": "dreambooth-s3"}}

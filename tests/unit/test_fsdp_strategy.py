@@ -125,7 +125,7 @@ def test_a_checkpoint_resumes_only_under_the_strategy_that_wrote_it(tmp_path: Pa
 
 
 def test_the_operator_refuses_fsdp_jobs_it_cannot_run_naming_the_field() -> None:
-    from dreambooth_trainer.spec import parse_spec
+    from dreambooth_api.v1alpha1.spec import parse_spec
 
     from .test_operator_spec import spec_with
 

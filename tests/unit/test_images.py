@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from dreambooth_operator import builders
-from dreambooth_trainer.spec import parse_spec
+from dreambooth_api.v1alpha1.spec import parse_spec
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = REPO / "images"

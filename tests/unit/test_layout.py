@@ -1,4 +1,5 @@
 """The folder operator/ must never shadow the standard library's `operator` module."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +49,18 @@ def test_the_operator_image_needs_nothing_heavy_from_serving() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_the_api_package_imports_pydantic_and_the_standard_library_only() -> None:
+    """The contract between operator, client and trainer depends on none of them (nor on yaml or torch)."""
+    allowed = set(sys.stdlib_module_names) | {"pydantic", "pydantic_core", "typing_extensions", "annotated_types", "dreambooth_api"}
+    imported = {line.split()[1].split(".")[0] for path in (REPO / "api").rglob("*.py") for line in path.read_text().splitlines()
+                if line.startswith(("import ", "from ")) and not line.startswith("from .")}
+    assert imported - {"__future__"} <= allowed, imported - allowed
+
+
+def test_nothing_imports_the_operator_but_its_entry_point() -> None:
+    """The client, trainer and server read the API package, never the operator's modules."""
+    importers = [str(path.relative_to(REPO)) for folder in ("api", "client", "cli", "trainer", "serving") for path in (REPO / folder).rglob("*.py")
+                 if re.search(r"^\s*(from|import) dreambooth_operator", path.read_text(), re.M)]
+    assert importers == []

@@ -6,7 +6,7 @@ from typing import Any
 import yaml
 
 from dreambooth_operator import builders
-from dreambooth_trainer.spec import parse_spec
+from dreambooth_api.v1alpha1.spec import parse_spec
 
 GPU_SPEC: dict[str, Any] = {
     "data": {"instanceUri": "s3://subjects/rex", "instancePrompt": "a photo of sks dog"},

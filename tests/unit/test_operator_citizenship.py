@@ -9,7 +9,7 @@ import pytest
 from dreambooth_operator import builders, failures, installation, lifecycle, polling
 from dreambooth_operator.failures import PodState
 from dreambooth_operator.lifecycle import Action, Observation, QueueState, ServingState, TrainerJobState
-from dreambooth_trainer.spec import parse_spec
+from dreambooth_api.v1alpha1.spec import parse_spec
 from tests.unit.test_operator_lifecycle import SPEC, T0, accepted, spec
 
 HASH = builders.trainer_template_hash(parse_spec(SPEC))

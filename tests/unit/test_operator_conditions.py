@@ -108,7 +108,7 @@ def test_restart_backoff_doubles_up_to_a_cap() -> None:
 
 def test_operator_never_imports_torch() -> None:
     code = (
-        "import sys, dreambooth_operator.handlers, dreambooth_operator.store, dreambooth_trainer.spec; "
+        "import sys, dreambooth_operator.handlers, dreambooth_operator.store, dreambooth_api.v1alpha1.spec; "
         "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'pytorch_lightning', 'lightning') if m in sys.modules]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )

@@ -7,7 +7,7 @@ from typing import Any
 
 from dreambooth_operator import builders, lifecycle
 from dreambooth_operator.lifecycle import Action, Observation, ServingState, TrainerJobState
-from dreambooth_trainer.spec import parse_spec
+from dreambooth_api.v1alpha1.spec import parse_spec
 
 T0 = datetime(2026, 11, 26, 6, 0, 0, tzinfo=timezone.utc)
 SPEC: dict[str, Any] = {

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import yaml
 
-from dreambooth_trainer.config import ConfigError, TrainConfig
-from dreambooth_trainer.spec import (
+from dreambooth_cli.main import crd_yaml
+from dreambooth_trainer.config import ConfigError, TrainConfig, config_yaml
+from dreambooth_api.v1alpha1.spec import (
     CEL_RULES,
     crd_manifest,
-    crd_yaml,
     output_uri,
     parse_spec,
     train_config_from_spec,
@@ -149,7 +149,7 @@ def test_train_config_from_spec_is_the_trainer_config() -> None:
     assert uri == "s3://dreambooth/jobs/team-a/rex/u-1"
     config = train_config_from_spec(spec, uri)
     assert isinstance(config, TrainConfig)
-    dumped = yaml.safe_load(config.to_yaml())
+    dumped = yaml.safe_load(config_yaml(config))
     assert set(dumped) == {"model", "data", "prior", "training", "checkpointing", "validation", "output"}
     assert dumped["training"]["max_steps"] == 12
     assert dumped["data"] == {
@@ -304,7 +304,7 @@ def test_the_crd_leaves_storage_and_images_to_the_installation() -> None:
 
 
 def test_the_spec_locks_at_acceptance_except_the_mutable_sections() -> None:
-    from dreambooth_trainer.spec import MUTABLE_SECTIONS, locked_sections
+    from dreambooth_api.v1alpha1.spec import MUTABLE_SECTIONS, locked_sections
 
     locked = locked_sections()
     assert set(locked) == {"model", "data", "prior", "training", "checkpointing", "validation", "resources", "storage"}

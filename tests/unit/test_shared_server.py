@@ -10,7 +10,7 @@ from dreambooth_operator import builders, lifecycle, shared_server
 from dreambooth_operator.lifecycle import Action, Observation, TrainerJobState
 from dreambooth_operator.network_policies import build_job_network_policy
 from dreambooth_operator.shared_server import SharedServerState
-from dreambooth_trainer.spec import parse_spec
+from dreambooth_api.v1alpha1.spec import parse_spec
 
 T0 = datetime(2026, 11, 26, 6, 0, 0, tzinfo=timezone.utc)
 LORA_SPEC: dict[str, Any] = {

@@ -51,9 +51,9 @@ def test_flow_families_refuse_the_ddpm_options_by_name(field: str) -> None:
 
 
 def test_admissions_family_tables_agree_with_the_trainers_families() -> None:
-    """The operator's admission (trainer/spec.py, no torch) keeps its own copy of what each family
+    """The operator's admission (api/v1alpha1/spec.py, no torch) keeps its own copy of what each family
     needs; it must say what the families themselves say."""
-    from dreambooth_trainer import spec
+    from dreambooth_api.v1alpha1 import spec
     from dreambooth_trainer.families import FAMILIES
 
     assert spec.TINY_FAMILIES == {family.tiny_source: name for name, family in FAMILIES.items()}

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, WithJsonSchema, field_validator
 
-from .config import Section
+from .sections import Section
 
 # Label syntax (k8s.io/apimachinery validation): [prefix/]name, name <= 63, prefix a DNS subdomain.
 LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
