@@ -43,16 +43,16 @@ def as_list(text_encoders: torch.nn.Module | list[torch.nn.Module] | None) -> li
 
 
 def write_lora_files(folder: Path, family: object, denoiser: torch.nn.Module,
-                     text_encoders: torch.nn.Module | list[torch.nn.Module] | None, alpha: float | None = None) -> None:
-    """The adapters in diffusers layout (what `Pipeline.load_lora_weights(folder)` reads) and, for
-    the families that have one, kohya's layout (A1111/ComfyUI)."""
+                     text_encoders: torch.nn.Module | list[torch.nn.Module] | None) -> None:
+    """The adapters in diffusers layout (what `Pipeline.load_lora_weights(folder)` reads; raw PEFT
+    keys with each adapter's config, alpha included, as metadata) and, for the families that have
+    one, kohya's layout (A1111/ComfyUI), each module with its trained alpha."""
     from safetensors.torch import save_file
 
     family = as_family(family)
     encoders = as_list(text_encoders)
     family.save_lora(folder, denoiser, encoders)
-    rank = next(iter(getattr(denoiser, "peft_config", {}).values())).r
-    kohya = family.kohya_lora(denoiser, encoders, alpha or rank)
+    kohya = family.kohya_lora(denoiser, encoders)
     if kohya is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in kohya.items()}, str(folder / LORA_KOHYA))
 
@@ -80,7 +80,7 @@ def merged_copy(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def export_pipeline(pipeline: object, denoiser: torch.nn.Module, text_encoders: torch.nn.Module | list[torch.nn.Module],
-                    storage: Storage, lora: bool, lora_alpha: float | None = None, family: object | None = None) -> str:
+                    storage: Storage, lora: bool, family: object | None = None) -> str:
     """Save the pipeline with the trained modules under `final/` of storage; returns its URI.
     The pipeline class and scheduler (with its prediction_type) are the base model's."""
     from .families import family_of_pipeline
@@ -90,7 +90,7 @@ def export_pipeline(pipeline: object, denoiser: torch.nn.Module, text_encoders: 
     with tempfile.TemporaryDirectory() as folder:
         local = Path(folder, FINAL)
         if lora:
-            write_lora_files(local / "lora", family, denoiser, encoders, lora_alpha)
+            write_lora_files(local / "lora", family, denoiser, encoders)
             denoiser = merged_copy(denoiser)
             encoders = [merged_copy(e) if getattr(e, "peft_config", None) else e for e in encoders]
         final = family.with_trained(pipeline, denoiser, encoders)

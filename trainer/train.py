@@ -329,7 +329,7 @@ def run_training(cfg: TrainConfig) -> int:
         if module.ema is not None:
             module.ema.copy_to(module.ema_parameters())
         final_uri = export_pipeline(pipeline, denoiser, list(module.text_encoders), output, lora=training.lora.enabled,
-                                    lora_alpha=training.lora.alpha or training.lora.rank, family=family)
+                                    family=family)
         result = validator(denoiser, list(module.text_encoders), None)
         for key, data in result.files.items():
             output.write_bytes(key, data)

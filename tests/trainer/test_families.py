@@ -129,8 +129,12 @@ def test_kohya_layout_where_the_family_has_one(runs: dict[str, Any]) -> None:
     for name in names:
         down, up, alpha = kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"], kohya[f"{name}.alpha"]
         assert up.shape[1] == down.shape[0] and alpha.numel() == 1, name
-    kohya_prefixes = {"sd": {"lora_unet", "lora_te1"}, "sdxl": {"lora_unet", "lora_te1", "lora_te2"}, "flux": {"lora_unet"}}
+    # sd-scripts' prefixes: one text encoder is lora_te, two are lora_te1/lora_te2; Flux's CLIP-L is lora_te1.
+    kohya_prefixes = {"sd": {"lora_unet", "lora_te"}, "sdxl": {"lora_unet", "lora_te1", "lora_te2"}, "flux": {"lora_unet", "lora_te1"}}
     assert {name.split("_", 2)[0] + "_" + name.split("_", 2)[1] for name in names} == kohya_prefixes[runs["family"]]
+    if runs["family"] == "sdxl":  # the original UNet's block names, as sd-scripts trains SDXL
+        assert all(name.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
+                   for name in names if name.startswith("lora_unet"))
     if runs["family"] == "flux":  # diffusers' reverse converter assumes Flux-dev's 19/38 blocks: BFL names and shapes
         assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_txt_attn_qkv",
                 "lora_unet_double_blocks_0_img_mlp_0", "lora_unet_single_blocks_0_linear1"} <= names

@@ -164,23 +164,26 @@ class ModelFamily:
                                scheduler.config.get("prediction_type", "epsilon"))
 
     # -- LoRA -----------------------------------------------------------------------------------
-    def lora_layers(self, denoiser: torch.nn.Module, text_encoders: list[torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
-        """`save_lora_weights` keyword -> diffusers-layout adapter weights (only adapted modules)."""
-        from diffusers.utils import convert_state_dict_to_diffusers
+    def lora_layers(self, denoiser: torch.nn.Module, text_encoders: list[torch.nn.Module]) -> dict[str, Any]:
+        """`save_lora_weights` keywords, as diffusers' own scripts write them: each adapted module's raw
+        PEFT weights (`lora_A`/`lora_B` keys, one layout for the whole file: diffusers picks the layout
+        from the first key) and its adapter config as metadata (the trained `lora_alpha` and targets)."""
         from peft.utils import get_peft_model_state_dict
 
-        layers = {f"{self.denoiser_name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))}
-        for index, encoder in enumerate(text_encoders):
-            if getattr(encoder, "peft_config", None):
-                name = self.text_encoder_names[index]
-                layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
+        modules = {self.denoiser_name: denoiser, **dict(zip(self.text_encoder_names, text_encoders))}
+        layers: dict[str, Any] = {}
+        for name, module in modules.items():
+            config = getattr(module, "peft_config", None)
+            if config:
+                layers[f"{name}_lora_layers"] = get_peft_model_state_dict(module)
+                layers[f"{name}_lora_adapter_metadata"] = config["default"].to_dict()
         return layers
 
     def save_lora(self, folder: Path, denoiser: torch.nn.Module, text_encoders: list[torch.nn.Module]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.pipeline_class().save_lora_weights(str(folder), **self.lora_layers(denoiser, text_encoders), safe_serialization=True)
 
-    def kohya_lora(self, denoiser: torch.nn.Module, text_encoders: list[torch.nn.Module], alpha: float) -> dict[str, torch.Tensor] | None:
+    def kohya_lora(self, denoiser: torch.nn.Module, text_encoders: list[torch.nn.Module]) -> dict[str, torch.Tensor] | None:
         """The same adapters in kohya's (A1111/ComfyUI) key layout, or None where the family has none."""
         return None
 

@@ -82,12 +82,18 @@ class Flux(FlowFamily):
             kwargs.update(negative_prompt=negatives, true_cfg_scale=guidance)
         return kwargs
 
-    def kohya_lora(self, denoiser: torch.nn.Module, text_encoders: list[torch.nn.Module], alpha: float) -> dict[str, torch.Tensor] | None:
+    def kohya_lora(self, denoiser: torch.nn.Module, text_encoders: list[torch.nn.Module]) -> dict[str, torch.Tensor] | None:
+        """The transformer in BFL names and the CLIP-L adapters as `lora_te1_` (sd-scripts' Flux layout)."""
         from peft.utils import get_peft_model_state_dict
 
         from .flux_kohya import bfl_lora
+        from .kohya import kohya_weights, peft_alpha
 
-        return bfl_lora(get_peft_model_state_dict(denoiser), denoiser, alpha)
+        out = bfl_lora(get_peft_model_state_dict(denoiser), denoiser, peft_alpha(denoiser))
+        clip = text_encoders[0] if text_encoders else None
+        if getattr(clip, "peft_config", None):
+            out.update(kohya_weights("lora_te1", get_peft_model_state_dict(clip), peft_alpha(clip)))
+        return out
 
     def metadata(self, pipeline: Any) -> dict[str, Any]:
         transformer = pipeline.transformer

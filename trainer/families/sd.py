@@ -8,25 +8,6 @@ import torch
 from .base import FlowSettings, ModelFamily, Noised, StepMeta, ddpm_noise, ddpm_scheduler
 
 
-def kohya_from_peft(layers: dict[str, dict[str, torch.Tensor]], alpha: float) -> dict[str, torch.Tensor]:
-    """PEFT adapters by module prefix (`unet`, `text_encoder`, `text_encoder_2`) -> kohya keys
-    (`lora_unet_…`, `lora_te1_…`, `lora_te2_…`, lora_down/lora_up/alpha), the layout A1111 and ComfyUI read."""
-    from diffusers.utils import convert_state_dict_to_kohya
-
-    kohya: dict[str, torch.Tensor] = {}
-    for prefix, state in layers.items():
-        kohya.update(convert_state_dict_to_kohya({f"{prefix}.{key}": value for key, value in state.items()}))
-    # diffusers writes alpha = rank; the trained alpha is what scales the adapter.
-    return {key: (torch.tensor(float(alpha)) if key.endswith(".alpha") else value.detach().cpu().contiguous())
-            for key, value in kohya.items()}
-
-
-def peft_layers(names: tuple[str, ...], modules: list[torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
-    from peft.utils import get_peft_model_state_dict
-
-    return {name: get_peft_model_state_dict(module) for name, module in zip(names, modules) if getattr(module, "peft_config", None)}
-
-
 class StableDiffusion(ModelFamily):
     name = "sd"
     pipeline_classes = ("StableDiffusionPipeline",)
@@ -60,8 +41,21 @@ class StableDiffusion(ModelFamily):
 
         return diffusion_target(scheduler, noised.latents, noised.noise, noised.timesteps)
 
-    def kohya_lora(self, denoiser: torch.nn.Module, text_encoders: list[torch.nn.Module], alpha: float) -> dict[str, torch.Tensor] | None:
-        return kohya_from_peft(peft_layers((self.denoiser_name, *self.text_encoder_names), [denoiser, *text_encoders]), alpha)
+    def kohya_unet_name(self, name: str, config: Any) -> str:
+        """A UNet module's name in sd-scripts (which trains SD1/SD2 on diffusers' module names)."""
+        return name
+
+    def kohya_lora(self, denoiser: torch.nn.Module, text_encoders: list[torch.nn.Module]) -> dict[str, torch.Tensor] | None:
+        from peft.utils import get_peft_model_state_dict
+
+        from .kohya import kohya_weights, peft_alpha, text_encoder_prefixes
+
+        out = kohya_weights("lora_unet", get_peft_model_state_dict(denoiser), peft_alpha(denoiser),
+                            lambda name: self.kohya_unet_name(name, denoiser.config))
+        for prefix, encoder in zip(text_encoder_prefixes(len(self.text_encoder_names)), text_encoders):
+            if getattr(encoder, "peft_config", None):
+                out.update(kohya_weights(prefix, get_peft_model_state_dict(encoder), peft_alpha(encoder)))
+        return out
 
     def metadata(self, pipeline: Any) -> dict[str, Any]:
         return {"family": self.name, "prediction_type": pipeline.scheduler.config.get("prediction_type", "epsilon")}

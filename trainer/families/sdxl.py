@@ -59,6 +59,12 @@ class StableDiffusionXL(StableDiffusion):
     def extra_pipeline_kwargs(self) -> dict[str, Any]:
         return {"add_watermarker": False}
 
+    def kohya_unet_name(self, name: str, config: Any) -> str:
+        """sd-scripts trains SDXL on the original SGM UNet: its block names, not diffusers'."""
+        from .kohya import sgm_unet_name
+
+        return sgm_unet_name(name, config)
+
     def encode_text(self, pipeline: Any, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         embeds, _, pooled, _ = pipeline.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
         return {"prompt_embeds": embeds, "pooled": pooled}
