@@ -290,8 +290,10 @@ DETERMINISTIC_LOGVAR = -30.0
 
 def latent_distribution_params(vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """The VAE's latent distribution as (mean, logvar) stacked on channels. A KL autoencoder gives
-    its Gaussian; a deterministic one (AutoencoderTiny) gives its latents with no variance."""
-    encoded = vae.encode(pixels)
+    its Gaussian; a deterministic one (AutoencoderTiny) gives its latents with no variance. The VAE
+    runs in its own dtype, outside autocast (SDXL's and SD3's are kept in fp32: NaN in fp16)."""
+    with torch.autocast(pixels.device.type, enabled=False):
+        encoded = vae.encode(pixels)
     if hasattr(encoded, "latent_dist"):
         return encoded.latent_dist.parameters
     return torch.cat([encoded.latents, torch.full_like(encoded.latents, DETERMINISTIC_LOGVAR)], dim=1)

@@ -9,11 +9,10 @@ final/lora/lora_kohya.safetensors             the same LoRA in kohya (A1111/Comf
 """
 from __future__ import annotations
 
-import copy
 import json
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -57,46 +56,36 @@ def write_lora_files(folder: Path, family: object, denoiser: torch.nn.Module,
         save_file({k: v.detach().cpu().contiguous() for k, v in kohya.items()}, str(folder / LORA_KOHYA))
 
 
-def merged_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A copy with LoRA adapters merged into the base weights and removed."""
-    fused = copy.deepcopy(module)
-    if not getattr(fused, "peft_config", None):
-        return fused
-    if hasattr(fused, "fuse_lora"):  # diffusers models
-        fused.fuse_lora()
-        fused.unload_lora()
-        return fused
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for name, layer in list(fused.named_modules()):  # transformers text encoders: merge layer by layer
-        if isinstance(layer, BaseTunerLayer):
-            layer.merge()
-            parent_name, _, child = name.rpartition(".")
-            setattr(fused.get_submodule(parent_name) if parent_name else fused, child, layer.get_base_layer())
-    del fused.peft_config
-    fused._hf_peft_config_loaded = False
-    return fused
+def is_trained(module: torch.nn.Module) -> bool:
+    return any(parameter.requires_grad for parameter in module.parameters())
 
 
-
-def export_pipeline(pipeline: object, denoiser: torch.nn.Module, text_encoders: torch.nn.Module | list[torch.nn.Module],
+def export_pipeline(load_base: Callable[[], object], denoiser: torch.nn.Module, text_encoders: torch.nn.Module | list[torch.nn.Module],
                     storage: Storage, lora: bool, family: object | None = None) -> str:
-    """Save the pipeline with the trained modules under `final/` of storage; returns its URI.
-    The pipeline class and scheduler (with its prediction_type) are the base model's."""
+    """Save the trained model under `final/` of storage; returns its URI. The frozen parts are
+    the base model as it was loaded (`load_base()` reads a fresh copy: training cast its own to the
+    half type), the trained parts come from their fp32 master copies. With LoRA, final/lora/ holds
+    the adapter files and final/ the base with that very file fused in."""
     from .families import family_of_pipeline
 
-    family = family or family_of_pipeline(pipeline)
     encoders = as_list(text_encoders)
+    base = load_base()
+    family = as_family(family) if family is not None else family_of_pipeline(base)
     with tempfile.TemporaryDirectory() as folder:
         local = Path(folder, FINAL)
         if lora:
             write_lora_files(local / "lora", family, denoiser, encoders)
-            denoiser = merged_copy(denoiser)
-            encoders = [merged_copy(e) if getattr(e, "peft_config", None) else e for e in encoders]
-        final = family.with_trained(pipeline, denoiser, encoders)
+            base.load_lora_weights(str(local / "lora"), weight_name=LORA_DIFFUSERS)
+            base.fuse_lora()
+            base.unload_lora_weights()
+            final = base
+        else:
+            base_encoders = family.components(base).text_encoders
+            final = family.with_trained(base, denoiser, [trained if is_trained(trained) else frozen
+                                                         for trained, frozen in zip(encoders, base_encoders)])
         final.save_pretrained(str(local), safe_serialization=True)
         # What the family trained with (prediction type; Flux's guidance and T5 length) beside the model.
-        (local / METADATA).write_text(json.dumps(family.metadata(pipeline), indent=2))
+        (local / METADATA).write_text(json.dumps(family.metadata(base), indent=2))
         storage.delete_prefix(FINAL)
         storage.upload_tree(FINAL, local)
     return storage.describe(FINAL)

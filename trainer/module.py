@@ -9,7 +9,7 @@ from .config import TrainConfig
 from .data import latent_distribution_params, step_generator
 from .errors import UserInputError
 from .families import FlowSettings, ModelFamily, StepMeta
-from .families.base import TEXT_LORA_TARGETS
+from .families.base import TEXT_LORA_TARGETS, text_encoder_blocks
 from .loss import prior_preservation_loss
 
 
@@ -34,6 +34,17 @@ def add_text_adapter(encoder: torch.nn.Module, config: object) -> None:
 
     inject_adapter_in_model(config, encoder, adapter_name="default")
     encoder.peft_config = {"default": config}
+
+
+def freeze_unread_layers(encoder: torch.nn.Module, read: int) -> None:
+    """Layers after the hidden state the family reads, and the final norm after them, get no
+    gradient: trainable, they would stop DDP (a parameter that never receives a gradient)."""
+    prefix, layers = text_encoder_blocks(encoder)
+    if read >= len(layers):
+        return
+    for layer in layers[read:]:
+        layer.requires_grad_(False)
+    encoder.get_submodule(prefix + "final_layer_norm").requires_grad_(False)
 
 
 def flow_settings(cfg: TrainConfig) -> FlowSettings:
@@ -90,8 +101,11 @@ class DreamBoothModule(pl.LightningModule):
     def text_encoder(self) -> torch.nn.Module:
         return self.text_encoders[0]
 
+    def indexed_trained_text_encoders(self) -> list[tuple[int, torch.nn.Module]]:
+        return [(i, self.text_encoders[i]) for i in self.family.trainable_text_encoders] if self.train_text else []
+
     def trained_text_encoders(self) -> list[torch.nn.Module]:
-        return [self.text_encoders[i] for i in self.family.trainable_text_encoders] if self.train_text else []
+        return [encoder for _, encoder in self.indexed_trained_text_encoders()]
 
     def _configure_trainable(self) -> None:
         training, family = self.cfg.training, self.family
@@ -103,13 +117,19 @@ class DreamBoothModule(pl.LightningModule):
             targets = list(lora.target_modules) or list(family.denoiser_lora_targets)
             self.denoiser.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, lora_dropout=lora.dropout,
                                                  init_lora_weights="gaussian", target_modules=targets))
-            for encoder in self.trained_text_encoders():
-                add_text_adapter(encoder, LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank,
-                                                     init_lora_weights="gaussian", target_modules=TEXT_LORA_TARGETS))
+            for index, encoder in self.indexed_trained_text_encoders():
+                read = family.text_layers_read(index, encoder)
+                unread = {"layers_to_transform": list(range(read)), "layers_pattern": "layers"} if read < encoder.config.num_hidden_layers else {}
+                add_text_adapter(encoder, LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, init_lora_weights="gaussian",
+                                                     target_modules=TEXT_LORA_TARGETS, **unread))
+            # Adapters are made in their base layer's type (half under mixed precision); they train in fp32.
+            for parameter in self.trainable_parameters():
+                parameter.data = parameter.data.float()
         else:
             self.denoiser.requires_grad_(True)
-            for encoder in self.trained_text_encoders():
+            for index, encoder in self.indexed_trained_text_encoders():
                 encoder.requires_grad_(True)
+                freeze_unread_layers(encoder, family.text_layers_read(index, encoder))
         self.denoiser.train()
         self.text_encoders.train(False)
         for encoder in self.trained_text_encoders():

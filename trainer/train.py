@@ -88,6 +88,21 @@ def frozen_dtype(cfg: TrainConfig) -> torch.dtype:
     return half_dtype(cfg) or torch.float32
 
 
+def place_frozen_modules(parts: "object", family: "object", cfg: TrainConfig, device: torch.device) -> None:
+    """Each module where and in what type the references keep it: frozen weights (a LoRA's base
+    denoiser, frozen or LoRA-trained text encoders) in the training's half type under mixed
+    precision, fully trained modules in fp32 (their master copy), the VAE in fp32 where the family
+    needs it (SDXL, SD3). LoRA adapters are cast to fp32 when they are added (DreamBoothModule).
+    Under FSDP the denoiser stays on the CPU: it reaches the GPU one sharded block at a time."""
+    training = cfg.training
+    half = frozen_dtype(cfg)
+    parts.vae.to(device, torch.float32 if family.vae_in_fp32 else half)
+    for index, encoder in enumerate(parts.text_encoders):
+        fully_trained = training.train_text_encoder and index in family.trainable_text_encoders and not training.lora.enabled
+        encoder.to(device, torch.float32 if fully_trained else half)
+    parts.denoiser.to(device if training.strategy == "ddp" else "cpu", half if training.lora.enabled else torch.float32)
+
+
 def training_precision(cfg: TrainConfig, device_type: str) -> "torch.autocast":
     """Autocast to the training's half type on a GPU; a no-op context in full precision."""
     dtype = half_dtype(cfg)
@@ -116,6 +131,13 @@ def training_buckets(cfg: TrainConfig, pixel_multiple: int = 8) -> list[tuple[in
     if not cfg.data.bucketing:
         return None
     return make_buckets(cfg.data.resolution, cfg.data.bucket_step, pixel_multiple)
+
+
+def load_base_model(cfg: TrainConfig) -> tuple:
+    """(family, pipeline) of the job's base model as loaded (fp32, on the CPU)."""
+    from .models import load_model
+
+    return load_model(cfg.model.source, seed=cfg.training.seed, tiny_resolution=cfg.model.tiny_resolution, family=cfg.model.family)
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -265,15 +287,10 @@ def run_training(cfg: TrainConfig) -> int:
 
     pl.seed_everything(training.seed, workers=True, verbose=False)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if place.accelerator == "gpu" else torch.device("cpu")
-    family, pipeline = load_model(cfg.model.source, seed=training.seed, tiny_resolution=cfg.model.tiny_resolution, family=cfg.model.family)
+    family, pipeline = load_base_model(cfg)
     refuse_ddpm_options(cfg, family)  # as soon as the family is known, before class images are drawn
     parts = family.components(pipeline)
-    parts.vae.to(device, frozen_dtype(cfg))
-    for index, encoder in enumerate(parts.text_encoders):
-        trained = training.train_text_encoder and index in family.trainable_text_encoders
-        encoder.to(device, torch.float32 if trained else frozen_dtype(cfg))
-    # Under FSDP the denoiser reaches the GPU one sharded block at a time (it may not fit whole).
-    parts.denoiser.to(device if training.strategy == "ddp" else "cpu")
+    place_frozen_modules(parts, family, cfg, device)
 
     klass = None
     generated = 0
@@ -328,8 +345,8 @@ def run_training(cfg: TrainConfig) -> int:
     if trainer.is_global_zero:
         if module.ema is not None:
             module.ema.copy_to(module.ema_parameters())
-        final_uri = export_pipeline(pipeline, denoiser, list(module.text_encoders), output, lora=training.lora.enabled,
-                                    family=family)
+        final_uri = export_pipeline(lambda: load_base_model(cfg)[1], denoiser, list(module.text_encoders), output,
+                                    lora=training.lora.enabled, family=family)
         result = validator(denoiser, list(module.text_encoders), None)
         for key, data in result.files.items():
             output.write_bytes(key, data)

@@ -199,7 +199,7 @@ def test_v_prediction_trains_on_the_velocity_and_the_export_keeps_it(tmp_path: P
     mse = torch.nn.functional.mse_loss
     assert loss == pytest.approx(float(mse(prediction, velocity)), rel=1e-5)
     assert loss != pytest.approx(float(mse(prediction, noised.noise)), rel=1e-3), "not the epsilon target"
-    export_pipeline(pipeline, module.denoiser, list(module.text_encoders), LocalStorage(tmp_path / "export"), lora=False)
+    export_pipeline(lambda: pipeline, module.denoiser, list(module.text_encoders), LocalStorage(tmp_path / "export"), lora=False)
     config = json.loads((tmp_path / "export" / "final" / "scheduler" / "scheduler_config.json").read_text())
     assert config["prediction_type"] == "v_prediction"
     assert json.loads((tmp_path / "export" / "final" / "dreambooth.json").read_text()) == {"family": "sd", "prediction_type": "v_prediction"}

@@ -70,6 +70,7 @@ class ModelFamily:
     denoiser_lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     pixel_multiple = 8
     flow_matching = False
+    vae_in_fp32 = False  # the VAE stays fp32 under mixed precision (the family's reference scripts keep it so)
 
     # -- building ----------------------------------------------------------------------------
     def pipeline_class(self) -> type:
@@ -163,6 +164,11 @@ class ModelFamily:
         return min_snr_weights(noised.timesteps, scheduler.alphas_cumprod, min_snr_gamma,
                                scheduler.config.get("prediction_type", "epsilon"))
 
+    def text_layers_read(self, index: int, encoder: torch.nn.Module) -> int:
+        """How many of text encoder `index`'s layers the family's conditions depend on (all, unless
+        the family reads a hidden state before the last: those later layers get no gradient)."""
+        return int(encoder.config.num_hidden_layers)
+
     # -- LoRA -----------------------------------------------------------------------------------
     def lora_layers(self, denoiser: torch.nn.Module, text_encoders: list[torch.nn.Module]) -> dict[str, Any]:
         """`save_lora_weights` keywords, as diffusers' own scripts write them: each adapted module's raw
@@ -175,7 +181,8 @@ class ModelFamily:
         for name, module in modules.items():
             config = getattr(module, "peft_config", None)
             if config:
-                layers[f"{name}_lora_layers"] = get_peft_model_state_dict(module)
+                state = get_peft_model_state_dict(module)
+                layers[f"{name}_lora_layers"] = state if module is denoiser else canonical_text_keys(state, module)
                 layers[f"{name}_lora_adapter_metadata"] = config["default"].to_dict()
         return layers
 
@@ -203,6 +210,21 @@ class ModelFamily:
 
     def metadata(self, pipeline: Any) -> dict[str, Any]:
         return {"family": self.name}
+
+
+def canonical_text_keys(state: dict[str, torch.Tensor], encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder's keys as every reader knows them (`text_model.encoder.layers…`):
+    transformers 5 flattened `CLIPTextModel` to `encoder.layers…` (diffusers strips the prefix again
+    for such a model, and older transformers need it)."""
+    if hasattr(encoder, "text_model") or not hasattr(encoder, "encoder"):
+        return state
+    return {f"text_model.{key}": value for key, value in state.items()}
+
+
+def text_encoder_blocks(encoder: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """(module-name prefix, the layer list) of a CLIP text encoder, flattened (transformers 5) or not."""
+    prefix = "text_model." if hasattr(encoder, "text_model") else ""
+    return prefix, encoder.get_submodule(prefix + "encoder.layers")
 
 
 def ddpm_noise(latents: torch.Tensor, noise: torch.Tensor, scheduler: Any, generator: torch.Generator) -> Noised:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .base import Noised, StepMeta
+from .base import Noised, StepMeta, canonical_text_keys
 from .sd3 import FlowFamily, t5_length
 
 # diffusers' Flux DreamBooth LoRA targets: attention in both streams and the feed-forwards.
@@ -92,7 +92,7 @@ class Flux(FlowFamily):
         out = bfl_lora(get_peft_model_state_dict(denoiser), denoiser, peft_alpha(denoiser))
         clip = text_encoders[0] if text_encoders else None
         if getattr(clip, "peft_config", None):
-            out.update(kohya_weights("lora_te1", get_peft_model_state_dict(clip), peft_alpha(clip)))
+            out.update(kohya_weights("lora_te1", canonical_text_keys(get_peft_model_state_dict(clip), clip), peft_alpha(clip)))
         return out
 
     def metadata(self, pipeline: Any) -> dict[str, Any]:

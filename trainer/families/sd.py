@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from .base import FlowSettings, ModelFamily, Noised, StepMeta, ddpm_noise, ddpm_scheduler
+from .base import FlowSettings, ModelFamily, Noised, StepMeta, canonical_text_keys, ddpm_noise, ddpm_scheduler
 
 
 class StableDiffusion(ModelFamily):
@@ -54,7 +54,8 @@ class StableDiffusion(ModelFamily):
                             lambda name: self.kohya_unet_name(name, denoiser.config))
         for prefix, encoder in zip(text_encoder_prefixes(len(self.text_encoder_names)), text_encoders):
             if getattr(encoder, "peft_config", None):
-                out.update(kohya_weights(prefix, get_peft_model_state_dict(encoder), peft_alpha(encoder)))
+                state = canonical_text_keys(get_peft_model_state_dict(encoder), encoder)
+                out.update(kohya_weights(prefix, state, peft_alpha(encoder)))
         return out
 
     def metadata(self, pipeline: Any) -> dict[str, Any]:

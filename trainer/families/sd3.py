@@ -40,6 +40,7 @@ class StableDiffusion3(FlowFamily):
     name = "sd3"
     pipeline_classes = ("StableDiffusion3Pipeline",)
     tiny_source = "tiny-sd3"
+    vae_in_fp32 = True  # NaN in fp16 (diffusers#7188); diffusers' SDXL and SD3 scripts keep it fp32
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
     tokenizer_names = ("tokenizer", "tokenizer_2", "tokenizer_3")
     trainable_text_encoders = (0, 1)

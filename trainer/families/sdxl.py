@@ -25,6 +25,7 @@ class StableDiffusionXL(StableDiffusion):
     name = "sdxl"
     pipeline_classes = ("StableDiffusionXLPipeline",)
     tiny_source = "tiny-sdxl"
+    vae_in_fp32 = True  # NaN in fp16 (diffusers#7188); diffusers' SDXL and SD3 scripts keep it fp32
     text_encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
     trainable_text_encoders = (0, 1)
@@ -58,6 +59,12 @@ class StableDiffusionXL(StableDiffusion):
 
     def extra_pipeline_kwargs(self) -> dict[str, Any]:
         return {"add_watermarker": False}
+
+    def text_layers_read(self, index: int, encoder: torch.nn.Module) -> int:
+        """SDXL reads CLIP-L's penultimate hidden state (and not its pooled output): its last layer
+        and final norm never get a gradient. bigG's pooled projection runs all of bigG."""
+        layers = int(encoder.config.num_hidden_layers)
+        return layers - 1 if index == 0 else layers
 
     def kohya_unet_name(self, name: str, config: Any) -> str:
         """sd-scripts trains SDXL on the original SGM UNet: its block names, not diffusers'."""
