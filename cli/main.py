@@ -143,6 +143,34 @@ def serve(
 
 
 @app.command()
+def plan(job: Annotated[Path, typer.Argument(help="A DreamboothJob manifest (YAML; several documents allowed).")]) -> None:
+    """Print the memory plan of a DreamboothJob: what each GPU holds (weights, gradients and optimizer
+    state exact; activations an estimate) against resources.gpuMemory."""
+    import copy
+
+    import yaml
+
+    from dreambooth_api.v1alpha1.sections import ConfigError
+    from dreambooth_api.v1alpha1.spec import KIND, memory_plan, parse_spec
+
+    try:
+        documents = [d for d in yaml.safe_load_all(job.read_text()) if isinstance(d, dict) and d.get("kind") == KIND]
+    except (OSError, yaml.YAMLError) as error:
+        fail(f"{job}: {error}")
+    if not documents:
+        fail(f"{job} holds no {KIND}")
+    for document in documents:
+        data = copy.deepcopy(document.get("spec") or {})
+        gpu_memory = (data.get("resources") or {}).pop("gpuMemory", None)  # a plan that does not fit is still printed
+        try:
+            spec = parse_spec(data)
+            plan = memory_plan(spec.model_copy(update={"resources": spec.resources.model_copy(update={"gpu_memory": gpu_memory})}))
+        except (ConfigError, ValueError) as error:
+            fail(f"{job}: {error}")
+        typer.echo(f"{document.get('metadata', {}).get('name', job.stem)}: " + plan.table())
+
+
+@app.command()
 def crd() -> None:
     """Print the DreamboothJob CustomResourceDefinition generated from the API package."""
     typer.echo(crd_yaml(), nl=False)

@@ -13,12 +13,14 @@ from typing import Any
 from pydantic.alias_generators import to_camel
 
 from dreambooth_trainer.config import ConfigError, apply_overrides
-from dreambooth_api.v1alpha1.spec import MAX_NAME_LENGTH, NAME_RE, parse_spec
+from dreambooth_api.v1alpha1.architectures import FAMILY_NATIVE_SIZE, architecture_of
+from dreambooth_api.v1alpha1.spec import MAX_NAME_LENGTH, NAME_RE, TINY_FAMILIES, parse_spec
 
 from .errors import ClientError
 from .kube import job_manifest
 
 DEFAULT_MODEL = "hf://stable-diffusion-v1-5/stable-diffusion-v1-5"
+TINY_RESOLUTION = 32  # the built-in tiny models' shape
 EXPONENT_RE = re.compile(r"^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$")
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 PHOTOS_ANNOTATION = "dreambooth.dev/uploaded-photos"
@@ -71,10 +73,15 @@ class SubmitOptions:
         return self.validation_prompts or [f"{self.instance_prompt} on the beach"]
 
     def training_resolution(self) -> int:
-        """The user's, else the model's own: the tiny model is shaped for 32 px, SD1.5 for 512."""
+        """The user's, else the model's own (what the photos are checked against): a published
+        model's, the family's (SD 512; SDXL, SD3, Flux 1024), the tiny model's 32 px."""
         if self.resolution:
             return self.resolution
-        return 32 if self.model == "tiny" else 512
+        if self.model in TINY_FAMILIES:
+            return TINY_RESOLUTION
+        known = architecture_of(self.model)
+        family = known.family if known else self.family or TINY_FAMILIES.get(self.model) or "sd"
+        return known.native_size if known else FAMILY_NATIVE_SIZE[family]
 
 
 def job_name(options: SubmitOptions) -> str:
@@ -94,8 +101,7 @@ def build_spec(options: SubmitOptions, instance_uri: str, storage: dict[str, Any
     steps = options.steps
     spec: dict[str, Any] = {
         "model": {"source": options.model},
-        "data": {"instanceUri": instance_uri, "instancePrompt": options.instance_prompt, "token": options.token,
-                 "resolution": options.training_resolution()},
+        "data": {"instanceUri": instance_uri, "instancePrompt": options.instance_prompt, "token": options.token},
         "prior": {"enabled": options.prior, "classPrompt": options.class_prompt},
         "training": {},
         "validation": {"prompts": options.prompts()},
@@ -105,6 +111,8 @@ def build_spec(options: SubmitOptions, instance_uri: str, storage: dict[str, Any
     }
     if options.family:
         spec["model"]["family"] = options.family
+    if options.resolution or options.model in TINY_FAMILIES:  # else the trainer takes the model's native size
+        spec["data"]["resolution"] = options.training_resolution()
     if steps:
         spec["training"]["maxSteps"] = steps
     sample_every = options.sample_every if options.sample_every is not None else max(1, (steps or 400) // SAMPLES_PER_RUN)

@@ -20,8 +20,11 @@ SERVING_READY = "ServingReady"
 FINISHED = "Finished"
 NAME_CONFLICT = "NameConflict"
 UPDATE_PENDING = "UpdatePending"
+# What each GPU will hold (dreambooth_api.v1alpha1.memory): True when the job fits resources.gpuMemory
+# by the plan, False when it fits only without the activation estimate, Unknown without a plan or a size.
+MEMORY_PLAN = "MemoryPlan"
 CONDITION_TYPES = (ACCEPTED, QUEUED, RUNNING, RESTARTING, SUSPENDED, SUCCEEDED, FAILED, SERVING_READY, FINISHED,
-                   NAME_CONFLICT, UPDATE_PENDING)
+                   NAME_CONFLICT, UPDATE_PENDING, MEMORY_PLAN)
 TERMINAL_PHASES = ("Succeeded", "Failed")
 # Conditions whose turning True deserves a Warning event rather than a Normal one.
 WARNING_CONDITIONS = (RESTARTING, FAILED, NAME_CONFLICT)
@@ -52,14 +55,14 @@ def is_true(conditions: Conditions, type_: str) -> bool:
 def set_condition(
     conditions: Conditions,
     type_: str,
-    status: bool,
+    status: bool | str,
     reason: str,
     message: str,
     generation: int | None,
     now: datetime,
 ) -> Conditions:
-    """A new list with `type_` set; lastTransitionTime moves only when the status flips."""
-    value = "True" if status else "False"
+    """A new list with `type_` set (True, False, or "Unknown"); lastTransitionTime moves only when the status flips."""
+    value = status if isinstance(status, str) else ("True" if status else "False")
     old = get_condition(conditions, type_)
     changed = old is None or old.get("status") != value
     condition: dict[str, Any] = {

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from dreambooth_api.v1alpha1.memory import MemoryPlan
 from dreambooth_api.v1alpha1.spec import DreamboothJobSpec
 
 from . import builders, failures, shared_server
@@ -17,6 +18,7 @@ from .conditions import (
     ACCEPTED,
     FAILED,
     FINISHED,
+    MEMORY_PLAN,
     NAME_CONFLICT,
     QUEUED,
     RESTARTING,
@@ -147,7 +149,7 @@ class _Draft:
         self.actions: list[Action] = []
         self.requeue_after: float | None = None
 
-    def condition(self, type_: str, value: bool, reason: str, message: str) -> None:
+    def condition(self, type_: str, value: bool | str, reason: str, message: str) -> None:
         self.status["conditions"] = set_condition(
             self.status["conditions"], type_, value, reason, message, self.obs.generation, self.obs.now
         )
@@ -517,8 +519,9 @@ def _record_progress(draft: _Draft) -> None:
 
 
 def accept(status: dict[str, Any], generation: int | None, now: datetime, output_uri: str,
-           defaults: dict[str, Any] | None = None) -> Plan:
-    """The admission checks passed: record it and freeze the spec and the installation defaults."""
+           defaults: dict[str, Any] | None = None, memory: MemoryPlan | None = None) -> Plan:
+    """The admission checks passed: record it and freeze the spec and the installation defaults;
+    the memory plan goes in its condition (admission already refused a job that cannot fit)."""
     draft = _Draft(Observation("", "", generation, None, status, now))  # type: ignore[arg-type]
     draft.status["outputUri"] = output_uri
     draft.status["acceptedGeneration"] = generation if generation is not None else 0
@@ -527,6 +530,10 @@ def accept(status: dict[str, Any], generation: int | None, now: datetime, output
     for counter in ("gang", "restarts", "disruptions"):
         draft.status.setdefault(counter, 0)
     draft.condition(ACCEPTED, True, "ChecksPassed", "credentials, instance images and model source look usable")
+    if memory is not None:
+        status_of = {"fits": True, "tight": False}.get(memory.verdict)
+        reason = {"fits": "Fits", "tight": "TightWithActivations"}.get(memory.verdict, "NoPlan" if memory.architecture is None else "NoGpuMemory")
+        draft.condition(MEMORY_PLAN, "Unknown" if status_of is None else status_of, reason, memory.summary())
     return draft.finish()
 
 

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from dreambooth_api.v1alpha1.sections import ConfigError
-from dreambooth_api.v1alpha1.spec import API_VERSION, KIND, DreamboothJobSpec, parse_spec
+from dreambooth_api.v1alpha1.spec import API_VERSION, KIND, DreamboothJobSpec, memory_plan, parse_spec
 
 from . import builders, failures, installation, kube, lifecycle, metrics, polling, registration, store
 from .conditions import ACCEPTED, FAILED, NAME_CONFLICT, TERMINAL_PHASES, is_true, parse_time
@@ -161,7 +161,7 @@ class Reconciler:
             problem = self._admission_problem(ref)
             if problem is not None:
                 return self._await_admission(body, spec, now, *problem)
-            accepted = lifecycle.accept(status, generation, now, ref.output_uri, snapshot)
+            accepted = lifecycle.accept(status, generation, now, ref.output_uri, snapshot, memory_plan(spec))
             status, accepted_events = accepted.status, accepted.events
         obs = self._observe(ref, status, generation, now)
         plan = lifecycle.decide(obs)

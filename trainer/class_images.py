@@ -73,9 +73,22 @@ def existing_class_images(cfg: TrainConfig) -> tuple[Storage | None, list[str]]:
     return storage, keys[: cfg.prior.num_class_images]
 
 
+def class_sampler(cfg: TrainConfig, family: object) -> str | None:
+    """prior.sampler, or the family's default: ddim for SD, the pipeline's own scheduler (None) otherwise."""
+    return cfg.prior.sampler or ("ddim" if family.name == "sd" else None)
+
+
+def class_guidance(cfg: TrainConfig, family: object) -> float:
+    """prior.guidance_scale, or the family's pipeline default (Flux-dev: its distilled guidance 3.5)."""
+    return family.default_guidance if cfg.prior.guidance_scale is None else cfg.prior.guidance_scale
+
+
 def generate_share(pipeline: object, cache: Storage, cfg: TrainConfig, missing: list[int], rank: int, world: int) -> int:
     """Generate this rank's share of the missing cache images; returns how many it made."""
+    from .families import family_of_pipeline
     from .generate import ImageRequest, generate_images, png_bytes
+
+    family = family_of_pipeline(pipeline)
 
     mine = [index for index in missing if index % world == rank]
     batch = cfg.prior.sample_batch_size
@@ -83,8 +96,8 @@ def generate_share(pipeline: object, cache: Storage, cfg: TrainConfig, missing: 
         indices = mine[start:start + batch]
         requests = [ImageRequest(cfg.prior.class_prompt or "", "", cfg.training.seed + index) for index in indices]
         images = generate_images(
-            pipeline, requests, steps=cfg.prior.sample_steps, guidance=cfg.prior.guidance_scale,
-            height=cfg.data.resolution, width=cfg.data.resolution, sampler=cfg.prior.sampler,
+            pipeline, requests, steps=cfg.prior.sample_steps, guidance=class_guidance(cfg, family),
+            height=cfg.data.resolution, width=cfg.data.resolution, sampler=class_sampler(cfg, family),
         )
         for index, image in zip(indices, images):
             cache.write_bytes(image_key(index), png_bytes(image))
@@ -111,9 +124,10 @@ def ensure_class_images(cfg: TrainConfig, pipeline: object, rank: int = 0, world
         return ClassImages(ImageSet(images, cfg.prior.class_prompt or ""), 0, None)
     from .families import family_of_pipeline
 
+    family = family_of_pipeline(pipeline)
     key = class_cache_key(
-        model_identity(cfg, family_of_pipeline(pipeline).name), cfg.prior.class_prompt or "", cfg.data.resolution, cfg.prior.sampler,
-        cfg.prior.sample_steps, cfg.prior.guidance_scale, cfg.training.seed, missing_count,
+        model_identity(cfg, family.name), cfg.prior.class_prompt or "", cfg.data.resolution, class_sampler(cfg, family) or "pipeline",
+        cfg.prior.sample_steps, class_guidance(cfg, family), cfg.training.seed, missing_count,
     )
     cache = open_storage(f"{default_cache_uri(cfg).rstrip('/')}/{key}")
     generated = 0

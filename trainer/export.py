@@ -61,7 +61,7 @@ def is_trained(module: torch.nn.Module) -> bool:
 
 
 def export_pipeline(load_base: Callable[[], object], denoiser: torch.nn.Module, text_encoders: torch.nn.Module | list[torch.nn.Module],
-                    storage: Storage, lora: bool, family: object | None = None) -> str:
+                    storage: Storage, lora: bool, family: object | None = None, metadata: dict | None = None) -> str:
     """Save the trained model under `final/` of storage; returns its URI. The frozen parts are
     the base model as it was loaded (`load_base()` reads a fresh copy: training cast its own to the
     half type), the trained parts come from their fp32 master copies. With LoRA, final/lora/ holds
@@ -85,7 +85,7 @@ def export_pipeline(load_base: Callable[[], object], denoiser: torch.nn.Module, 
                                                          for trained, frozen in zip(encoders, base_encoders)])
         final.save_pretrained(str(local), safe_serialization=True)
         # What the family trained with (prediction type; Flux's guidance and T5 length) beside the model.
-        (local / METADATA).write_text(json.dumps(family.metadata(base), indent=2))
+        (local / METADATA).write_text(json.dumps(metadata or family.metadata(base), indent=2))
         storage.delete_prefix(FINAL)
         storage.upload_tree(FINAL, local)
     return storage.describe(FINAL)

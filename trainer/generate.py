@@ -82,9 +82,11 @@ def decode_images(pipeline: object, latents: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
 
 
-def generate_images(pipeline: object, requests: list[ImageRequest], steps: int = 25, guidance: float = 7.5, height: int | None = None, width: int | None = None, sampler: str = "ddim") -> list[Image.Image]:
-    """SD runs the batched loop above (with `sampler`); other families run their own pipeline
-    (its scheduler; for Flux `guidance` is the distilled guidance)."""
+def generate_images(pipeline: object, requests: list[ImageRequest], steps: int = 25, guidance: float | None = None,
+                    height: int | None = None, width: int | None = None, sampler: str | None = None) -> list[Image.Image]:
+    """SD runs the batched loop above (`sampler`, default ddim); other families run their own
+    pipeline (its scheduler, or `sampler`'s for SDXL; for Flux `guidance` is the distilled
+    guidance). `guidance` None: the family's pipeline default."""
     from .families import family_of_pipeline
 
     family = family_of_pipeline(pipeline)
@@ -92,10 +94,11 @@ def generate_images(pipeline: object, requests: list[ImageRequest], steps: int =
     height, width = height or size, width or size
     if height % 8 or width % 8:
         raise ValueError(f"width and height must be multiples of 8 (got {width}x{height})")
+    guidance = family.default_guidance if guidance is None else guidance
     if family.name != "sd":
         return family.generate(pipeline, [r.prompt for r in requests], [r.negative_prompt for r in requests],
-                               [r.seed for r in requests], steps, guidance, height, width)
-    latents = generate_latents(pipeline, requests, steps, guidance, height, width, sampler)
+                               [r.seed for r in requests], steps, guidance, height, width, sampler)
+    latents = generate_latents(pipeline, requests, steps, guidance, height, width, sampler or "ddim")
     return decode_images(pipeline, latents)
 
 

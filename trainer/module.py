@@ -12,6 +12,10 @@ from .families import FlowSettings, ModelFamily, StepMeta
 from .families.base import TEXT_LORA_TARGETS, text_encoder_blocks
 from .loss import prior_preservation_loss
 
+# The references' learning rates: diffusers' LoRA DreamBooth scripts (SDXL, SD3, Flux) and train_dreambooth.py.
+LORA_LEARNING_RATE = 1e-4
+FULL_LEARNING_RATE = 5e-6
+
 
 
 def sample_raw_latents(params: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -47,16 +51,29 @@ def freeze_unread_layers(encoder: torch.nn.Module, read: int) -> None:
     encoder.get_submodule(prefix + "final_layer_norm").requires_grad_(False)
 
 
-def flow_settings(cfg: TrainConfig) -> FlowSettings:
+def flow_settings(cfg: TrainConfig, family: ModelFamily) -> FlowSettings:
+    """The run's flow-matching settings; unset, the family's reference defaults (SD3 preconditions its outputs)."""
     training = cfg.training
-    return FlowSettings(training.weighting_scheme, training.logit_mean, training.logit_std, training.mode_scale)
+    precondition = family.name == "sd3" if training.precondition_outputs is None else training.precondition_outputs
+    return FlowSettings(training.weighting_scheme or family.default_weighting_scheme, training.logit_mean, training.logit_std,
+                        training.mode_scale, precondition)
 
 
-def refuse_ddpm_options(cfg: TrainConfig, family: ModelFamily) -> None:
-    """min-SNR and offset noise are defined on a DDPM schedule: a flow-matching family refuses them by name."""
-    for field in ("min_snr_gamma", "noise_offset"):
-        if family.flow_matching and getattr(cfg.training, field):
-            raise UserInputError(f"training.{field} applies to the DDPM families (sd, sdxl), not to {family.name} (flow matching)")
+def refuse_other_families_options(cfg: TrainConfig, family: ModelFamily) -> None:
+    """An option of other families (min-SNR and offset noise of the DDPM loss, SD3's preconditioning,
+    Flux's distilled guidance, ...) is refused by name, never ignored (the admission rules' twin,
+    for models whose family only their files tell)."""
+    from dreambooth_api.v1alpha1.spec import FAMILY_OPTIONS, option_set
+
+    for option in FAMILY_OPTIONS:
+        if family.name not in option.families and option_set(option, cfg):
+            raise UserInputError(f"{option.section}.{option.field} is {option.why}; not for {family.name}")
+
+
+def learning_rate(cfg: TrainConfig) -> float:
+    """training.learning_rate, or the references' default: 1e-4 for LoRA, 5e-6 for a full fine-tune."""
+    training = cfg.training
+    return training.learning_rate or (LORA_LEARNING_RATE if training.lora.enabled else FULL_LEARNING_RATE)
 
 
 class DreamBoothModule(pl.LightningModule):
@@ -72,7 +89,9 @@ class DreamBoothModule(pl.LightningModule):
         self._pipeline = pipeline  # the frozen parts (tokenizers, schedulers) for text encoding
         self.noise_scheduler = family.training_scheduler(pipeline)
         self.vae_scale = int(getattr(pipeline, "vae_scale_factor", 8))
-        self.flow = flow_settings(cfg)
+        self.flow = flow_settings(cfg, family)
+        self.text_length = family.training_text_length(cfg)
+        self.guidance = family.training_guidance(self.denoiser, cfg)
         self.prompts = prompts or prompt_list(cfg)
         self.strict_loading = False  # checkpoints hold only what trains
         self.vae.requires_grad_(False).eval()
@@ -183,7 +202,7 @@ class DreamBoothModule(pl.LightningModule):
         if self.cond_names and not self.train_text:
             return {name: getattr(self, f"text_cond_{name}")[indices] for name in self.cond_names}
         # The pipeline holds these very encoder objects (adapters and all), so it encodes with them.
-        return self.family.encode_text(self._pipeline, [self.prompts[i] for i in indices.tolist()], self.device)
+        return self.family.encode_text(self._pipeline, [self.prompts[i] for i in indices.tolist()], self.device, self.text_length)
 
     def latent_params(self, batch: dict) -> torch.Tensor:
         if "latent_params" in batch:
@@ -193,7 +212,7 @@ class DreamBoothModule(pl.LightningModule):
             return latent_distribution_params(self.vae, pixels)
 
     def step_meta(self, batch: dict) -> StepMeta:
-        return StepMeta(self.vae_scale, batch.get("original_size"), batch.get("crop_top_left"))
+        return StepMeta(self.vae_scale, batch.get("original_size"), batch.get("crop_top_left"), self.guidance)
 
     def compute_loss(self, batch: dict) -> torch.Tensor:
         family = self.family
@@ -205,7 +224,7 @@ class DreamBoothModule(pl.LightningModule):
         if self.cfg.training.channels_last and family.denoiser_name == "unet":
             noised.noisy = noised.noisy.contiguous(memory_format=torch.channels_last)
         prediction = family.predict(self.denoiser, noised, conds, self.step_meta(batch))
-        target = family.target(noised, self.noise_scheduler)
+        prediction, target = family.objective(noised, prediction, self.noise_scheduler, self.flow)
         weights = family.loss_weights(noised, self.noise_scheduler, self.cfg.training.min_snr_gamma)
         parts = prior_preservation_loss(prediction, target, int(batch["num_instance"]), self.cfg.prior.loss_weight, weights)
         return parts.total
@@ -250,10 +269,10 @@ class DreamBoothModule(pl.LightningModule):
     def configure_optimizers(self) -> dict:
         training = self.cfg.training
         denoiser_params = [p for p in self.denoiser.parameters() if p.requires_grad]
-        groups = [{"params": denoiser_params, "lr": training.learning_rate}]
+        groups = [{"params": denoiser_params, "lr": learning_rate(self.cfg)}]
         if self.train_text:
             text_params = [p for encoder in self.trained_text_encoders() for p in encoder.parameters() if p.requires_grad]
-            groups.append({"params": text_params, "lr": training.text_encoder_learning_rate or training.learning_rate})
+            groups.append({"params": text_params, "lr": training.text_encoder_learning_rate or learning_rate(self.cfg)})
         kwargs = dict(betas=(training.adam_beta1, training.adam_beta2), weight_decay=training.adam_weight_decay, eps=training.adam_epsilon)
         if training.optimizer == "adamw_8bit":
             optimizer = eight_bit_adamw(groups, kwargs)

@@ -118,9 +118,10 @@ def encode_prompt_embeddings(text_encoder: torch.nn.Module, tokenizer: object, p
 
 
 @torch.no_grad()
-def cached_text_conditions(family: object, pipeline: object, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+def cached_text_conditions(cfg: TrainConfig, family: object, pipeline: object, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
     """Every distinct prompt's text conditions, encoded once by the frozen encoders (kept as fp32)."""
-    return {name: value.float().cpu() for name, value in family.encode_text(pipeline, prompts, device).items()}
+    conds = family.encode_text(pipeline, prompts, device, family.training_text_length(cfg))
+    return {name: value.float().cpu() for name, value in conds.items()}
 
 
 def training_buckets(cfg: TrainConfig, pixel_multiple: int = 8) -> list[tuple[int, int]] | None:
@@ -131,6 +132,15 @@ def training_buckets(cfg: TrainConfig, pixel_multiple: int = 8) -> list[tuple[in
     if not cfg.data.bucketing:
         return None
     return make_buckets(cfg.data.resolution, cfg.data.bucket_step, pixel_multiple)
+
+
+def with_model_defaults(cfg: TrainConfig, family: "object", pipeline: "object") -> TrainConfig:
+    """The config with what only the loaded model tells filled in: data.resolution, when unset, is
+    the model's native size."""
+    if cfg.data.resolution is not None:
+        return cfg
+    data = cfg.data.model_copy(update={"resolution": family.native_size(pipeline)})
+    return cfg.model_copy(update={"data": data})
 
 
 def load_base_model(cfg: TrainConfig) -> tuple:
@@ -261,7 +271,7 @@ def run_training(cfg: TrainConfig) -> int:
     from .distributed import dist_env_from, wait_for_master
     from .export import export_pipeline
     from .models import load_model, quiet_libraries
-    from .module import DreamBoothModule, refuse_ddpm_options
+    from .module import DreamBoothModule, refuse_other_families_options
     from .storage import S3Storage, open_storage
 
     json_logs = json_logs_wanted(cfg)
@@ -288,7 +298,8 @@ def run_training(cfg: TrainConfig) -> int:
     pl.seed_everything(training.seed, workers=True, verbose=False)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if place.accelerator == "gpu" else torch.device("cpu")
     family, pipeline = load_base_model(cfg)
-    refuse_ddpm_options(cfg, family)  # as soon as the family is known, before class images are drawn
+    cfg = with_model_defaults(cfg, family, pipeline)
+    refuse_other_families_options(cfg, family)  # as soon as the family is known, before class images are drawn
     parts = family.components(pipeline)
     place_frozen_modules(parts, family, cfg, device)
 
@@ -317,7 +328,7 @@ def run_training(cfg: TrainConfig) -> int:
                                 latent_cache=latent_cache, buckets=buckets, caption_dropout=cfg.data.caption_dropout)
     if not training.train_text_encoder:
         with training_precision(cfg, device.type):
-            text_conds = cached_text_conditions(family, pipeline, batches.prompts, device)
+            text_conds = cached_text_conditions(cfg, family, pipeline, batches.prompts, device)
     module = DreamBoothModule(cfg, family, pipeline, text_conds, batches.prompts)
     # Pinned host memory lets Lightning copy batches to the GPU without making the host wait.
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.data.num_workers,
@@ -346,7 +357,7 @@ def run_training(cfg: TrainConfig) -> int:
         if module.ema is not None:
             module.ema.copy_to(module.ema_parameters())
         final_uri = export_pipeline(lambda: load_base_model(cfg)[1], denoiser, list(module.text_encoders), output,
-                                    lora=training.lora.enabled, family=family)
+                                    lora=training.lora.enabled, family=family, metadata=family.metadata(pipeline, cfg))
         result = validator(denoiser, list(module.text_encoders), None)
         for key, data in result.files.items():
             output.write_bytes(key, data)

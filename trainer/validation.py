@@ -49,7 +49,7 @@ class Validator:
         validation = self.cfg.validation
         requests = [ImageRequest(prompt, "", validation.seed + i) for prompt in prompts for i in range(validation.num_images)]
         with self.precision:
-            return generate_images(view, requests, steps=validation.steps, guidance=validation.guidance_scale,
+            return generate_images(view, requests, steps=validation.steps, guidance=validation.guidance_scale,  # None: the family's
                                    height=self.cfg.data.resolution, width=self.cfg.data.resolution)
 
     def __call__(self, denoiser: torch.nn.Module, text_encoders: torch.nn.Module | list[torch.nn.Module], step: int | None,

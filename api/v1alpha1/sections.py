@@ -13,6 +13,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from .architectures import ARCHITECTURE_NAMES
+
 MODEL_SOURCE_RE = re.compile(
     r"^(tiny|hf://[A-Za-z0-9_.\-]+/[A-Za-z0-9_.\-]+(@[A-Za-z0-9_.\-/]+)?|s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|[^:]+)$"
 )
@@ -46,6 +48,10 @@ class ModelConfig(Section):
     family: Literal["auto", "sd", "sdxl", "sd3", "flux"] = Field(
         "auto", description="Model family; auto reads it from the model (model_index.json's pipeline class). An explicit family must match the model.")
     tiny_resolution: int = Field(32, ge=8, description="Sample size in pixels the built-in tiny model is shaped for.")
+    architecture: Literal[ARCHITECTURE_NAMES] | None = Field(
+        None, description="The published model this source is a copy of (s3://, a folder), for the memory plan; read from source when it names a published model.")
+    quantize: Literal["none", "int8", "fp8"] = Field(
+        "none", description="LoRA only: keep the frozen denoiser and frozen text encoders in 8 bits (torchao weight-only int8, or fp8 on GPUs that have it), so Flux and SD3.5-Large LoRA fit 24 GB cards. The adapters and the exported files stay full precision.")
 
     @field_validator("source")
     @classmethod
@@ -59,7 +65,8 @@ class DataConfig(Section):
     instance_uri: str = Field(..., description="Folder or s3://bucket/prefix holding 3-20 photos of the subject.")
     instance_prompt: str = Field(..., description="Prompt naming the subject with the identifier token, e.g. `a photo of sks dog`.")
     token: str = Field("sks", min_length=1, description="The rare identifier token bound to the subject.")
-    resolution: int = Field(512, ge=8, description="Training resolution in pixels (multiple of 8).")
+    resolution: int | None = Field(
+        None, ge=8, description="Training resolution in pixels (multiple of 8). Default: the model's native size (sd 512, SD 2.x-v 768, sdxl, sd3 and flux 1024; a built-in tiny model its model.tiny_resolution).")
     center_crop: bool = Field(True, description="Center crop after resizing (random crop when false).")
     random_flip: bool = Field(False, description="Randomly flip images horizontally.")
     num_workers: int = Field(0, ge=0, description="Dataloader worker processes.")
@@ -74,14 +81,14 @@ class DataConfig(Section):
 
     @field_validator("resolution", "bucket_step")
     @classmethod
-    def _multiple_of_eight(cls, value: int) -> int:
-        if value % 8:
+    def _multiple_of_eight(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
             raise ValueError("must be a multiple of 8")
         return value
 
     @model_validator(mode="after")
     def _buckets_fit(self) -> "DataConfig":
-        if self.bucketing and self.resolution % self.bucket_step:
+        if self.bucketing and self.resolution is not None and self.resolution % self.bucket_step:
             raise ValueError(f"data.bucket_step {self.bucket_step} must divide data.resolution {self.resolution} when data.bucketing is true")
         return self
 
@@ -92,9 +99,11 @@ class PriorConfig(Section):
     class_uri: str | None = Field(None, description="Folder or s3:// prefix with existing class images; missing ones are generated.")
     num_class_images: int = Field(100, ge=1, description="Class images wanted; generated when fewer exist.")
     loss_weight: float = Field(1.0, ge=0.0, description="λ in loss = mse(instance) + λ·mse(class) (diffusers' prior_loss_weight).")
-    sampler: Literal["ddim", "pndm", "euler", "dpm"] = Field("ddim", description="Scheduler used to generate class images.")
+    sampler: Literal["ddim", "pndm", "euler", "dpm"] | None = Field(
+        None, description="Scheduler that draws class images (DDPM families: sd, sdxl). Default: ddim for sd, the pipeline's own for sdxl (euler); sd3 and flux refuse it (they draw with their flow-matching scheduler).")
     sample_steps: int = Field(25, ge=1, le=1000, description="Denoising steps per generated class image.")
-    guidance_scale: float = Field(7.5, ge=0.0, description="Classifier-free guidance for class images.")
+    guidance_scale: float | None = Field(
+        None, ge=0.0, description="Guidance for class images. Default: the family's pipeline default (sd 7.5, sdxl 5.0, sd3 7.0, flux 3.5, Flux-dev's distilled guidance).")
     sample_batch_size: int = Field(4, ge=1, description="Class images generated per batch on each rank.")
     cache_uri: str | None = Field(
         None,
@@ -139,7 +148,8 @@ FSDP_CONFLICTS: tuple[tuple[str, Any, str], ...] = (
 class TrainingConfig(Section):
     max_steps: int = Field(400, gt=0, description="Optimizer steps to train.")
     seed: int = Field(0, ge=0, description="Seed for data order, noise, timesteps and the tiny model.")
-    learning_rate: float = Field(5e-6, gt=0)
+    learning_rate: float | None = Field(
+        None, gt=0, description="Default: 1e-4 with LoRA (diffusers' LoRA DreamBooth scripts), 5e-6 for a full fine-tune (train_dreambooth.py).")
     text_encoder_learning_rate: float | None = Field(None, gt=0, description="Default: learning_rate.")
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
@@ -166,8 +176,14 @@ class TrainingConfig(Section):
     channels_last: bool = Field(False, description="Channels-last memory format for the UNet (faster on GPUs).")
     min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR-γ loss weighting (5 is usual; epsilon and v-prediction models); unset: off.")
     noise_offset: float = Field(0.0, ge=0, le=1, description="Offset noise: add this x a normal draw per sample and channel to the noise (0.05-0.1 is usual); 0: off.")
-    weighting_scheme: Literal["logit_normal", "mode", "uniform"] = Field(
-        "logit_normal", description="Flow-matching families (SD3, Flux): how timesteps are drawn (SD3 paper).")
+    weighting_scheme: Literal["logit_normal", "mode", "uniform"] | None = Field(
+        None, description="Flow-matching families (sd3, flux): how timesteps are drawn (SD3 paper). Default: the family's reference script's, logit_normal for sd3, uniform for flux.")
+    precondition_outputs: bool | None = Field(
+        None, description="sd3: compare the x0 estimate (x_t - sigma * prediction) with the clean latents, which weights each timestep by sigma squared (diffusers' SD3 scripts by default, kohya's SD3 trainer); false compares the raw velocity with noise - x0. Default: true for sd3; other families refuse it.")
+    distilled_guidance: float | None = Field(
+        None, ge=0, description="flux (FLUX.1-dev, a guidance-embedding model): the guidance value the transformer is conditioned on while training. Default: 3.5 (diffusers' Flux scripts; kohya's docs suggest 1.0); other families refuse it.")
+    max_sequence_length: int | None = Field(
+        None, ge=1, le=512, description="sd3, flux: T5 tokens of the training prompts. Default: the reference script's, 77 for sd3, 512 for flux; other families refuse it.")
     logit_mean: float = Field(0.0, description="logit_normal: mean of the normal before the sigmoid.")
     logit_std: float = Field(1.0, gt=0, description="logit_normal: its standard deviation.")
     mode_scale: float = Field(1.29, description="mode: how strongly the middle timesteps are favoured.")
@@ -198,7 +214,7 @@ class ValidationConfig(Section):
     every_n_steps: int = Field(0, ge=0, description="0 disables periodic validation.")
     num_images: int = Field(2, ge=1, le=16)
     steps: int = Field(25, ge=1, le=1000)
-    guidance_scale: float = Field(7.5, ge=0)
+    guidance_scale: float | None = Field(None, ge=0, description="Default: the family's pipeline default (sd 7.5, sdxl 5.0, sd3 7.0, flux 3.5).")
     seed: int = 0
     fidelity: bool = Field(True, description="Measure how close the instance prompt's images come to the subject photos (and the class prompt's stay away) before training, at each validation and at the end.")
     fidelity_model: str | None = Field(
@@ -223,6 +239,13 @@ class TrainerSections(Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     checkpointing: CheckpointingConfig = Field(default_factory=CheckpointingConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
+
+    @model_validator(mode="after")
+    def _quantize_needs_lora(self) -> "TrainerSections":
+        if self.model.quantize != "none" and not self.training.lora.enabled:
+            raise ValueError(f"model.quantize={self.model.quantize} quantizes the frozen base of a LoRA run; set training.lora.enabled "
+                             "or model.quantize=none (a full fine-tune trains those weights)")
+        return self
 
 
 class TrainConfig(TrainerSections):

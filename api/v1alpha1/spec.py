@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
+from .architectures import ARCHITECTURES, PUBLISHED_SOURCES
+from .memory import MemoryPlan, PlanInputs, exact_bytes_cel, plan
 from .pod_template import (
     RESERVED_ENV,
     RESERVED_VOLUMES,
@@ -124,11 +127,13 @@ class ResourcesSpec(Section):
     memory: Quantity = Field("64Gi", description="Memory request and limit per pod.")
     shared_memory: Quantity = Field("8Gi", description="Size of the in-memory /dev/shm volume (dataloader workers, NCCL).")
     image: str = Field(DEFAULT_TRAINER_IMAGE, min_length=1, description="Trainer image (runs `dreambooth train`); default: the operator's (the chart's images.trainer).")
+    gpu_memory: Quantity | None = Field(
+        None, description="Memory of one GPU (e.g. 24Gi for an L4 or A10G, 80Gi for an H100). The memory plan (condition MemoryPlan, `dreambooth plan`) compares the job with it; a job whose exact parts alone (weights, gradients, optimizer state) exceed it is refused.")
 
-    @field_validator("cpu", "memory", "shared_memory")
+    @field_validator("cpu", "memory", "shared_memory", "gpu_memory")
     @classmethod
-    def _quantities(cls, value: str) -> str:
-        return _check_quantity(value)
+    def _quantities(cls, value: str | None) -> str | None:
+        return value if value is None else _check_quantity(value)
 
 
 class ServingResources(Section):
@@ -231,6 +236,10 @@ class DreamboothJobSpec(TrainerSections):
             raise ValueError("training.strategy fsdp shards the model across 2 or more ranks; raise resources.nodes or resources.gpusPerNode, or use ddp")
         for refusal in family_refusals(self):
             raise ValueError(refusal)
+        plan = memory_plan(self)
+        if plan.verdict == "too-big":
+            raise ValueError(f"resources.gpuMemory {self.resources.gpu_memory} is less than what this job holds on each GPU for certain: "
+                             f"{plan.summary()}; use larger GPUs, LoRA, model.quantize, or training.strategy fsdp over more GPUs")
         try:
             train_config_from_spec(self, f"s3://{self.storage.bucket}/jobs/validate")
         except ConfigError as error:
@@ -241,8 +250,37 @@ class DreamboothJobSpec(TrainerSections):
 # The family admission can tell from the spec alone: model.family, or a built-in tiny model's.
 TINY_FAMILIES = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux"}
 FLOW_MATCHING = ("sd3", "flux")
-# Options of the DDPM loss (epsilon/v targets) that flow matching has no counterpart for.
-DDPM_OPTIONS = {"min_snr_gamma": "minSnrGamma", "noise_offset": "noiseOffset"}
+DDPM = ("sd", "sdxl")
+
+
+@dataclass(frozen=True)
+class FamilyOption:
+    """An option that means something for some families only; set for another, it is refused by name."""
+
+    section: str  # training | prior
+    field: str  # snake_case
+    families: tuple[str, ...]
+    why: str
+    unset: Any = None  # the value that means "not set" (the field's default)
+
+    @property
+    def camel(self) -> str:
+        return _to_camel(self.field)
+
+    @property
+    def path(self) -> str:
+        return f"{self.section}.{self.camel}"
+
+
+FAMILY_OPTIONS = (
+    FamilyOption("training", "min_snr_gamma", DDPM, "a DDPM loss option (sd, sdxl); families sd3 and flux train by flow matching"),
+    FamilyOption("training", "noise_offset", DDPM, "a DDPM loss option (sd, sdxl); families sd3 and flux train by flow matching", 0.0),
+    FamilyOption("prior", "sampler", DDPM, "a DDPM sampler (sd, sdxl); sd3 and flux draw class images with their flow-matching scheduler"),
+    FamilyOption("training", "weighting_scheme", FLOW_MATCHING, "how flow matching draws timesteps (sd3, flux)"),
+    FamilyOption("training", "max_sequence_length", FLOW_MATCHING, "the T5 prompt length (sd3, flux)"),
+    FamilyOption("training", "precondition_outputs", ("sd3",), "SD3's loss preconditioning (sd3 only)"),
+    FamilyOption("training", "distilled_guidance", ("flux",), "Flux-dev's guidance embedding (flux only)"),
+)
 # Flux packs 2x2 latent patches of an 8x VAE, SD3 embeds 2x2 patches: pixel sides are multiples of 16.
 PIXEL_MULTIPLE = {"sd3": 16, "flux": 16}
 
@@ -250,6 +288,11 @@ PIXEL_MULTIPLE = {"sd3": 16, "flux": 16}
 def spec_family(model: Any) -> str | None:
     """The family a spec names or implies; None when only the model's files can tell."""
     return model.family if model.family != "auto" else TINY_FAMILIES.get(model.source)
+
+
+def option_set(option: FamilyOption, sections: Any) -> bool:
+    """Whether a spec (or trainer config) sets a family option to something other than its default."""
+    return getattr(getattr(sections, option.section), option.field) not in (None, option.unset)
 
 
 def family_refusals(spec: "DreamboothJobSpec") -> list[str]:
@@ -260,12 +303,11 @@ def family_refusals(spec: "DreamboothJobSpec") -> list[str]:
     if built_in and spec.model.family not in ("auto", built_in):
         refusals.append(f"model.family {spec.model.family} does not match model.source {spec.model.source} (a {built_in} model): "
                         f"set model.family to {built_in} or auto")
-    if family in FLOW_MATCHING:
-        for option, camel in DDPM_OPTIONS.items():
-            if getattr(spec.training, option):
-                refusals.append(f"training.{camel} is a DDPM loss option (sd, sdxl); model family {family} trains by flow matching")
+    if family is not None:
+        refusals += [f"{option.path} is {option.why}; model family {family} does not take it"
+                     for option in FAMILY_OPTIONS if family not in option.families and option_set(option, spec)]
     multiple = PIXEL_MULTIPLE.get(family or "", 8)
-    if spec.data.resolution % multiple:
+    if spec.data.resolution is not None and spec.data.resolution % multiple:
         refusals.append(f"data.resolution must be a multiple of {multiple} for model family {family}")
     if spec.data.bucketing and spec.data.bucket_step % multiple:
         refusals.append(f"data.bucketStep must be a multiple of {multiple} for model family {family}")
@@ -297,6 +339,37 @@ def camel_keys(message: str) -> str:
 def _to_camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+QUANTITY_SUFFIXES = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+                     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60, "m": 10**-3}
+
+
+def quantity_bytes(value: str) -> int:
+    """A Kubernetes quantity (`24Gi`, `80G`) as a number."""
+    match = QUANTITY_RE.match(value)
+    if not match:
+        raise ValueError(f"{value!r} is not a Kubernetes quantity")
+    suffix = match.group(2) or ""
+    return int(float(value[: len(value) - len(suffix)]) * QUANTITY_SUFFIXES[suffix])
+
+
+def plan_inputs(spec: DreamboothJobSpec) -> PlanInputs:
+    """What the memory plan needs from a job: its model, mode, precision, strategy and gang size."""
+    training, resources = spec.training, spec.resources
+    gpu = resources.accelerator == "gpu"
+    precision = training.mixed_precision if training.mixed_precision != "auto" else ("bf16" if gpu else "no")
+    return PlanInputs(
+        source=spec.model.source, architecture=spec.model.architecture, lora=training.lora.enabled, rank=training.lora.rank,
+        train_text_encoder=training.train_text_encoder, precision=precision, strategy=training.strategy,
+        world=resources.nodes * (resources.gpus_per_node if gpu else 1), quantize=spec.model.quantize, optimizer=training.optimizer,
+        ema=training.ema, batch_size=training.batch_size, prior=spec.prior.enabled, resolution=spec.data.resolution,
+        gradient_checkpointing=training.gradient_checkpointing,
+        gpu_memory=quantity_bytes(resources.gpu_memory) if resources.gpu_memory and gpu else None)
+
+
+def memory_plan(spec: DreamboothJobSpec) -> MemoryPlan:
+    return plan(plan_inputs(spec))
 
 
 def train_config_from_spec(spec: DreamboothJobSpec, output_uri: str) -> TrainConfig:
@@ -474,9 +547,27 @@ def _family_in(families: tuple[str, ...]) -> str:
     return f"(has(self.model.family) && self.model.family != 'auto' ? self.model.family in {named} : self.model.source in {tiny})"
 
 
+def memory_rules() -> list[dict[str, str]]:
+    """CEL, one rule per published architecture: a GPU job naming resources.gpuMemory holds no more
+    than that per GPU for certain (the exact parts of its memory plan)."""
+    rules = []
+    for name, arch in ARCHITECTURES.items():
+        sources = [source for source, arch_name in PUBLISHED_SOURCES.items() if arch_name == name]
+        this = (f"(has(self.model.architecture) ? self.model.architecture == '{name}' "
+                f": self.model.source.split('@')[0] in {sources})")
+        rules.append({
+            "rule": f"!has(self.resources.gpuMemory) || self.resources.accelerator != 'gpu' || !{this} "
+                    f"|| quantity(string(self.resources.gpuMemory)).asInteger() >= {exact_bytes_cel(arch)}",
+            "message": f"spec.resources.gpuMemory is less than what this {name} job holds on each GPU for certain (weights, "
+                       "gradients and optimizer state: `dreambooth plan` prints them); use larger GPUs, LoRA, model.quantize, "
+                       "or training.strategy fsdp",
+            "fieldPath": ".resources.gpuMemory",
+        })
+    return rules
+
+
 def family_rules() -> list[dict[str, str]]:
     """CEL rules on spec: options a family does not support, refused naming the field."""
-    flow = _family_in(FLOW_MATCHING)
     tiny = ", ".join(f"'{source}': '{family}'" for source, family in TINY_FAMILIES.items())
     rules = [
         {
@@ -489,15 +580,17 @@ def family_rules() -> list[dict[str, str]]:
     ]
     rules += [
         {
-            "rule": f"!has(self.training.{camel}) || self.training.{camel} == 0.0 || !{flow}",
-            "message": f"spec.training.{camel} is a DDPM loss option (sd, sdxl); families sd3 and flux train by flow matching",
-            "fieldPath": f".training.{camel}",
+            "rule": f"!has(self.{option.path}) || "
+                    + (f"self.{option.path} == {option.unset!r} || " if option.unset is not None else "")
+                    + "!" + _family_in(tuple(f for f in TINY_FAMILIES.values() if f not in option.families)),
+            "message": f"spec.{option.path} is {option.why}",
+            "fieldPath": f".{option.path}",
         }
-        for camel in DDPM_OPTIONS.values()
+        for option in FAMILY_OPTIONS
     ]
     rules += [
         {
-            "rule": f"!{_family_in((family,))} || self.data.resolution % {multiple} == 0",
+            "rule": f"!{_family_in((family,))} || !has(self.data.resolution) || self.data.resolution % {multiple} == 0",
             "message": f"spec.data.resolution must be a multiple of {multiple} for model family {family}",
             "fieldPath": ".data.resolution",
         }
@@ -557,6 +650,12 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
             "fieldPath": ".training.cacheLatents",
         },
         *family_rules(),
+        *memory_rules(),
+        {
+            "rule": "!has(self.model.quantize) || self.model.quantize == 'none' || self.training.lora.enabled",
+            "message": "spec.model.quantize quantizes the frozen base of a LoRA run: set spec.training.lora.enabled, or quantize none",
+            "fieldPath": ".model.quantize",
+        },
     ],
     "spec.data": [
         {
@@ -575,7 +674,7 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
             "fieldPath": ".instanceUri",
         },
         {
-            "rule": "self.resolution % 8 == 0",
+            "rule": "!has(self.resolution) || self.resolution % 8 == 0",
             "message": "spec.data.resolution must be a multiple of 8",
             "fieldPath": ".resolution",
         },
@@ -653,7 +752,7 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], with_defaults: bool)
         return _structural(target, defs, with_defaults)
     if "x-kubernetes-int-or-string" in node:
         out = {k: v for k, v in node.items() if k in ("x-kubernetes-int-or-string", "anyOf", "description")}
-        if with_defaults and "default" in node:
+        if with_defaults and node.get("default") is not None:
             out["default"] = node["default"]
         return out
     node = dict(node)
@@ -665,6 +764,8 @@ def _structural(node: dict[str, Any], defs: dict[str, Any], with_defaults: bool)
         if "$ref" in branch:
             branch = copy.deepcopy(defs[branch["$ref"].split("/")[-1]])
         merged = {**branch, **node}
+        if "x-kubernetes-int-or-string" in branch:  # an optional Quantity
+            return _structural(merged, defs, with_defaults)
         if "default" in node and node["default"] is not None:
             merged["nullable"] = True  # null means "off" here (e.g. maxGradNorm: null), not "unset"
         node = merged

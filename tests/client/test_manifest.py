@@ -41,7 +41,8 @@ def test_a_gpu_job_keeps_the_spec_defaults_and_records_the_photos() -> None:
     spec = job["spec"]
     assert job["metadata"]["annotations"] == {PHOTOS_ANNOTATION: PHOTOS}
     assert spec["model"] == {"source": "hf://stable-diffusion-v1-5/stable-diffusion-v1-5"}
-    assert spec["data"]["resolution"] == 512 and spec["validation"]["everyNSteps"] == 200
+    assert "resolution" not in spec["data"], "the trainer takes the model's native size"
+    assert spec["validation"]["everyNSteps"] == 200
     assert spec["resources"] == {"accelerator": "gpu", "gpusPerNode": 8, "nodes": 2}
     assert spec["training"] == {"maxSteps": 800, "lora": {"enabled": True}}
     assert spec["scheduling"] == {"labels": {KUEUE_QUEUE_LABEL: "team-a-gpus"}}
@@ -86,3 +87,15 @@ def test_names() -> None:
     assert job_name(SubmitOptions(token="sks", class_name="dog", name="rex")) == "rex"
     with pytest.raises(ClientError, match="--name 'Rex_1' must be a DNS-1035 label"):
         job_name(SubmitOptions(token="sks", class_name="dog", name="Rex_1"))
+
+
+@pytest.mark.parametrize(("model", "family", "native"), [
+    ("hf://stable-diffusion-v1-5/stable-diffusion-v1-5", None, 512), ("hf://stabilityai/stable-diffusion-xl-base-1.0", None, 1024),
+    ("hf://black-forest-labs/FLUX.1-dev@main", None, 1024), ("hf://someone/sd3-finetune", "sd3", 1024),
+    ("hf://stabilityai/stable-diffusion-2-1", None, 768), ("tiny-flux", None, 32)])
+def test_photos_are_checked_at_the_models_native_size_which_the_spec_leaves_to_the_trainer(model: str, family: str | None, native: int) -> None:
+    from dreambooth_client.manifest import SubmitOptions
+
+    options = SubmitOptions(token="sks", class_name="dog", model=model, family=family, lora=True)
+    assert options.training_resolution() == native
+    assert SubmitOptions(token="sks", class_name="dog", model=model, resolution=640).training_resolution() == 640

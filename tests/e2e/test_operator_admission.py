@@ -52,6 +52,13 @@ BAD = [
     ("flux bucket step not a multiple of 16", {"model.source": "tiny-flux", "data.bucketing": True, "data.bucketStep": 8}, "spec.data.bucketStep"),
     ("family not the tiny model's", {"model.source": "tiny-sdxl", "model.family": "flux"}, "spec.model.family"),
     ("unknown family", {"model.family": "sd4"}, "spec.model.family"),
+    ("SD3's preconditioning on flux", {"model.source": "tiny-flux", "training.preconditionOutputs": False}, "spec.training.preconditionOutputs"),
+    ("Flux's guidance on sdxl", {"model.source": "tiny-sdxl", "training.distilledGuidance": 1.0}, "spec.training.distilledGuidance"),
+    ("a DDPM sampler on flux", {"model.source": "tiny-flux", "prior.sampler": "euler"}, "spec.prior.sampler"),
+    ("a T5 length on sd", {"model.source": "tiny", "training.maxSequenceLength": 128}, "spec.training.maxSequenceLength"),
+    ("quantizing a full fine-tune", {"model.quantize": "int8"}, "spec.model.quantize"),
+    ("Flux LoRA in bf16 on a 24 GB card", {"model.source": "hf://black-forest-labs/FLUX.1-dev", "training.lora": {"enabled": True},
+                                           "resources.gpuMemory": "24Gi"}, "spec.resources.gpuMemory"),
 ]
 
 
@@ -109,6 +116,39 @@ def test_the_family_examples_pass_the_api_servers_rules(testbed: Any, crd: str, 
         assert ddpm_option.returncode != 0 and "spec.training.minSnrGamma" in ddpm_option.stderr, ddpm_option.stderr
     else:
         assert ddpm_option.returncode == 0, ddpm_option.stderr
+
+
+# Jobs whose exact memory the plan knows, in each published architecture and mode: the API server's
+# CEL rule and the Python plan (`dreambooth plan`, the operator) draw the line at the same byte count.
+PLANNED = [
+    ("sd15", {"training.lora": {"enabled": False}}),
+    ("sd21-v", {"training.lora": {"enabled": True, "rank": 64}, "training.trainTextEncoder": True}),
+    ("sdxl-base", {"training.lora": {"enabled": True, "rank": 32}, "training.ema": True}),
+    ("sdxl-base", {"training.lora": {"enabled": False}, "training.optimizer": "adamw_8bit", "training.mixedPrecision": "no"}),
+    ("sd35-medium", {"training.lora": {"enabled": True}, "training.trainTextEncoder": True, "model.quantize": "int8"}),
+    ("sd35-large", {"training.lora": {"enabled": False}, "training.strategy": "fsdp"}),
+    ("flux1-dev", {"training.lora": {"enabled": True, "rank": 16}, "model.quantize": "fp8"}),
+    ("flux1-schnell", {"training.lora": {"enabled": False}, "training.trainTextEncoder": True, "training.ema": True}),
+]
+
+
+@pytest.mark.parametrize(("architecture", "changes"), PLANNED, ids=[f"{a}-{i}" for i, (a, _) in enumerate(PLANNED)])
+def test_the_api_server_refuses_exactly_the_jobs_the_memory_plan_cannot_fit(testbed: Any, crd: str, namespace: str,
+                                                                          architecture: str, changes: dict[str, Any]) -> None:
+    from dreambooth_api.v1alpha1.architectures import PUBLISHED_SOURCES
+    from dreambooth_api.v1alpha1.spec import memory_plan, parse_spec
+
+    source = next(s for s, a in PUBLISHED_SOURCES.items() if a == architecture)
+    spec = with_changes({"model.source": source, **changes})
+    exact = memory_plan(parse_spec(spec)).exact
+    for gpu_memory, accepted in ((exact - 2**20, False), (exact + 2**20, True)):
+        spec["resources"]["gpuMemory"] = str(gpu_memory)
+        manifest = {"apiVersion": "dreambooth.dev/v1alpha1", "kind": "DreamboothJob", "metadata": {"name": "planned", "namespace": namespace},
+                    "spec": spec}
+        result = testbed.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(manifest), check=False)
+        assert (result.returncode == 0) == accepted, f"{gpu_memory} bytes for {exact} exact: {result.stderr}"
+        if not accepted:
+            assert "spec.resources.gpuMemory" in result.stderr, result.stderr
 
 
 def test_a_bad_name_is_refused(testbed: Any, crd: str, namespace: str) -> None:

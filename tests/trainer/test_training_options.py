@@ -64,7 +64,7 @@ def module_for(pipeline, prompts: list[str] | None = None, cached: bool = False,
 
     cfg = config_from_dict(tiny_config_dict("/unused", training=training))
     family = family_of_pipeline(pipeline)
-    conds = cached_text_conditions(family, pipeline, prompts, torch.device("cpu")) if cached else None
+    conds = cached_text_conditions(cfg, family, pipeline, prompts, torch.device("cpu")) if cached else None
     return DreamBoothModule(cfg, family, pipeline, conds, prompts)
 
 

@@ -156,7 +156,7 @@ def test_train_config_from_spec_is_the_trainer_config() -> None:
         "instance_uri": "s3://subjects/rex",
         "instance_prompt": "a photo of sks dog",
         "token": "sks",
-        "resolution": 512,
+        "resolution": None,  # the model's native size, read by the trainer from the model
         "center_crop": True,
         "random_flip": False,
         "num_workers": 0,

@@ -37,17 +37,28 @@ def test_min_snr_refuses_a_target_it_has_no_formula_for() -> None:
         min_snr_weights(torch.tensor([0]), ALPHAS, 5.0, "sample")
 
 
-@pytest.mark.parametrize("field", ["min_snr_gamma", "noise_offset"])
-def test_flow_families_refuse_the_ddpm_options_by_name(field: str) -> None:
-    from dreambooth_trainer.families import FAMILIES
-    from dreambooth_trainer.module import refuse_ddpm_options
+FAMILY_OPTION_VALUES = {"training.min_snr_gamma": 5.0, "training.noise_offset": 0.1, "prior.sampler": "euler",
+                        "training.weighting_scheme": "mode", "training.max_sequence_length": 128,
+                        "training.precondition_outputs": False, "training.distilled_guidance": 1.0}
 
-    cfg = config_from_dict({**BASE, "training": {field: 0.1 if field == "noise_offset" else 5.0}})
-    for name in ("sd3", "flux"):
-        with pytest.raises(UserInputError, match=f"training.{field} applies to the DDPM families .* not to {name}"):
-            refuse_ddpm_options(cfg, FAMILIES[name])
-    for name in ("sd", "sdxl"):
-        refuse_ddpm_options(cfg, FAMILIES[name])
+
+@pytest.mark.parametrize("path", list(FAMILY_OPTION_VALUES))
+def test_an_option_of_other_families_is_refused_by_name(path: str) -> None:
+    """Never ignored: set for a family it does not apply to, the run stops naming the field."""
+    from dreambooth_api.v1alpha1.spec import FAMILY_OPTIONS
+    from dreambooth_trainer.families import FAMILIES
+    from dreambooth_trainer.module import refuse_other_families_options
+
+    section, field = path.split(".")
+    option = next(o for o in FAMILY_OPTIONS if (o.section, o.field) == (section, field))
+    cfg = config_from_dict({**BASE, section: {**BASE.get(section, {}), field: FAMILY_OPTION_VALUES[path]}})
+    for name in FAMILIES:
+        if name in option.families:
+            refuse_other_families_options(cfg, FAMILIES[name])
+        else:
+            with pytest.raises(UserInputError, match=f"{path} is .*; not for {name}"):
+                refuse_other_families_options(cfg, FAMILIES[name])
+    assert {o.section + "." + o.field for o in FAMILY_OPTIONS} == set(FAMILY_OPTION_VALUES), "every family option is tried"
 
 
 def test_admissions_family_tables_agree_with_the_trainers_families() -> None:

@@ -29,12 +29,14 @@ class Components:
 
 @dataclass(frozen=True)
 class FlowSettings:
-    """Flow-matching timestep sampling (SD3 paper; diffusers' `compute_density_for_timestep_sampling`)."""
+    """Flow-matching timestep sampling (SD3 paper; diffusers' `compute_density_for_timestep_sampling`)
+    and SD3's output preconditioning."""
 
     weighting_scheme: str = "logit_normal"  # logit_normal | mode | uniform
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
+    precondition_outputs: bool = False  # SD3: x_t - σ·prediction against x0
 
 
 @dataclass
@@ -50,11 +52,13 @@ class Noised:
 
 @dataclass(frozen=True)
 class StepMeta:
-    """Per-batch facts a family may need beyond latents and text (SDXL's size conditioning)."""
+    """What a family's prediction may need beyond latents and text: the batch's sizes (SDXL's size
+    conditioning) and the run's distilled guidance (Flux-dev)."""
 
     vae_scale: int  # pixels per latent pixel
     original_size: torch.Tensor | None = None  # LongTensor [B, 2] (h, w) when the data knows it
     crop_top_left: torch.Tensor | None = None  # LongTensor [B, 2] (top, left)
+    guidance: float | None = None  # Flux-dev: the guidance value the transformer is conditioned on
 
 
 class ModelFamily:
@@ -70,6 +74,8 @@ class ModelFamily:
     denoiser_lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     pixel_multiple = 8
     flow_matching = False
+    default_guidance = 7.5  # the family's pipeline default (class images, validation, serving)
+    default_weighting_scheme = "logit_normal"  # flow-matching families: the reference script's
     vae_in_fp32 = False  # the VAE stays fp32 under mixed precision (the family's reference scripts keep it so)
 
     # -- building ----------------------------------------------------------------------------
@@ -113,13 +119,19 @@ class ModelFamily:
         return int(vae_size[0] if isinstance(vae_size, (list, tuple)) else vae_size or 1024)
 
     # -- text ---------------------------------------------------------------------------------
-    def encode_text(self, pipeline: Any, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        """Batch-first conditions for the denoiser, one row per prompt (cacheable)."""
+    def encode_text(self, pipeline: Any, prompts: list[str], device: torch.device, text_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Batch-first conditions for the denoiser, one row per prompt (cacheable); `text_length`:
+        the T5 prompt length of the flow families (None: the family's inference length)."""
         raise NotImplementedError
 
-    def text_cache_key(self, pipeline: Any) -> dict[str, Any]:
-        """What changes the cached conditions besides the prompt (lengths, encoder dtypes)."""
-        return {"family": self.name, "dtypes": [str(next(m.parameters()).dtype) for m in self.components(pipeline).text_encoders]}
+    def training_guidance(self, denoiser: torch.nn.Module, cfg: Any = None) -> float | None:
+        """The guidance value a guidance-distilled denoiser is conditioned on while training (None: not one)."""
+        return None
+
+    def training_text_length(self, cfg: Any) -> int | None:
+        """The T5 prompt length training encodes with (None: the family has no T5)."""
+        return None
+
 
     # -- latents ------------------------------------------------------------------------------
     def to_model_space(self, latents: torch.Tensor, vae: torch.nn.Module) -> torch.Tensor:
@@ -152,7 +164,8 @@ class ModelFamily:
     def predict(self, denoiser: torch.nn.Module, noised: Noised, conds: dict[str, torch.Tensor], meta: StepMeta) -> torch.Tensor:
         raise NotImplementedError
 
-    def target(self, noised: Noised, scheduler: Any) -> torch.Tensor:
+    def objective(self, noised: Noised, prediction: torch.Tensor, scheduler: Any, flow: FlowSettings) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what is compared, what it is compared with): the prediction (or SD3's x0 estimate from it) and its target."""
         raise NotImplementedError
 
     def loss_weights(self, noised: Noised, scheduler: Any, min_snr_gamma: float | None = None) -> torch.Tensor | None:
@@ -196,19 +209,29 @@ class ModelFamily:
 
     # -- generation -----------------------------------------------------------------------------
     def generate(self, pipeline: Any, prompts: list[str], negatives: list[str], seeds: list[int], steps: int, guidance: float,
-                 height: int, width: int) -> list[Any]:
-        """Images through the family's own pipeline; each image from its own seed's generator."""
+                 height: int, width: int, sampler: str | None = None) -> list[Any]:
+        """Images through the family's own pipeline; each image from its own seed's generator;
+        `sampler` (DDPM families) swaps the pipeline's scheduler for that call."""
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         kwargs = self.call_kwargs(pipeline, negatives, guidance)
         pipeline.set_progress_bar_config(disable=True)
-        output = pipeline(prompt=prompts, num_inference_steps=steps, height=height, width=width,
-                          generator=generators, output_type="pil", **kwargs)
+        own = pipeline.scheduler
+        if sampler is not None:
+            from ..models import sampler_for
+
+            pipeline.scheduler = sampler_for(pipeline, sampler)
+        try:
+            output = pipeline(prompt=prompts, num_inference_steps=steps, height=height, width=width,
+                              generator=generators, output_type="pil", **kwargs)
+        finally:
+            pipeline.scheduler = own
         return list(output.images)
 
     def call_kwargs(self, pipeline: Any, negatives: list[str], guidance: float) -> dict[str, Any]:
         return {"negative_prompt": negatives, "guidance_scale": guidance}
 
-    def metadata(self, pipeline: Any) -> dict[str, Any]:
+    def metadata(self, pipeline: Any, cfg: Any = None) -> dict[str, Any]:
+        """What the family trained with, beside the export (`cfg`: the run's config; None: the defaults)."""
         return {"family": self.name}
 
 

@@ -6,13 +6,14 @@ from typing import Any
 
 import torch
 
+from ..errors import UserInputError
 from .base import Noised, StepMeta, canonical_text_keys
 from .sd3 import FlowFamily, t5_length
 
 # diffusers' Flux DreamBooth LoRA targets: attention in both streams and the feed-forwards.
 FLUX_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                      "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
-TRAINING_GUIDANCE = 1.0  # what Flux-dev trains with (kohya's recommendation); recorded in the metadata
+TRAINING_GUIDANCE = 3.5  # what Flux-dev trains with by default (diffusers' Flux scripts); recorded in the metadata
 
 
 class Flux(FlowFamily):
@@ -24,6 +25,9 @@ class Flux(FlowFamily):
     trainable_text_encoders = (0,)  # CLIP only, as diffusers' script does; T5 stays frozen
     denoiser_lora_targets = FLUX_LORA_TARGETS
     max_sequence_length = 512
+    training_t5_default = 512  # diffusers' Flux DreamBooth scripts
+    default_guidance = 3.5  # the distilled guidance of FLUX.1-dev (one forward per step)
+    default_weighting_scheme = "uniform"  # the Flux scripts' "none"
 
     def tiny(self, seed: int, resolution: int) -> Any:
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -49,13 +53,11 @@ class Flux(FlowFamily):
                                                     base_image_seq_len=256, max_image_seq_len=4096)
         return FluxPipeline(tokenizer=tokenizer, tokenizer_2=t5_tokenizer, scheduler=scheduler, **modules)
 
-    def encode_text(self, pipeline: Any, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    def encode_text(self, pipeline: Any, prompts: list[str], device: torch.device, text_length: int | None = None) -> dict[str, torch.Tensor]:
         embeds, pooled, _ = pipeline.encode_prompt(prompts, prompts, device=device, num_images_per_prompt=1,
-                                                   max_sequence_length=t5_length(pipeline, "tokenizer_2", self.max_sequence_length))
+                                                   max_sequence_length=t5_length(pipeline, "tokenizer_2", text_length or self.max_sequence_length))
         return {"prompt_embeds": embeds, "pooled": pooled}
 
-    def text_cache_key(self, pipeline: Any) -> dict[str, Any]:
-        return {**super().text_cache_key(pipeline), "t5_length": t5_length(pipeline, "tokenizer_2", self.max_sequence_length)}
 
     def predict(self, denoiser: torch.nn.Module, noised: Noised, conds: dict[str, torch.Tensor], meta: StepMeta) -> torch.Tensor:
         from diffusers import FluxPipeline
@@ -67,7 +69,8 @@ class Flux(FlowFamily):
         text_ids = torch.zeros(conds["prompt_embeds"].shape[1], 3, device=latents.device, dtype=latents.dtype)
         guidance = None
         if denoiser.config.guidance_embeds:
-            guidance = torch.full((batch,), TRAINING_GUIDANCE, device=latents.device, dtype=torch.float32)
+            guidance = torch.full((batch,), TRAINING_GUIDANCE if meta.guidance is None else meta.guidance, device=latents.device,
+                                  dtype=torch.float32)
         prediction = denoiser(hidden_states=packed, timestep=noised.timesteps / 1000, guidance=guidance,
                               pooled_projections=conds["pooled"], encoder_hidden_states=conds["prompt_embeds"],
                               txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
@@ -95,8 +98,18 @@ class Flux(FlowFamily):
             out.update(kohya_weights("lora_te1", canonical_text_keys(get_peft_model_state_dict(clip), clip), peft_alpha(clip)))
         return out
 
-    def metadata(self, pipeline: Any) -> dict[str, Any]:
+    def training_guidance(self, transformer: torch.nn.Module, cfg: Any = None) -> float | None:
+        """The guidance Flux-dev is conditioned on while training (None for a model without the embedding)."""
+        chosen = cfg.training.distilled_guidance if cfg is not None else None
+        if not transformer.config.guidance_embeds:
+            if chosen is not None:
+                raise UserInputError("training.distilled_guidance: this Flux model has no guidance embedding (FLUX.1-schnell); unset it")
+            return None
+        return TRAINING_GUIDANCE if chosen is None else chosen
+
+    def metadata(self, pipeline: Any, cfg: Any = None) -> dict[str, Any]:
         transformer = pipeline.transformer
+        length = self.training_text_length(cfg) if cfg is not None else self.training_t5_default
         return {"family": self.name, "guidance_embeds": bool(transformer.config.guidance_embeds),
-                "training_guidance": TRAINING_GUIDANCE if transformer.config.guidance_embeds else None,
-                "t5_length": t5_length(pipeline, "tokenizer_2", self.max_sequence_length)}
+                "training_guidance": self.training_guidance(transformer, cfg),
+                "t5_length": t5_length(pipeline, "tokenizer_2", length)}

@@ -21,7 +21,7 @@ class StableDiffusion(ModelFamily):
     def extra_pipeline_kwargs(self) -> dict[str, Any]:
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
-    def encode_text(self, pipeline: Any, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    def encode_text(self, pipeline: Any, prompts: list[str], device: torch.device, text_length: int | None = None) -> dict[str, torch.Tensor]:
         tokenizer = pipeline.tokenizer
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
         return {"prompt_embeds": pipeline.text_encoder(ids.to(device))[0]}
@@ -36,10 +36,10 @@ class StableDiffusion(ModelFamily):
     def predict(self, denoiser: torch.nn.Module, noised: Noised, conds: dict[str, torch.Tensor], meta: StepMeta) -> torch.Tensor:
         return denoiser(noised.noisy, noised.timesteps, encoder_hidden_states=conds["prompt_embeds"]).sample
 
-    def target(self, noised: Noised, scheduler: Any) -> torch.Tensor:
+    def objective(self, noised: Noised, prediction: torch.Tensor, scheduler: Any, flow: FlowSettings) -> tuple[torch.Tensor, torch.Tensor]:
         from ..loss import diffusion_target
 
-        return diffusion_target(scheduler, noised.latents, noised.noise, noised.timesteps)
+        return prediction, diffusion_target(scheduler, noised.latents, noised.noise, noised.timesteps)
 
     def kohya_unet_name(self, name: str, config: Any) -> str:
         """A UNet module's name in sd-scripts (which trains SD1/SD2 on diffusers' module names)."""
@@ -58,5 +58,5 @@ class StableDiffusion(ModelFamily):
                 out.update(kohya_weights(prefix, state, peft_alpha(encoder)))
         return out
 
-    def metadata(self, pipeline: Any) -> dict[str, Any]:
+    def metadata(self, pipeline: Any, cfg: Any = None) -> dict[str, Any]:
         return {"family": self.name, "prediction_type": pipeline.scheduler.config.get("prediction_type", "epsilon")}

@@ -23,6 +23,11 @@ class FlowFamily(ModelFamily):
     flow_matching = True
     denoiser_name = "transformer"
     pixel_multiple = 16
+    training_t5_default = 512  # the reference script's T5 prompt length in training
+    max_sequence_length = 512  # the pipeline's at inference
+
+    def training_text_length(self, cfg: Any) -> int | None:
+        return cfg.training.max_sequence_length or self.training_t5_default
 
     def training_scheduler(self, pipeline: Any) -> Any:
         return flow_scheduler(pipeline)
@@ -32,8 +37,12 @@ class FlowFamily(ModelFamily):
         # noise_offset is a DDPM option: refused for flow-matching families before training starts.
         return flow_noise(latents, self.draw_noise(latents, generator), scheduler, generator, flow)
 
-    def target(self, noised: Noised, scheduler: Any) -> torch.Tensor:
-        return noised.noise - noised.latents
+    def objective(self, noised: Noised, prediction: torch.Tensor, scheduler: Any, flow: FlowSettings) -> tuple[torch.Tensor, torch.Tensor]:
+        """The velocity against n - x0; with SD3's preconditioning, x_t - σ·v (an x0 estimate) against x0."""
+        if flow.precondition_outputs:
+            sigmas = noised.sigmas.view((-1,) + (1,) * (noised.noisy.dim() - 1))
+            return prediction * (-sigmas) + noised.noisy, noised.latents
+        return prediction, noised.noise - noised.latents
 
 
 class StableDiffusion3(FlowFamily):
@@ -46,7 +55,9 @@ class StableDiffusion3(FlowFamily):
     trainable_text_encoders = (0, 1)
     denoiser_lora_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                              "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
-    max_sequence_length = 256
+    max_sequence_length = 256  # the pipeline's at inference
+    training_t5_default = 77  # diffusers' SD3 DreamBooth scripts
+    default_guidance = 7.0
 
     def tiny(self, seed: int, resolution: int) -> Any:
         from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -73,14 +84,17 @@ class StableDiffusion3(FlowFamily):
         return StableDiffusion3Pipeline(tokenizer=tokenizer, tokenizer_2=tiny_tokenizer(), tokenizer_3=t5_tokenizer,
                                         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **modules)
 
-    def encode_text(self, pipeline: Any, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    def encode_text(self, pipeline: Any, prompts: list[str], device: torch.device, text_length: int | None = None) -> dict[str, torch.Tensor]:
         embeds, _, pooled, _ = pipeline.encode_prompt(
             prompts, prompts, prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False,
-            max_sequence_length=t5_length(pipeline, "tokenizer_3", self.max_sequence_length))
+            max_sequence_length=t5_length(pipeline, "tokenizer_3", text_length or self.max_sequence_length))
         return {"prompt_embeds": embeds, "pooled": pooled}
 
-    def text_cache_key(self, pipeline: Any) -> dict[str, Any]:
-        return {**super().text_cache_key(pipeline), "t5_length": t5_length(pipeline, "tokenizer_3", self.max_sequence_length)}
+    def metadata(self, pipeline: Any, cfg: Any = None) -> dict[str, Any]:
+        length = self.training_text_length(cfg) if cfg is not None else self.training_t5_default
+        precondition = cfg.training.precondition_outputs if cfg is not None else None
+        return {"family": self.name, "t5_length": t5_length(pipeline, "tokenizer_3", length),
+                "precondition_outputs": True if precondition is None else precondition}
 
     def predict(self, denoiser: torch.nn.Module, noised: Noised, conds: dict[str, torch.Tensor], meta: StepMeta) -> torch.Tensor:
         return denoiser(hidden_states=noised.noisy, timestep=noised.timesteps, encoder_hidden_states=conds["prompt_embeds"],

@@ -25,6 +25,7 @@ class StableDiffusionXL(StableDiffusion):
     name = "sdxl"
     pipeline_classes = ("StableDiffusionXLPipeline",)
     tiny_source = "tiny-sdxl"
+    default_guidance = 5.0
     vae_in_fp32 = True  # NaN in fp16 (diffusers#7188); diffusers' SDXL and SD3 scripts keep it fp32
     text_encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
@@ -60,6 +61,22 @@ class StableDiffusionXL(StableDiffusion):
     def extra_pipeline_kwargs(self) -> dict[str, Any]:
         return {"add_watermarker": False}
 
+    def call_kwargs(self, pipeline: Any, negatives: list[str], guidance: float) -> dict[str, Any]:
+        """An empty negative prompt is zeros, not the encoding of "" (SDXL's `force_zeros_for_empty_prompt`,
+        which the pipeline applies only when no negative prompt is passed at all): each row gets what
+        the pipeline would give its request alone."""
+        kwargs: dict[str, Any] = {"guidance_scale": guidance}
+        zeros = pipeline.config.get("force_zeros_for_empty_prompt", True)
+        if not zeros or all(negatives):
+            return {**kwargs, "negative_prompt": negatives}
+        if not any(negatives):
+            return kwargs
+        embeds, _, pooled, _ = pipeline.encode_prompt(negatives, device=pipeline._execution_device, num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=False)
+        empty = torch.tensor([not text for text in negatives], device=embeds.device)
+        return {**kwargs, "negative_prompt_embeds": embeds.masked_fill(empty.view(-1, 1, 1), 0.0),
+                "negative_pooled_prompt_embeds": pooled.masked_fill(empty.view(-1, 1), 0.0)}
+
     def text_layers_read(self, index: int, encoder: torch.nn.Module) -> int:
         """SDXL reads CLIP-L's penultimate hidden state (and not its pooled output): its last layer
         and final norm never get a gradient. bigG's pooled projection runs all of bigG."""
@@ -72,7 +89,7 @@ class StableDiffusionXL(StableDiffusion):
 
         return sgm_unet_name(name, config)
 
-    def encode_text(self, pipeline: Any, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    def encode_text(self, pipeline: Any, prompts: list[str], device: torch.device, text_length: int | None = None) -> dict[str, torch.Tensor]:
         embeds, _, pooled, _ = pipeline.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
         return {"prompt_embeds": embeds, "pooled": pooled}
 
