@@ -20,9 +20,9 @@ OPEN_CLIP_BIG_G = {"hidden_size": 1280, "intermediate_size": 5120, "num_attentio
 T5_XXL = {"d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64, "vocab_size": 32128,
           "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
           "is_encoder_decoder": False, "use_cache": False}
-SD_VAE = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+SD_VAE = {"sample_size": 512, "in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
           "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4, "norm_num_groups": 32}
-FLOW_VAE = {**SD_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False}
+FLOW_VAE = {**SD_VAE, "sample_size": 1024, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False}
 SD15_UNET = {"sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
              "block_out_channels": [320, 640, 1280, 1280],
              "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
@@ -59,9 +59,10 @@ class PublishedModel:
 
 PUBLISHED: dict[str, PublishedModel] = {
     "sd15": PublishedModel("sd", ("UNet2DConditionModel", SD15_UNET), (("CLIPTextModel", CLIP_L),), SD_VAE),
-    "sd21-v": PublishedModel("sd", ("UNet2DConditionModel", SD21_UNET), (("CLIPTextModel", OPEN_CLIP_H),), SD_VAE),
+    "sd21-v": PublishedModel("sd", ("UNet2DConditionModel", SD21_UNET), (("CLIPTextModel", OPEN_CLIP_H),), {**SD_VAE, "sample_size": 768}),
     "sdxl-base": PublishedModel("sdxl", ("UNet2DConditionModel", SDXL_UNET),
-                                (("CLIPTextModel", CLIP_L), ("CLIPTextModelWithProjection", OPEN_CLIP_BIG_G)), SD_VAE),
+                                (("CLIPTextModel", CLIP_L), ("CLIPTextModelWithProjection", OPEN_CLIP_BIG_G)),
+                                {**SD_VAE, "sample_size": 1024}),
     "sd35-medium": PublishedModel("sd3", ("SD3Transformer2DModel", SD35_MEDIUM),
                                   (("CLIPTextModelWithProjection", CLIP_L), ("CLIPTextModelWithProjection", OPEN_CLIP_BIG_G),
                                    ("T5EncoderModel", T5_XXL)), FLOW_VAE),

@@ -40,6 +40,23 @@ def add_text_adapter(encoder: torch.nn.Module, config: object) -> None:
     encoder.peft_config = {"default": config}
 
 
+def add_lora_adapters(family: ModelFamily, lora: "object", denoiser: torch.nn.Module,
+                      text_encoders: list[tuple[int, torch.nn.Module]]) -> None:
+    """LoRA on the denoiser (`lora.target_modules`, or the family's usual ones) and on the given
+    (index, text encoder)s, only on the layers the family reads; the bases freeze."""
+    from peft import LoraConfig
+
+    denoiser.requires_grad_(False)
+    targets = list(lora.target_modules) or list(family.denoiser_lora_targets)
+    denoiser.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, lora_dropout=lora.dropout,
+                                    init_lora_weights="gaussian", target_modules=targets))
+    for index, encoder in text_encoders:
+        read = family.text_layers_read(index, encoder)
+        unread = {"layers_to_transform": list(range(read)), "layers_pattern": "layers"} if read < encoder.config.num_hidden_layers else {}
+        add_text_adapter(encoder, LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, init_lora_weights="gaussian",
+                                             target_modules=TEXT_LORA_TARGETS, **unread))
+
+
 def freeze_unread_layers(encoder: torch.nn.Module, read: int) -> None:
     """Layers after the hidden state the family reads, and the final norm after them, get no
     gradient: trainable, they would stop DDP (a parameter that never receives a gradient)."""
@@ -129,18 +146,7 @@ class DreamBoothModule(pl.LightningModule):
     def _configure_trainable(self) -> None:
         training, family = self.cfg.training, self.family
         if training.lora.enabled:
-            from peft import LoraConfig
-
-            lora = training.lora
-            self.denoiser.requires_grad_(False)
-            targets = list(lora.target_modules) or list(family.denoiser_lora_targets)
-            self.denoiser.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, lora_dropout=lora.dropout,
-                                                 init_lora_weights="gaussian", target_modules=targets))
-            for index, encoder in self.indexed_trained_text_encoders():
-                read = family.text_layers_read(index, encoder)
-                unread = {"layers_to_transform": list(range(read)), "layers_pattern": "layers"} if read < encoder.config.num_hidden_layers else {}
-                add_text_adapter(encoder, LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, init_lora_weights="gaussian",
-                                                     target_modules=TEXT_LORA_TARGETS, **unread))
+            add_lora_adapters(family, training.lora, self.denoiser, self.indexed_trained_text_encoders())
             # Adapters are made in their base layer's type (half under mixed precision); they train in fp32.
             for parameter in self.trainable_parameters():
                 parameter.data = parameter.data.float()

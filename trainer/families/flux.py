@@ -95,7 +95,9 @@ class Flux(FlowFamily):
         out = bfl_lora(get_peft_model_state_dict(denoiser), denoiser, peft_alpha(denoiser))
         clip = text_encoders[0] if text_encoders else None
         if getattr(clip, "peft_config", None):
-            out.update(kohya_weights("lora_te1", canonical_text_keys(get_peft_model_state_dict(clip), clip), peft_alpha(clip)))
+            # diffusers' kohya-Flux reader drops the text encoder's alphas: the scale travels in lora_up.
+            out.update(kohya_weights("lora_te1", canonical_text_keys(get_peft_model_state_dict(clip), clip), peft_alpha(clip),
+                                     bake_scale=True))
         return out
 
     def training_guidance(self, transformer: torch.nn.Module, cfg: Any = None) -> float | None:

@@ -65,16 +65,20 @@ def adapted_modules(peft_state: dict[str, torch.Tensor]) -> list[str]:
 
 
 def kohya_weights(prefix: str, peft_state: dict[str, torch.Tensor], alpha: float,
-                  name_of: Callable[[str], str] = lambda name: name) -> dict[str, torch.Tensor]:
-    """One module's adapters under kohya keys: `<prefix>_<module with _ for .>.lora_down/lora_up/alpha`."""
+                  name_of: Callable[[str], str] = lambda name: name, bake_scale: bool = False) -> dict[str, torch.Tensor]:
+    """One module's adapters under kohya keys: `<prefix>_<module with _ for .>.lora_down/lora_up/alpha`.
+    `bake_scale`: alpha/rank goes into lora_up and alpha is the rank, for readers that drop alphas."""
     out: dict[str, torch.Tensor] = {}
     for module in adapted_modules(peft_state):
         if f"{module}.lora_B.bias" in peft_state:
             raise ValueError(f"LoRA module {module} has a lora_B bias, which kohya's layout cannot hold")
         name = f"{prefix}_{name_of(module).replace('.', '_')}"
-        out[f"{name}.lora_down.weight"] = peft_state[f"{module}.lora_A.weight"].detach().float().cpu().contiguous()
-        out[f"{name}.lora_up.weight"] = peft_state[f"{module}.lora_B.weight"].detach().float().cpu().contiguous()
-        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+        down = peft_state[f"{module}.lora_A.weight"].detach().float().cpu().contiguous()
+        up = peft_state[f"{module}.lora_B.weight"].detach().float().cpu().contiguous()
+        rank = down.shape[0]
+        out[f"{name}.lora_down.weight"] = down
+        out[f"{name}.lora_up.weight"] = up * (alpha / rank) if bake_scale else up
+        out[f"{name}.alpha"] = torch.tensor(float(rank if bake_scale else alpha))
     return out
 
 
