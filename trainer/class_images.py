@@ -44,11 +44,12 @@ def model_identity(cfg: TrainConfig, family: str | None = None) -> str:
     from .families import TINY_SOURCES
 
     family = family or cfg.model.family
+    quantized = f":quantize={cfg.model.quantize}" if cfg.model.quantize != "none" else ""  # an 8-bit base draws its own images
     if cfg.model.source in TINY_SOURCES:
         from .tiny import TINY_DESIGN  # the built-in model's design: a new one must not reuse old images
 
-        return f"{family}:{cfg.model.source}:{TINY_DESIGN}:seed={cfg.training.seed}:size={cfg.model.tiny_resolution}"
-    return f"{family}:{cfg.model.source}"
+        return f"{family}:{cfg.model.source}:{TINY_DESIGN}:seed={cfg.training.seed}:size={cfg.model.tiny_resolution}{quantized}"
+    return f"{family}:{cfg.model.source}{quantized}"
 
 
 def default_cache_uri(cfg: TrainConfig) -> str:

@@ -66,6 +66,9 @@ def check_runtime(cfg: TrainConfig) -> None:
         raise UserInputError("training.optimizer=adamw_8bit needs a CUDA GPU (bitsandbytes); use adamw on CPU")
     if cfg.training.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserInputError("training.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    from .quantize import check_quantize_runtime
+
+    check_quantize_runtime(cfg.model.quantize)
 
 
 def resolved_precision(cfg: TrainConfig) -> str:
@@ -272,6 +275,7 @@ def run_training(cfg: TrainConfig) -> int:
     from .export import export_pipeline
     from .models import load_model, quiet_libraries
     from .module import DreamBoothModule, refuse_other_families_options
+    from .quantize import quantize_frozen_modules
     from .storage import S3Storage, open_storage
 
     json_logs = json_logs_wanted(cfg)
@@ -302,6 +306,7 @@ def run_training(cfg: TrainConfig) -> int:
     refuse_other_families_options(cfg, family)  # as soon as the family is known, before class images are drawn
     parts = family.components(pipeline)
     place_frozen_modules(parts, family, cfg, device)
+    quantized = quantize_frozen_modules(parts, family, cfg)
 
     klass = None
     generated = 0
@@ -330,6 +335,8 @@ def run_training(cfg: TrainConfig) -> int:
         with training_precision(cfg, device.type):
             text_conds = cached_text_conditions(cfg, family, pipeline, batches.prompts, device)
     module = DreamBoothModule(cfg, family, pipeline, text_conds, batches.prompts)
+    if quantized:  # frozen and the same on every rank: DDP need not broadcast the 8-bit tensors
+        module._ddp_params_and_buffers_to_ignore = [name for name, p in module.named_parameters() if not p.requires_grad]
     # Pinned host memory lets Lightning copy batches to the GPU without making the host wait.
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.data.num_workers,
                                          pin_memory=place.accelerator == "gpu")
