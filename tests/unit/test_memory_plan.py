@@ -70,3 +70,24 @@ def test_dreambooth_plan_prints_every_example_and_each_fits_its_gpus(example: Pa
     assert f"memory plan for {expected.architecture}" in result.stdout and "estimate" in result.stdout
     assert expected.verdict == "fits", expected.summary()
     assert f"dreambooth plan examples/{example.name}" in example.read_text() or example.name == "job.yaml"
+
+
+@pytest.mark.parametrize(("gpu_memory", "status", "reason"), [("80Gi", "True", "Fits"), ("20Gi", "False", "TightWithActivations"),
+                                                             (None, "Unknown", "NoGpuMemory")])
+def test_an_accepted_job_carries_its_memory_plan_in_a_condition(gpu_memory: str | None, status: str, reason: str) -> None:
+    from datetime import datetime, timezone
+
+    from dreambooth_operator import lifecycle
+    from dreambooth_operator.conditions import MEMORY_PLAN, get_condition
+
+    spec = yaml.safe_load((REPO / "examples" / "job-flux-lora.yaml").read_text())["spec"]
+    spec["model"]["quantize"] = "int8"
+    if gpu_memory:
+        spec["resources"]["gpuMemory"] = gpu_memory
+    else:
+        spec["resources"].pop("gpuMemory", None)
+    plan_ = memory_plan(parse_spec(spec))
+    accepted = lifecycle.accept({}, 1, datetime.now(timezone.utc), "s3://b/jobs/x", None, plan_)
+    condition = get_condition(accepted.status["conditions"], MEMORY_PLAN)
+    assert (condition["status"], condition["reason"]) == (status, reason)
+    assert condition["message"].startswith("flux1-dev: ") and "exact per GPU" in condition["message"]
