@@ -20,14 +20,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlparse
 
+from dreambooth_serving.settings import TOKEN_HEADER
+
 from .errors import ClientError, EndpointError
-from .kube import KubeApi
+from .kube import KubeApi, UnsafeProxyPath
 from .status import JobStatus
 
 GENERATE_PATH = "/v1/generate"
 OPENAI_PATH = "/v1/images/generations"
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "upgrade", "proxy-authenticate",
               "proxy-authorization", "te", "trailer", "content-encoding"}
+# Never relayed to the API server: they would act with the user's Kubernetes identity.
+KUBE_ONLY = {"authorization", "cookie", "impersonate-user", "impersonate-group", "impersonate-uid"}
+KUBE_ONLY_PREFIX = "impersonate-extra-"
+LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
 GENERATE_TIMEOUT = 600.0
 UNAVAILABLE_RETRIES = 10
 UNAVAILABLE_WAIT_SECONDS = 3.0
@@ -157,6 +163,38 @@ class Forwarder:
         self.close()
 
 
+def is_loopback_host(value: str | None) -> bool:
+    """A Host header (or an Origin's host) naming this machine: what a DNS-rebinding page cannot send."""
+    if not value:
+        return False
+    host = urlparse(f"//{value}").hostname if "//" not in value else urlparse(value).hostname
+    return host in LOOPBACK_NAMES
+
+
+def local_request_refusal(target: str, host: str | None, origin: str | None) -> tuple[int, str] | None:
+    """Why the local port refuses a request ((status, reason)), or None: only origin-form paths,
+    only loopback Host names, only loopback (or no) Origin, as `kubectl proxy` accepts by default."""
+    if not target.startswith("/"):
+        return 400, f"request target {target[:80]!r} is not a path"
+    if not is_loopback_host(host):
+        return 403, f"Host {host!r} is not this machine (use http://127.0.0.1:<port>)"
+    if origin is not None and not is_loopback_host(origin):
+        return 403, f"Origin {origin!r} may not use this port"
+    return None
+
+
+def relayed_headers(headers: Any) -> dict[str, str]:
+    """The client's headers as sent on: no hop-by-hop ones, nothing the API server would act on;
+    a bearer token for the inference server travels in TOKEN_HEADER (the API server keeps
+    Authorization for itself)."""
+    relayed = {k: v for k, v in headers.items()
+               if k.lower() not in HOP_BY_HOP | KUBE_ONLY | {"host"} and not k.lower().startswith(KUBE_ONLY_PREFIX)}
+    scheme, _, token = (headers.get("Authorization") or "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip() and not any(k.lower() == TOKEN_HEADER.lower() for k in relayed):
+        relayed[TOKEN_HEADER] = token.strip()
+    return relayed
+
+
 def _handler_for(endpoint: Endpoint) -> type[BaseHTTPRequestHandler]:
     service = endpoint.service
     # Links in HTML pages come back rewritten by the API server's proxy: map them back.
@@ -168,10 +206,14 @@ def _handler_for(endpoint: Endpoint) -> type[BaseHTTPRequestHandler]:
         def relay(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
-            path = self.path.removeprefix(proxy_prefix) or "/"
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP and k.lower() != "host"}
+            refusal = local_request_refusal(self.path, self.headers.get("Host"), self.headers.get("Origin"))
             try:
-                status, reply_headers, reply = endpoint.request(self.command, path, body, headers)
+                if refusal:
+                    raise UnsafeProxyPath(refusal[1])
+                path = self.path.removeprefix(proxy_prefix) or "/"
+                status, reply_headers, reply = endpoint.request(self.command, path, body, relayed_headers(self.headers))
+            except UnsafeProxyPath as error:
+                status, reply_headers, reply = refusal[0] if refusal else 400, {"Content-Type": "text/plain"}, f"{error}\n".encode()
             except ClientError as error:
                 status, reply_headers, reply = 502, {"Content-Type": "text/plain"}, f"{error}\n".encode()
             self.send_response(status)

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass
 
 TOKEN_ENV = "DREAMBOOTH_API_TOKEN"
+# The token's second header: the Kubernetes API server's service proxy keeps Authorization for itself.
+TOKEN_HEADER = "X-Dreambooth-Token"
 MAX_SEED = 2**32 - 1
 # The API's ceiling for any family; each family's own limit is checked per request (family.py).
 MAX_SIDE = 2048
