@@ -34,7 +34,7 @@ from .kube import KubeApi
 from .manifest import DEFAULT_MODEL, PHOTOS_ANNOTATION, SubmitOptions, build_manifest, job_name, upload_prefix
 from .photos import Photo, check_photos
 from .status import JobStatus, Until, change_key, job_status, progress_from_record, with_fresher_progress
-from .storage import JobStorage, credentials_from_secret, minio_client
+from .storage import JobStorage, credentials_from_secret, local_path, minio_client
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -276,12 +276,8 @@ class Job:
         uri = self.status.output_uri
         if not uri:
             return []
-        new = []
-        for key in self.storage().list(uri, "samples"):
-            path = folder / key.removeprefix("samples/")
-            if not path.exists():
-                new.append(self.storage().download(uri, key, path))
-        return new
+        targets = [(key, local_path(folder, key.removeprefix("samples/"), key)) for key in self.storage().list(uri, "samples")]
+        return [self.storage().download(uri, key, path) for key, path in targets if not path.exists()]
 
     def download(self, dest: str | Path | None = None, everything: bool = False) -> Path:
         """The trained model for local use: `final/` (diffusers layout), or only `final/lora/` for a
