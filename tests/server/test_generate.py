@@ -102,7 +102,7 @@ def test_bearer_token_is_required_when_set() -> None:
 
     app = create_app(ServerSettings(device="cpu", api_token="s3cret"))
     body = {"prompt": "a dog", "steps": 1, "seed": 1}
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         wait_ready_in(client)
         assert client.get("/healthz").status_code == 200  # probes stay open
         missing = client.post("/v1/generate", json=body)
@@ -147,7 +147,7 @@ def test_a_full_queue_answers_429_at_once() -> None:
 
     runtime.run_batch = held_batch  # the batcher picks it up when the app starts
     body = {"prompt": "a dog", "steps": 1}
-    with TestClient(app) as client, ThreadPoolExecutor(2) as pool:
+    with TestClient(app, base_url="http://localhost") as client, ThreadPoolExecutor(2) as pool:
         wait_ready_in(client)
         hold.clear()
         entered.clear()
