@@ -247,7 +247,7 @@ def port_forward(job: Job, port: int) -> int:
         forwarder = job.port_forward(port).start()
     except OSError as error:
         raise ClientError(f"cannot listen on 127.0.0.1:{port} ({error.strerror})") from None
-    echo(f"Forwarding {forwarder.url} -> {job.endpoint().service.url} (through the Kubernetes API server); Ctrl-C to stop")
+    echo(f"Forwarding {forwarder.url} -> {forwarder.endpoint.service.url} (through the Kubernetes API server); Ctrl-C to stop")
     try:
         while True:
             time.sleep(3600)

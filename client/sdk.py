@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 from dreambooth_api.v1alpha1.labels import (
     COMPLETION_INDEX_ANNOTATION, LABEL_COMPONENT, LABEL_GANG, LABEL_JOB, SERVER_CONTAINER, TRAINER_CONTAINER,
 )
+from dreambooth_serving.settings import TOKEN_ENV
 
 from .defaults import StorageFlags, StorageSettings, find_defaults_configmap, resolve_storage, settings_from_configmap
 from .endpoint import Endpoint, Forwarder, service_ref
-from .errors import ClientError, EndpointError, JobFailed, NotFound
+from .errors import AccessDenied, ClientError, EndpointError, JobFailed, NotFound
 from .kube import KubeApi
 from .manifest import DEFAULT_MODEL, PHOTOS_ANNOTATION, SubmitOptions, build_manifest, job_name, upload_prefix
 from .photos import Photo, check_photos
@@ -293,12 +294,32 @@ class Job:
 
     # --- the endpoint ------------------------------------------------------------------------
 
-    def endpoint(self) -> Endpoint:
+    def endpoint(self, with_token: bool = True) -> Endpoint:
+        """The job's inference server; `with_token`: with the token it wants (read from its Secret)."""
         status = self.status
         if not status.endpoint:
             raise EndpointError(f"DreamboothJob {self.namespace}/{self.name} has no endpoint "
                                 f"({'serving is off' if not status.serving_enabled else status.phase})")
-        return Endpoint(self.client.kube, service_ref(status.endpoint), model=status.model_name)
+        return Endpoint(self.client.kube, service_ref(status.endpoint), model=status.model_name,
+                        token=self.api_token(status) if with_token else None)
+
+    def api_token(self, status: JobStatus | None = None) -> str | None:
+        """The token the job's server wants: DREAMBOOTH_API_TOKEN when set, else read from the
+        job's serving.auth.tokenSecretRef (None when the server has none)."""
+        status = status or self.status
+        if os.environ.get(TOKEN_ENV):
+            return os.environ[TOKEN_ENV]
+        if status.token_secret is None:
+            return None
+        secret, key = status.token_secret
+        try:
+            data = self.client.kube.read_secret(self.namespace, secret)
+        except (NotFound, AccessDenied) as error:
+            raise EndpointError(f"the endpoint wants the token in Secret {self.namespace}/{secret} (key {key}) and it "
+                                f"cannot be read ({error}); set {TOKEN_ENV} instead") from None
+        if not data.get(key):
+            raise EndpointError(f"Secret {self.namespace}/{secret} has no key {key!r} (serving.auth.tokenSecretRef)")
+        return data[key]
 
     def generate_png(self, prompt: str, *, negative_prompt: str = "", steps: int | None = None,
                      guidance_scale: float | None = None, seed: int | None = None, width: int | None = None,
@@ -318,7 +339,7 @@ class Job:
 
     def port_forward(self, port: int = 0) -> Forwarder:
         """A local `http://127.0.0.1:<port>` for the endpoint (0: any free port); use as a context manager."""
-        return Forwarder(self.endpoint(), port)
+        return Forwarder(self.endpoint(with_token=False), port)  # clients through the port bring their own token
 
     # --- pods ------------------------------------------------------------------------------
 

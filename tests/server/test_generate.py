@@ -111,6 +111,11 @@ def test_bearer_token_is_required_when_set() -> None:
         assert wrong.status_code == 401
         right = client.post("/v1/generate", json=body, headers={"Authorization": "Bearer s3cret"})
         assert right.status_code == 200 and right.headers["content-type"] == "image/png"
+        # The second header: what passes the Kubernetes API server's proxy, which keeps Authorization.
+        proxied = client.post("/v1/generate", json=body, headers={"X-Dreambooth-Token": "s3cret"})
+        assert proxied.status_code == 200 and proxied.headers["content-type"] == "image/png"
+        assert client.get("/v1/models", headers={"X-Dreambooth-Token": "s3cret"}).status_code == 200
+        assert client.get("/v1/models", headers={"X-Dreambooth-Token": "nope"}).status_code == 401
 
 
 def test_token_comes_from_the_env(monkeypatch: pytest.MonkeyPatch) -> None:
