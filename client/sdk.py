@@ -30,7 +30,7 @@ from dreambooth_serving.settings import TOKEN_ENV
 
 from .defaults import StorageFlags, StorageSettings, find_defaults_configmap, resolve_storage, settings_from_configmap
 from .endpoint import Endpoint, Forwarder, service_ref
-from .errors import AccessDenied, ClientError, EndpointError, JobFailed, NotFound
+from .errors import AccessDenied, ClientError, EndpointError, JobFailed, LaunchInterrupted, NotFound
 from .kube import KubeApi
 from .manifest import DEFAULT_MODEL, PHOTOS_ANNOTATION, SubmitOptions, build_manifest, job_name, upload_prefix
 from .photos import Photo, check_photos
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
 POLL_SECONDS = 1.0
+CREATE_SETTLE_SECONDS = 1.0
 CLIENT_ENDPOINT_ENV = "DREAMBOOTH_STORAGE_CLIENT_ENDPOINT"
 
 
@@ -134,15 +135,41 @@ class Client:
         return submission
 
     def launch(self, submission: Submission) -> "Job":
-        """Upload the photos and create the job; on a failed create the photos are deleted again."""
+        """Upload the photos and create the job. Photos come down again after a failed or
+        interrupted upload and after a create the API server did not make; a job it made keeps
+        them, whatever happened to its answer. Ctrl-C raises LaunchInterrupted, which says which."""
         storage = self.storage_for(submission.namespace, submission.storage)
-        storage.upload_photos(submission.photos_uri, submission.photos)
+        interrupted = LaunchInterrupted(submission.namespace, submission.name, submission.photos_uri, False)
+        try:
+            storage.upload_photos(submission.photos_uri, submission.photos)
+        except KeyboardInterrupt:
+            raise interrupted from None
         try:
             self.kube.create_job(submission.manifest)
-        except BaseException:
-            storage.delete(submission.photos_uri)
+        except BaseException as error:
+            # A create cut short by Ctrl-C may still be in the API server's hands: look twice.
+            interrupted.created = self.was_created(submission, settle_s=CREATE_SETTLE_SECONDS if isinstance(error, KeyboardInterrupt) else 0)
+            if interrupted.created is False:
+                storage.delete(submission.photos_uri)
+            if isinstance(error, KeyboardInterrupt):
+                raise interrupted from None
             raise
         return Job(self, submission.name, submission.namespace, storage)
+
+    def was_created(self, submission: Submission, settle_s: float = 0) -> bool | None:
+        """Whether this submission's job exists (its photos annotation names this upload's fresh
+        prefix, so a job of the same name from elsewhere does not count); None if the API cannot
+        tell. With `settle_s`, a job not there yet is looked for once more after that long."""
+        for attempt in range(2 if settle_s else 1):
+            time.sleep(settle_s if attempt else 0)
+            try:
+                body = self.kube.find_job(submission.namespace, submission.name)
+            except (ClientError, OSError):
+                return None
+            annotations = ((body or {}).get("metadata") or {}).get("annotations") or {}
+            if annotations.get(PHOTOS_ANNOTATION) == submission.photos_uri:
+                return True
+        return False
 
     # --- storage ---------------------------------------------------------------------------
 

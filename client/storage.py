@@ -88,7 +88,7 @@ class JobStorage:
             raise StorageUnreachable(f"bucket {bucket!r} does not exist at {self.endpoint}")
 
     def upload_photos(self, uri: str, photos: list[Photo]) -> None:
-        """Upload every photo under `uri`; on any failure, delete what went up and re-raise."""
+        """Upload every photo under `uri`; on any failure or Ctrl-C, delete what went up and re-raise."""
         target = self.at(uri)
         try:
             for index, photo in enumerate(photos):
@@ -96,6 +96,9 @@ class JobStorage:
         except (StorageError, OSError) as error:
             self.delete(uri)
             raise StorageUnreachable(f"uploading photos to {uri} failed ({error}); nothing was created") from None
+        except BaseException:
+            self.delete(uri)
+            raise
 
     def delete(self, uri: str) -> None:
         try:
