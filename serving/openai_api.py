@@ -61,8 +61,8 @@ UNSUPPORTED = {
     "frame_count": "frame_count: animations are not supported",
     "frame_duration_ms": "frame_duration_ms: animations are not supported",
     "svg": "svg: vector output is not supported",
-    "markup": "markup is not supported: give a mask (transparent where to paint)",
 }
+MARKUP_REFUSAL = "markup is not supported: give a mask (transparent where to paint)"
 
 
 class OpenAIError(HTTPException):
@@ -322,6 +322,8 @@ def edit_body_from(parts: list[FormPart]) -> tuple[ImageEditBody, FormPart, Form
     for part in parts:
         if part.name in files:
             continue
+        if part.name == "markup":  # the SDK sends it as a file
+            raise OpenAIError(400, MARKUP_REFUSAL, param="markup", code="unsupported_value")
         if part.filename is not None:
             raise OpenAIError(400, f"{part.name}: a file where a value was expected", param=part.name)
         fields[part.name] = part.text()
