@@ -97,7 +97,7 @@ async def drive(route: Callable[[str], Any], mix: list[str], concurrency: int, s
     def client_for(model: str) -> httpx.AsyncClient:
         app = route(model)
         if id(app) not in clients:
-            clients[id(app)] = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench", timeout=600)
+            clients[id(app)] = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost", timeout=600)
         return clients[id(app)]
 
     queue = list(enumerate(mix))
