@@ -19,7 +19,9 @@ Prints one JSON line per case, then
 `many_subjects_throughput_ratio` (shared images/s on the mix / dedicated images/s; goal >= 0.8);
 on a CPU also `many_subjects_cpu_work_ratio`, the same on images per CPU-second of this process
 (the device is the CPU; other load changes wall time more than work), and
-`many_subjects_batch_compute_ratio`: the same batches run directly, batch for batch (below).
+`many_subjects_batch_compute_ratio`: the same batches run directly, batch for batch (below);
+and `many_subjects_adapter_copy_mib_per_batch`: what a batch of 8 subjects holds for its rows'
+adapters beyond their weights, before (per-row copies) and after (gathered per adapter).
 """
 from __future__ import annotations
 
@@ -95,7 +97,7 @@ async def drive(route: Callable[[str], Any], mix: list[str], concurrency: int, s
     def client_for(model: str) -> httpx.AsyncClient:
         app = route(model)
         if id(app) not in clients:
-            clients[id(app)] = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench", timeout=600)
+            clients[id(app)] = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost", timeout=600)
         return clients[id(app)]
 
     queue = list(enumerate(mix))
@@ -206,6 +208,7 @@ def many_subjects(base: Any, device: str, args: Any) -> list[dict]:
         results = asyncio.run(run_rounds(cases, args, device))
         for result, app in zip(results[2:], (shared_apps[8], shared_apps[1])):
             result["adapters_resident"] = len(app.state.runtime.adapters.sizes)
+        results.append(adapter_copy_memory(base, adapters, names[:8], args))
         if device == "cpu":
             ratio = batch_compute_ratio(base, dedicated[one], adapters, mix, args)
             results.append({"case": "batch for batch: the mix in batches of 8, per-row adapters, vs batches of 8 on the fused model",
@@ -239,6 +242,43 @@ def batch_compute_ratio(base: Any, dedicated: Any, adapters: dict[str, Path], mi
     return statistics.median(ratios[1:])  # the first pair warms both up
 
 
+def adapter_copy_memory(base: Any, adapters: dict[str, Path], models: list[str], args: Any) -> dict:
+    """What one batch of `models` (8 requests, each its own subject) holds for its rows' adapters
+    beyond their weights. Before: each row's A and B of every Linear LoRA layer, stacked per row
+    and kept for the whole batch (the server's path until issue 21, rebuilt here layer by layer,
+    each layer's copies freed at once, and counted). After: measured, what the routing holds
+    while the batch runs (the rows' indices: each adapter's weights are used in place)."""
+    from dreambooth_serving.adapters import AdapterLimits, ResidentAdapters, gathers, lora_layers
+    from dreambooth_trainer.generate import ImageRequest, generate_images
+
+    shared = copy.deepcopy(base)
+    resident = ResidentAdapters(shared, AdapterLimits())
+    resident.ensure(list(adapters), lambda name: adapters[name] / "pytorch_lora_weights.safetensors")
+    requests = [ImageRequest(f"a photo of sks dog {row}", "", row) for row in range(len(models))]
+    with torch.no_grad(), resident.routing(models):
+        generate_images(shared, requests, steps=1)
+        after = resident.batch_copy_bytes()
+        rows = max(resident.groups)  # rows per denoiser call: classifier-free guidance doubles them
+        names = resident.rows * resident.copies(rows)
+        before = sum(per_row_copy_bytes(layer, names) for layer in lora_layers(shared) if gathers(layer))
+    adapter_mib = statistics.mean(resident.sizes.values()) / 2**20
+    return {"case": f"adapter copies per batch: {len(models)} requests of {len(set(models))} subjects, {rows} rows",
+            "adapter_mib": round(adapter_mib, 3), "before_per_row_copies_mib": round(before / 2**20, 3),
+            "after_mib": round(after / 2**20, 6), "before_over_rows_x_adapter": round(before / 2**20 / (rows * adapter_mib), 2)}
+
+
+def per_row_copy_bytes(layer: Any, names: list[str]) -> int:
+    """Bytes one layer's per-row copies held for the batch on the old path: the batch's adapters'
+    A and B stacked (a zero pair first, for base rows; freed once indexed), then indexed per row."""
+    with torch.no_grad():
+        downs = [layer.lora_A[name].weight for name in dict.fromkeys(names) if name in layer.lora_A]
+        ups = [layer.lora_B[name].weight for name in dict.fromkeys(names) if name in layer.lora_B]
+        down, up = torch.stack([torch.zeros_like(downs[0]), *downs]), torch.stack([torch.zeros_like(ups[0]), *ups])
+        slot = {name: index + 1 for index, name in enumerate(dict.fromkeys(names)) if name in layer.lora_A}
+        index = torch.tensor([slot.get(name, 0) for name in names])
+        return sum(t.numel() * t.element_size() for t in (down[index], up[index]))
+
+
 def sd15_shapes_memory_ratio(subjects: int = SUBJECTS, rank: int = LORA_RANK) -> float:
     """(base + `subjects` rank-`rank` adapters) / base, counted on SD1.5's real shapes (meta
     device: no memory, no download): what the ratio is at the size the tiny model stands in for."""
@@ -268,6 +308,9 @@ def report(results: list[dict]) -> None:
     print(json.dumps({"case": "SD1.5 shapes, counted", "memory_ratio_20_subjects": round(sd15_shapes_memory_ratio(), 3)}), flush=True)
     print(f"many_subjects_memory_ratio: {shared['weights_mib'] / dedicated['weights_mib']:.3f}", flush=True)
     print(f"many_subjects_throughput_ratio: {shared['vs_dedicated_images_per_s']:.2f}", flush=True)
+    copies = next(result for result in results if "before_per_row_copies_mib" in result)
+    print(f"many_subjects_adapter_copy_mib_per_batch: before {copies['before_per_row_copies_mib']:.3f}, "
+          f"after {copies['after_mib']:.6f}", flush=True)
     if "peak_allocated_mib" not in shared:  # on a CPU the device is the CPU: what each image costs it, whatever else runs
         print(f"many_subjects_cpu_work_ratio: {shared['vs_dedicated_images_per_cpu_s']:.2f}", flush=True)
-        print(f"many_subjects_batch_compute_ratio: {results[4]['vs_dedicated_images_per_cpu_s']:.2f}", flush=True)
+        print(f"many_subjects_batch_compute_ratio: {results[-1]['vs_dedicated_images_per_cpu_s']:.2f}", flush=True)

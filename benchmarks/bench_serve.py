@@ -102,7 +102,7 @@ async def server_images_per_s(app: object, concurrency: int, requests: int, step
                 raise RuntimeError(f"server answered {response.status_code}: {response.text[:200]}")
 
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://bench", timeout=600) as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=600) as client:
         # a short warm-up through the same path, at the batch size this run will see
         await asyncio.gather(*(client.post("/v1/generate", json={"prompt": "warm", "steps": 2, "seed": worker})
                                for worker in range(concurrency)))

@@ -127,19 +127,26 @@ def serve(
     max_adapters_per_batch: Annotated[int, typer.Option(min=1, help="Distinct adapters in one UNet batch (1: one adapter per batch).")] = 8,
     tiny_seed: Annotated[int, typer.Option(min=0, help="Seed of the built-in tiny model (its training.seed).")] = 0,
     tiny_resolution: Annotated[int, typer.Option(min=8, help="Image side the tiny model is shaped for.")] = 32,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(help="A Host name a server without a token answers besides loopback names and IP addresses (repeatable; also DREAMBOOTH_ALLOWED_HOSTS, comma-separated; * for any).")] = None,
+    cors_origin: Annotated[Optional[list[str]], typer.Option(help="A web origin whose pages may call the APIs (repeatable; also DREAMBOOTH_CORS_ORIGINS); none by default.")] = None,
+    request_timeout: Annotated[float, typer.Option(min=1, help="Seconds a request may wait and be drawn; then its work is dropped.")] = 300.0,
+    max_pixel_steps: Annotated[int, typer.Option(min=1, help="Most images × width × height × steps one request may ask for.")] = 10 * 1024 * 1024 * 50,
 ) -> None:
     """Serve over HTTP: the OpenAI Images API, POST /v1/generate, a web page at /, probes and /metrics."""
     from dreambooth_serving.server import run_server
-    from dreambooth_serving.settings import ServerSettings, api_token_from_env
+    from dreambooth_serving.settings import ALLOWED_HOSTS_ENV, CORS_ORIGINS_ENV, ServerSettings, api_token_from_env, names_from_env
 
     settings = ServerSettings(
         model=model, model_name=model_name, device=device, max_batch=max_batch, max_queue=max_queue, lora=lora,
         compile=compile, api_token=api_token_from_env(), tiny_seed=tiny_seed, tiny_resolution=tiny_resolution,
         adapters=parse_adapters(adapter or []), registry=str(registry) if registry else None,
         max_resident_adapters=max_adapters, max_adapter_bytes=max_adapter_mib * 1024**2,
-        max_adapters_per_batch=max_adapters_per_batch,
+        max_adapters_per_batch=max_adapters_per_batch, listen_host=host,
+        allowed_hosts=(*(allowed_host or []), *names_from_env(ALLOWED_HOSTS_ENV)),
+        cors_origins=(*(cors_origin or []), *names_from_env(CORS_ORIGINS_ENV)),
+        request_timeout_s=request_timeout, max_pixel_steps=max_pixel_steps,
     )
-    run_server(settings, host=host, port=port)
+    run_server(settings, port=port)
 
 
 @app.command()

@@ -14,7 +14,7 @@ import yaml
 from .defaults import StorageFlags
 from .display import Display, display_for
 from .endpoint import OPENAI_PATH, call_lines
-from .errors import ClientError, ClusterUnreachable
+from .errors import ClientError, ClusterUnreachable, LaunchInterrupted
 from .manifest import SubmitOptions, build_manifest, job_name, upload_prefix
 from .photos import check_photos
 from .sdk import Client, Job
@@ -41,7 +41,11 @@ def submit(photos_dir: Path, options: SubmitOptions, *, client: Client | None, n
         return 0
     assert client is not None
     submission = client.prepare(photos_dir, options, namespace, storage_flags)
-    job = client.launch(submission)
+    try:
+        job = client.launch(submission)
+    except LaunchInterrupted as interrupted:
+        echo(str(interrupted))
+        return EXIT_INTERRUPTED
     echo(f"uploaded {len(submission.photos)} photos to {submission.photos_uri}")
     echo(f"dreamboothjob.dreambooth.dev/{job.name} created in namespace {job.namespace}")
     if detach:
@@ -247,7 +251,7 @@ def port_forward(job: Job, port: int) -> int:
         forwarder = job.port_forward(port).start()
     except OSError as error:
         raise ClientError(f"cannot listen on 127.0.0.1:{port} ({error.strerror})") from None
-    echo(f"Forwarding {forwarder.url} -> {job.endpoint().service.url} (through the Kubernetes API server); Ctrl-C to stop")
+    echo(f"Forwarding {forwarder.url} -> {forwarder.endpoint.service.url} (through the Kubernetes API server); Ctrl-C to stop")
     try:
         while True:
             time.sleep(3600)

@@ -20,17 +20,25 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlparse
 
+from dreambooth_serving.settings import TOKEN_HEADER
+
 from .errors import ClientError, EndpointError
-from .kube import KubeApi
+from .kube import KubeApi, UnsafeProxyPath
 from .status import JobStatus
 
 GENERATE_PATH = "/v1/generate"
 OPENAI_PATH = "/v1/images/generations"
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "upgrade", "proxy-authenticate",
               "proxy-authorization", "te", "trailer", "content-encoding"}
+# Never relayed to the API server: they would act with the user's Kubernetes identity.
+KUBE_ONLY = {"authorization", "cookie", "impersonate-user", "impersonate-group", "impersonate-uid"}
+KUBE_ONLY_PREFIX = "impersonate-extra-"
+LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1"}
 GENERATE_TIMEOUT = 600.0
 UNAVAILABLE_RETRIES = 10
 UNAVAILABLE_WAIT_SECONDS = 3.0
+# A shared server learns of a new subject when the kubelet rewrites its registry (about a minute).
+SUBJECT_WAIT_SECONDS = 150.0
 
 
 @dataclass(frozen=True)
@@ -55,11 +63,20 @@ def service_ref(url: str) -> ServiceRef:
 class Endpoint:
     """One inference server: direct when its name resolves from here, else via the API server."""
 
-    def __init__(self, kube: KubeApi, service: ServiceRef, direct: bool | None = None, model: str | None = None) -> None:
+    def __init__(self, kube: KubeApi, service: ServiceRef, direct: bool | None = None, model: str | None = None,
+                 token: str | None = None) -> None:
         self.kube = kube
         self.service = service
         self.direct = _resolves(service) if direct is None else direct
         self.model = model  # the job's subject on the server (status.serving.model): a shared server serves many
+        self.token = token  # the server's API token, when it has one
+
+    def token_headers(self) -> dict[str, str]:
+        """The token as the server takes it: in X-Dreambooth-Token (the one header the API server's
+        proxy passes on) and, only when talking to the server directly, as a bearer token too."""
+        if not self.token:
+            return {}
+        return {TOKEN_HEADER: self.token, **({"Authorization": f"Bearer {self.token}"} if self.direct else {})}
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
                 timeout: float = GENERATE_TIMEOUT) -> tuple[int, dict[str, str], bytes]:
@@ -77,22 +94,40 @@ class Endpoint:
             raise EndpointError(f"{self.service.url}: {error}") from None
 
     def generate(self, prompt: str, **params: Any) -> tuple[bytes, int | None]:
-        """One PNG (and its seed) from POST /v1/generate; EndpointError with the server's reason."""
+        """One PNG (and its seed) from POST /v1/generate; EndpointError with the server's reason.
+        Retried while the server is busy or warming up, and for a while when the subject is not
+        on a shared server yet (its registry reaches the server a minute after ServingReady)."""
         payload = {"prompt": prompt, "model": self.model, **params}
         payload = {key: value for key, value in payload.items() if value is not None}
-        for attempt in range(UNAVAILABLE_RETRIES + 1):
-            status, headers, body = self.request("POST", GENERATE_PATH, json.dumps(payload).encode(),
-                                                 {"Content-Type": "application/json", "Accept": "image/png"})
+        headers_out = {"Content-Type": "application/json", "Accept": "image/png", **self.token_headers()}
+        unavailable, subject_deadline = 0, time.monotonic() + SUBJECT_WAIT_SECONDS
+        while True:
+            status, headers, body = self.request("POST", GENERATE_PATH, json.dumps(payload).encode(), headers_out)
             # 503: the server is warming up, or the proxy has no ready endpoint yet; 429: a full queue.
-            if status not in (429, 503) or attempt == UNAVAILABLE_RETRIES:
+            if status in (429, 503) and unavailable < UNAVAILABLE_RETRIES:
+                unavailable += 1
+            elif not (status == 404 and self.subject_not_found() and time.monotonic() < subject_deadline):
                 break
             time.sleep(UNAVAILABLE_WAIT_SECONDS)
+        if status == 401:
+            raise EndpointError(f"the endpoint {self.service.url} wants a token ({_detail(body)}): "
+                                + ("the one sent is wrong" if self.token else "set DREAMBOOTH_API_TOKEN or let the client read the job's token Secret"))
         if status != 200:
             raise EndpointError(f"the endpoint {self.service.url} answered {status}: {_detail(body)}")
         if not body.startswith(b"\x89PNG"):
             raise EndpointError(f"the endpoint {self.service.url} answered without a PNG")
         seed = {k.lower(): v for k, v in headers.items()}.get("x-seed")
         return body, int(seed) if seed and seed.isdigit() else None
+
+    def subject_not_found(self) -> bool:
+        """Whether the server says it has no model of this job's name (yet): OpenAI's model_not_found."""
+        if not self.model:
+            return False
+        status, _, body = self.request("GET", f"/v1/models/{self.model}", headers=self.token_headers(), timeout=30)
+        try:
+            return status == 404 and (json.loads(body).get("error") or {}).get("code") == "model_not_found"
+        except (ValueError, AttributeError):
+            return False
 
     def paths(self) -> set[str]:
         """The HTTP paths the server offers (from its OpenAPI document); empty when it has none."""
@@ -157,6 +192,38 @@ class Forwarder:
         self.close()
 
 
+def is_loopback_host(value: str | None) -> bool:
+    """A Host header (or an Origin's host) naming this machine: what a DNS-rebinding page cannot send."""
+    if not value:
+        return False
+    host = urlparse(f"//{value}").hostname if "//" not in value else urlparse(value).hostname
+    return host in LOOPBACK_NAMES
+
+
+def local_request_refusal(target: str, host: str | None, origin: str | None) -> tuple[int, str] | None:
+    """Why the local port refuses a request ((status, reason)), or None: only origin-form paths,
+    only loopback Host names, only loopback (or no) Origin, as `kubectl proxy` accepts by default."""
+    if not target.startswith("/"):
+        return 400, f"request target {target[:80]!r} is not a path"
+    if not is_loopback_host(host):
+        return 403, f"Host {host!r} is not this machine (use http://127.0.0.1:<port>)"
+    if origin is not None and not is_loopback_host(origin):
+        return 403, f"Origin {origin!r} may not use this port"
+    return None
+
+
+def relayed_headers(headers: Any) -> dict[str, str]:
+    """The client's headers as sent on: no hop-by-hop ones, nothing the API server would act on;
+    a bearer token for the inference server travels in TOKEN_HEADER (the API server keeps
+    Authorization for itself)."""
+    relayed = {k: v for k, v in headers.items()
+               if k.lower() not in HOP_BY_HOP | KUBE_ONLY | {"host"} and not k.lower().startswith(KUBE_ONLY_PREFIX)}
+    scheme, _, token = (headers.get("Authorization") or "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip() and not any(k.lower() == TOKEN_HEADER.lower() for k in relayed):
+        relayed[TOKEN_HEADER] = token.strip()
+    return relayed
+
+
 def _handler_for(endpoint: Endpoint) -> type[BaseHTTPRequestHandler]:
     service = endpoint.service
     # Links in HTML pages come back rewritten by the API server's proxy: map them back.
@@ -168,10 +235,14 @@ def _handler_for(endpoint: Endpoint) -> type[BaseHTTPRequestHandler]:
         def relay(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
-            path = self.path.removeprefix(proxy_prefix) or "/"
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP and k.lower() != "host"}
+            refusal = local_request_refusal(self.path, self.headers.get("Host"), self.headers.get("Origin"))
             try:
-                status, reply_headers, reply = endpoint.request(self.command, path, body, headers)
+                if refusal:
+                    raise UnsafeProxyPath(refusal[1])
+                path = self.path.removeprefix(proxy_prefix) or "/"
+                status, reply_headers, reply = endpoint.request(self.command, path, body, relayed_headers(self.headers))
+            except UnsafeProxyPath as error:
+                status, reply_headers, reply = refusal[0] if refusal else 400, {"Content-Type": "text/plain"}, f"{error}\n".encode()
             except ClientError as error:
                 status, reply_headers, reply = 502, {"Content-Type": "text/plain"}, f"{error}\n".encode()
             self.send_response(status)
@@ -196,26 +267,36 @@ def _handler_for(endpoint: Endpoint) -> type[BaseHTTPRequestHandler]:
 def call_lines(status: JobStatus, prompt: str, port: int = 8080, openai: bool = False,
                flags: str = "") -> list[str]:
     """How to call the endpoint: in the cluster, then from this machine with curl, the OpenAI SDK
-    (when the server speaks its Images API) and this SDK."""
+    (when the server speaks its Images API) and this SDK; with the token from the job's Secret
+    in DREAMBOOTH_API_TOKEN when the server has one (never the token itself)."""
     name, namespace = status.name, status.namespace
     local = f"http://127.0.0.1:{port}"
     body = json.dumps({"prompt": prompt, **({"model": status.model_name} if status.model_name else {}), "steps": 25, "seed": 42})
+    auth = ' -H "Authorization: Bearer $DREAMBOOTH_API_TOKEN"' if status.token_secret else ""
     lines = [
         f"Endpoint (inside the cluster): {status.endpoint}",
         "From this machine, keep a local port open to it (through the Kubernetes API server):",
         f"  dreambooth jobs port-forward {name} -n {namespace} --port {port}{flags} &",
+    ]
+    if status.token_secret:
+        secret, key = status.token_secret
+        jsonpath = "{.data." + key.replace(".", "\\.") + "}"
+        lines += ["The server wants its token (from the job's Secret, into this shell):",
+                  f"  export DREAMBOOTH_API_TOKEN=\"$(kubectl -n {namespace} get secret {secret} -o jsonpath={shlex.quote(jsonpath)} | base64 -d)\""]
+    lines += [
         "Then:",
-        f"  curl -sf {local}{GENERATE_PATH} -H 'Content-Type: application/json' \\",
+        f"  curl -sf {local}{GENERATE_PATH} -H 'Content-Type: application/json'{auth} \\",
         f"    -d {shlex.quote(body)} -o {name}.png",
     ]
     if openai:
         model = status.model_name or name
-        code = (f"import base64; from openai import OpenAI; r = OpenAI(base_url={local + '/v1'!r}, api_key='none')"
+        key = "os.environ['DREAMBOOTH_API_TOKEN']" if status.token_secret else "'none'"
+        code = (f"import base64, os; from openai import OpenAI; r = OpenAI(base_url={local + '/v1'!r}, api_key={key})"
                 f".images.generate(model={model!r}, prompt={prompt!r}, response_format='b64_json'); "
                 f"open({name + '.png'!r}, 'wb').write(base64.b64decode(r.data[0].b64_json))")
         lines += ["Or with the OpenAI SDK:", f"  python -c {shlex.quote(code)}"]
     lines += [
-        "Python (no port needed):",
+        "Python (no port needed; the token is read from the job's Secret):" if status.token_secret else "Python (no port needed):",
         "  from dreambooth_client import Client",
         f"  Client().job({name!r}, namespace={namespace!r}).generate({prompt!r}).save({name + '.png'!r})",
     ]

@@ -44,6 +44,26 @@ class EndpointError(ClientError):
     exit_code = EXIT_FAILED
 
 
+class LaunchInterrupted(KeyboardInterrupt):
+    """Ctrl-C while a submit uploaded its photos or created its job; `created` says whether the
+    API server made the job (None: it could not be asked), and so whether the photos stayed."""
+
+    def __init__(self, namespace: str, name: str, photos_uri: str, created: bool | None) -> None:
+        super().__init__(namespace, name, photos_uri, created)
+        self.namespace, self.name, self.photos_uri, self.created = namespace, name, photos_uri, created
+
+    def __str__(self) -> str:
+        job = f"DreamboothJob {self.namespace}/{self.name}"
+        if self.created:
+            return (f"interrupted after the API server created {job}: it runs and keeps its photos at {self.photos_uri}; "
+                    f"follow it: dreambooth jobs follow {self.name} -n {self.namespace}, or delete it: "
+                    f"dreambooth jobs delete {self.name} -n {self.namespace} --purge")
+        if self.created is None:
+            return (f"interrupted: whether {job} was created could not be checked; its photos stay at {self.photos_uri} "
+                    f"(see: dreambooth jobs list -n {self.namespace})")
+        return f"interrupted: {job} was not created and the photos uploaded to {self.photos_uri} were deleted"
+
+
 def connection_reason(error: BaseException) -> str:
     """'connection refused' rather than a urllib3 repr three lines long."""
     text = str(getattr(error, "reason", None) or error)

@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from dreambooth_api.v1alpha1.spec import GROUP, KIND, PLURAL, VERSION
 
@@ -19,6 +20,33 @@ CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 30.0
 JOB_PATH = f"/apis/{GROUP}/{VERSION}"
 IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+# Percent-decoding rounds a path may go through on its way (client, API server, service).
+DECODE_ROUNDS = 3
+
+
+class UnsafeProxyPath(ClientError):
+    """A path that could leave the service proxy (dot segments, an absolute URL, a backslash)."""
+
+
+def service_proxy_path(path: str) -> str:
+    """`path` (with its query) as sent to a Service through the API server's proxy, refused when
+    any decoding of it holds a `.` or `..` segment: normalising those would leave the proxy prefix
+    and reach any API path with the user's credentials."""
+    if not path.startswith("/") or path.startswith("//"):
+        raise UnsafeProxyPath(f"request path {path[:80]!r} is not a path on the server (it must start with one /)")
+    route = urlsplit(path).path
+    for _ in range(DECODE_ROUNDS):
+        if "\\" in route or any(ord(char) < 0x20 for char in route):
+            raise UnsafeProxyPath(f"request path {path[:80]!r} holds a backslash or a control character")
+        if any(segment in (".", "..") for segment in route.split("/")):
+            raise UnsafeProxyPath(f"request path {path[:80]!r} holds a '.' or '..' segment")
+        decoded = unquote(route)
+        if decoded == route:
+            break
+        route = decoded
+    else:
+        raise UnsafeProxyPath(f"request path {path[:80]!r} is percent-encoded more than {DECODE_ROUNDS} times")
+    return path
 
 
 class KubeApi:
@@ -134,8 +162,12 @@ class KubeApi:
     def service_proxy(self, method: str, namespace: str, service: str, port: str, path: str, body: bytes | None = None,
                       headers: dict[str, str] | None = None, timeout: float = 300.0) -> tuple[int, dict[str, str], bytes]:
         """An HTTP request to a Service through the API server's proxy (works from outside the
-        cluster with the kubeconfig's credentials): (status, headers, body), whatever the status."""
-        url = f"{self.server}/api/v1/namespaces/{namespace}/services/{service}:{port}/proxy/{path.lstrip('/')}"
+        cluster with the kubeconfig's credentials): (status, headers, body), whatever the status.
+        UnsafeProxyPath for a path that could leave the Service's proxy prefix."""
+        prefix = f"/api/v1/namespaces/{namespace}/services/{service}:{port}/proxy"
+        url = f"{self.server}{prefix}{service_proxy_path(path)}"
+        if not urlsplit(url).path.startswith(prefix + "/"):  # never sent anywhere but the Service
+            raise UnsafeProxyPath(f"request path {path[:80]!r} leaves the service proxy")
         request_headers = dict(headers or {})
         self.api_client.update_params_for_auth(request_headers, [], ["BearerToken"], url, method, body)
         pool = self.api_client.rest_client.pool_manager

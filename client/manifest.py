@@ -96,8 +96,16 @@ def job_name(options: SubmitOptions) -> str:
     return f"{stem}-{secrets.token_hex(3)[:5]}"
 
 
+def check_class_name(class_name: str) -> None:
+    """The class goes into the prior's and the default prompts ('a photo of dog'): a word or a few."""
+    if not class_name.strip() or not class_name.isprintable() or class_name != class_name.strip():
+        raise ClientError(f"--class {class_name!r} must say what the subject is, e.g. dog or teddy bear "
+                          "(words without leading, trailing or control characters)")
+
+
 def build_spec(options: SubmitOptions, instance_uri: str, storage: dict[str, Any]) -> dict[str, Any]:
     """The job's spec (camelCase, as applied), overrides included; not yet validated."""
+    check_class_name(options.class_name)
     steps = options.steps
     spec: dict[str, Any] = {
         "model": {"source": options.model},

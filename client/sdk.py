@@ -26,20 +26,22 @@ from typing import TYPE_CHECKING, Any
 from dreambooth_api.v1alpha1.labels import (
     COMPLETION_INDEX_ANNOTATION, LABEL_COMPONENT, LABEL_GANG, LABEL_JOB, SERVER_CONTAINER, TRAINER_CONTAINER,
 )
+from dreambooth_serving.settings import TOKEN_ENV
 
 from .defaults import StorageFlags, StorageSettings, find_defaults_configmap, resolve_storage, settings_from_configmap
 from .endpoint import Endpoint, Forwarder, service_ref
-from .errors import ClientError, EndpointError, JobFailed, NotFound
+from .errors import AccessDenied, ClientError, EndpointError, JobFailed, LaunchInterrupted, NotFound
 from .kube import KubeApi
 from .manifest import DEFAULT_MODEL, PHOTOS_ANNOTATION, SubmitOptions, build_manifest, job_name, upload_prefix
 from .photos import Photo, check_photos
 from .status import JobStatus, Until, change_key, job_status, progress_from_record, with_fresher_progress
-from .storage import JobStorage, credentials_from_secret, minio_client
+from .storage import JobStorage, credentials_from_secret, local_path, minio_client
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
 POLL_SECONDS = 1.0
+CREATE_SETTLE_SECONDS = 1.0
 CLIENT_ENDPOINT_ENV = "DREAMBOOTH_STORAGE_CLIENT_ENDPOINT"
 
 
@@ -133,15 +135,41 @@ class Client:
         return submission
 
     def launch(self, submission: Submission) -> "Job":
-        """Upload the photos and create the job; on a failed create the photos are deleted again."""
+        """Upload the photos and create the job. Photos come down again after a failed or
+        interrupted upload and after a create the API server did not make; a job it made keeps
+        them, whatever happened to its answer. Ctrl-C raises LaunchInterrupted, which says which."""
         storage = self.storage_for(submission.namespace, submission.storage)
-        storage.upload_photos(submission.photos_uri, submission.photos)
+        interrupted = LaunchInterrupted(submission.namespace, submission.name, submission.photos_uri, False)
+        try:
+            storage.upload_photos(submission.photos_uri, submission.photos)
+        except KeyboardInterrupt:
+            raise interrupted from None
         try:
             self.kube.create_job(submission.manifest)
-        except BaseException:
-            storage.delete(submission.photos_uri)
+        except BaseException as error:
+            # A create cut short by Ctrl-C may still be in the API server's hands: look twice.
+            interrupted.created = self.was_created(submission, settle_s=CREATE_SETTLE_SECONDS if isinstance(error, KeyboardInterrupt) else 0)
+            if interrupted.created is False:
+                storage.delete(submission.photos_uri)
+            if isinstance(error, KeyboardInterrupt):
+                raise interrupted from None
             raise
         return Job(self, submission.name, submission.namespace, storage)
+
+    def was_created(self, submission: Submission, settle_s: float = 0) -> bool | None:
+        """Whether this submission's job exists (its photos annotation names this upload's fresh
+        prefix, so a job of the same name from elsewhere does not count); None if the API cannot
+        tell. With `settle_s`, a job not there yet is looked for once more after that long."""
+        for attempt in range(2 if settle_s else 1):
+            time.sleep(settle_s if attempt else 0)
+            try:
+                body = self.kube.find_job(submission.namespace, submission.name)
+            except (ClientError, OSError):
+                return None
+            annotations = ((body or {}).get("metadata") or {}).get("annotations") or {}
+            if annotations.get(PHOTOS_ANNOTATION) == submission.photos_uri:
+                return True
+        return False
 
     # --- storage ---------------------------------------------------------------------------
 
@@ -276,12 +304,8 @@ class Job:
         uri = self.status.output_uri
         if not uri:
             return []
-        new = []
-        for key in self.storage().list(uri, "samples"):
-            path = folder / key.removeprefix("samples/")
-            if not path.exists():
-                new.append(self.storage().download(uri, key, path))
-        return new
+        targets = [(key, local_path(folder, key.removeprefix("samples/"), key)) for key in self.storage().list(uri, "samples")]
+        return [self.storage().download(uri, key, path) for key, path in targets if not path.exists()]
 
     def download(self, dest: str | Path | None = None, everything: bool = False) -> Path:
         """The trained model for local use: `final/` (diffusers layout), or only `final/lora/` for a
@@ -297,12 +321,32 @@ class Job:
 
     # --- the endpoint ------------------------------------------------------------------------
 
-    def endpoint(self) -> Endpoint:
+    def endpoint(self, with_token: bool = True) -> Endpoint:
+        """The job's inference server; `with_token`: with the token it wants (read from its Secret)."""
         status = self.status
         if not status.endpoint:
             raise EndpointError(f"DreamboothJob {self.namespace}/{self.name} has no endpoint "
                                 f"({'serving is off' if not status.serving_enabled else status.phase})")
-        return Endpoint(self.client.kube, service_ref(status.endpoint), model=status.model_name)
+        return Endpoint(self.client.kube, service_ref(status.endpoint), model=status.model_name,
+                        token=self.api_token(status) if with_token else None)
+
+    def api_token(self, status: JobStatus | None = None) -> str | None:
+        """The token the job's server wants: DREAMBOOTH_API_TOKEN when set, else read from the
+        job's serving.auth.tokenSecretRef (None when the server has none)."""
+        status = status or self.status
+        if os.environ.get(TOKEN_ENV):
+            return os.environ[TOKEN_ENV]
+        if status.token_secret is None:
+            return None
+        secret, key = status.token_secret
+        try:
+            data = self.client.kube.read_secret(self.namespace, secret)
+        except (NotFound, AccessDenied) as error:
+            raise EndpointError(f"the endpoint wants the token in Secret {self.namespace}/{secret} (key {key}) and it "
+                                f"cannot be read ({error}); set {TOKEN_ENV} instead") from None
+        if not data.get(key):
+            raise EndpointError(f"Secret {self.namespace}/{secret} has no key {key!r} (serving.auth.tokenSecretRef)")
+        return data[key]
 
     def generate_png(self, prompt: str, *, negative_prompt: str = "", steps: int | None = None,
                      guidance_scale: float | None = None, seed: int | None = None, width: int | None = None,
@@ -322,7 +366,7 @@ class Job:
 
     def port_forward(self, port: int = 0) -> Forwarder:
         """A local `http://127.0.0.1:<port>` for the endpoint (0: any free port); use as a context manager."""
-        return Forwarder(self.endpoint(), port)
+        return Forwarder(self.endpoint(with_token=False), port)  # clients through the port bring their own token
 
     # --- pods ------------------------------------------------------------------------------
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal
 
+from dreambooth_api.v1alpha1.spec import TokenSecretRef
+
 TERMINAL_PHASES = ("Succeeded", "Failed")
 BAR_WIDTH = 30
 Until = Literal["created", "running", "finished", "serving"]
@@ -56,6 +58,7 @@ class JobStatus:
     model_name: str | None = None
     lora: bool = False
     created: str | None = None
+    token_secret: tuple[str, str] | None = None  # (Secret, key) of the server's token, when it has one
 
     def condition(self, type_: str) -> Condition | None:
         return next((c for c in self.conditions if c.type == type_), None)
@@ -114,7 +117,14 @@ def job_status(body: dict[str, Any]) -> JobStatus:
         model_name=serving.get("model"),
         lora=bool(((spec.get("training") or {}).get("lora") or {}).get("enabled")),
         created=meta.get("creationTimestamp"),
+        token_secret=token_secret(spec),
     )
+
+
+def token_secret(spec: dict[str, Any]) -> tuple[str, str] | None:
+    """spec.serving.auth.tokenSecretRef as (Secret, key); the key defaults as in the API."""
+    ref = (((spec.get("serving") or {}).get("auth") or {}).get("tokenSecretRef") or {})
+    return (ref["name"], ref.get("key") or TokenSecretRef.model_fields["key"].default) if ref.get("name") else None
 
 
 def progress_from_status(progress: dict[str, Any] | None) -> Progress | None:

@@ -12,10 +12,28 @@ from typing import Any
 
 from dreambooth_trainer.storage import S3Storage, StorageError, split_s3_uri
 
-from .errors import StorageUnreachable, connection_reason
+from .errors import ClientError, StorageUnreachable, connection_reason
 from .photos import Photo
 
 PROBE_ATTEMPTS = 1
+
+
+class UnsafeObjectKey(ClientError):
+    """An object key that would be written outside the folder it is downloaded into."""
+
+
+def local_path(folder: Path, relative: str, key: str) -> Path:
+    """Where object `key` (`relative` to the prefix being downloaded) lands under `folder`;
+    UnsafeObjectKey for an absolute name, a backslash or a `.`/`..` segment (stores such as S3
+    and Ceph accept those keys, and joining them would write outside `folder`)."""
+    parts = relative.split("/")
+    if (not relative or relative.startswith("/") or "\\" in relative or "\0" in relative
+            or any(part in (".", "..") for part in parts)):
+        raise UnsafeObjectKey(f"object {key!r} would be written outside {folder}; nothing was downloaded from there")
+    path = folder.joinpath(*[part for part in parts if part])
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise UnsafeObjectKey(f"object {key!r} would be written outside {folder} (through a link); nothing was downloaded from there")
+    return path
 
 
 @dataclass(frozen=True)
@@ -70,7 +88,7 @@ class JobStorage:
             raise StorageUnreachable(f"bucket {bucket!r} does not exist at {self.endpoint}")
 
     def upload_photos(self, uri: str, photos: list[Photo]) -> None:
-        """Upload every photo under `uri`; on any failure, delete what went up and re-raise."""
+        """Upload every photo under `uri`; on any failure or Ctrl-C, delete what went up and re-raise."""
         target = self.at(uri)
         try:
             for index, photo in enumerate(photos):
@@ -78,6 +96,9 @@ class JobStorage:
         except (StorageError, OSError) as error:
             self.delete(uri)
             raise StorageUnreachable(f"uploading photos to {uri} failed ({error}); nothing was created") from None
+        except BaseException:
+            self.delete(uri)
+            raise
 
     def delete(self, uri: str) -> None:
         try:
@@ -106,13 +127,12 @@ class JobStorage:
         return path
 
     def download_tree(self, uri: str, prefix: str, folder: Path) -> list[Path]:
+        """Every object under `prefix` into `folder`; every key is checked before the first download."""
         storage = self.at(uri)
-        paths = []
-        for key in storage.list(prefix):
-            path = folder / key[len(prefix):].lstrip("/")
+        targets = [(key, local_path(folder, key[len(prefix):].lstrip("/"), key)) for key in storage.list(prefix)]
+        for key, path in targets:
             storage.download_file(key, path)
-            paths.append(path)
-        return paths
+        return [path for _, path in targets]
 
 
 def _safe_name(name: str) -> str:

@@ -329,3 +329,33 @@ def delete_object(api_version: str, kind: str, namespace: str, name: str, resour
 
 def read_deployment(namespace: str, name: str) -> dict[str, Any] | None:
     return read_object("apps/v1", "Deployment", namespace, name)
+
+
+# --- asking a server ------------------------------------------------------------------------
+
+
+def read_secret_key(namespace: str, name: str, key: str) -> str | None:
+    """One key of a Secret as text, no other key decoded; None when the Secret or the key is missing."""
+    secret = request("GET", ns_path("v1", namespace, "secrets", name), missing_ok=True) or {}
+    if key in (secret.get("stringData") or {}):
+        return str(secret["stringData"][key])
+    value = (secret.get("data") or {}).get(key)
+    return base64.b64decode(value).decode(errors="replace") if value else None
+
+
+def list_pods(namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
+    found = request("GET", ns_path("v1", namespace, "pods"), query={"labelSelector": selector(labels)})
+    return list((found or {}).get("items") or [])
+
+
+def pod_get_status(namespace: str, pod: str, port: int, path: str, headers: dict[str, str], timeout: float = 5.0) -> int:
+    """The HTTP status a pod answers to GET `path`, through the API server's pod proxy; 0 when none came."""
+    api = client()
+    params = api.param_serialize(method="GET", resource_path=ns_path("v1", namespace, "pods", f"{pod}:{port}") + "/proxy" + path,
+                                 header_params={"Accept": "application/json", **headers}, auth_settings=["BearerToken"])
+    try:
+        response = api.call_api(*params, _request_timeout=timeout)
+        response.read()
+    except Exception:  # urllib3 timeouts and connection errors: no answer
+        return 0
+    return int(response.status)

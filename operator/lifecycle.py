@@ -482,7 +482,7 @@ def _note_template_update(draft: _Draft) -> None:
 
 
 def _serve_shared(draft: _Draft) -> None:
-    """ServingReady once the adapter is in the server's registry and the server is ready."""
+    """ServingReady once the adapter is in the server's registry and every ready server pod answers for it."""
     obs = draft.obs
     server = obs.spec.serving.server or ""
     shared = obs.shared or shared_server.SharedServerState(server)
@@ -495,12 +495,15 @@ def _serve_shared(draft: _Draft) -> None:
         return
     if not shared.registered or shared.stale or not shared.running:
         draft.act("register_adapter")
-    if shared.registered and shared.ready_replicas >= 1:
+    if shared.registered and shared.ready_replicas >= 1 and shared.answers:
         message = f"shared server {server} serves this job as model {obs.name!r} at {url}/v1 ({shared.ready_replicas} pods ready)"
         draft.condition(SERVING_READY, True, "AdapterRegistered", message)
         draft.condition(FINISHED, True, "ServingReady", f"training succeeded; {message}")
         return
-    if shared.registered:
+    if shared.registered and shared.ready_replicas >= 1:
+        draft.condition(SERVING_READY, False, "AdapterNotListed", f"adapter registered; shared server {server} does not answer "
+                        f"for model {obs.name!r} yet (its pods read the registry within about a minute)")
+    elif shared.registered:
         draft.condition(SERVING_READY, False, "SharedServerNotReady", f"adapter registered; shared server {server} is not ready yet (loading the base model)")
     else:
         draft.condition(SERVING_READY, False, "RegisteringAdapter", f"registering adapter {obs.name} with shared server {server}")

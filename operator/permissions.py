@@ -22,10 +22,12 @@ NAMESPACED = (
     Permission("dreambooth.dev", "dreamboothjobs/status", ("patch",), "conditions, phase, progress, counters"),
     Permission("dreambooth.dev", "dreamboothjobs/finalizers", ("update",),
                "owner references with blockOwnerDeletion on what a job owns (OwnerReferencesPermissionEnforcement)"),
-    Permission("", "secrets", ("get",), "the credentials named by spec.storage.credentialsSecretRef: read, never listed"),
+    Permission("", "secrets", ("get",), "the credentials named by spec.storage.credentialsSecretRef and a shared server's "
+               "serving.auth.tokenSecretRef (to ask the server): read, never listed"),
     Permission("batch", "jobs", ("get", "list", "watch", "create", "patch", "delete"),
                "the gang's Indexed Job: watched (label-filtered by the server), created, suspended, deleted on restart"),
     Permission("", "pods", ("list", "delete"), "a gang's pods: placement and failure causes; force-delete one stuck on a lost node"),
+    Permission("", "pods/proxy", ("get",), "GET /v1/models/<job> on each ready pod of a shared server: ServingReady once the server answers for the job"),
     Permission("", "configmaps", ("get", "create", "update", "delete"),
                "the trainer config; a shared server's adapter registry (replaced whole, deleted with its last adapter)"),
     Permission("", "services", ("get", "create", "patch", "delete"), "the headless worker Service and the inference Service"),

@@ -10,15 +10,20 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
+from dreambooth_serving.settings import TOKEN_HEADER
+
 from . import builders, kube
 from .shared_server import (
+    ServerDefinition,
     SharedServerState,
     build_shared_objects,
     definition_from,
     is_registered,
     read_registry,
+    ready_pod_names,
     registry_name,
     shared_name,
+    shared_selector,
     sharing_conflict,
     stale_adapters,
     with_adapter,
@@ -38,14 +43,33 @@ def observe(job: builders.JobRef) -> SharedServerState:
         return SharedServerState(server, conflict=f"ConfigMap {registry_name(server)} is not a readable registry: {error}")
     conflict = sharing_conflict(server, job.name, definition or definition_from(job.spec), definition_from(job.spec))
     deployment = kube.read_deployment(job.namespace, shared_name(server))
+    registered = is_registered(config_map, job)
+    ready = int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
     return SharedServerState(
         server=server,
-        registered=is_registered(config_map, job),
+        registered=registered,
         stale=bool(config_map and stale_adapters(config_map)),
         running=deployment is not None,
-        ready_replicas=int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0),
+        ready_replicas=ready,
         conflict=conflict,
+        answers=bool(registered and ready and not conflict and definition and server_answers(job, definition)),
     )
+
+
+def server_answers(job: builders.JobRef, definition: ServerDefinition) -> bool:
+    """Whether every ready pod of the job's server answers GET /v1/models/<job> (each pod's registry
+    file follows the ConfigMap on its own, up to a minute after the registration)."""
+    server, namespace = job.spec.serving.server or "", job.namespace
+    try:
+        pods = ready_pod_names(kube.list_pods(namespace, shared_selector(server)))
+        ref = definition.auth.token_secret_ref
+        token = kube.read_secret_key(namespace, ref.name, ref.key) if ref else None
+    except kube.KubeError as error:
+        log.info("cannot ask shared server %s/%s for %s yet: %s", namespace, server, job.name, error)
+        return False
+    headers = {TOKEN_HEADER: token} if token else {}
+    return bool(pods) and all(kube.pod_get_status(namespace, pod, builders.SERVE_PORT, f"/v1/models/{job.name}", headers) == 200
+                              for pod in pods)
 
 
 def register(job: builders.JobRef, now: datetime) -> None:

@@ -46,6 +46,7 @@ class SharedServerState:
     running: bool = False  # the server's Deployment exists
     ready_replicas: int = 0
     conflict: str | None = None  # why this job cannot share the server
+    answers: bool = False  # every ready server pod answers GET /v1/models/<job> (its registry file caught up)
 
 
 class ServerDefinition(Section):
@@ -142,6 +143,15 @@ def shared_selector(server: str) -> dict[str, str]:
 
 def adapter_uri(job: builders.JobRef) -> str:
     return f"{job.output_uri}/final/lora"
+
+
+def ready_pod_names(pods: list[dict[str, Any]]) -> list[str]:
+    """The pods that are Ready and not going away: those the Service sends requests to."""
+    def ready(pod: dict[str, Any]) -> bool:
+        conditions = (pod.get("status") or {}).get("conditions") or []
+        return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+    return sorted(p["metadata"]["name"] for p in pods if ready(p) and not p["metadata"].get("deletionTimestamp"))
 
 
 # --- the registry ConfigMap -----------------------------------------------------------------

@@ -6,14 +6,16 @@ the pipeline under a name of its own (diffusers' `load_lora_weights`, so every l
 trainer exports loads, text-encoder LoRA included) and keeps it until it is the least recently
 used one and the resident set would exceed `max_resident` adapters or `max_bytes`.
 
-A batch may hold rows of several adapters, and each row gets the base weights plus ITS OWN
+Adapters are keyed by the URI of their weights, so a name re-pointed at new weights draws the new
+ones. A batch may hold rows of several adapters, and each row gets the base weights plus ITS OWN
 adapter's update and nothing of the others'. In a Linear LoRA layer (what the trainer trains)
-the base layer runs on the whole batch and one gathered update follows: each row's A and B are
-picked from the batch's adapters stacked once per batch, and two batched matmuls (`bmm`) apply
-them row by row, so the cost does not grow with the number of adapters in the batch. Other LoRA
-layers take peft's own per-row path (`adapter_names`, a loop over the batch's adapters). Rows of
-the base model are named `BASE` and get no update; every call of the pipeline outside
-`routing(...)` runs the base model alone.
+the base layer runs on the whole batch, then each distinct adapter of the batch adds its update
+to its own rows (gathered by index, weights used in place: nothing is copied per row, so memory
+does not grow with rows times adapter size); a batch of one adapter takes the plain path, no
+indexing at all. Other LoRA layers take peft's own per-row path (`adapter_names`, a loop over
+the batch's adapters). Rows of the base model are named `BASE` and get no update; every call of
+the pipeline outside `routing(...)` runs the base model alone. Each adapter's `lora_B` bias, when
+it has one, comes with its update.
 """
 from __future__ import annotations
 
@@ -34,7 +36,6 @@ from typing import Any
 import torch
 
 from .batcher import BASE
-from .family import denoiser
 
 log = logging.getLogger("dreambooth.serve")
 # Marks a LoRA layer that already carries the row-routing hook.
@@ -42,7 +43,12 @@ ROUTED = "_dreambooth_routes_rows"
 
 
 class AdapterError(RuntimeError):
-    """An adapter cannot be fetched or loaded; the message names it and why."""
+    """An adapter cannot be fetched or loaded. The message names the model and why, and is what a
+    client reads; `detail` (files, URIs, the library's error) goes to the log only."""
+
+    def __init__(self, message: str, detail: str | None = None):
+        super().__init__(message)
+        self.detail = detail or message
 
 
 @dataclass(frozen=True)
@@ -71,8 +77,9 @@ class AdapterFiles:
         """The local file of `uri` when it was found or fetched before (no I/O)."""
         return self.known.get(uri)
 
-    def local_file(self, uri: str) -> Path:
-        """The weights file of `uri` on local disk (downloaded when missing). Blocking."""
+    def local_file(self, uri: str, model: str = "") -> Path:
+        """The weights file of `uri` on local disk (downloaded when missing); AdapterError naming
+        `model`. Blocking."""
         from dreambooth_trainer.export import fetch_lora_file
         from dreambooth_trainer.storage import StorageError, is_s3
 
@@ -81,7 +88,7 @@ class AdapterFiles:
         if not is_s3(uri):
             path = fetch_lora_file(uri, self.folder)
             if not path.is_file():
-                raise AdapterError(f"adapter weights {uri}: no file {path}")
+                raise AdapterError(f"adapter {model or 'weights'}: its weights file is missing", f"{uri}: no file {path}")
             self.known[uri] = path
             return path
         target = self.folder / hashlib.sha256(uri.encode()).hexdigest()[:24]
@@ -98,7 +105,7 @@ class AdapterFiles:
                 fetched = fetch_lora_file(uri, staging)
                 staging.rename(target)  # whole or not at all: a crash never leaves half a file behind
             except StorageError as error:
-                raise AdapterError(f"adapter weights {uri}: {error}") from None
+                raise AdapterError(f"adapter {model or 'weights'}: its weights cannot be fetched (StorageError)", f"{uri}: {error}") from None
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
             self.known[uri] = target / fetched.name
@@ -120,7 +127,8 @@ def internal_name(model: str) -> str:
 
 
 class ResidentAdapters:
-    """The adapters loaded into one pipeline, least recently used first out.
+    """The adapters loaded into one pipeline, by the URI of their weights, least recently used
+    first out. `labels` names each for messages (the model name).
 
     Every method runs on the generation thread (the one that runs batches): loading and
     deleting adapters changes the model's modules."""
@@ -130,71 +138,88 @@ class ResidentAdapters:
                  on_load: Callable[[], None] = lambda: None, on_evict: Callable[[], None] = lambda: None):
         self.pipeline = pipeline
         self.limits = limits
-        self.sizes: OrderedDict[str, int] = OrderedDict()  # model name -> bytes on the device
+        self.sizes: OrderedDict[str, int] = OrderedDict()  # adapter key -> bytes on the device
+        self.labels: dict[str, str] = {}  # adapter key -> the model name it was asked for by
         self.rows: list[str] | None = None  # peft adapter name per request of the running batch
-        self.row_slots: torch.Tensor | None = None  # per request: its adapter's slot in the batch (0: none)
-        self.gathered: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self.groups: dict[int, list[tuple[str, torch.Tensor | None]]] = {}  # rows -> (adapter, its rows)
         self.on_change, self.on_load, self.on_evict = on_change, on_load, on_evict
 
     @property
     def bytes(self) -> int:
         return sum(self.sizes.values())
 
-    def ensure(self, models: Iterable[str], weights_file: Callable[[str], Path]) -> None:
-        """Make `models` resident (loading what is missing), then trim the rest to the limits."""
-        wanted = [model for model in dict.fromkeys(models) if model != BASE]
-        if len(wanted) > self.limits.max_resident:
-            raise AdapterError(f"a batch needs {len(wanted)} adapters; at most {self.limits.max_resident} fit on the device")
-        for model in wanted:
-            if model in self.sizes:
-                self.sizes.move_to_end(model)
-                continue
-            self.load(model, weights_file(model))
-            self.trim(keep=set(wanted))
-            if model not in self.sizes:
-                raise AdapterError(f"adapter {model} takes more than the {self.limits.max_bytes} bytes allowed for adapters")
+    def label(self, key: str) -> str:
+        return self.labels.get(key, key)
 
-    def load(self, model: str, path: Path) -> None:
-        name = internal_name(model)
+    def ensure(self, keys: Iterable[str], weights_file: Callable[[str], Path]) -> None:
+        """Make `keys` resident (loading what is missing), then trim the rest; the first failure raises."""
+        failed = self.ensure_each(keys, weights_file)
+        if failed:
+            raise next(iter(failed.values()))
+
+    def ensure_each(self, keys: Iterable[str], weights_file: Callable[[str], Path]) -> dict[str, AdapterError]:
+        """Make `keys` resident; the adapters that cannot be loaded, with why (the others load)."""
+        wanted = [key for key in dict.fromkeys(keys) if key != BASE]
+        if len(wanted) > self.limits.max_resident:
+            error = AdapterError(f"a batch needs {len(wanted)} adapters; at most {self.limits.max_resident} fit on the device")
+            return {key: error for key in wanted}
+        failed: dict[str, AdapterError] = {}
+        for key in wanted:
+            if key in self.sizes:
+                self.sizes.move_to_end(key)
+                continue
+            try:
+                self.load(key, weights_file(key))
+            except AdapterError as error:
+                failed[key] = error
+                continue
+            self.trim(keep=set(wanted))
+            if key not in self.sizes:
+                failed[key] = AdapterError(f"adapter {self.label(key)} takes more than the {self.limits.max_bytes} bytes allowed for adapters")
+        return failed
+
+    def load(self, key: str, path: Path) -> None:
+        name, model = internal_name(key), self.label(key)
         foreign = other_family(path, self.pipeline)
         if foreign:
-            raise AdapterError(f"adapter {model} ({path.name}) {foreign}")
+            raise AdapterError(f"adapter {model} {foreign}", f"adapter {model} ({path}) {foreign}")
         try:
             self.pipeline.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
         except Exception as error:  # a broken or foreign file must fail its requests, not the server
             self.drop_layers(name)
-            raise AdapterError(f"adapter {model} ({path.name}) cannot be loaded: {type(error).__name__}: {error}") from None
+            raise AdapterError(f"adapter {model} cannot be loaded ({type(error).__name__})",
+                               f"adapter {model} ({path}) cannot be loaded: {type(error).__name__}: {error}") from None
         layers = [layer for layer in lora_layers(self.pipeline) if name in layer.lora_A]
         if not layers:
             self.drop_layers(name)
-            raise AdapterError(f"adapter {model} ({path.name}) holds no LoRA weights for this model")
+            raise AdapterError(f"adapter {model} holds no LoRA weights for this model", f"adapter {model} ({path}) holds no LoRA weights for this model")
         if any(layer.use_dora.get(name, False) for layer in layers):
             self.drop_layers(name)
             raise AdapterError(f"adapter {model} is a DoRA adapter; only plain LoRA can be served per request")
         size = sum(p.numel() * p.element_size() for layer in layers
                    for p in (*layer.lora_A[name].parameters(), *layer.lora_B[name].parameters()))
-        self.sizes[model] = size
+        self.sizes[key] = size
         self.hook_new_layers()
         self.on_load()
         self.on_change(len(self.sizes), self.bytes)
-        log.info("adapter loaded", extra={"model": model, "bytes": size, "resident": len(self.sizes)})
+        log.info("adapter loaded", extra={"model": model, "uri": key, "bytes": size, "resident": len(self.sizes)})
 
     def trim(self, keep: set[str]) -> None:
         """Evict the least recently used adapters not in `keep` until the limits hold."""
-        for model in list(self.sizes):
+        for key in list(self.sizes):
             over = len(self.sizes) > self.limits.max_resident or self.bytes > self.limits.max_bytes
             if not over:
                 return
-            if model not in keep or self.sizes[model] > self.limits.max_bytes:
-                self.evict(model)
+            if key not in keep or self.sizes[key] > self.limits.max_bytes:
+                self.evict(key)
 
-    def evict(self, model: str) -> None:
-        if self.sizes.pop(model, None) is None:
+    def evict(self, key: str) -> None:
+        if self.sizes.pop(key, None) is None:
             return
-        self.drop_layers(internal_name(model))
+        self.drop_layers(internal_name(key))
         self.on_evict()
         self.on_change(len(self.sizes), self.bytes)
-        log.info("adapter evicted", extra={"model": model, "resident": len(self.sizes)})
+        log.info("adapter evicted", extra={"model": self.label(key), "uri": key, "resident": len(self.sizes)})
 
     def drop_layers(self, name: str) -> None:
         if any(name in layer.lora_A for layer in lora_layers(self.pipeline)):
@@ -225,42 +250,47 @@ class ResidentAdapters:
         rows = [BASE] if self.rows is None else self.rows
         return args, {**kwargs, "adapter_names": rows * self.copies(x.shape[0])}
 
-    def gathered_forward(self, layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """A Linear LoRA layer: the base layer on the whole batch, then scale·B(A(x)) with each
-        row's own A and B (two batched matmuls, however many adapters the batch holds)."""
-        result = layer.base_layer(x, *args, **kwargs)
-        weights = None if self.rows is None else self.row_weights(layer, x.shape[0])
-        if weights is None:
-            return result
-        down, up = weights
-        update = torch.bmm(torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), down), up)
-        return result + update.reshape(result.shape)
-
-    def row_weights(self, layer: Any, rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Each row's A (transposed) and scaled B (transposed) for this layer, gathered once per
-        batch and layer: every denoising step of the batch reuses them."""
-        key = (id(layer), rows)
-        if key not in self.gathered:
-            stacks = batch_stacks(layer, list(dict.fromkeys(self.rows)))
-            if stacks is None:
-                self.gathered[key] = None
+    def row_groups(self, rows: int, device: torch.device) -> list[tuple[str, torch.Tensor | None]]:
+        """Each adapter of the batch and the indices of its rows among `rows` (None: every row),
+        worked out once per batch: every layer and denoising step reuses them."""
+        if rows not in self.groups:
+            names = self.rows * self.copies(rows)
+            adapters = [name for name in dict.fromkeys(names) if name != BASE]
+            if len(adapters) == 1 and BASE not in names:
+                self.groups[rows] = [(adapters[0], None)]
             else:
-                index = self.row_slots.repeat(self.copies(rows))
-                self.gathered[key] = (stacks[0][index].transpose(1, 2), stacks[1][index].transpose(1, 2))
-        return self.gathered[key]
+                self.groups[rows] = [(name, torch.tensor([i for i, row in enumerate(names) if row == name], device=device))
+                                     for name in adapters]
+        return self.groups[rows]
+
+    def gathered_forward(self, layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """A Linear LoRA layer: the base layer on the whole batch, then each adapter's
+        scale·B(A(x)) (with B's bias, if any) on its own rows, its weights used where they are."""
+        result = layer.base_layer(x, *args, **kwargs)
+        if self.rows is None:
+            return result
+        for name, index in self.row_groups(x.shape[0], x.device):
+            if name not in layer.lora_A:
+                continue
+            down, up = layer.lora_A[name], layer.lora_B[name]
+            rows = x if index is None else x.index_select(0, index)
+            update = (up(down(rows.to(down.weight.dtype))) * layer.scaling[name]).to(result.dtype)
+            result = result + update if index is None else result.index_add(0, index, update)
+        return result
+
+    def batch_copy_bytes(self) -> int:
+        """Bytes held for the running batch beyond the adapters' own weights (row indices only)."""
+        return sum(index.numel() * index.element_size() for groups in self.groups.values() for _, index in groups if index is not None)
 
     @contextmanager
-    def routing(self, models: list[str]) -> Iterator[None]:
-        """Within this block, request i of every pipeline call runs with adapter models[i]."""
-        self.rows = [internal_name(model) if model != BASE else BASE for model in models]
-        slots = {name: index for index, name in enumerate(dict.fromkeys(self.rows), start=1)}
-        device = next(denoiser(self.pipeline).parameters()).device
-        self.row_slots = torch.tensor([0 if name == BASE else slots[name] for name in self.rows], device=device)
-        self.gathered = {}
+    def routing(self, keys: list[str]) -> Iterator[None]:
+        """Within this block, request i of every pipeline call runs with adapter keys[i]."""
+        self.rows = [internal_name(key) if key != BASE else BASE for key in keys]
+        self.groups = {}
         try:
             yield
         finally:
-            self.rows, self.row_slots, self.gathered = None, None, {}
+            self.rows, self.groups = None, {}
 
 
 # Where a LoRA file's keys go (diffusers layout, and kohya's for SD/SDXL and Flux).
@@ -290,38 +320,7 @@ def other_family(path: Path, pipeline: Any) -> str | None:
 
 
 def gathers(layer: Any) -> bool:
-    """A peft Linear LoRA layer: its per-row update is one gathered pair of batched matmuls."""
+    """A peft Linear LoRA layer: its rows' updates are gathered per adapter (gathered_forward)."""
     from peft.tuners.lora.layer import Linear
 
     return isinstance(layer, Linear)
-
-
-def batch_stacks(layer: Any, names: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(A, B) for slot 0 (no update) and each of the batch's adapters, in the order of `names`
-    (BASE keeps its slot and stays zero); B holds the scale; ranks padded with zeros (exact)."""
-    present = [name for name in names if name != BASE and name in layer.lora_A]
-    if not present:
-        return None
-    downs = {name: layer.lora_A[name].weight for name in present}
-    ups = {name: layer.lora_B[name].weight for name in present}
-    rank = max(down.shape[0] for down in downs.values())
-    if any(down.shape[0] != rank for down in downs.values()):
-        downs = {name: torch.nn.functional.pad(down, (0, 0, 0, rank - down.shape[0])) for name, down in downs.items()}
-        ups = {name: torch.nn.functional.pad(up, (0, rank - up.shape[1])) for name, up in ups.items()}
-    zero_down, zero_up = zeros_like_cached(downs[present[0]]), zeros_like_cached(ups[present[0]])
-    down = torch.stack([zero_down, *(downs.get(name, zero_down) for name in names)])
-    up = torch.stack([zero_up, *(ups.get(name, zero_up) for name in names)])
-    scales = [1.0] + [layer.scaling[name] if name in downs else 0.0 for name in names]
-    if any(scale != 1.0 for scale in scales[1:] if scale):
-        up = up * torch.tensor(scales, dtype=up.dtype, device=up.device).view(-1, 1, 1)
-    return down, up
-
-
-@functools.lru_cache(maxsize=256)
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.zeros(shape, dtype=dtype, device=device)
-
-
-def zeros_like_cached(tensor: torch.Tensor) -> torch.Tensor:
-    """A zero tensor of this shape (shared, never written to): slot 0 of every batch."""
-    return _zeros(tuple(tensor.shape), tensor.dtype, tensor.device)

@@ -37,7 +37,7 @@ class ModelCatalog:
 
     def refresh(self) -> RegistryChange:
         if self.file is None:
-            return RegistryChange(frozenset(), frozenset())
+            return RegistryChange()
         return self.file.refresh()
 
     def registered(self) -> dict[str, str]:
@@ -47,6 +47,10 @@ class ModelCatalog:
 
     def uri(self, model: str) -> str | None:
         return self.fixed.get(model) or self.registered().get(model)
+
+    def uris(self) -> set[str]:
+        """The weights some name points at now (fixed or registered)."""
+        return set(self.fixed.values()) | set(self.registered().values())
 
     def resolve(self, model: str | None) -> str:
         """The adapter name to run for `model` (BASE for the base model); UnknownModel otherwise.

@@ -8,7 +8,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Paths counted by name; anything else is counted as "other" (no unbounded label values).
-KNOWN_PATHS = {"/", "/v1/generate", "/v1/images/generations", "/v1/models", "/healthz", "/readyz", "/metrics",
+KNOWN_PATHS = {"/", "/v1/generate", "/v1/images/generations", "/v1/images/edits", "/v1/images/variations", "/v1/models",
+               "/healthz", "/readyz", "/metrics",
                "/docs", "/openapi.json"}
 
 

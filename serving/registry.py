@@ -77,8 +77,9 @@ def registered_seconds(entry: AdapterEntry) -> int:
 
 @dataclass(frozen=True)
 class RegistryChange:
-    added: frozenset[str]
-    removed: frozenset[str]
+    added: frozenset[str] = frozenset()
+    removed: frozenset[str] = frozenset()
+    changed: frozenset[str] = frozenset()  # names now pointing at other weights
 
 
 class RegistryFile:
@@ -97,19 +98,20 @@ class RegistryFile:
             text = self.path.read_text(encoding="utf-8")
         except OSError as error:
             self.error = f"registry {self.path}: {error.strerror or error}"
-            return RegistryChange(frozenset(), frozenset())
+            return RegistryChange()
         digest = hashlib.sha256(text.encode()).hexdigest()
         with self.lock:
             if digest == self.digest:
-                return RegistryChange(frozenset(), frozenset())
+                return RegistryChange()
             try:
                 document = parse_registry(text, str(self.path))
             except RegistryError as error:
                 self.error = str(error)
-                return RegistryChange(frozenset(), frozenset())
-            before, after = set(self.document.adapters), set(document.adapters)
+                return RegistryChange()
+            before, after = self.document.adapters, document.adapters
             self.document, self.digest, self.error = document, digest, None
-        return RegistryChange(frozenset(after - before), frozenset(before - after))
+        changed = {name for name in set(before) & set(after) if before[name].uri != after[name].uri}
+        return RegistryChange(frozenset(set(after) - set(before)), frozenset(set(before) - set(after)), frozenset(changed))
 
     def adapters(self) -> dict[str, AdapterEntry]:
         with self.lock:

@@ -8,22 +8,24 @@ import threading
 import time
 
 from .app import create_app
+from .logs import configure_server_logging
 from .runtime import ModelRuntime
 from .settings import TOKEN_ENV, ServerSettings
 
 log = logging.getLogger("dreambooth.serve")
 
 
-def run_server(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8080) -> None:
+def run_server(settings: ServerSettings, port: int = 8080) -> None:
+    """Serve on `settings.listen_host`:`port` until SIGTERM (logs as DREAMBOOTH_LOG_FORMAT says)."""
     import uvicorn
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_server_logging()
     if settings.api_token is None:
-        log.warning(f"{TOKEN_ENV} is not set: the APIs are open to anyone who can reach them")
+        log.warning(f"{TOKEN_ENV} is not set: the APIs are open to anyone who can reach them", extra={"host": settings.listen_host})
     app = create_app(settings)
     # A batch already on the GPU cannot be interrupted; after 30 s of draining, stop anyway.
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False, timeout_graceful_shutdown=30)
+    config = uvicorn.Config(app, host=settings.listen_host, port=port, log_level="info", access_log=False,
+                            timeout_graceful_shutdown=30, log_config=None)
     server = uvicorn.Server(config)
     runtime: ModelRuntime = app.state.runtime
 

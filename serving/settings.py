@@ -8,10 +8,14 @@ import os
 from dataclasses import dataclass
 
 TOKEN_ENV = "DREAMBOOTH_API_TOKEN"
+# The token's second header: the Kubernetes API server's service proxy keeps Authorization for itself.
+TOKEN_HEADER = "X-Dreambooth-Token"
 MAX_SEED = 2**32 - 1
 # The API's ceiling for any family; each family's own limit is checked per request (family.py).
 MAX_SIDE = 2048
 MAX_BODY_BYTES = 64 * 1024
+# Edits carry their images: up to this many bytes of multipart body.
+MAX_EDIT_BODY_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -37,12 +41,31 @@ class ServerSettings:
     max_adapter_bytes: int = 2 * 1024**3
     # Distinct adapters one UNet batch may hold (1: every batch runs one adapter).
     max_adapters_per_batch: int = 8
+    # Where it listens; a loopback address without a token makes it check Host names (guard.py).
+    listen_host: str = "127.0.0.1"
+    # Host names a server without a token answers besides loopback names and IP addresses.
+    allowed_hosts: tuple[str, ...] = ()
+    # Web origins whose pages may call the APIs (CORS); none by default.
+    cors_origins: tuple[str, ...] = ()
+    # Seconds a request may wait and be drawn; then its work is dropped (the OpenAI SDK gives up at 600).
+    request_timeout_s: float = 300.0
+    # One request's images × width × height × denoising steps: 10 images of 1024x1024 at 50 steps.
+    max_pixel_steps: int = 10 * 1024 * 1024 * 50
 
     @property
     def base_name(self) -> str:
         return self.model_name or self.model
 
 
+ALLOWED_HOSTS_ENV = "DREAMBOOTH_ALLOWED_HOSTS"
+CORS_ORIGINS_ENV = "DREAMBOOTH_CORS_ORIGINS"
+
+
 def api_token_from_env() -> str | None:
     """The bearer token from DREAMBOOTH_API_TOKEN; None (open server) when unset or empty."""
     return os.environ.get(TOKEN_ENV) or None
+
+
+def names_from_env(variable: str) -> tuple[str, ...]:
+    """A comma-separated list from the environment (DREAMBOOTH_ALLOWED_HOSTS, DREAMBOOTH_CORS_ORIGINS)."""
+    return tuple(item.strip() for item in (os.environ.get(variable) or "").split(",") if item.strip())

@@ -78,6 +78,14 @@ def test_a_token_that_is_an_ordinary_word_is_refused() -> None:
         build_manifest(SubmitOptions(token="dog", class_name="dog"), "team-a", "rex", PHOTOS, STORAGE)
 
 
+@pytest.mark.parametrize("class_name", ["", "  ", "dog\n", " dog"])
+def test_a_class_that_says_nothing_is_refused(class_name: str) -> None:
+    """It becomes 'a photo of ' for the prior images and the default prompts."""
+    with pytest.raises(ClientError, match=r"^--class .* must say what the subject is"):
+        build_spec(SubmitOptions(token="sks", class_name=class_name), PHOTOS, STORAGE)
+    assert build_spec(SubmitOptions(token="sks", class_name="teddy bear"), PHOTOS, STORAGE)["prior"]["classPrompt"] == "a photo of teddy bear"
+
+
 def test_names() -> None:
     generated = job_name(SubmitOptions(token="sks", class_name="Golden Retriever"))
     assert re.fullmatch(r"sks-golden-retriever-[0-9a-f]{5}", generated)

@@ -357,3 +357,57 @@ def test_the_sdk_submits_waits_generates_and_deletes(testbed: Any, operator: Any
     for uri in (output_uri, photos):
         prefix = uri.removeprefix(f"s3://{BUCKET}/")
         assert not list(minio_client.list_objects(BUCKET, prefix=prefix + "/", recursive=True)), f"{uri} purged"
+
+
+# --- a server with a token --------------------------------------------------------------------------
+
+
+SERVER_TOKEN = "e2e-client-token-4c1e"
+
+
+def printed(lines: list[str], start: str) -> str:
+    """The printed command starting with `start`, its backslash continuation joined."""
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith(start))
+    text = lines[at].strip()
+    return text.removesuffix("\\") + " " + lines[at + 1].strip() if text.endswith("\\") else text
+
+
+def test_submit_to_a_shared_server_with_a_token_ends_with_an_image_and_lines_that_work(
+        testbed: Any, operator: Any, installation: str, namespace: str, s3_secret: str, tmp_path: Path) -> None:
+    """Two LoRA submits onto one shared server that wants a token from a Secret: each ends with an
+    image (the client reads the token from the Secret and sends it through the API server's proxy;
+    the second subject is ready only once the running server answers for it), and the printed
+    export, port-forward, curl and OpenAI lines work when pasted."""
+    testbed.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "api-token", "namespace": namespace},
+                   "stringData": {"token": SERVER_TOKEN}})
+    port = free_port()
+    shared = ["--lora", "--no-prior", "--set", "serving.server=toys", "--set", "serving.auth.tokenSecretRef.name=api-token"]
+    outputs = {}
+    for name in ("toy-a", "toy-b"):
+        result = run_cli(testbed, "submit", str(PHOTOS), *TINY, *shared, "-n", namespace, "--name", name, "--plain",
+                         "--local-port", str(port), "--out", str(tmp_path / name), cwd=tmp_path, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+        assert (tmp_path / name / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert SERVER_TOKEN not in result.stdout + result.stderr, "the token is never printed"
+        outputs[name] = result.stdout
+    lines = outputs["toy-b"].splitlines()
+    export = printed(lines, "export DREAMBOOTH_API_TOKEN=")
+    forward = printed(lines, "dreambooth jobs port-forward").removesuffix("&").strip()
+    curl, openai_line = printed(lines, "curl -sf"), printed(lines, "python -c")
+    assert '"model": "toy-b"' in curl and "model='toy-b'" in shlex.split(openai_line)[2]
+
+    forwarder = subprocess.Popen(shlex.split(forward), cwd=tmp_path, env=user_env(testbed), stdout=subprocess.PIPE, text=True,
+                                 preexec_fn=ctrl_c_delivered)
+    try:
+        assert f"Forwarding http://127.0.0.1:{port}" in forwarder.stdout.readline()
+        for pasted in (curl, openai_line):
+            done = subprocess.run(f"{export} && {pasted}", shell=True, cwd=tmp_path, env=user_env(testbed),
+                                  capture_output=True, text=True, timeout=180)
+            assert done.returncode == 0, pasted + "\n" + done.stderr[-2000:]
+        assert (tmp_path / "toy-b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        without = subprocess.run(curl.replace('-H "Authorization: Bearer $DREAMBOOTH_API_TOKEN"', ""), shell=True,
+                                 cwd=tmp_path / "toy-b", capture_output=True, timeout=120)
+        assert without.returncode == 22, "the server refuses a request without its token (curl -f: 401)"
+    finally:
+        forwarder.send_signal(signal.SIGINT)
+        assert forwarder.wait(timeout=30) == 0

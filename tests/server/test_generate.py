@@ -102,7 +102,7 @@ def test_bearer_token_is_required_when_set() -> None:
 
     app = create_app(ServerSettings(device="cpu", api_token="s3cret"))
     body = {"prompt": "a dog", "steps": 1, "seed": 1}
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         wait_ready_in(client)
         assert client.get("/healthz").status_code == 200  # probes stay open
         missing = client.post("/v1/generate", json=body)
@@ -111,6 +111,11 @@ def test_bearer_token_is_required_when_set() -> None:
         assert wrong.status_code == 401
         right = client.post("/v1/generate", json=body, headers={"Authorization": "Bearer s3cret"})
         assert right.status_code == 200 and right.headers["content-type"] == "image/png"
+        # The second header: what passes the Kubernetes API server's proxy, which keeps Authorization.
+        proxied = client.post("/v1/generate", json=body, headers={"X-Dreambooth-Token": "s3cret"})
+        assert proxied.status_code == 200 and proxied.headers["content-type"] == "image/png"
+        assert client.get("/v1/models", headers={"X-Dreambooth-Token": "s3cret"}).status_code == 200
+        assert client.get("/v1/models", headers={"X-Dreambooth-Token": "nope"}).status_code == 401
 
 
 def test_token_comes_from_the_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -147,7 +152,7 @@ def test_a_full_queue_answers_429_at_once() -> None:
 
     runtime.run_batch = held_batch  # the batcher picks it up when the app starts
     body = {"prompt": "a dog", "steps": 1}
-    with TestClient(app) as client, ThreadPoolExecutor(2) as pool:
+    with TestClient(app, base_url="http://localhost") as client, ThreadPoolExecutor(2) as pool:
         wait_ready_in(client)
         hold.clear()
         entered.clear()

@@ -17,7 +17,7 @@ def test_lora_weights_change_the_image(tmp_path: Path, live_server: LiveServer) 
     write_random_lora(tmp_path / "lora")
     body = {"prompt": "a photo of sks dog", "steps": 2, "seed": 11}
     app = create_app(ServerSettings(model="tiny", device="cpu", lora=str(tmp_path / "lora")))
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         wait_ready_in(client)
         with_lora = client.post("/v1/generate", json=body)
         assert with_lora.status_code == 200

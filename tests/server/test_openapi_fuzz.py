@@ -9,6 +9,9 @@ from schemathesis.generation import GenerationMode
 from tests.server.conftest import LiveServer
 
 EXAMPLES = {GenerationMode.POSITIVE: 40, GenerationMode.NEGATIVE: 80}
+# Tested by hand (test_edits.py): a form sends every value as text, which schemathesis counts as
+# the wrong type; variations are refused whatever is sent.
+NOT_FUZZED = {"/v1/images/edits", "/v1/images/variations"}
 
 
 def cheap(body: object) -> object:
@@ -39,10 +42,12 @@ def test_api_has_no_server_errors(live_server: LiveServer, mode: GenerationMode)
     schema = schemathesis.openapi.from_url(f"{live_server.url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
-        "POST /v1/generate", "POST /v1/images/generations", "GET /v1/models", "GET /readyz"}
+        "POST /v1/generate", "POST /v1/images/generations", "POST /v1/images/edits", "GET /v1/models", "GET /readyz"}
     for operation in operations:
         if mode is GenerationMode.NEGATIVE and not list(operation.body):
             continue  # nothing to make invalid in a GET without parameters
+        if operation.path in NOT_FUZZED:
+            continue
 
         @given(case=operation.as_strategy(generation_mode=mode))
         @settings(max_examples=EXAMPLES[mode], deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from fastapi.testclient import TestClient
 
 
@@ -32,7 +33,7 @@ def test_not_ready_until_loaded_and_warmed_up() -> None:
         return load_pipeline("tiny")
 
     app = create_app(ServerSettings(device="cpu"), load=slow_load)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         assert client.get("/healthz").status_code == 200
         loading = client.get("/readyz")
         assert loading.status_code == 503 and loading.json()["status"] == "loading"
@@ -46,15 +47,20 @@ def test_not_ready_until_loaded_and_warmed_up() -> None:
         assert client.post("/v1/generate", json={"prompt": "a dog", "steps": 1}).status_code == 200
 
 
-def test_a_model_that_cannot_load_is_reported_not_ready() -> None:
+def test_a_model_that_cannot_load_is_reported_not_ready_without_its_path(caplog: pytest.LogCaptureFixture) -> None:
     from dreambooth_serving.app import ServerSettings, create_app
 
-    app = create_app(ServerSettings(model="/nonexistent/final", device="cpu"))
-    with TestClient(app) as client:
+    app = create_app(ServerSettings(model="/nonexistent/secret-team/final", device="cpu"))
+    with TestClient(app, base_url="http://localhost") as client:
         deadline = time.monotonic() + 30
         while client.get("/readyz").json()["status"] != "failed":
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        status = client.get("/readyz").json()
-        assert "/nonexistent/final" in status["detail"]
-        assert client.get("/healthz").status_code == 503  # liveness fails: the pod restarts
+        ready, alive = client.get("/readyz"), client.get("/healthz")
+        refused = client.post("/v1/images/generations", json={"prompt": "a dog"})
+    assert alive.status_code == 503  # liveness fails: the pod restarts
+    assert ready.json() == alive.json() == {"status": "failed", "error": "UserInputError"}
+    for answer in (ready, alive, refused):  # state and error class only: no path, no URI
+        assert "secret-team" not in answer.text and "nonexistent" not in answer.text, answer.text
+    logged = [record for record in caplog.records if record.getMessage() == "model failed to load"]
+    assert logged and "/nonexistent/secret-team/final" in logged[0].error  # the path goes to the log

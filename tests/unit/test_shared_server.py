@@ -166,10 +166,52 @@ def test_a_finished_lora_job_registers_then_turns_serving_ready() -> None:
     assert plan.status["endpoint"] == "http://sd-shared.team-a.svc:8080"
     waiting = succeeded(ref, SharedServerState("sd", registered=True, running=True, ready_replicas=0))
     assert waiting.actions == [] and serving_ready(waiting) == ("False", "SharedServerNotReady")
-    ready = succeeded(ref, SharedServerState("sd", registered=True, running=True, ready_replicas=1))
+    ready = succeeded(ref, SharedServerState("sd", registered=True, running=True, ready_replicas=1, answers=True))
     assert ready.actions == [] and serving_ready(ready) == ("True", "AdapterRegistered")
     sweep = succeeded(ref, SharedServerState("sd", registered=True, stale=True, running=True, ready_replicas=1))
     assert sweep.actions == [Action("register_adapter")]
+
+
+def test_serving_ready_waits_until_the_running_server_answers_for_the_subject() -> None:
+    """Registered and the server ready is not enough: its pods read the registry file up to a
+    minute later, and until they answer GET /v1/models/<job> a client gets model_not_found."""
+    syncing = succeeded(job(), SharedServerState("sd", registered=True, running=True, ready_replicas=1, answers=False))
+    assert serving_ready(syncing) == ("False", "AdapterNotListed") and finished(syncing) is None
+    assert syncing.actions == [] and syncing.requeue_after is not None, "looks again: nothing else tells it the pods caught up"
+
+
+class ServerPods:
+    """The calls `registration.server_answers` makes: pods, the token Secret, one GET per pod."""
+
+    def __init__(self, answers: dict[str, int]) -> None:
+        self.answers, self.asked = answers, []
+
+    def list_pods(self, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
+        assert labels == shared_server.shared_selector("sd")
+        ready = {"conditions": [{"type": "Ready", "status": "True"}]}
+        return [{"metadata": {"name": "sd-shared-a"}, "status": ready},
+                {"metadata": {"name": "sd-shared-b"}, "status": ready},
+                {"metadata": {"name": "sd-shared-old", "deletionTimestamp": "2026-11-26T06:00:00Z"}, "status": ready},
+                {"metadata": {"name": "sd-shared-new"}, "status": {"conditions": [{"type": "Ready", "status": "False"}]}}]
+
+    def read_secret_key(self, namespace: str, name: str, key: str) -> str | None:
+        return "t0ken" if (namespace, name, key) == ("team-a", "api", "token") else None
+
+    def pod_get_status(self, namespace: str, pod: str, port: int, path: str, headers: dict[str, str], timeout: float = 5) -> int:
+        self.asked.append((pod, port, path, headers))
+        return self.answers[pod]
+
+
+def test_the_operator_asks_every_ready_server_pod_with_the_servers_token(monkeypatch: Any) -> None:
+    from dreambooth_operator import kube, registration
+
+    definition = shared_server.definition_from(job().spec)
+    for answers, expected in (({"sd-shared-a": 200, "sd-shared-b": 200}, True), ({"sd-shared-a": 200, "sd-shared-b": 404}, False)):
+        pods = ServerPods(answers)
+        for name in ("list_pods", "read_secret_key", "pod_get_status"):
+            monkeypatch.setattr(kube, name, getattr(pods, name))
+        assert registration.server_answers(job(), definition) is expected
+        assert pods.asked == [(pod, 8080, "/v1/models/rex", {"X-Dreambooth-Token": "t0ken"}) for pod in ("sd-shared-a", "sd-shared-b")]
 
 
 def test_a_job_that_cannot_share_says_why_and_registers_nothing() -> None:
@@ -192,7 +234,7 @@ def finished(plan: lifecycle.Plan) -> tuple[str, str] | None:
 def test_the_one_wait_returns_for_a_shared_server_too() -> None:
     waiting = succeeded(job(), SharedServerState("sd", registered=True, running=True, ready_replicas=0))
     assert finished(waiting) is None and waiting.requeue_after is not None, "looks again: the server's pods are not the job's"
-    ready = succeeded(job(), SharedServerState("sd", registered=True, running=True, ready_replicas=1))
+    ready = succeeded(job(), SharedServerState("sd", registered=True, running=True, ready_replicas=1, answers=True))
     assert finished(ready) == ("True", "ServingReady")
     refused = succeeded(job(), SharedServerState("sd", conflict="serving.server sd serves base model hf://x"))
     assert finished(refused) == ("True", "ServingFailed")

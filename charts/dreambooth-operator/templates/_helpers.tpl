@@ -100,7 +100,8 @@ it, and docs/operator.md's table is generated from it; tests/chart measures it w
 - apiGroups: ["dreambooth.dev"]
   resources: ["dreamboothjobs/finalizers"]
   verbs: ["update"]
-# Storage credentials named by spec.storage.credentialsSecretRef: read, never listed.
+# Storage credentials named by spec.storage.credentialsSecretRef and a shared server's token
+# (serving.auth.tokenSecretRef, to ask the server): read, never listed.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
@@ -112,6 +113,10 @@ it, and docs/operator.md's table is generated from it; tests/chart measures it w
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "delete"]
+# GET /v1/models/<job> on each ready pod of a shared server: ServingReady once it answers for the job.
+- apiGroups: [""]
+  resources: ["pods/proxy"]
+  verbs: ["get"]
 # The trainer config (replaced when it changes); a shared server's adapter registry is read and
 # replaced whole, and deleted with its last adapter (or when a name collision undoes a step).
 - apiGroups: [""]
