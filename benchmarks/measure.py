@@ -1,0 +1,262 @@
+"""What the benchmarks share: the record every figure carries, `dreambooth train` itself timed over a
+window of its steps, rounds in ABBA order after a warm-up until steady, per-round ratios and their
+spread, FLOPs counted from the shapes a step really runs, JSON lines printed as they are measured.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+STEADY_TOLERANCE = 0.10  # a side is warm when its figure moved less than this between two rounds
+
+
+# -- the record -------------------------------------------------------------------------------------
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def git_commit() -> str:
+    """HEAD's short hash, `-dirty` when tracked files differ from it (the figure is then not of HEAD)."""
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30)
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short=12", "HEAD")
+    if not commit:
+        return os.environ.get("BENCH_COMMIT", "unknown (not a git checkout)")
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def machine() -> str:
+    cores = os.cpu_count()
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}; {cores} CPU cores ({cpu})"
+    return f"CPU only: {cores} cores ({cpu})"
+
+
+def run_record(argv: list[str] | None = None) -> dict[str, Any]:
+    """Date, commit, machine, load and the command: what a figure in RESULTS.md is quoted with."""
+    argv = sys.argv if argv is None else argv
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
+            "machine": machine(), "load_average_1min": load_average(), "torch": torch.__version__,
+            "command": " ".join(shlex.quote(part) for part in ["python", *argv])}
+
+
+def emit(record: dict[str, Any]) -> None:
+    """One JSON line on stdout, flushed at once (gpu_session.sh files each line as it comes)."""
+    print(json.dumps(record), flush=True)
+
+
+def figure(name: str, value: float | None, **details: Any) -> None:
+    """A figure as a JSON line, and `name: value` for humans."""
+    emit({"figure": name, "value": None if value is None else round(value, 4), **details})
+    say(name, value)
+
+
+def say(name: str, value: float | None) -> None:
+    print(f"{name}: {'n/a (a side failed or was skipped; see the lines above)' if value is None else f'{value:.3f}'}", flush=True)
+
+
+# -- timing `dreambooth train` --------------------------------------------------------------------------
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class WindowMeasured(Exception):
+    """Raised by the timer once its steps are measured: the run stops there, before the final
+    checkpoint and export (gigabytes at full size, and no part of a step's time)."""
+
+
+def window_timer(warmup: int, steps: int | None, count_flops: bool = False) -> Any:
+    """A Lightning callback timing optimizer steps (warmup, warmup + steps], synchronised at both
+    ends, optionally counting one more step's FLOPs, then stopping the run. With `steps=None` it
+    times a whole job instead: from step `warmup` until the last checkpoint is written."""
+    import pytorch_lightning as pl
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class WindowTimer(pl.Callback):
+        def __init__(self) -> None:
+            self.t0 = self.t1 = 0.0
+            self.peak_gib: float | None = None
+            self.flops: dict[str, float] | None = None
+            self.optimizer: dict[str, Any] = {}
+            self.counter: FlopCounterMode | None = None
+            self.last = None if steps is None else warmup + steps + (1 if count_flops else 0)
+
+        def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            self.optimizer = optimizer_implementation(trainer.optimizers[0])
+
+        def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, *_: Any) -> None:
+            if count_flops and trainer.global_step == warmup + steps:
+                self.counter = FlopCounterMode(display=False)
+                self.counter.__enter__()
+
+        def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *_: Any) -> None:
+            step = trainer.global_step
+            if step == warmup:
+                synchronize()
+                self.t0 = time.perf_counter()
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
+            elif steps is not None and step == warmup + steps:
+                synchronize()
+                self.t1 = time.perf_counter()
+                if torch.cuda.is_available():
+                    self.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+            if self.counter is not None and step == self.last:
+                self.counter.__exit__(None, None, None)
+                self.flops = flop_split(self.counter, type(module.denoiser).__name__)
+                self.counter = None
+            if self.last is not None and step >= self.last:
+                raise WindowMeasured()
+
+        def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            if steps is None:  # a whole job: its last checkpoint (started after the last step) counts
+                trainer.strategy.checkpoint_io.wait()
+                synchronize()
+                self.t1 = time.perf_counter()
+
+    return WindowTimer()
+
+
+def optimizer_implementation(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Which AdamW kernel a run steps with (fused / foreach / None = torch's default for the device)."""
+    return {"class": type(optimizer).__name__, "fused": optimizer.defaults.get("fused"), "foreach": optimizer.defaults.get("foreach")}
+
+
+def timed_training(cfg: Any, timer: Any) -> None:
+    """`run_training(cfg)` — the very function `dreambooth train` runs — with `timer` as the first
+    callback of the Lightning Trainer it builds; its own log lines are kept out of the figures."""
+    from dreambooth_trainer import train
+
+    build = train.make_trainer
+
+    def with_timer(*args: Any, **kwargs: Any) -> Any:
+        kwargs["extra_callbacks"] = [timer, *(kwargs.get("extra_callbacks") or [])]
+        return build(*args, **kwargs)
+
+    train.make_trainer = with_timer
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            code = train.run_training(cfg)
+    except WindowMeasured:
+        return
+    except Exception as error:
+        raise RuntimeError(f"run_training failed: {error!r}; its log ends: {log.getvalue()[-600:]}") from error
+    finally:
+        train.make_trainer = build
+    if code:
+        raise RuntimeError(f"run_training exited {code}: {log.getvalue()[-600:]}")
+
+
+# -- FLOPs ------------------------------------------------------------------------------------------
+def flop_split(counter: Any, denoiser_class: str) -> dict[str, float]:
+    """The counter's total and the denoiser's share (the work both sides must do; the VAE and text
+    encoder, which a cache skips, are the rest). Counted on the shapes the step really ran."""
+    counts = counter.get_flop_counts()
+    denoiser = sum(sum(per_op.values()) for name, per_op in counts.items() if name == denoiser_class or name.endswith(f".{denoiser_class}"))
+    return {"step": float(counter.get_total_flops()), "denoiser": float(denoiser)}
+
+
+def counted_flops(step: Callable[[], Any], denoiser_class: str) -> dict[str, float]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return flop_split(counter, denoiser_class)
+
+
+# -- rounds ----------------------------------------------------------------------------------------
+@dataclass
+class Pair:
+    """One figure: ours against its baseline, `key` per run (higher is better unless `lower_is_better`)."""
+
+    figure: str
+    ours: Callable[[], dict[str, Any]]
+    baseline: Callable[[], dict[str, Any]]
+    key: str = "images_per_s"
+    lower_is_better: bool = False
+    runs: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {"ours": [], "baseline": []})
+
+
+def _run(side: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    try:
+        result = side()
+    except Exception as error:  # one failing run must not hide the others
+        result = {"error": repr(error)[:600]}
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {**result, "load_average_1min": load_average()}
+
+
+def _steady(previous: dict[str, Any], current: dict[str, Any], key: str) -> bool:
+    if key not in previous or key not in current:
+        return False
+    return abs(current[key] - previous[key]) <= STEADY_TOLERANCE * previous[key]
+
+
+def run_pair(pair: Pair, rounds: int, max_warmup_rounds: int) -> dict[str, Any]:
+    """Warm-up rounds until both sides move less than STEADY_TOLERANCE between two rounds (at most
+    `max_warmup_rounds`), then `rounds` measured rounds in ABBA order (ours first in even rounds).
+    The figure is the median of the per-round ratios (ours over baseline, in the better direction)."""
+    order = {"ours": pair.ours, "baseline": pair.baseline}
+    previous: dict[str, dict[str, Any]] = {}
+    warmups = 0
+    for index in range(max_warmup_rounds):
+        current = {}
+        for side in (("ours", "baseline") if index % 2 == 0 else ("baseline", "ours")):
+            current[side] = _run(order[side])
+            emit({"pair": pair.figure, "side": side, "warmup_round": index, **current[side]})
+        warmups += 1
+        if previous and all(_steady(previous[side], current[side], pair.key) for side in order):
+            break
+        previous = current
+    ratios = []
+    for index in range(rounds):
+        current = {}
+        for side in (("ours", "baseline") if index % 2 == 0 else ("baseline", "ours")):
+            current[side] = _run(order[side])
+            emit({"pair": pair.figure, "side": side, "round": index, **current[side]})
+            if "error" not in current[side]:
+                pair.runs[side].append(current[side])
+        if all(pair.key in current[side] for side in order):
+            ours, base = current["ours"][pair.key], current["baseline"][pair.key]
+            ratios.append(base / ours if pair.lower_is_better else ours / base)
+    return summary(pair, ratios, warmups)
+
+
+def summary(pair: Pair, ratios: list[float], warmups: int) -> dict[str, Any]:
+    def median(side: str) -> float | None:
+        values = [run[pair.key] for run in pair.runs[side]]
+        return round(statistics.median(values), 4) if values else None
+
+    loads = [run["load_average_1min"] for side in pair.runs.values() for run in side]
+    return {"figure": pair.figure, "value": round(statistics.median(ratios), 4) if ratios else None,
+            "per_round": [round(r, 4) for r in ratios], "spread": [round(min(ratios), 4), round(max(ratios), 4)] if ratios else None,
+            "rounds": len(ratios), "warmup_rounds": warmups, "key": pair.key,
+            "ours_median": median("ours"), "baseline_median": median("baseline"),
+            "load_average_1min": [min(loads), max(loads)] if loads else None}
