@@ -218,14 +218,14 @@ def report_mfu(label: str, pair: str, summary: dict[str, Any], sides: Sides, pea
 
 def quiet() -> None:
     """The trainer's own quieting, and the progress bars of loading and saving the model folder."""
-    import huggingface_hub
+    from huggingface_hub.utils import disable_progress_bars
     import transformers
 
     from dreambooth_trainer.models import quiet_libraries
 
     quiet_libraries()
     transformers.utils.logging.disable_progress_bar()
-    huggingface_hub.utils.disable_progress_bars()
+    disable_progress_bars()
 
 
 def main() -> int:

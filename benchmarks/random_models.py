@@ -157,9 +157,9 @@ def main() -> int:
     parser.add_argument("--family", choices=sorted(BUILDERS), required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    import huggingface_hub
+    from huggingface_hub.utils import disable_progress_bars
 
-    huggingface_hub.utils.disable_progress_bars()
+    disable_progress_bars()
     print(json.dumps(saved(args.family, args.out)), flush=True)
     return 0
 
