@@ -137,8 +137,8 @@ def main() -> int:
     parser.add_argument("--per-side", type=int, default=1, help="instance images per step (as many class images join them)")
     parser.add_argument("--rounds", type=int, default=4, help="measured rounds per family (ABBA order)")
     parser.add_argument("--max-warmup-rounds", type=int, default=2, help="warm-up rounds at most, until both sides are steady")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per run (CPU 8, GPU 10)")
-    parser.add_argument("--warmup-steps", type=int, default=None, help="untimed steps first in each run (CPU 3, GPU 4)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per run (CPU 30, GPU 10)")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="untimed steps first in each run (CPU 5, GPU 4)")
     parser.add_argument("--families", default="sdxl,flux")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on both sides (Flux at 1024 px on an 80 GB card needs it)")
     parser.add_argument("--threads", type=int, default=1,
@@ -150,8 +150,8 @@ def main() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         torch.set_num_threads(args.threads)
-    steps = args.steps or (8 if device == "cpu" else 10)
-    warmup = args.warmup_steps or (3 if device == "cpu" else 4)
+    steps = args.steps or (30 if device == "cpu" else 10)  # a tiny CPU step is ~20 ms: fewer swing with the load
+    warmup = args.warmup_steps or (5 if device == "cpu" else 4)
     measure.emit({"record": measure.run_record(), "resolution": args.resolution, "cpu_threads": torch.get_num_threads()})
     photos, class_photos = photos_folder(4, args.resolution, 0), photos_folder(2, args.resolution, 1)
     cases = {"sdxl": (args.sdxl, sdxl_baseline), "flux": (args.flux, flux_baseline)}

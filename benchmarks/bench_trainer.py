@@ -236,8 +236,8 @@ def main() -> int:
     parser.add_argument("--max-warmup-rounds", type=int, default=3, help="warm-up rounds at most, until both sides are steady")
     parser.add_argument("--compiled-warmup-rounds", type=int, default=None,
                         help="the same for the compiled pair (default: --max-warmup-rounds; its runs warm up inside too)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per run (CPU 10, GPU 20)")
-    parser.add_argument("--warmup-steps", type=int, default=None, help="untimed steps first in each run (CPU 3, GPU 8)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per run (CPU 30, GPU 20)")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="untimed steps first in each run (CPU 5, GPU 8)")
     parser.add_argument("--figures", default="trainer_speedup,trainer_speedup_same_work,trainer_speedup_tuned,trainer_speedup_4+4,job_speedup",
                         help="which figures, comma-separated")
     parser.add_argument("--job-rounds", type=int, default=None, help="measured rounds of the job case (CPU: --rounds; GPU: 0)")
@@ -260,7 +260,7 @@ def main() -> int:
     resolution = 16 if tiny else 512
     scratch = Path(tempfile.mkdtemp(prefix="bench-trainer-"))
     setup = Setup(model_dir, photo_folder(scratch / "instance", 4, resolution, 1), photo_folder(scratch / "class", 4, resolution, 2),
-                  device, resolution, args.steps or (10 if tiny else 20), args.warmup_steps or (3 if tiny else 8), args.compile_backend, scratch)
+                  device, resolution, args.steps or (30 if tiny else 20), args.warmup_steps or (5 if tiny else 8), args.compile_backend, scratch)
     sides = Sides(setup)
     ours_job, baseline_job = sides.jobs()
     pairs = {
