@@ -74,6 +74,7 @@ def our_case(args: argparse.Namespace, source: str, steps: int, warmup: int, pho
     seconds = (timer.t1 - timer.t0) / steps
     return {"case": f"ours {source} lora per_side={args.per_side} {args.resolution}px gradient_checkpointing={args.gradient_checkpointing}",
             "s_per_step": round(seconds, 4), "images_per_s": round(2 * args.per_side / seconds, 2),
+            **measure.per_cpu_second(2 * args.per_side * steps, timer.cpu1 - timer.cpu0),
             "peak_gib": None if timer.peak_gib is None else round(timer.peak_gib, 2), "optimizer": timer.optimizer}
 
 
@@ -175,7 +176,7 @@ def main() -> int:
             summary.update({side: {"peak_gib": median(pair.runs[side], "peak_gib"), "s_per_step": median(pair.runs[side], "s_per_step")}
                             for side in ("ours", "baseline")})
             measure.emit(summary)
-            measure.say(summary["figure"], summary["value"])
+            measure.say_summary(summary)
     finally:
         shutil.rmtree(photos, ignore_errors=True)
         shutil.rmtree(class_photos, ignore_errors=True)

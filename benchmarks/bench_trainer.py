@@ -113,7 +113,8 @@ def our_step_case(setup: Setup, per_side: int, cached: bool, compiled: bool, cou
     seconds = (timer.t1 - timer.t0) / setup.steps
     kind = "cached + compiled" if compiled else "cached" if cached else "users' defaults"
     return {"case": f"dreambooth train, {kind}, per_side={per_side}", "s_per_step": round(seconds, 5),
-            "images_per_s": round(2 * per_side / seconds, 3), "peak_gib": None if timer.peak_gib is None else round(timer.peak_gib, 2),
+            "images_per_s": round(2 * per_side / seconds, 3), **measure.per_cpu_second(2 * per_side * setup.steps, timer.cpu1 - timer.cpu0),
+            "peak_gib": None if timer.peak_gib is None else round(timer.peak_gib, 2),
             "optimizer": timer.optimizer, **({"flops": timer.flops} if timer.flops else {})}
 
 
@@ -293,8 +294,8 @@ def main() -> int:
         for label, pair in (("1+1", "trainer_speedup"), ("4+4", "trainer_speedup_4+4")):
             if pair in summaries:
                 report_mfu(label, pair, summaries[pair], sides, peak, note)
-        for name, summary in summaries.items():
-            measure.say(name, summary["value"])
+        for summary in summaries.values():
+            measure.say_summary(summary)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

@@ -61,23 +61,26 @@ def adamw(params: list[torch.nn.Parameter], optimizer: dict[str, Any]) -> torch.
     return torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, **kwargs)
 
 
-def timed(step: Callable[[], torch.Tensor], steps: int, warmup: int, device: str) -> tuple[float, float | None]:
+def timed(step: Callable[[], torch.Tensor], steps: int, warmup: int, device: str) -> tuple[float, float | None, float]:
+    """Seconds per step, peak GiB and this process's CPU seconds over the timed steps."""
     for _ in range(warmup):
         step()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
     if device == "cuda":
         torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    return (time.perf_counter() - started) / steps, peak
+    return (time.perf_counter() - started) / steps, peak, time.process_time() - cpu_started
 
 
-def result(case: str, per_side: int, seconds: float, peak: float | None, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def result(case: str, per_side: int, seconds: float, peak: float | None, optimizer: torch.optim.Optimizer,
+           steps: int, cpu_seconds: float) -> dict[str, Any]:
     return {"case": case, "s_per_step": round(seconds, 4), "images_per_s": round(2 * per_side / seconds, 2),
+            **measure.per_cpu_second(2 * per_side * steps, cpu_seconds),
             "peak_gib": None if peak is None else round(peak, 2), "optimizer": measure.optimizer_implementation(optimizer)}
 
 
@@ -123,9 +126,9 @@ def sdxl_lora_case(unet: torch.nn.Module, vae: torch.nn.Module, conds: Condition
         optimizer.zero_grad()
         return loss
 
-    seconds, peak = timed(step, steps, warmup, device)
+    seconds, peak, cpu_seconds = timed(step, steps, warmup, device)
     return result(f"diffusers sdxl lora per_side={per_side} {resolution}px gradient_checkpointing={gradient_checkpointing}",
-                  per_side, seconds, peak, optimizer)
+                  per_side, seconds, peak, optimizer, steps, cpu_seconds)
 
 
 def flux_lora_case(transformer: torch.nn.Module, vae: torch.nn.Module, conds: Conditions, scheduler: Any, resolution: int,
@@ -176,6 +179,6 @@ def flux_lora_case(transformer: torch.nn.Module, vae: torch.nn.Module, conds: Co
         optimizer.zero_grad()
         return loss
 
-    seconds, peak = timed(step, steps, warmup, device)
+    seconds, peak, cpu_seconds = timed(step, steps, warmup, device)
     return result(f"diffusers flux lora per_side={per_side} {resolution}px gradient_checkpointing={gradient_checkpointing}",
-                  per_side, seconds, peak, optimizer)
+                  per_side, seconds, peak, optimizer, steps, cpu_seconds)

@@ -32,8 +32,17 @@ def figure(name: str, value: float | None, **details: Any) -> None:
     say(name, value)
 
 
-def say(name: str, value: float | None) -> None:
-    print(f"{name}: {'n/a (a side failed or was skipped; see the lines above)' if value is None else f'{value:.3f}'}", flush=True)
+def say(name: str, value: float | None, note: str = "") -> None:
+    shown = "n/a (a side failed or was skipped; see the lines above)" if value is None else f"{value:.3f}"
+    print(f"{name}: {shown}{f'  ({note})' if note and value is not None else ''}", flush=True)
+
+
+def say_summary(summary: dict[str, Any]) -> None:
+    """A pair's figure for humans: the median, its rounds' spread and, on a CPU, the per-CPU-second median."""
+    note = "" if not summary.get("spread") else f"rounds {summary['spread'][0]:.3f}-{summary['spread'][1]:.3f}"
+    if summary.get("per_cpu_second_value") is not None:
+        note += f"; per CPU-second {summary['per_cpu_second_value']:.3f}"
+    say(summary["figure"], summary["value"], note)
 
 
 # -- timing `dreambooth train` --------------------------------------------------------------------------
@@ -57,6 +66,7 @@ def window_timer(warmup: int, steps: int | None, count_flops: bool = False) -> A
     class WindowTimer(pl.Callback):
         def __init__(self) -> None:
             self.t0 = self.t1 = 0.0
+            self.cpu0 = self.cpu1 = 0.0  # this process's CPU seconds: on a CPU the device's own work, whatever else runs
             self.peak_gib: float | None = None
             self.flops: dict[str, float] | None = None
             self.optimizer: dict[str, Any] = {}
@@ -75,12 +85,12 @@ def window_timer(warmup: int, steps: int | None, count_flops: bool = False) -> A
             step = trainer.global_step
             if step == warmup:
                 synchronize()
-                self.t0 = time.perf_counter()
+                self.t0, self.cpu0 = time.perf_counter(), time.process_time()
                 if torch.cuda.is_available():
                     torch.cuda.reset_peak_memory_stats()
             elif steps is not None and step == warmup + steps:
                 synchronize()
-                self.t1 = time.perf_counter()
+                self.t1, self.cpu1 = time.perf_counter(), time.process_time()
                 if torch.cuda.is_available():
                     self.peak_gib = torch.cuda.max_memory_allocated() / 2**30
             if self.counter is not None and step == self.last:
@@ -170,6 +180,14 @@ def _run(side: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return {**result, "load_average_1min": load_average()}
 
 
+def per_cpu_second(images: int, cpu_seconds: float) -> dict[str, float]:
+    """On a CPU only: images per CPU-second of this process (its threads' work, not the wall clock
+    that other processes on a shared machine stretch)."""
+    if torch.cuda.is_available() or cpu_seconds <= 0:
+        return {}
+    return {"images_per_cpu_s": round(images / cpu_seconds, 3)}
+
+
 def _steady(previous: dict[str, Any], current: dict[str, Any], key: str) -> bool:
     if key not in previous or key not in current:
         return False
@@ -192,7 +210,7 @@ def run_pair(pair: Pair, rounds: int, max_warmup_rounds: int) -> dict[str, Any]:
         if previous and all(_steady(previous[side], current[side], pair.key) for side in order):
             break
         previous = current
-    ratios = []
+    ratios, cpu_ratios = [], []
     for index in range(rounds):
         current = {}
         for side in (("ours", "baseline") if index % 2 == 0 else ("baseline", "ours")):
@@ -203,7 +221,13 @@ def run_pair(pair: Pair, rounds: int, max_warmup_rounds: int) -> dict[str, Any]:
         if all(pair.key in current[side] for side in order):
             ours, base = current["ours"][pair.key], current["baseline"][pair.key]
             ratios.append(base / ours if pair.lower_is_better else ours / base)
-    return summary(pair, ratios, warmups)
+        if all("images_per_cpu_s" in current[side] for side in order):
+            cpu_ratios.append(current["ours"]["images_per_cpu_s"] / current["baseline"]["images_per_cpu_s"])
+    result = summary(pair, ratios, warmups)
+    if cpu_ratios:
+        result.update({"per_cpu_second_value": round(statistics.median(cpu_ratios), 4),
+                       "per_cpu_second_per_round": [round(r, 4) for r in cpu_ratios]})
+    return result
 
 
 def summary(pair: Pair, ratios: list[float], warmups: int) -> dict[str, Any]:

@@ -203,11 +203,12 @@ def train_case(model_dir: Path, instance_dir: Path, class_dir: Path, prompts: tu
         measure.synchronize()
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for _ in range(steps):
             loop.step()
         measure.synchronize()
         seconds = (time.perf_counter() - started) / steps
+        cpu_seconds = time.process_time() - cpu_started
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
         flops = measure.counted_flops(loop.step, type(loop.m.unet).__name__) if count_flops and not compile_backend else None
     finally:
@@ -215,7 +216,8 @@ def train_case(model_dir: Path, instance_dir: Path, class_dir: Path, prompts: tu
     kind = "cached latents + text" if cached else "as users run it"
     return {"case": f"train_dreambooth.py loop, {kind}, per_side={per_side}, compile={compile_backend or 'no'}",
             "s_per_step": round(seconds, 5), "images_per_s": round(2 * per_side / seconds, 3),
-            "peak_gib": None if peak is None else round(peak, 2), "optimizer": measure.optimizer_implementation(loop.optimizer),
+            **measure.per_cpu_second(2 * per_side * steps, cpu_seconds), "peak_gib": None if peak is None else round(peak, 2),
+            "optimizer": measure.optimizer_implementation(loop.optimizer),
             **({"flops": flops} if flops else {})}
 
 
