@@ -55,7 +55,7 @@ def our_config(source: str, resolution: int, per_side: int, max_steps: int, phot
         "model": {"source": source, "tiny_resolution": resolution},
         "data": {"instance_uri": str(photos), "instance_prompt": PROMPTS[0], "resolution": resolution},
         "prior": {"class_prompt": PROMPTS[1], "class_uri": str(class_photos), "num_class_images": 2},
-        "training": {"max_steps": max_steps, "batch_size": per_side, "learning_rate": 1e-4, "cache_latents": True,
+        "training": {"max_steps": max_steps, "batch_size": per_side, "cache_latents": True,
                      "gradient_checkpointing": gradient_checkpointing, "lora": {"enabled": True, "rank": 4}},
         "validation": {"fidelity": False},
         "output": {"uri": str(output), "log_format": "json"},
