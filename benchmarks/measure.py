@@ -9,7 +9,7 @@ import io
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import torch
 from record import load_average, run_record  # noqa: F401 - the benchmarks take both from here
 
 STEADY_TOLERANCE = 0.10  # a side is warm when its figure moved less than this between two rounds
+_observers: list[Any] = []  # diagnostics' callbacks (profile_step.py), put just before the timer
 
 
 def emit(record: dict[str, Any]) -> None:
@@ -114,6 +115,16 @@ def optimizer_implementation(optimizer: torch.optim.Optimizer) -> dict[str, Any]
     return {"class": type(optimizer).__name__, "fused": optimizer.defaults.get("fused"), "foreach": optimizer.defaults.get("foreach")}
 
 
+@contextlib.contextmanager
+def observed_by(callback: Any) -> Iterator[None]:
+    """Runs within: `callback` joins every timed run's Trainer just before the timer (diagnostics)."""
+    _observers.append(callback)
+    try:
+        yield
+    finally:
+        _observers.remove(callback)
+
+
 def timed_training(cfg: Any, timer: Any) -> None:
     """`run_training(cfg)` — the very function `dreambooth train` runs — with `timer` as the first
     callback of the Lightning Trainer it builds; its own log lines are kept out of the figures."""
@@ -122,7 +133,7 @@ def timed_training(cfg: Any, timer: Any) -> None:
     build = train.make_trainer
 
     def with_timer(*args: Any, **kwargs: Any) -> Any:
-        kwargs["extra_callbacks"] = [timer, *(kwargs.get("extra_callbacks") or [])]
+        kwargs["extra_callbacks"] = [*_observers, timer, *(kwargs.get("extra_callbacks") or [])]
         return build(*args, **kwargs)
 
     train.make_trainer = with_timer
