@@ -12,8 +12,8 @@ help:
 	@echo "make demo   - run the product end to end on this machine (FAMILY=sdxl|sd3|flux: another model family)"
 	@echo "make test   - build what the tests need and run the whole suite"
 	@echo "make images - build the operator, trainer and inference images (buildah; sizes printed)"
-	@echo "make bench  - trainer throughput vs the diffusers-style baseline; SDXL-LoRA and Flux-LoRA vs the diffusers example loops"
-	@echo "make bench-serve - the server vs a one-request-at-a-time diffusers loop (tiny on CPU, SD1.5 on a GPU)"
+	@echo "make bench  - dreambooth train vs the train_dreambooth.py loop as users run it (ABBA rounds); SDXL-LoRA and Flux-LoRA vs the diffusers example loops"
+	@echo "make bench-serve - the server vs the plain diffusers loop at the same batch and one request at a time (tiny on CPU, SD1.5 on a GPU)"
 	@echo "make bench-operator - 200 DreamboothJobs on 50 KWOK GPU nodes: apply->Job p50/p99, time to Running, operator RSS"
 	@echo "make testbed-up / testbed-down - the local Kubernetes test bed (source .testbed/env to use it)"
 

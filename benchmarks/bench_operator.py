@@ -33,6 +33,9 @@ sys.path.insert(0, str(REPO))  # the test bed lives in tests/ (the product is im
 
 from tests.testbed.cluster import GPU_POOL_LABELS, Testbed  # noqa: E402
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+from record import run_record  # noqa: E402
+
 NAMESPACE = "bench"
 IDLE_NAMESPACE = "bench-history"
 GPUS_PER_NODE = 8
@@ -183,6 +186,7 @@ def main() -> int:
     from minio import Minio
     from PIL import Image
 
+    print(json.dumps({"record": run_record()}), flush=True)
     bed = Testbed(args.root, name="bench")
     print(f"test bed up in {bed.start():.1f} s; load average {os.getloadavg()[0]:.1f} (2-core machine shared)", flush=True)
     operator = None

@@ -1,16 +1,23 @@
 """Serving throughput: the inference server in-process vs a plain diffusers-style loop.
 
-Both run the SAME pipeline object in the same process. The baseline is the text-to-image loop
-of diffusers_loop_baseline.py (`infer_case`): one request at a time, classifier-free guidance
-batched as uncond+cond, DDIM, VAE decode. The server is `create_app` driven over ASGI by
-`concurrency` clients (JSON in, PNG out), micro-batching concurrent requests.
+Both run the SAME pipeline object in the same process, after the server has made it ready (so the
+loop gets the server's memory layout too). The baseline is the text-to-image loop of
+diffusers_loop_baseline.py (`infer_case`): classifier-free guidance batched as uncond+cond, DDIM,
+VAE decode, no PNG; run one request at a time, and with 8 requests per call (what the server's
+micro-batches hold). The server is `create_app` driven over ASGI by `concurrency` clients (JSON in,
+PNG out), micro-batching concurrent requests. The four cases take turns for `--throughput-rounds`
+rounds, the order rotating; a ratio is the median of the ratios within each round.
 
     python benchmarks/bench_serve.py --tiny      # tiny random SD on CPU (seconds)
     python benchmarks/bench_serve.py             # SD1.5 shapes, random weights, bf16, on CUDA
                                                  # (the tiny one on CPU when there is no GPU)
 
-Prints one JSON line per case and `serve_speedup: X.XX` = server images/s at concurrency 8 over
-the baseline's images/s (the better of its two runs, one before and one after the server's).
+Prints one JSON line per case and round, then
+  serve_speedup                   HEADLINE: server at concurrency 8 / the same loop at batch 8 (like
+                                  for like: what the server's HTTP, PNG and batching cost or save)
+  serve_speedup_vs_one_at_a_time  server at concurrency 8 / the loop one request at a time (what a
+                                  user of a loop that cannot batch gains)
+  serve_concurrency_1             server at concurrency 1 / the loop one request at a time
 Then the many-subjects case (bench_many_subjects.py): 20 LoRA subjects behind one server vs one
 server per subject, a Zipf mix at concurrency 8; `--case many-subjects` runs it alone.
 """
@@ -18,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from pathlib import Path
 import time
@@ -54,36 +60,39 @@ def synchronize(device: str) -> None:
 
 
 @torch.no_grad()
-def plain_loop_images_per_s(pipeline: object, device: str, steps: int, guidance: float, requests: int) -> dict:
-    """diffusers_loop_baseline.infer_case on our pipeline: one request (one image) at a time."""
+def plain_loop_images_per_s(pipeline: object, device: str, steps: int, guidance: float, requests: int, batch: int = 1) -> dict:
+    """diffusers_loop_baseline.infer_case on our pipeline: `batch` requests (one image each, noise
+    from each one's seed) per call, CFG as one uncond+cond batch."""
     from diffusers import DDIMScheduler
 
     unet, vae, text_encoder, tokenizer = pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer
     scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     size = unet.config.sample_size
 
-    def one_request(seed: int) -> torch.Tensor:
-        ids = tokenizer(["", f"a photo of sks dog {seed}"], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
+    def one_call(seeds: list[int]) -> torch.Tensor:
+        prompts = [""] * len(seeds) + [f"a photo of sks dog {seed}" for seed in seeds]
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
         encoded = text_encoder(ids)[0]
         scheduler.set_timesteps(steps)
-        generator = torch.Generator("cpu").manual_seed(seed)
-        latents = torch.randn(1, 4, size, size, generator=generator).to(device, unet.dtype)
+        latents = torch.cat([torch.randn(1, 4, size, size, generator=torch.Generator("cpu").manual_seed(seed)) for seed in seeds])
+        latents = latents.to(device, unet.dtype)
         for t in scheduler.timesteps:
             noise = unet(torch.cat([latents, latents]), t, encoded).sample
             uncond, cond = noise.chunk(2)
             latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
         return vae.decode(latents / vae.config.scaling_factor).sample
 
-    one_request(0)  # warm-up
+    one_call(list(range(batch)))  # warm-up at this batch size
     synchronize(device)
+    calls = max(1, requests // batch)
     started = time.perf_counter()
-    for seed in range(requests):
-        one_request(seed)
+    for call in range(calls):
+        one_call(list(range(call * batch, (call + 1) * batch)))
     synchronize(device)
     seconds = time.perf_counter() - started
-    return {"case": "plain loop, one request at a time", "requests": requests, "seconds": round(seconds, 3),
-            "images_per_s": round(requests / seconds, 3)}
+    case = "plain loop, one request at a time" if batch == 1 else f"plain loop, {batch} requests per call"
+    return {"case": case, "requests": calls * batch, "seconds": round(seconds, 3), "images_per_s": round(calls * batch / seconds, 3)}
 
 
 async def server_images_per_s(app: object, concurrency: int, requests: int, steps: int, guidance: float) -> dict:
@@ -113,22 +122,47 @@ async def server_images_per_s(app: object, concurrency: int, requests: int, step
             "images_per_s": round(requests / seconds, 3)}
 
 
-async def run_server_cases(pipeline: object, device: str, args: argparse.Namespace) -> list[dict]:
+THROUGHPUT_CASES = ("loop, batch 1", "loop, batch 8", "server, concurrency 1", "server, concurrency 8")
+RATIOS = {  # figure: (numerator case, denominator case)
+    "serve_speedup": ("server, concurrency 8", "loop, batch 8"),
+    "serve_speedup_vs_one_at_a_time": ("server, concurrency 8", "loop, batch 1"),
+    "serve_concurrency_1": ("server, concurrency 1", "loop, batch 1"),
+}
+
+
+async def run_throughput_rounds(pipeline: object, device: str, args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Every case once per round, the order rotating, all on the pipeline the server made ready."""
     from dreambooth_serving.app import ServerSettings, create_app
     from dreambooth_serving.runtime import ready_for_serving
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    import measure
+
     settings = ServerSettings(device=device, max_batch=8, max_queue=256, max_wait_s=args.max_wait, compile=args.compile)
     app = create_app(settings, load=lambda: ready_for_serving(pipeline, device, args.compile))
-    results = []
+    cases = {
+        "loop, batch 1": lambda: plain_loop_images_per_s(pipeline, device, args.steps, args.guidance, args.requests),
+        "loop, batch 8": lambda: plain_loop_images_per_s(pipeline, device, args.steps, args.guidance, args.requests_concurrent, batch=8),
+        "server, concurrency 1": lambda: server_images_per_s(app, 1, args.requests, args.steps, args.guidance),
+        "server, concurrency 8": lambda: server_images_per_s(app, 8, args.requests_concurrent, args.steps, args.guidance),
+    }
+    runs: dict[str, list[dict]] = {name: [] for name in cases}
     async with app.router.lifespan_context(app):
         runtime = app.state.runtime
         while not runtime.ready:
             if runtime.state == "failed":
                 raise RuntimeError(runtime.error)
             await asyncio.sleep(0.05)
-        for concurrency, requests in ((1, args.requests), (8, args.requests_concurrent)):
-            results.append(await server_images_per_s(app, concurrency, requests, args.steps, args.guidance))
-    return results
+        for round_ in range(args.throughput_rounds):
+            order = THROUGHPUT_CASES[round_ % 4:] + THROUGHPUT_CASES[:round_ % 4]
+            for name in order:
+                result = cases[name]()
+                if asyncio.iscoroutine(result):
+                    result = await result
+                result = {**result, "round": round_, "load_average_1min": measure.load_average()}
+                runs[name].append(result)
+                measure.emit(result)
+    return runs
 
 
 def main() -> int:
@@ -145,6 +179,7 @@ def main() -> int:
     parser.add_argument("--mix-requests", type=int, default=None, help="requests per many-subjects case (tiny: 96, SD1.5: 48)")
     parser.add_argument("--concurrency", type=int, default=8, help="clients in the many-subjects cases")
     parser.add_argument("--rounds", type=int, default=5, help="many-subjects rounds (ratios: the median over rounds)")
+    parser.add_argument("--throughput-rounds", type=int, default=3, help="throughput rounds (ratios: the median over rounds)")
     args = parser.parse_args()
     if not args.tiny and not torch.cuda.is_available():
         print("no CUDA device: running the tiny model on the CPU", file=sys.stderr)
@@ -167,10 +202,12 @@ def main() -> int:
     args.requests_concurrent = args.requests_concurrent or defaults[2]
     args.mix_requests = args.mix_requests or defaults[3]
     pipeline.to(device)
-    info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-            "model": "tiny" if args.tiny else "SD1.5 shapes, random weights, bf16", "steps": args.steps,
+    sys.path.insert(0, str(Path(__file__).parent))
+    import measure
+
+    info = {"record": measure.run_record(), "model": "tiny" if args.tiny else "SD1.5 shapes, random weights, bf16", "steps": args.steps,
             "size": pipeline.unet.config.sample_size * pipeline.vae_scale_factor}
-    print(json.dumps(info), flush=True)
+    measure.emit(info)
     args.size = info["size"]
     if args.case in ("all", "throughput"):
         throughput_cases(pipeline, device, args)
@@ -183,18 +220,21 @@ def main() -> int:
 
 
 def throughput_cases(pipeline: object, device: str, args: argparse.Namespace) -> None:
-    # The baseline runs before AND after the server (same modules; the server's channels-last
-    # layout then applies to it too) and its better figure is the one compared against.
-    before = plain_loop_images_per_s(pipeline, device, args.steps, args.guidance, args.requests)
-    served = asyncio.run(run_server_cases(pipeline, device, args))
-    after = plain_loop_images_per_s(pipeline, device, args.steps, args.guidance, args.requests)
-    after["case"] += " (again, after the server)"
-    baseline = max(before, after, key=lambda result: result["images_per_s"])
-    for result in (before, after, *served):
-        if result in served:
-            result["vs_baseline"] = round(result["images_per_s"] / baseline["images_per_s"], 2)
-        print(json.dumps(result), flush=True)
-    print(f"serve_speedup: {served[-1]['images_per_s'] / baseline['images_per_s']:.2f}", flush=True)
+    import statistics
+
+    import measure
+
+    runs = asyncio.run(run_throughput_rounds(pipeline, device, args))
+    figures = {}
+    for name, (top, bottom) in RATIOS.items():
+        ratios = [a["images_per_s"] / b["images_per_s"] for a, b in zip(runs[top], runs[bottom])]
+        figures[name] = statistics.median(ratios) if ratios else None
+        measure.emit({"figure": name, "value": None if figures[name] is None else round(figures[name], 4), "of": f"{top} / {bottom}", "rounds": len(ratios),
+                      "per_round": [round(r, 4) for r in ratios], "spread": [round(min(ratios), 4), round(max(ratios), 4)] if ratios else None,
+                      "medians_images_per_s": {case: statistics.median(run["images_per_s"] for run in runs[case]) for case in (top, bottom)},
+                      "headline": name == "serve_speedup"})
+    for name, value in figures.items():
+        measure.say(name, value)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,14 @@ examples/dreambooth/train_dreambooth_lora_sdxl.py and train_dreambooth_lora_flux
   (1-σ)x0 + σn; 2x2 patches packed; distilled guidance 3.5 as a tensor when the model embeds it;
   timestep/1000; unpacked prediction against n - x0; prior loss; backward; clip; AdamW.
 
-Both take the modules to train on (a built-in tiny model's on CPU, random full-size ones on a
-GPU), so a case compares the same shapes on both sides. Each returns seconds per step, images
-per second and the peak GPU memory.
+Both train the modules they are given in place (a freshly loaded pipeline's: a built-in tiny
+model's on CPU, random full-size ones on a GPU; no second copy of the denoiser), so a case compares
+the same shapes on both sides, with the AdamW implementation given (the one our run picked) and,
+when asked, gradient checkpointing (the scripts' `--gradient_checkpointing`). Each returns seconds
+per step, images per second and the peak GPU memory of the timed steps.
 """
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+import measure
 
 SDXL_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 FLUX_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
@@ -52,31 +55,43 @@ def with_lora(model: torch.nn.Module, rank: int, targets: list[str]) -> list[tor
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def timed(step: Callable[[], torch.Tensor], steps: int, warmup: int, device: str) -> tuple[float, float | None]:
+def adamw(params: list[torch.nn.Parameter], optimizer: dict[str, Any]) -> torch.optim.Optimizer:
+    """The scripts' AdamW (lr 1e-4, weight decay 1e-4) with the given implementation (fused / foreach)."""
+    kwargs = {key: optimizer[key] for key in ("fused", "foreach") if optimizer.get(key) is not None}
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, **kwargs)
+
+
+def timed(step: Callable[[], torch.Tensor], steps: int, warmup: int, device: str) -> tuple[float, float | None, float]:
+    """Seconds per step, peak GiB and this process's CPU seconds over the timed steps."""
     for _ in range(warmup):
         step()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
     if device == "cuda":
         torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    return (time.perf_counter() - started) / steps, peak
+    return (time.perf_counter() - started) / steps, peak, time.process_time() - cpu_started
 
 
-def result(case: str, per_side: int, seconds: float, peak: float | None) -> dict[str, Any]:
+def result(case: str, per_side: int, seconds: float, peak: float | None, optimizer: torch.optim.Optimizer,
+           steps: int, cpu_seconds: float) -> dict[str, Any]:
     return {"case": case, "s_per_step": round(seconds, 4), "images_per_s": round(2 * per_side / seconds, 2),
-            "peak_gib": None if peak is None else round(peak, 2)}
+            **measure.per_cpu_second(2 * per_side * steps, cpu_seconds),
+            "peak_gib": None if peak is None else round(peak, 2), "optimizer": measure.optimizer_implementation(optimizer)}
 
 
 def sdxl_lora_case(unet: torch.nn.Module, vae: torch.nn.Module, conds: Conditions, scheduler: Any, resolution: int,
-                   per_side: int, steps: int, warmup: int, rank: int = 4, device: str = "cpu") -> dict[str, Any]:
-    unet = copy.deepcopy(unet).to(device).train()
+                   per_side: int, steps: int, warmup: int, optimizer_impl: dict[str, Any], rank: int = 4, device: str = "cpu",
+                   gradient_checkpointing: bool = False) -> dict[str, Any]:
+    unet = unet.to(device).train()
     params = with_lora(unet, rank, SDXL_TARGETS)
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, fused=device == "cuda")
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    optimizer = adamw(params, optimizer_impl)
     batch = 2 * per_side
     pixels = torch.randn(batch, 3, resolution, resolution, device=device, dtype=vae.dtype)
     # original size, crop top-left, target size: one row per image
@@ -111,17 +126,21 @@ def sdxl_lora_case(unet: torch.nn.Module, vae: torch.nn.Module, conds: Condition
         optimizer.zero_grad()
         return loss
 
-    seconds, peak = timed(step, steps, warmup, device)
-    return result(f"diffusers sdxl lora per_side={per_side} {resolution}px", per_side, seconds, peak)
+    seconds, peak, cpu_seconds = timed(step, steps, warmup, device)
+    return result(f"diffusers sdxl lora per_side={per_side} {resolution}px gradient_checkpointing={gradient_checkpointing}",
+                  per_side, seconds, peak, optimizer, steps, cpu_seconds)
 
 
 def flux_lora_case(transformer: torch.nn.Module, vae: torch.nn.Module, conds: Conditions, scheduler: Any, resolution: int,
-                   per_side: int, steps: int, warmup: int, rank: int = 4, device: str = "cpu") -> dict[str, Any]:
+                   per_side: int, steps: int, warmup: int, optimizer_impl: dict[str, Any], rank: int = 4, device: str = "cpu",
+                   gradient_checkpointing: bool = False) -> dict[str, Any]:
     from diffusers import FluxPipeline
 
-    transformer = copy.deepcopy(transformer).to(device).train()
+    transformer = transformer.to(device).train()
     params = with_lora(transformer, rank, FLUX_TARGETS)
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, fused=device == "cuda")
+    if gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    optimizer = adamw(params, optimizer_impl)
     batch = 2 * per_side
     pixels = torch.randn(batch, 3, resolution, resolution, device=device, dtype=vae.dtype)
     with torch.no_grad():
@@ -160,5 +179,6 @@ def flux_lora_case(transformer: torch.nn.Module, vae: torch.nn.Module, conds: Co
         optimizer.zero_grad()
         return loss
 
-    seconds, peak = timed(step, steps, warmup, device)
-    return result(f"diffusers flux lora per_side={per_side} {resolution}px", per_side, seconds, peak)
+    seconds, peak, cpu_seconds = timed(step, steps, warmup, device)
+    return result(f"diffusers flux lora per_side={per_side} {resolution}px gradient_checkpointing={gradient_checkpointing}",
+                  per_side, seconds, peak, optimizer, steps, cpu_seconds)

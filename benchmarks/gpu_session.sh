@@ -1,33 +1,58 @@
 #!/usr/bin/env bash
-# Every GPU check in one prepared run (<= 8 minutes on one H100/H200): the GPU-marked tests
-# (fp16, bf16, auto precision, 8-bit Adam, inductor compile, the no-sync step loop), `make bench`
-# and `make bench-serve`; then the model families at native size (~10 more minutes, ~45 GB of
-# disk; SKIP_FAMILIES=1 leaves them out): random full-size SDXL and FLUX.1-dev folders, and
-# SDXL-LoRA and Flux-LoRA at 1024 px, ours vs the diffusers example loops, peak memory of each.
-# JSON lines go to $OUT (default: bench-output/gpu-session/):
-#   summary.jsonl   one line per part: name, exit code, seconds
-#   tests.xml       the GPU tests' JUnit report
-#   bench.jsonl     bench_trainer.py's output;   serve.jsonl  bench_serve.py's throughput case
-#   many-subjects.jsonl  bench_serve.py's many-subjects case (20 LoRA subjects on one server)
-#   families.jsonl  bench_families.py's output at 1024 px (speedups, peak GiB per family and side)
+# The one GPU script: the figures only a GPU gives, in at most 8 minutes on one H100 (80 GB) with no
+# network. Parts run in order of importance, each under its own time budget, all under one deadline
+# (DEADLINE_S, default 465 s); every JSON line a benchmark prints lands in $OUT as it is printed, so a
+# part cut by its budget keeps what it measured.
 #
-# Where to run it:
-#   - here (no GPU): a dry run; the GPU tests are skipped, the benchmarks run tiny shapes on CPU.
-#   - a device machine whose python3 has torch but not this project's other packages: first, on a
-#     machine that reaches PyPI, `bash benchmarks/gpu_wheels.sh` fills .whl/ (git-ignored); carry
-#     .whl and run `bash benchmarks/gpu_session.sh` from the repository root.
+#   bash benchmarks/gpu_session.sh             # on the GPU machine, from the repository root
+#   bash benchmarks/gpu_session.sh --dry-run   # anywhere, on the CPU: the same parts on tiny shapes (make test runs it)
+#
+# Parts (budget in seconds on a GPU):
+#   prepare (20)          the interpreter, the device, free disk
+#   bench-trainer (150)   SD1.5 shapes at 512 px: trainer_speedup, trainer_speedup_tuned (both sides
+#                         torch.compile'd), trainer_speedup_same_work, mfu_1+1 (benchmarks/bench_trainer.py)
+#   family-sdxl (60)      random full-size SDXL built in code and saved, SDXL-LoRA at 1024 px: ours vs
+#                         diffusers' loop, step time and peak memory of each side; the folder removed after
+#   family-flux (110)     the same for FLUX.1-dev (~34 GB folder), with gradient checkpointing on both sides
+#   bench-serve (30)      serve_speedup (same batch) and vs one request at a time (benchmarks/bench_serve.py)
+#   many-subjects (25)    20 LoRA subjects on one server vs a server per subject
+#   gpu-tests (55)        the GPU-marked tests (precisions, 8-bit Adam, compile, the no-sync step loop)
+# The dry run uses tiny models, 1-2 rounds, aot_eager for the compiled pair (inductor's C++ compile
+# would cost minutes of CPU), and budgets for a shared 2-core machine (DRY_BUDGET_SCALE).
+#
+# $OUT (default bench-output/gpu-session) gets four files:
+#   parts.jsonl    one line per part: name, exit code, seconds, budget, scratch GiB, free disk GiB
+#   figures.jsonl  every JSON line of every part, with its part's name
+#   console.log    everything printed;   tests.xml  the GPU tests' JUnit report
+# Disk: models, outputs and caches live in $SCRATCH (removed at exit); each model folder is removed
+# after its part, so the most at once is FLUX.1-dev's folder. Exit code: 0 only if every part exited 0.
+#
+# GPU_SESSION_PARTS=bench-trainer,gpu-tests runs only those parts (a rerun of what a first run lost).
+# On a machine whose python3 has torch but not this project's other packages, carry .whl (filled by
+# `bash benchmarks/gpu_wheels.sh` where PyPI is reachable); nothing else is needed: models are built in code.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; elif [ $# -gt 0 ]; then echo "usage: $0 [--dry-run]" >&2; exit 2; fi
 OUT="${OUT:-bench-output/gpu-session}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
+: > "$OUT/parts.jsonl"; : > "$OUT/figures.jsonl"; : > "$OUT/console.log"
+SCRATCH="$(mktemp -d "${SCRATCH_PARENT:-/tmp}/dreambooth-gpu-session.XXXXXX")"
+trap 'rm -rf "$SCRATCH"' EXIT
+export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+  TORCHINDUCTOR_CACHE_DIR="$SCRATCH/inductor" DREAMBOOTH_CACHE="$SCRATCH/cache" TMPDIR="$SCRATCH"
+SCALE=1
+if [ $DRY = 1 ]; then SCALE="${DRY_BUDGET_SCALE:-3}"; fi
+DEADLINE=$((SECONDS + ${DEADLINE_S:-$((465 * SCALE))}))
+status=0
+
 PY=python3
 if [ -x .venv/bin/python ]; then
-  PY=.venv/bin/python
+  PY=$PWD/.venv/bin/python
 else
-  # A bare machine: the carried wheels, and this project's packages linked by their import
-  # names (pyproject's package-dir), in one folder on PYTHONPATH.
-  site=/tmp/dreambooth-site
+  # A bare machine: the carried wheels, and this project's packages linked by their import names
+  # (pyproject's package-dir), in one folder on PYTHONPATH.
+  site="$SCRATCH/site"
   mkdir -p "$site"
   if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl || exit 1
@@ -37,36 +62,87 @@ import os, sys, tomllib
 with open("pyproject.toml", "rb") as handle:
     folders = tomllib.load(handle)["tool"]["setuptools"]["package-dir"]
 for name, folder in folders.items():
-    link = os.path.join(sys.argv[1], name)
-    if os.path.lexists(link):
-        os.remove(link)
-    os.symlink(os.path.abspath(folder), link)
+    os.symlink(os.path.abspath(folder), os.path.join(sys.argv[1], name))
 ' "$site" || exit 1
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-"$PY" -c 'import json, torch; print(json.dumps({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__}))' \
-  | tee "$OUT/device.json"
 
-part() {  # part NAME SECONDS_LIMIT COMMAND...: run one part, record its exit code and duration
-  local name="$1" limit="$2" started=$SECONDS code
-  shift 2
-  timeout "$limit" "$@"
-  code=$?
-  printf '{"part": "%s", "exit": %d, "seconds": %d}\n' "$name" "$code" "$((SECONDS - started))" | tee -a "$OUT/summary.jsonl"
+tagged() {  # tagged NAME: lines to the terminal and console.log; JSON lines also to figures.jsonl, with the part
+  local name="$1" line
+  while IFS= read -r line; do
+    printf '%s\n' "$line"
+    printf '%s\n' "$line" >> "$OUT/console.log"
+    if [[ $line == '{"'* ]]; then
+      printf '{"part": "%s", %s\n' "$name" "${line:1}" >> "$OUT/figures.jsonl"
+    fi
+  done
 }
 
-: > "$OUT/summary.jsonl"
-part gpu-tests 180 "$PY" -m pytest -q -m gpu tests/trainer/test_gpu.py tests/trainer/test_training.py \
-  -p no:cacheprovider --junitxml="$OUT/tests.xml"
-part bench 210 bash -c "\"$PY\" benchmarks/bench_trainer.py --rounds 3 | tee \"$OUT/bench.jsonl\""
-part bench-serve 90 bash -c "\"$PY\" benchmarks/bench_serve.py --case throughput | tee \"$OUT/serve.jsonl\""
-# Its own part: 20 subjects, 4 cases, 3 rounds (the CPU dry run takes ~65 s of it; all of
-# bench_serve.py at 5 rounds overran one 90 s part there).
-part bench-many-subjects 180 bash -c "\"$PY\" benchmarks/bench_serve.py --case many-subjects --rounds 3 | tee \"$OUT/many-subjects.jsonl\""
-if [ "${SKIP_FAMILIES:-0}" != 1 ]; then
-  MODELS="${MODELS:-/tmp/dreambooth-random-models}"
-  part random-sdxl 240 "$PY" benchmarks/random_models.py --family sdxl --out "$MODELS/sdxl"
-  part random-flux 420 "$PY" benchmarks/random_models.py --family flux --out "$MODELS/flux"
-  part bench-families 900 bash -c "\"$PY\" benchmarks/bench_families.py --sdxl \"$MODELS/sdxl\" --flux \"$MODELS/flux\" \
-    --resolution 1024 --rounds 1 | tee \"$OUT/families.jsonl\""
+gib() { awk -v b="$1" 'BEGIN { printf "%.2f", b / 2^30 }'; }
+
+part() {  # part NAME BUDGET COMMAND...: run it under min(BUDGET x SCALE, time left); its exit code, not the pipe's
+  local name="$1" budget=$(($2 * SCALE)) started=$SECONDS code left
+  shift 2
+  if [ -n "${GPU_SESSION_PARTS:-}" ] && [[ ",$GPU_SESSION_PARTS," != *",$name,"* ]]; then
+    printf '{"part": "%s", "skipped": "not in GPU_SESSION_PARTS"}\n' "$name" >> "$OUT/parts.jsonl"
+    return
+  fi
+  left=$((DEADLINE - SECONDS))
+  if [ "$budget" -gt "$left" ]; then budget=$left; fi
+  if [ "$budget" -le 0 ]; then
+    code=124
+    echo "[gpu-session] $name: no time left before the deadline" | tagged "$name"
+  else
+    echo "[gpu-session] $name: up to ${budget} s" | tagged "$name"
+    timeout --kill-after=10 "$budget" "$@" < /dev/null 2>&1 | tagged "$name"
+    code=${PIPESTATUS[0]}
+  fi
+  local scratch free
+  scratch=$(du -sb "$SCRATCH" 2>/dev/null | cut -f1)
+  free=$(df -B1 --output=avail "$SCRATCH" | tail -1)
+  printf '{"part": "%s", "exit": %d, "seconds": %d, "budget_s": %d, "scratch_gib": %s, "disk_free_gib": %s}\n' \
+    "$name" "$code" "$((SECONDS - started))" "$budget" "$(gib "${scratch:-0}")" "$(gib "${free:-0}")" | tee -a "$OUT/parts.jsonl"
+  if [ "$code" -ne 0 ]; then status=1; fi
+}
+
+family() {  # family NAME BUDGET MODEL ARGS...: build the random model folder, run the family's case, remove the folder
+  local name="$1" budget="$2" model="$3" folder="$SCRATCH/models/$3"
+  shift 3
+  part "family-$name" "$budget" bash -c '"$1" benchmarks/random_models.py --family "$2" --out "$3" || exit; "$1" benchmarks/bench_families.py --families "$4" "--$4" "$3" "${@:5}"' \
+    _ "$PY" "$model" "$folder" "$name" "$@"
+  rm -rf "$folder"
+}
+
+if [ $DRY = 1 ]; then
+  trainer=(--tiny --rounds 2 --max-warmup-rounds 0 --steps 3 --warmup-steps 1 --compile-backend aot_eager)
+  families=(--resolution 32 --rounds 1 --max-warmup-rounds 0 --steps 2 --warmup-steps 1)
+  sdxl=tiny-sdxl flux=tiny-flux
+  serve=(--tiny --steps 2 --throughput-rounds 1 --requests 2 --requests-concurrent 8)
+  subjects=(--tiny --steps 2 --rounds 1 --mix-requests 16)
+else
+  trainer=(--rounds 2 --max-warmup-rounds 1 --compiled-warmup-rounds 0 --steps 15 --warmup-steps 5)
+  families=(--resolution 1024 --rounds 1 --max-warmup-rounds 0 --steps 4 --warmup-steps 2)
+  sdxl=sdxl flux=flux
+  serve=(--throughput-rounds 2 --requests 4 --requests-concurrent 16)
+  subjects=(--rounds 1 --mix-requests 24)
 fi
+
+part prepare 20 "$PY" -c '
+import json, shutil, sys, torch, diffusers, pytorch_lightning, dreambooth_trainer.train
+print(json.dumps({"python": sys.version.split()[0], "torch": torch.__version__, "diffusers": diffusers.__version__,
+                  "lightning": pytorch_lightning.__version__, "cuda": torch.cuda.is_available(),
+                  "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                  "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if torch.cuda.is_available() else None,
+                  "disk_free_gib": round(shutil.disk_usage(sys.argv[1]).free / 2**30, 1)}))
+' "$SCRATCH"
+part bench-trainer 150 "$PY" benchmarks/bench_trainer.py --models "$SCRATCH/models" "${trainer[@]}" \
+  --figures trainer_speedup,trainer_speedup_tuned,trainer_speedup_same_work
+rm -rf "$SCRATCH/models"
+family sdxl 60 "$sdxl" "${families[@]}"
+family flux 110 "$flux" "${families[@]}" --gradient-checkpointing
+part bench-serve 30 "$PY" benchmarks/bench_serve.py --case throughput "${serve[@]}"
+part many-subjects 25 "$PY" benchmarks/bench_serve.py --case many-subjects "${subjects[@]}"
+part gpu-tests 55 "$PY" -m pytest -v -m gpu tests/trainer/test_gpu.py tests/trainer/test_training.py \
+  -p no:cacheprovider -o addopts="" --junitxml="$OUT/tests.xml"
+echo "[gpu-session] $( [ $status = 0 ] && echo "every part exited 0" || echo "a part failed: see $OUT/parts.jsonl" ) in $SECONDS s"
+exit $status

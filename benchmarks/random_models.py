@@ -1,8 +1,12 @@
-"""Full-size SDXL and FLUX.1-dev pipelines with random weights, saved as diffusers folders (bf16), for
-the native-size benchmark cases: the published architectures' shapes, nothing downloaded.
+"""Pipelines with random weights saved as diffusers folders, for the benchmark cases that run
+`dreambooth train` on the baseline's very modules: the published architectures' shapes, nothing
+downloaded. `sd15` (SD1.5's shapes, the baseline loop's `build()`), `sd15-tiny` (the same loop's
+tiny shapes, for CPUs), full-size `sdxl` and `flux` (FLUX.1-dev), all three in bf16, and the
+trainer's built-in `tiny-sdxl` and `tiny-flux` (gpu_session.sh's dry run).
 
-    python benchmarks/random_models.py --family sdxl --out /tmp/models/sdxl
-    python benchmarks/random_models.py --family flux --out /tmp/models/flux     # ~34 GB written
+    python benchmarks/random_models.py --family sd15 --out /tmp/models/sd15      # ~2.1 GB written
+    python benchmarks/random_models.py --family sdxl --out /tmp/models/sdxl      # ~6.9 GB
+    python benchmarks/random_models.py --family flux --out /tmp/models/flux      # ~34 GB
 
 Weights are built on the GPU when there is one (fast), else on the CPU. The tokenizers are the
 project's offline word-level ones (ids stay inside the full vocabularies); the T5 pads to 512 as
@@ -61,6 +65,39 @@ def clip_config(shape: dict[str, Any], tokenizer: Any) -> Any:
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
+def sd15_pipeline(tiny: bool) -> Any:
+    """The baseline loop's own modules (diffusers_loop_baseline.build) as a StableDiffusionPipeline."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    from dreambooth_trainer.tiny import tiny_tokenizer
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import diffusers_loop_baseline as baseline
+
+    unet, vae, text_encoder, _ = baseline.build(tiny) if tiny else built(lambda: baseline.build(False))
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(), unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def saved(family: str, out: Path) -> dict[str, Any]:
+    """Build `family` and save it to `out` (kept when already there); what was done, as a record."""
+    if (out / "model_index.json").exists():
+        return {"family": family, "out": str(out), "reused": True}
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    pipeline = BUILDERS[family]()
+    build_seconds = time.perf_counter() - started
+    partial = out.with_name(out.name + ".partial")  # a folder with model_index.json is always complete
+    pipeline.save_pretrained(str(partial), safe_serialization=True)
+    partial.rename(out)
+    denoiser = getattr(pipeline, "unet", None) or pipeline.transformer
+    size = sum(path.stat().st_size for path in out.rglob("*") if path.is_file())
+    return {"family": family, "out": str(out), "denoiser_parameters_b": round(denoiser.num_parameters() / 1e9, 3),
+            "disk_gib": round(size / 2**30, 2), "build_s": round(build_seconds, 1),
+            "save_s": round(time.perf_counter() - started - build_seconds, 1)}
+
+
 def sdxl_pipeline() -> Any:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -100,22 +137,30 @@ def flux_pipeline() -> Any:
     )
 
 
+def built_in_tiny(source: str) -> Callable[[], Any]:
+    """The trainer's own tiny model (32 px) as a folder: what gpu_session.sh's dry run stands in with."""
+    def build() -> Any:
+        from dreambooth_trainer.models import load_pipeline
+
+        return load_pipeline(source, seed=0, tiny_resolution=32)
+    return build
+
+
+BUILDERS: dict[str, Callable[[], Any]] = {
+    "sd15": lambda: sd15_pipeline(False), "sd15-tiny": lambda: sd15_pipeline(True), "sdxl": sdxl_pipeline, "flux": flux_pipeline,
+    "tiny-sdxl": built_in_tiny("tiny-sdxl"), "tiny-flux": built_in_tiny("tiny-flux"),
+}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=("sdxl", "flux"), required=True)
+    parser.add_argument("--family", choices=sorted(BUILDERS), required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    if (args.out / "model_index.json").exists():
-        print(json.dumps({"family": args.family, "out": str(args.out), "reused": True}))
-        return 0
-    started = time.perf_counter()
-    torch.manual_seed(0)
-    pipeline = sdxl_pipeline() if args.family == "sdxl" else flux_pipeline()
-    built = time.perf_counter() - started
-    pipeline.save_pretrained(str(args.out), safe_serialization=True)
-    denoiser = getattr(pipeline, "unet", None) or pipeline.transformer
-    print(json.dumps({"family": args.family, "out": str(args.out), "denoiser_parameters_b": round(denoiser.num_parameters() / 1e9, 2),
-                      "build_s": round(built, 1), "save_s": round(time.perf_counter() - started - built, 1)}))
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    print(json.dumps(saved(args.family, args.out)), flush=True)
     return 0
 
 

@@ -14,6 +14,14 @@ for arg in "$@"; do
   fi
 done
 
+# `make demo` leaves its test bed running under .testbed; the suites start their own, and on a small
+# machine the demo's pods would starve them. The whole suite stops it first, and says so.
+demo_bed="$(cd "$(dirname "$0")/.." && pwd)/.testbed"
+if "$PY" -c 'import sys; from pathlib import Path; from tests.testbed.cluster import marked_pids; sys.exit(0 if marked_pids(Path(sys.argv[1])) else 1)' "$demo_bed"; then
+  echo "make test: stopping the test bed running at $demo_bed (make demo's or make testbed-up's; either starts it again)"
+  "$PY" -m tests.testbed down --root "$demo_bed" || exit 1
+fi
+
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 "$PY" -m pytest "${OTHER_SUITES[@]}" "$@" > "$log" 2>&1 &

@@ -3,22 +3,42 @@ in a pod never imports the Kubernetes client; `kubectl dreambooth` is a plugin b
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import yaml
+
+from tests.repo_files import repo_files
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 IMPORTS_KUBERNETES = re.compile(r"^\s*(import kubernetes|from kubernetes[ .])", re.M)
 
 
+def kubernetes_importers() -> list[str]:
+    """The top-level folders of the product whose modules import the Kubernetes client."""
+    return sorted({path.relative_to(REPO).parts[0] for path in repo_files(suffix=".py")
+                   if len(path.relative_to(REPO).parts) > 1 and path.relative_to(REPO).parts[0] not in ("tests", "benchmarks", "examples")
+                   and IMPORTS_KUBERNETES.search(path.read_text(errors="replace"))})
+
+
 def test_only_the_operator_and_the_client_import_the_kubernetes_client() -> None:
-    importers = sorted({path.relative_to(REPO).parts[0] for path in REPO.glob("*/**/*.py")
-                        if path.parts[len(REPO.parts)] not in ("tests", "benchmarks", "examples", ".venv")
-                        and IMPORTS_KUBERNETES.search(path.read_text(errors="replace"))})
-    assert importers == ["client", "operator"]
+    assert kubernetes_importers() == ["client", "operator"]
+
+
+def test_the_check_reads_the_source_not_a_demo_beds_pod_filesystems() -> None:
+    """`make demo` leaves pods' root filesystems under .testbed/ (a Python install each): not ours."""
+    pod_root = REPO / ".testbed" / f"layout-check-{uuid.uuid4().hex[:8]}"
+    module = pod_root / "pods" / "p" / "rootfs" / "usr" / "lib" / "python3" / "site-packages" / "a.py"
+    module.parent.mkdir(parents=True)
+    try:
+        module.write_text("import kubernetes\n")
+        assert kubernetes_importers() == ["client", "operator"]
+    finally:
+        shutil.rmtree(pod_root)
 
 
 BLOCKER = """

@@ -24,6 +24,7 @@ import yaml
 
 from dreambooth_operator import builders
 from dreambooth_api.v1alpha1.spec import parse_spec
+from tests.repo_files import repo_files
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGES = REPO / "images"
@@ -280,13 +281,13 @@ def test_dockerignore_keeps_what_the_builds_need_and_drops_the_rest() -> None:
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     for package, folder in setuptools["package-dir"].items():
         # The wheel is built from the context: a package the context lacks would be missing from the images.
-        for source in (REPO / folder).rglob("*.py"):
+        for source in repo_files(folder, suffix=".py"):
             relative = str(source.relative_to(REPO))
-            if "__pycache__" not in relative:
-                assert dockerignore_allows(relative), f".dockerignore drops {relative} (package {package})"
+            assert dockerignore_allows(relative), f".dockerignore drops {relative} (package {package})"
         for pattern in setuptools.get("package-data", {}).get(package, []):
-            for data in (REPO / folder).glob(pattern):
-                assert dockerignore_allows(str(data.relative_to(REPO))), f".dockerignore drops package data {data}"
+            for data in repo_files(folder):
+                if fnmatch.fnmatch(str(data.relative_to(REPO / folder)), pattern):
+                    assert dockerignore_allows(str(data.relative_to(REPO))), f".dockerignore drops package data {data}"
     for needed in ("pyproject.toml", "README.md"):
         assert dockerignore_allows(needed)
     for dropped in (".venv/bin/python", ".git/HEAD", "tests/conftest.py", ".testbed/kubeconfig", "demo-output/x.png",

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.repo_files import repo_files
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -28,7 +30,7 @@ def test_the_command_face_imports_no_room_until_a_command_runs() -> None:
 
 
 def test_nothing_imports_the_command_face() -> None:
-    importers = [path for folder in ("trainer", "operator", "serving") for path in (REPO / folder).rglob("*.py")
+    importers = [path for folder in ("trainer", "operator", "serving") for path in repo_files(folder, suffix=".py")
                  if "dreambooth_cli" in path.read_text()]
     assert importers == []
 
@@ -36,7 +38,7 @@ def test_nothing_imports_the_command_face() -> None:
 def test_dependencies_point_one_way() -> None:
     """Serving sits above the trainer and knows no cluster; the trainer knows no server."""
     def importers(folder: str, *modules: str) -> list[str]:
-        return [f"{path.relative_to(REPO)} imports {module}" for path in (REPO / folder).rglob("*.py")
+        return [f"{path.relative_to(REPO)} imports {module}" for path in repo_files(folder, suffix=".py")
                 for module in modules if f"import {module}" in path.read_text() or f"from {module}" in path.read_text()]
 
     assert importers("serving", "kopf", "kubernetes", "dreambooth_operator") == []
@@ -54,13 +56,13 @@ def test_the_operator_image_needs_nothing_heavy_from_serving() -> None:
 def test_the_api_package_imports_pydantic_and_the_standard_library_only() -> None:
     """The contract between operator, client and trainer depends on none of them (nor on yaml or torch)."""
     allowed = set(sys.stdlib_module_names) | {"pydantic", "pydantic_core", "typing_extensions", "annotated_types", "dreambooth_api"}
-    imported = {line.split()[1].split(".")[0] for path in (REPO / "api").rglob("*.py") for line in path.read_text().splitlines()
+    imported = {line.split()[1].split(".")[0] for path in repo_files("api", suffix=".py") for line in path.read_text().splitlines()
                 if line.startswith(("import ", "from ")) and not line.startswith("from .")}
     assert imported - {"__future__"} <= allowed, imported - allowed
 
 
 def test_nothing_imports_the_operator_but_its_entry_point() -> None:
     """The client, trainer and server read the API package, never the operator's modules."""
-    importers = [str(path.relative_to(REPO)) for folder in ("api", "client", "cli", "trainer", "serving") for path in (REPO / folder).rglob("*.py")
+    importers = [str(path.relative_to(REPO)) for folder in ("api", "client", "cli", "trainer", "serving") for path in repo_files(folder, suffix=".py")
                  if re.search(r"^\s*(from|import) dreambooth_operator", path.read_text(), re.M)]
     assert importers == []
