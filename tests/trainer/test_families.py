@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -97,7 +98,9 @@ def test_the_lora_loads_with_load_lora_weights_and_generates_and_serves(runs: di
     served = prepare_pipeline(ServerSettings(model=runs["source"], lora=str(lora_folder), device="cpu"))
     assert served_family(served).native_side == 32
     image = generate_images(served, request, steps=2, height=32, width=32)[0]
-    assert image.tobytes() == after.tobytes(), "the server draws what the trainer's generation draws"
+    # the server fuses a fixed LoRA into the weights (it outlives later adapters): float rounding only
+    drift = numpy.abs(numpy.asarray(image, dtype=numpy.int16) - numpy.asarray(after, dtype=numpy.int16)).max()
+    assert drift <= 1, f"the server draws what the trainer's generation draws (max pixel difference {drift})"
 
 
 def test_dreambooth_generate_draws_from_the_export_and_its_lora(runs: dict[str, Any]) -> None:
