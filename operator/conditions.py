@@ -20,11 +20,14 @@ SERVING_READY = "ServingReady"
 FINISHED = "Finished"
 NAME_CONFLICT = "NameConflict"
 UPDATE_PENDING = "UpdatePending"
+# An accepted job whose stored spec this operator cannot read (a rule tightened since, a rollback):
+# it is left as it is, never failed for it.
+HELD = "Held"
 CONDITION_TYPES = (ACCEPTED, QUEUED, RUNNING, RESTARTING, SUSPENDED, SUCCEEDED, FAILED, SERVING_READY, FINISHED,
-                   NAME_CONFLICT, UPDATE_PENDING)
+                   NAME_CONFLICT, UPDATE_PENDING, HELD)
 TERMINAL_PHASES = ("Succeeded", "Failed")
 # Conditions whose turning True deserves a Warning event rather than a Normal one.
-WARNING_CONDITIONS = (RESTARTING, FAILED, NAME_CONFLICT)
+WARNING_CONDITIONS = (RESTARTING, FAILED, NAME_CONFLICT, HELD)
 MAX_MESSAGE = 1000
 
 Conditions = list[dict[str, Any]]

@@ -17,6 +17,7 @@ from .conditions import (
     ACCEPTED,
     FAILED,
     FINISHED,
+    HELD,
     NAME_CONFLICT,
     QUEUED,
     RESTARTING,
@@ -62,6 +63,8 @@ class TrainerJobState:
     template_hash: str = ""
     uid: str = ""
     created: datetime | None = None
+    start_time: datetime | None = None  # status.startTime: set when the Job (re)starts running
+    queue_name: str = ""  # the Job's own kueue.x-k8s.io/queue-name label (Kueue may default it)
 
     @property
     def permanent_failure(self) -> bool:
@@ -130,6 +133,8 @@ class Plan:
     actions: list[Action] = field(default_factory=list)
     events: list[tuple[str, str, str]] = field(default_factory=list)
     requeue_after: float | None = None
+    # Status keys dropped once every action succeeded: intent kept until it is done (a lost call is retried).
+    done_when_acted: tuple[str, ...] = ()
 
     @property
     def phase(self) -> str:
@@ -146,6 +151,7 @@ class _Draft:
         self.status["conditions"] = list(self.before)
         self.actions: list[Action] = []
         self.requeue_after: float | None = None
+        self.done_when_acted: list[str] = []
 
     def condition(self, type_: str, value: bool, reason: str, message: str) -> None:
         self.status["conditions"] = set_condition(
@@ -177,12 +183,14 @@ class _Draft:
             actions=self.actions,
             events=transition_events(self.before, self.status["conditions"]),
             requeue_after=self.requeue_after,
+            done_when_acted=tuple(self.done_when_acted),
         )
 
 
 def decide(obs: Observation) -> Plan:
     """Everything the operator does to an accepted job on one reconcile."""
     draft = _Draft(obs)
+    draft.clear(HELD, "SpecReadable", "this operator reads the job's spec")
     for gang in obs.stale_jobs:
         draft.act("delete_job", gang)
     if obs.status.get("phase") in TERMINAL_PHASES:
@@ -233,6 +241,10 @@ def _train(draft: _Draft) -> None:
 def _running(draft: _Draft, gang: int, job: TrainerJobState) -> None:
     obs = draft.obs
     nodes = obs.spec.resources.nodes
+    stopped = failures.stopped_on_sigterm(obs.pods, job.start_time)
+    if stopped is not None:
+        _disrupted(draft, gang, f"pod {stopped.name} stopped on SIGTERM (exit code {failures.EXIT_SIGTERM}) after its checkpoint")
+        return
     draft.status.setdefault("startTime", format_time(obs.now))  # admitted or resumed: the deadline counts
     draft.status.pop("jobSuspendedByOperator", None)
     if draft.is_true(QUEUED):
@@ -258,12 +270,12 @@ def _running(draft: _Draft, gang: int, job: TrainerJobState) -> None:
 def _suspended_job(draft: _Draft, gang: int) -> None:
     """A suspended Job that the user does not want suspended: resume it only if we suspended it."""
     obs = draft.obs
-    draft.status.pop("startTime", None)  # queued time is not deadline time
+    draft.status.pop("startTime", None)  # queued time is not deadline time; it counts again once it runs
     if obs.status.get("jobSuspendedByOperator"):
+        # The mark stays until the Job is seen running (_running drops it): a lost PATCH is sent again.
         draft.act("suspend_job", gang, False)
-        draft.status.pop("jobSuspendedByOperator", None)
-        draft.status["startTime"] = format_time(obs.now)  # the deadline counts again from here
         draft.condition(RUNNING, False, "Resuming", "the gang is being resumed")
+        draft.requeue(WAIT_POLL_SECONDS)
         return
     _queued(draft, gang)
 
@@ -334,13 +346,7 @@ def _gang_failed(draft: _Draft, job: TrainerJobState) -> None:
         _fail(draft, "OutOfMemory", f"{failure.message}; raise it, or lower training.batchSize or data.resolution (runPolicy.retryOnOutOfMemory: true restarts instead)")
         return
     if failure.kind == failures.DISRUPTION:
-        disruptions = int(obs.status.get("disruptions") or 0)
-        if policy.max_disruptions is not None and disruptions >= policy.max_disruptions:
-            _fail(draft, "TooManyDisruptions", f"gang {gang} was disrupted after {disruptions} disruptions (runPolicy.maxDisruptions={policy.max_disruptions}): {failure.message}")
-            return
-        draft.status["disruptions"] = disruptions + 1
-        _restart(draft, gang, DISRUPTION_RESTART_SECONDS, "GangDisrupted",
-                 f"disruption {disruptions + 1}{'' if policy.max_disruptions is None else f'/{policy.max_disruptions}'} (no restart spent)", failure.message)
+        _disrupted(draft, gang, failure.message)
         return
     if failure.kind == failures.UNPLACED:
         _restart(draft, gang, UNPLACED_RESTART_SECONDS, "GangNotPlaced", "no restart spent", failure.message)
@@ -351,6 +357,18 @@ def _gang_failed(draft: _Draft, job: TrainerJobState) -> None:
         return
     draft.status["restarts"] = restarts + 1
     _restart(draft, gang, restart_backoff_seconds(restarts + 1), "GangFailed", f"restart {restarts + 1}/{policy.max_restarts}", failure.message)
+
+
+def _disrupted(draft: _Draft, gang: int, why: str) -> None:
+    """The gang's pods were taken (not broken): a new gang from the checkpoint, bounded by maxDisruptions."""
+    policy = draft.obs.spec.run_policy
+    disruptions = int(draft.obs.status.get("disruptions") or 0)
+    if policy.max_disruptions is not None and disruptions >= policy.max_disruptions:
+        _fail(draft, "TooManyDisruptions", f"gang {gang} was disrupted after {disruptions} disruptions (runPolicy.maxDisruptions={policy.max_disruptions}): {why}")
+        return
+    draft.status["disruptions"] = disruptions + 1
+    _restart(draft, gang, DISRUPTION_RESTART_SECONDS, "GangDisrupted",
+             f"disruption {disruptions + 1}{'' if policy.max_disruptions is None else f'/{policy.max_disruptions}'} (no restart spent)", why)
 
 
 def _restart(draft: _Draft, gang: int, delay: float, reason: str, budget: str, why: str) -> None:
@@ -414,6 +432,7 @@ def _succeed(draft: _Draft) -> None:
 
 def _finished(draft: _Draft) -> None:
     obs = draft.obs
+    _clean_finished_gang(draft)
     if obs.status.get("phase") == "Succeeded":
         _serve(draft)
     elif not draft.is_true(FINISHED):
@@ -428,11 +447,37 @@ def _finished(draft: _Draft) -> None:
             draft.requeue(remaining)
 
 
+def _clean_finished_gang(draft: _Draft) -> None:
+    """Level-triggered, as the Job controller's deleteActivePods: on every reconcile of a finished
+    job, a gang that still runs (DeadlineExceeded, a lost DELETE) or that cleanPodPolicy: All
+    removes is deleted again until it is gone."""
+    obs = draft.obs
+    job = obs.job
+    if job is None:
+        return
+    still_running = not (job.succeeded or job.failed)
+    if obs.spec.run_policy.clean_pod_policy == "All" or (still_running and obs.status.get("phase") == "Failed"):
+        draft.act("delete_job", job.gang)
+
+
+def _leave_servers(draft: _Draft) -> None:
+    """Unregister from shared servers this job left; the record stays until the calls succeed."""
+    obs = draft.obs
+    wanted = obs.spec.serving.server if obs.spec.serving.enabled else None
+    previous = (obs.status.get("serving") or {}).get("server")
+    leaving = sorted({*(obs.status.get("leavingServers") or []), *([previous] if previous else [])} - {wanted})
+    if not leaving:
+        draft.status.pop("leavingServers", None)
+        return
+    for server in leaving:
+        draft.act("unregister_adapter", server=server)
+    draft.status["leavingServers"] = leaving
+    draft.done_when_acted.append("leavingServers")
+
+
 def _serve(draft: _Draft) -> None:
     obs = draft.obs
-    previous = (obs.status.get("serving") or {}).get("server")
-    if previous and (previous != obs.spec.serving.server or not obs.spec.serving.enabled):
-        draft.act("unregister_adapter", server=previous)
+    _leave_servers(draft)
     if not obs.spec.serving.enabled:
         if obs.serving is not None:
             draft.act("delete_serving")
@@ -544,6 +589,17 @@ def admission_retry_seconds(waited: float) -> float:
     return min(30.0, max(1.0, waited / 2))
 
 
+def hold(status: dict[str, Any], generation: int | None, now: datetime, message: str) -> Plan:
+    """An accepted job whose stored spec this operator refuses: said, and nothing else is touched
+    (its phase, its gang, its endpoint stay; an operator that reads it takes it from there)."""
+    draft = _Draft(Observation("", "", generation, None, status, now))  # type: ignore[arg-type]
+    draft.condition(HELD, True, "SpecNotReadable",
+                    f"this operator cannot read the accepted spec ({message}); the job is left as it is until one that can takes over")
+    plan = draft.finish()
+    plan.status["phase"] = status.get("phase", plan.status["phase"])  # a hold changes no phase
+    return plan
+
+
 def reject(status: dict[str, Any], generation: int | None, now: datetime, reason: str, message: str) -> Plan:
     """A check admission could not do failed for good: Failed with the cause, no pods."""
     draft = _Draft(Observation("", "", generation, None, status, now))  # type: ignore[arg-type]
@@ -565,6 +621,11 @@ def give_up(status: dict[str, Any], generation: int | None, now: datetime, reaso
     draft.condition(FAILED, True, reason, message)
     draft.condition(FINISHED, True, "JobFailed", message)
     return draft.finish()
+
+
+def acted(status: dict[str, Any], keys: tuple[str, ...]) -> Plan:
+    """Every action of the last plan succeeded: drop the intent it kept (e.g. leavingServers)."""
+    return Plan(status={k: v for k, v in status.items() if k not in keys})
 
 
 def name_conflict(status: dict[str, Any], generation: int | None, now: datetime, message: str | None) -> Plan:
@@ -605,6 +666,8 @@ def trainer_job_state(job: dict[str, Any]) -> TrainerJobState:
         template_hash=(meta.get("annotations") or {}).get(builders.ANNOTATION_TEMPLATE_HASH, ""),
         uid=meta.get("uid", ""),
         created=parse_time(meta.get("creationTimestamp")),
+        start_time=parse_time(status.get("startTime")),
+        queue_name=(meta.get("labels") or {}).get(builders.KUEUE_QUEUE_LABEL, ""),
     )
 
 
@@ -638,8 +701,10 @@ def pod_state(pod: dict[str, Any], node_ready: bool | None = None) -> PodState:
     status = pod.get("status") or {}
     conditions = {c.get("type"): c for c in status.get("conditions") or []}
     scheduled = conditions.get("PodScheduled") or {}
-    terminated = next((s.get("state", {}).get("terminated") for s in status.get("containerStatuses") or []
-                       if s.get("name") == builders.TRAINER_CONTAINER and (s.get("state") or {}).get("terminated")), None) or {}
+    trainer = next((s.get("state") or {} for s in status.get("containerStatuses") or []
+                    if s.get("name") == builders.TRAINER_CONTAINER), {})
+    terminated = trainer.get("terminated") or {}
+    waiting = trainer.get("waiting") or {}
     disruption = conditions.get(failures.DISRUPTION_CONDITION) or {}
     node = (pod.get("spec") or {}).get("nodeName") or ""
     return PodState(
@@ -654,6 +719,11 @@ def pod_state(pod: dict[str, Any], node_ready: bool | None = None) -> PodState:
         exit_code=terminated.get("exitCode"),
         terminated_reason=terminated.get("reason", ""),
         disrupted=disruption.get("status") == "True" or status.get("reason") in failures.NODE_LOST_REASONS,
+        created=parse_time(meta.get("creationTimestamp")),
+        status_reason=status.get("reason") or "",
+        status_message=status.get("message") or "",
+        waiting_reason=waiting.get("reason") or "",
+        waiting_message=waiting.get("message") or "",
     )
 
 

@@ -48,7 +48,7 @@ def build_job_network_policy(job: builders.JobRef) -> dict[str, Any]:
             "podSelector": {"matchLabels": {builders.LABEL_JOB: job.name}},
             "policyTypes": ["Ingress"],
             "ingress": [
-                {"from": [{"podSelector": {"matchLabels": builders.selector_labels(job.name, "trainer")}}]},
+                {"from": [{"podSelector": {"matchLabels": builders.trainer_selector(job)}}]},
                 inference_port_rule(job.spec.serving.ingress_from),
             ],
         },

@@ -15,7 +15,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from dreambooth_api.v1alpha1.sections import ConfigError
-from dreambooth_api.v1alpha1.spec import API_VERSION, KIND, DreamboothJobSpec, parse_spec
+from dreambooth_api.v1alpha1.spec import API_VERSION, KIND, DreamboothJobSpec
+from dreambooth_api.v1alpha1.stored import read_stored_spec
 
 from . import builders, failures, installation, kube, lifecycle, metrics, polling, registration, store
 from .conditions import ACCEPTED, FAILED, NAME_CONFLICT, TERMINAL_PHASES, is_true, parse_time
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 # How soon a reconcile that hit an outage (API or storage) runs again.
 TEMPORARY_DELAY = 10.0
 SECRET_CACHE_SECONDS = 10.0
+# A held job (its accepted spec unreadable here) is looked at again this often.
+HOLD_RETRY_SECONDS = 300.0
 # Parsed specs kept (oldest dropped first): more than the unfinished jobs of a busy cluster.
 SPECS_KEPT = 2048
 # Pods of a gang are listed (to tell "not placed" from "starting") once its Job is this old.
@@ -122,15 +125,17 @@ class Reconciler:
     def released(self, body: dict[str, Any]) -> None:
         """A deleted job leaves its shared server's registry at once (off the caller's thread; a
         failure is swept by the next registration on that server)."""
-        meta, server = body.get("metadata") or {}, ((body.get("status") or {}).get("serving") or {}).get("server")
-        if not server:
+        meta, status = body.get("metadata") or {}, body.get("status") or {}
+        servers = {*(status.get("leavingServers") or []), *filter(None, [(status.get("serving") or {}).get("server")])}
+        if not servers:
             return
 
         def unregister() -> None:
-            try:
-                registration.unregister(meta["namespace"], server, meta["name"], meta.get("uid"))
-            except (kube.KubeError, ValueError) as error:
-                log.warning("adapter %s stays registered with %s until the next sweep: %s", meta["name"], server, error)
+            for server in sorted(servers):
+                try:
+                    registration.unregister(meta["namespace"], server, meta["name"], meta.get("uid"))
+                except (kube.KubeError, ValueError) as error:
+                    log.warning("adapter %s stays registered with %s until the next sweep: %s", meta["name"], server, error)
 
         _POOL.submit(unregister)
 
@@ -150,6 +155,10 @@ class Reconciler:
         try:
             spec = self._spec(meta, body.get("spec") or {}, snapshot, keep=status.get("phase") not in TERMINAL_PHASES)
         except ConfigError as error:
+            if status.get("acceptedGeneration") is not None:
+                # Accepted under another version's rules: never failed for it, held (a later read may pass).
+                self._commit(body, lifecycle.hold(status, generation, now, str(error)))
+                return HOLD_RETRY_SECONDS
             if not is_true(status.get("conditions") or [], FAILED):
                 self._commit(body, lifecycle.reject(status, generation, now, "InvalidSpec", str(error)))
             return None
@@ -193,6 +202,8 @@ class Reconciler:
         finally:
             if committed is not None:
                 committed.result()
+        if plan.done_when_acted and conflict is None:
+            self._commit(body, lifecycle.acted(body["status"], plan.done_when_acted))
         created = any(a.kind in ("create_job", "ensure_serving") for a in actions)
         if conflict or (created and is_true(body["status"].get("conditions") or [], NAME_CONFLICT)):
             # Resolved only when what collided was created since: a step that made nothing proves nothing.
@@ -209,7 +220,10 @@ class Reconciler:
             cached = self._specs.get(key)
         if cached is not None:
             return cached
-        spec = parse_spec(installation.spec_with_defaults(raw, snapshot))
+        stored = read_stored_spec(installation.spec_with_defaults(raw, snapshot))
+        if stored.ignored:
+            log.info("%s/%s: fields unknown to this version ignored: %s", meta.get("namespace"), meta.get("name"), ", ".join(stored.ignored))
+        spec = stored.spec
         if not keep:
             return spec  # a finished job is rarely looked at again: not worth its memory
         with self._lock:
@@ -318,7 +332,10 @@ class Reconciler:
 
     def _pods(self, ref: builders.JobRef, gang: int, failed: bool, now: datetime) -> tuple[tuple[failures.PodState, ...], tuple[failures.PodState, ...]]:
         """Pods of the current gang, and of older gangs (with their nodes' readiness when it matters)."""
-        raw = kube.list_trainer_pods(ref.namespace, ref.name)
+        # A deleted job of the same name may leave pods behind: only this job's (pods made by older
+        # operators carry no uid label and count as this job's).
+        raw = [pod for pod in kube.list_trainer_pods(ref.namespace, ref.name)
+               if ((pod.get("metadata") or {}).get("labels") or {}).get(builders.LABEL_JOB_UID, ref.uid) == ref.uid]
         readiness: dict[str, bool | None] = {}
 
         def ready(pod: dict[str, Any], needed: bool) -> bool | None:

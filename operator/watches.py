@@ -45,6 +45,7 @@ def slim_job(job: dict[str, Any]) -> dict[str, Any]:
         "status": {
             "active": status.get("active") or 0,
             "ready": status.get("ready") or 0,
+            "startTime": status.get("startTime"),
             "conditions": [{k: c.get(k) for k in ("type", "status", "reason", "message")} for c in status.get("conditions") or []],
         },
     }

@@ -118,7 +118,8 @@ def test_user_suspend_without_kueue_is_recorded_and_undone() -> None:
     suspended = step(status, running(), the_spec=spec(suspend=True))
     assert suspended.actions == [Action("suspend_job", 0, True)] and suspended.status["jobSuspendedByOperator"] is True
     resumed = step(suspended.status, TrainerJobState(gang=0, suspended=True, template_hash=HASH))
-    assert resumed.actions == [Action("suspend_job", 0, False)] and "jobSuspendedByOperator" not in resumed.status
+    assert resumed.actions == [Action("suspend_job", 0, False)] and resumed.status["jobSuspendedByOperator"] is True
+    assert "jobSuspendedByOperator" not in step(resumed.status, running()).status, "dropped once the Job is seen running"
 
 
 # --- failure classes --------------------------------------------------------------------------
