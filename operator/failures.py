@@ -32,6 +32,9 @@ EXIT_SIGKILL = 137
 DISRUPTION_CONDITION = "DisruptionTarget"
 NODE_LOST_REASONS = ("NodeLost", "Evicted", "Preempting", "Terminated", "DeletionByTaintManager", "DeletionByPodGC")
 _RULE_INDEX = re.compile(r"rule at index (\d+)")
+# A trainer container waiting for one of these will not start by itself soon (the kubelet says why).
+NOT_STARTING_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
+                        "CreateContainerError", "RunContainerError", "CrashLoopBackOff")
 # The kubelet's messages when a pod outgrows its own storage limits (pkg/kubelet/eviction): the
 # same run outgrows them again at the same point, so it is no disruption.
 _EMPTY_DIR_EVICTION = re.compile(r'Usage of EmptyDir volume "([^"]+)" exceeds the limit "([^"]+)"')
@@ -58,6 +61,11 @@ class PodState:
     status_message: str = ""  # the pod's status.message (the kubelet's eviction message)
     waiting_reason: str = ""  # the trainer container's waiting reason (ImagePullBackOff, ...)
     waiting_message: str = ""
+
+    @property
+    def ended(self) -> bool:
+        """Its containers are done (a finalizer may still hold the object: nothing runs in it)."""
+        return self.phase in ("Succeeded", "Failed")
 
 
 @dataclass(frozen=True)
@@ -123,7 +131,7 @@ def stuck_pods(pods: tuple[PodState, ...], now: datetime, unknown_node_slack: fl
     seconds (its kubelet may only be slow)."""
     stuck = []
     for pod in pods:
-        if pod.deletion_deadline is None or now <= pod.deletion_deadline or pod.node_ready is True:
+        if pod.deletion_deadline is None or now <= pod.deletion_deadline or pod.node_ready is True or pod.ended:
             continue
         late = (now - pod.deletion_deadline).total_seconds()
         if pod.node_ready is False or late > unknown_node_slack:

@@ -164,6 +164,16 @@ def node_ready(name: str) -> bool | None:
     return ready is not None and ready.get("status") == "True"
 
 
+def latest_event_message(namespace: str, uid: str, reason: str) -> str:
+    """The newest Event of `reason` about the object `uid` (e.g. a Job's FailedCreate: why the Job
+    controller could not make a pod), or ""."""
+    found = request("GET", ns_path("v1", namespace, "events"),
+                    query={"fieldSelector": f"involvedObject.uid={uid},reason={reason}", "limit": "50"})
+    items = (found or {}).get("items") or []
+    newest = max(items, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "", default=None)
+    return str((newest or {}).get("message") or "")
+
+
 def read_workload(namespace: str, job_uid: str) -> dict[str, Any] | None:
     """Kueue's Workload of a Job (label kueue.x-k8s.io/job-uid); None without Kueue or Workload."""
     try:

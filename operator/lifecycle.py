@@ -6,6 +6,7 @@ operator killed at any point converges when it starts again.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -46,6 +47,15 @@ DISRUPTION_RESTART_SECONDS = 2.0
 UNPLACED_RESTART_SECONDS = 10.0
 # How often a job waiting on something nobody announces (old pods, Kueue) is looked at again.
 WAIT_POLL_SECONDS = 5.0
+# How often a gang whose pods are not all running is looked at (refused and unplaced pods say nothing).
+PLACEMENT_POLL_SECONDS = 10.0
+# Running=False reasons of a gang that was never made whole: its failure spends no restart.
+UNPLACED_REASONS = ("GangNotPlaced", "PodsRefused")
+# New gangs tried in a row for a gang never placed whole, before the job fails (GangNeverPlaced).
+MAX_UNPLACED_RESTARTS = 10
+# How long a job waits for admission while storage is unreachable, in a row (an outage of the
+# installation, not the job's fault: not counted in runPolicy.admissionDeadlineSeconds).
+STORAGE_OUTAGE_SECONDS = 3600
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,7 @@ class Observation:
     queue_name: str = ""  # Kueue LocalQueue the trainer Job goes to ("" without Kueue)
     queue: QueueState | None = None
     shared: shared_server.SharedServerState | None = None  # the shared server named by serving.server
+    refusal: str = ""  # why the Job controller could not create the gang's pods (its FailedCreate Event)
 
     @property
     def template_hash(self) -> str:
@@ -206,7 +217,16 @@ def decide(obs: Observation) -> Plan:
         draft.condition(SUSPENDED, False, "Resumed", "runPolicy.suspend is false: the gang resumes from the latest checkpoint")
     _train(draft)
     _note_template_update(draft)
+    _deadline_timer(draft)
     return draft.finish()
+
+
+def _deadline_timer(draft: _Draft) -> None:
+    """activeDeadlineSeconds fires on time even when nothing happens to the gang (no pod was made)."""
+    deadline = draft.obs.spec.run_policy.active_deadline_seconds
+    started = parse_time(draft.status.get("startTime"))
+    if deadline and started and draft.status.get("phase") not in TERMINAL_PHASES:
+        draft.requeue(max(0.5, (started + timedelta(seconds=deadline) - draft.obs.now).total_seconds()))
 
 
 def current_gang(status: dict[str, Any]) -> int:
@@ -245,13 +265,30 @@ def _running(draft: _Draft, gang: int, job: TrainerJobState) -> None:
     if stopped is not None:
         _disrupted(draft, gang, f"pod {stopped.name} stopped on SIGTERM (exit code {failures.EXIT_SIGTERM}) after its checkpoint")
         return
+    stuck = failures.stuck_pods(obs.pods, obs.now)
+    if stuck:
+        # Its node will never confirm the deletion and the Job never fails by itself (a 1-node gang
+        # has no peer to fail): a new gang; the old one's stuck pod is force-deleted then.
+        where = f"node {stuck[0].node} not ready" if stuck[0].node_ready is False else f"node {stuck[0].node} not answering"
+        _disrupted(draft, gang, f"pod {stuck[0].name} is stuck terminating past its grace period ({where})")
+        return
     draft.status.setdefault("startTime", format_time(obs.now))  # admitted or resumed: the deadline counts
     draft.status.pop("jobSuspendedByOperator", None)
     if draft.is_true(QUEUED):
         where = f"Kueue admitted gang {gang} (LocalQueue {obs.queue_name})" if obs.queue_name else f"gang {gang} was resumed"
         draft.condition(QUEUED, False, "Admitted", where)
     if job.ready >= nodes:
+        draft.status.pop("unplacedRestarts", None)
         draft.condition(RUNNING, True, "GangRunning", f"all {nodes} pods of gang {gang} are running")
+        return
+    _requeue_for_terminating(draft)
+    alive = [p for p in obs.pods if p.phase in ("Pending", "Running") and p.deletion_deadline is None]
+    if obs.refusal and len(alive) < nodes:
+        # The Job controller could not make the pods (quota, PodSecurity, LimitRange, a webhook):
+        # only its FailedCreate Event says why. No restart is spent on a gang never made whole.
+        draft.condition(RUNNING, False, "PodsRefused",
+                        f"{len(alive)}/{nodes} pods of gang {gang} could be created; the cluster refuses the rest: {obs.refusal}")
+        draft.requeue(PLACEMENT_POLL_SECONDS)
         return
     unplaced = [p for p in obs.pods if not p.scheduled and p.phase == "Pending"]
     if unplaced:
@@ -260,11 +297,26 @@ def _running(draft: _Draft, gang: int, job: TrainerJobState) -> None:
                         f"{nodes - len(unplaced)}/{nodes} pods of gang {gang} placed; waiting for room for the rest ({why}); no restart is spent")
         draft.requeue(WAIT_POLL_SECONDS)
         return
-    alive = [p for p in obs.pods if p.phase in ("Pending", "Running") and p.deletion_deadline is None]
+    waiting = next((p for p in obs.pods if p.waiting_reason in failures.NOT_STARTING_REASONS), None)
+    if waiting is not None:
+        detail = f": {waiting.waiting_message}" if waiting.waiting_message else ""
+        draft.condition(RUNNING, False, "PodsNotStarting",
+                        f"pod {waiting.name} of gang {gang} cannot start its trainer ({waiting.waiting_reason}{detail})")
+        draft.requeue(PLACEMENT_POLL_SECONDS)
+        return
     running = get_condition(draft.status["conditions"], RUNNING) or {}
-    if running.get("reason") == "GangNotPlaced" and len(alive) < nodes:
+    if running.get("reason") in UNPLACED_REASONS and len(alive) < nodes:
         return  # pods are going away (the gang is failing): what was last seen still holds
     draft.condition(RUNNING, False, "PodsPending", f"{job.ready}/{nodes} pods of gang {gang} are running")
+    draft.requeue(PLACEMENT_POLL_SECONDS)  # a refused or unplaced pod announces nothing: look again
+
+
+def _requeue_for_terminating(draft: _Draft) -> None:
+    """A pod of the gang terminating on a node that may be gone: look again when its grace ends."""
+    obs = draft.obs
+    for pod in obs.pods:
+        if pod.deletion_deadline is not None and pod.deletion_deadline > obs.now and pod.node_ready is not True and not pod.ended:
+            draft.requeue((pod.deletion_deadline - obs.now).total_seconds() + 1.0)
 
 
 def _suspended_job(draft: _Draft, gang: int) -> None:
@@ -336,7 +388,7 @@ def _gang_failed(draft: _Draft, job: TrainerJobState) -> None:
     gang = current_gang(obs.status)
     failure = failures.classify(job.failure_reason, job.failure_message, obs.pods, obs.spec.resources.memory)
     running = get_condition(draft.status["conditions"], RUNNING) or {}
-    if failure.kind == failures.FAILURE and running.get("reason") == "GangNotPlaced":
+    if failure.kind == failures.FAILURE and running.get("reason") in UNPLACED_REASONS:
         # The Job controller removed the unplaced pods with the failed Job; the last look saw them.
         failure = failures.Failure(failures.UNPLACED, f"{failure.message}; the gang was never all placed ({running.get('message', '')})")
     if failure.kind == failures.PERMANENT:
@@ -349,7 +401,14 @@ def _gang_failed(draft: _Draft, job: TrainerJobState) -> None:
         _disrupted(draft, gang, failure.message)
         return
     if failure.kind == failures.UNPLACED:
-        _restart(draft, gang, UNPLACED_RESTART_SECONDS, "GangNotPlaced", "no restart spent", failure.message)
+        tries = int(obs.status.get("unplacedRestarts") or 0)
+        if tries >= MAX_UNPLACED_RESTARTS:
+            _fail(draft, "GangNeverPlaced", f"{tries} gangs in a row were never placed whole: {failure.message}")
+            return
+        draft.status["unplacedRestarts"] = tries + 1
+        # Backing off (and by a per-job offset) breaks the livelock of gangs that each hold part of the room.
+        delay = min(UNPLACED_RESTART_SECONDS * 2 ** tries, 300.0) + _spread(obs.name, UNPLACED_RESTART_SECONDS)
+        _restart(draft, gang, delay, "GangNotPlaced", f"no restart spent; try {tries + 1}/{MAX_UNPLACED_RESTARTS}", failure.message)
         return
     restarts = int(obs.status.get("restarts") or 0)
     if restarts >= policy.max_restarts:
@@ -357,6 +416,11 @@ def _gang_failed(draft: _Draft, job: TrainerJobState) -> None:
         return
     draft.status["restarts"] = restarts + 1
     _restart(draft, gang, restart_backoff_seconds(restarts + 1), "GangFailed", f"restart {restarts + 1}/{policy.max_restarts}", failure.message)
+
+
+def _spread(name: str, seconds: float) -> float:
+    """A stable offset in [0, seconds) from the job's name (no randomness: the same world, the same plan)."""
+    return (int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) % 1000) / 1000 * seconds
 
 
 def _disrupted(draft: _Draft, gang: int, why: str) -> None:
@@ -571,16 +635,39 @@ def accept(status: dict[str, Any], generation: int | None, now: datetime, output
         draft.status["installationDefaults"] = defaults
     for counter in ("gang", "restarts", "disruptions"):
         draft.status.setdefault(counter, 0)
+    draft.status.pop("storageUnreachableSince", None)
     draft.condition(ACCEPTED, True, "ChecksPassed", "credentials, instance images and model source look usable")
     return draft.finish()
 
 
 def await_admission(status: dict[str, Any], generation: int | None, now: datetime, reason: str, message: str,
-                    retry_in: float, gives_up_at: datetime) -> Plan:
-    """A check failed on something that may heal (a Secret created late): wait in Pending, retry."""
+                    permanent: bool, deadline_seconds: int) -> Plan:
+    """A check admission cannot do failed. What may heal (a Secret created late) waits in Pending
+    and is retried with backoff until runPolicy.admissionDeadlineSeconds after the operator's first
+    look (status.admissionStartTime: a job applied while the operator was down gets its whole
+    budget); storage being unreachable is the installation's trouble, not the job's, and gets its
+    own (STORAGE_OUTAGE_SECONDS of it in a row). Past that, or for good: Failed with the cause."""
+    first = parse_time(status.get("admissionStartTime")) or now
+    gives_up_at = first + timedelta(seconds=deadline_seconds)
+    unreachable = reason == "StorageUnreachable"
+    since = (parse_time(status.get("storageUnreachableSince")) or now) if unreachable else None
+    if since is not None:
+        gives_up_at = max(gives_up_at, since + timedelta(seconds=STORAGE_OUTAGE_SECONDS))
+    if permanent or now >= gives_up_at:
+        if not permanent:
+            budget = (f"storage unreachable for {STORAGE_OUTAGE_SECONDS // 60} minutes" if unreachable
+                      else f"runPolicy.admissionDeadlineSeconds={deadline_seconds}")
+            message += f" (still so after {budget})"
+        return reject(status, generation, now, reason, message)
     draft = _Draft(Observation("", "", generation, None, status, now))  # type: ignore[arg-type]
-    draft.condition(ACCEPTED, False, reason, f"{message} (retrying; the job fails at {format_time(gives_up_at)}: runPolicy.admissionDeadlineSeconds)")
-    draft.requeue(retry_in)
+    draft.status["admissionStartTime"] = format_time(first)
+    if since is not None:
+        draft.status["storageUnreachableSince"] = format_time(since)
+    else:
+        draft.status.pop("storageUnreachableSince", None)
+    budget = "storage outages have their own budget" if unreachable else "runPolicy.admissionDeadlineSeconds"
+    draft.condition(ACCEPTED, False, reason, f"{message} (retrying; the job fails at {format_time(gives_up_at)}: {budget})")
+    draft.requeue(admission_retry_seconds((now - first).total_seconds()))
     return draft.finish()
 
 

@@ -33,7 +33,7 @@ NAMESPACED = (
                "the inference Deployment and a shared server's: watched (label-filtered), created, rolled on edits, removed"),
     Permission("networking.k8s.io", "networkpolicies", ("get", "create", "update", "delete"),
                "one NetworkPolicy per job and per shared server: who may reach the trainers and the inference port"),
-    Permission("", "events", ("create",), "one Event per condition transition"),
+    Permission("", "events", ("create", "list"), "one Event per condition transition; a gang's Job's FailedCreate (why the cluster refused its pods)"),
     Permission("kueue.x-k8s.io", "workloads", ("list",), "why Kueue has not admitted a gang yet (the Queued condition's message)"),
 )
 # Leader election between replicas (kopf peering): namespaced installs use one KopfPeering per namespace.

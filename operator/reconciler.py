@@ -11,7 +11,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 from dreambooth_api.v1alpha1.sections import ConfigError
@@ -235,15 +235,8 @@ class Reconciler:
     def _await_admission(self, body: dict[str, Any], spec: DreamboothJobSpec, now: datetime,
                          reason: str, message: str, permanent: bool) -> float | None:
         meta, status = body["metadata"], body.get("status") or {}
-        created = parse_time(meta.get("creationTimestamp")) or now
-        deadline = created + timedelta(seconds=spec.run_policy.admission_deadline_seconds)
-        if permanent or now >= deadline:
-            if not permanent:
-                message += f" (still so after runPolicy.admissionDeadlineSeconds={spec.run_policy.admission_deadline_seconds})"
-            self._commit(body, lifecycle.reject(status, meta.get("generation"), now, reason, message))
-            return None
-        retry = lifecycle.admission_retry_seconds((now - created).total_seconds())
-        plan = lifecycle.await_admission(status, meta.get("generation"), now, reason, message, retry, deadline)
+        plan = lifecycle.await_admission(status, meta.get("generation"), now, reason, message, permanent,
+                                         spec.run_policy.admission_deadline_seconds)
         self._commit(body, plan)
         return plan.requeue_after
 
@@ -310,7 +303,10 @@ class Reconciler:
         )
         if wants_pods:
             pods, old_pods = self._pods(ref, gang, job is not None and job.failed, now)
-            stale_pods = len(old_pods)
+            stale_pods = sum(1 for pod in old_pods if not pod.ended)  # an ended pod a finalizer holds runs nothing
+        refusal = ""
+        if placing and wants_pods and job is not None and sum(1 for p in pods if not p.ended and p.deletion_deadline is None) < nodes:
+            refusal = kube.latest_event_message(ref.namespace, job.uid, "FailedCreate")
         progress = latest = None
         if not terminal and job is not None and not job.suspended and (job.active or job.succeeded or job.failed):
             progress, latest = self._progress(ref, status, force=job.succeeded)
@@ -328,6 +324,7 @@ class Reconciler:
             name=ref.name, namespace=ref.namespace, generation=generation, spec=ref.spec, status=status, now=now,
             job=job, stale_jobs=stale_jobs, stale_pods=stale_pods, pods=pods, old_pods=old_pods, progress=progress,
             latest_checkpoint=latest, serving=serving, queue_name=ref.queue_name, queue=queue, shared=shared,
+            refusal=refusal,
         )
 
     def _pods(self, ref: builders.JobRef, gang: int, failed: bool, now: datetime) -> tuple[tuple[failures.PodState, ...], tuple[failures.PodState, ...]]:
@@ -350,7 +347,8 @@ class Reconciler:
         for pod in raw:
             number = lifecycle.pod_state(pod).gang
             if number == gang:
-                current.append(lifecycle.pod_state(pod, ready(pod, failed)))
+                deleting = parse_time(pod["metadata"].get("deletionTimestamp"))
+                current.append(lifecycle.pod_state(pod, ready(pod, failed or (deleting is not None and now > deleting))))
             elif number < gang:
                 deleting = parse_time(pod["metadata"].get("deletionTimestamp"))
                 old.append(lifecycle.pod_state(pod, ready(pod, deleting is not None and now > deleting)))

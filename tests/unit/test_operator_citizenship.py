@@ -213,9 +213,11 @@ def test_pods_of_an_old_gang_stuck_on_a_lost_node_are_force_deleted_after_their_
 
 
 def test_what_may_heal_waits_in_pending_with_the_cause_and_retries() -> None:
-    plan = lifecycle.await_admission({}, 1, T0, "SecretNotFound", "Secret ns/s3 does not exist", 2.0, T0 + timedelta(minutes=10))
+    plan = lifecycle.await_admission({}, 1, T0, "SecretNotFound", "Secret ns/s3 does not exist", False, 600)
     assert plan.phase == "Pending" and conditions(plan)["Accepted"] == ("False", "SecretNotFound")
-    assert plan.requeue_after == 2.0 and "Failed" not in conditions(plan)
+    assert plan.requeue_after == 1.0 and "Failed" not in conditions(plan)
+    later = lifecycle.await_admission(plan.status, 1, T0 + timedelta(seconds=4), "SecretNotFound", "Secret ns/s3 does not exist", False, 600)
+    assert later.requeue_after == 2.0
     assert lifecycle.admission_retry_seconds(0) == 1.0 and lifecycle.admission_retry_seconds(10) == 5.0
     assert lifecycle.admission_retry_seconds(3600) == 30.0
 

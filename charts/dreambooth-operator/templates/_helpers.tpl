@@ -129,10 +129,10 @@ it, and docs/operator.md's table is generated from it; tests/chart measures it w
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["get", "create", "update", "delete"]
-# One Event per condition transition.
+# One Event per condition transition; a gang's Job's FailedCreate Events (why the cluster refused its pods).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list"]
 # Why Kueue has not admitted a gang yet (the Queued condition's message).
 - apiGroups: ["kueue.x-k8s.io"]
   resources: ["workloads"]
