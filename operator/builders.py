@@ -276,13 +276,13 @@ def trainer_env(job: JobRef, gang: int) -> list[dict[str, Any]]:
     return env
 
 
-def _spec_hash(value: Any) -> str:
+def spec_hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def trainer_template_hash(spec: DreamboothJobSpec) -> str:
     """What a gang's pods take from the editable sections (scheduling, podTemplate, the grace period)."""
-    return _spec_hash([
+    return spec_hash([
         spec.scheduling.model_dump(mode="json", by_alias=True),
         spec.pod_template.model_dump(mode="json", by_alias=True),
         spec.run_policy.termination_grace_period_seconds,
@@ -400,7 +400,7 @@ def build_trainer_job(job: JobRef, gang: int) -> dict[str, Any]:
 
 def serving_hash(spec: DreamboothJobSpec) -> str:
     """What the inference Deployment is built from: an edit of it rolls the Deployment."""
-    return _spec_hash([spec.serving.model_dump(mode="json", by_alias=True), spec.pod_template.model_dump(mode="json", by_alias=True)])
+    return spec_hash([spec.serving.model_dump(mode="json", by_alias=True), spec.pod_template.model_dump(mode="json", by_alias=True)])
 
 
 def serving_env(storage: StorageSpec, auth: ServingAuth) -> list[dict[str, Any]]:

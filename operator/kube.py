@@ -137,13 +137,30 @@ def list_dreamboothjobs(namespace: str | None = None) -> list[dict[str, Any]]:
     return list((request("GET", path) or {}).get("items") or [])
 
 
-def read_secret_data(namespace: str, name: str) -> dict[str, str] | None:
+class SecretValueUnreadable(ValueError):
+    """A key the job names holds bytes that are not text (the message names the key, never the value)."""
+
+
+def read_secret_data(namespace: str, name: str, keys: tuple[str, ...]) -> dict[str, str] | None:
+    """The named keys of a Secret, decoded; None when the Secret does not exist."""
     secret = request("GET", ns_path("v1", namespace, "secrets", name), missing_ok=True)
-    if secret is None:
-        return None
-    data = {key: base64.b64decode(value).decode() for key, value in (secret.get("data") or {}).items()}
-    data.update(secret.get("stringData") or {})
-    return data
+    return None if secret is None else decode_secret_keys(secret, keys)
+
+
+def decode_secret_keys(secret: dict[str, Any], keys: tuple[str, ...]) -> dict[str, str]:
+    """Only the keys asked for: any other key may hold anything (a ca.p12, a keytab) and is never
+    decoded. A named key that is not UTF-8 text raises SecretValueUnreadable."""
+    data = secret.get("data") or {}
+    decoded: dict[str, str] = {}
+    for key in keys:
+        if key in (secret.get("stringData") or {}):
+            decoded[key] = secret["stringData"][key]
+        elif key in data:
+            try:
+                decoded[key] = base64.b64decode(data[key]).decode()
+            except (ValueError, UnicodeDecodeError):
+                raise SecretValueUnreadable(f"Secret {secret.get('metadata', {}).get('name', '')} key {key!r} is not text (UTF-8)") from None
+    return decoded
 
 
 def list_trainer_pods(namespace: str, job_name: str) -> list[dict[str, Any]]:

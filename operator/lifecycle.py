@@ -14,6 +14,7 @@ from typing import Any
 from dreambooth_api.v1alpha1.spec import DreamboothJobSpec
 
 from . import builders, failures, shared_server
+from .network_policies import network_policy_hash
 from .conditions import (
     ACCEPTED,
     FAILED,
@@ -121,6 +122,7 @@ class Observation:
     queue: QueueState | None = None
     shared: shared_server.SharedServerState | None = None  # the shared server named by serving.server
     refusal: str = ""  # why the Job controller could not create the gang's pods (its FailedCreate Event)
+    network_policy_hash: str | None = None  # the job's NetworkPolicy as built (read for a served job); None: unknown
 
     @property
     def template_hash(self) -> str:
@@ -558,6 +560,8 @@ def _serve(draft: _Draft) -> None:
     serving = obs.spec.serving
     if obs.serving is None or obs.serving.spec_hash != builders.serving_hash(obs.spec):
         draft.act("ensure_serving")  # missing, or serving/podTemplate edited: roll the Deployment
+    elif obs.network_policy_hash is not None and obs.network_policy_hash != network_policy_hash(_ref(obs)):
+        draft.act("ensure_network_policy")  # serving.ingressFrom edited (revoking a peer takes effect)
     draft.status["endpoint"] = builders.endpoint_url(obs.name, obs.namespace)
     draft.status["serving"] = {"url": draft.status["endpoint"], "model": obs.name}
     ready = obs.serving.ready_replicas if obs.serving else 0
@@ -572,6 +576,10 @@ def _serve(draft: _Draft) -> None:
     else:
         draft.condition(SERVING_READY, False, "DeploymentNotReady", f"0/{serving.replicas} inference pods ready (loading weights, warming up)")
         draft.requeue(WAIT_POLL_SECONDS)
+
+
+def _ref(obs: Observation) -> builders.JobRef:
+    return builders.JobRef(obs.name, obs.namespace, "", obs.spec)
 
 
 def _note_template_update(draft: _Draft) -> None:

@@ -18,6 +18,7 @@ DISRUPTIONS = Counter("dreambooth_gang_disruptions_total", "Whole-gang restarts 
 WATCH_EVENTS = Counter("dreambooth_child_watch_events_total", "Events received on the server-side filtered watches of owned objects.", ["kind"])
 LEADER = Gauge("dreambooth_operator_leader", "1 when this replica is the active one (kopf peering), else 0.")
 TIMERS = Gauge("dreambooth_scheduled_reconciles", "Jobs with a reconcile scheduled by time (finished jobs have none).")
+UNWATCHED = Gauge("dreambooth_unwatched_namespaces", "Served namespaces whose Jobs or Deployments cannot be watched now (their jobs wait).")
 TRANSITIONS = Counter("dreambooth_phase_transitions_total", "Phase changes, by the phase entered.", ["phase"])
 
 _phases: dict[str, str] = {}

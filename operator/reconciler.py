@@ -20,7 +20,7 @@ from dreambooth_api.v1alpha1.stored import read_stored_spec
 
 from . import builders, failures, installation, kube, lifecycle, metrics, polling, registration, store
 from .conditions import ACCEPTED, FAILED, NAME_CONFLICT, TERMINAL_PHASES, is_true, parse_time
-from .network_policies import build_job_network_policy
+from .network_policies import build_job_network_policy, network_policy_name
 from .watches import Children
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class Reconciler:
     bodies: Bodies = field(default_factory=Bodies)
     _polls: dict[str, _ProgressPoll] = field(default_factory=dict)
     _specs: dict[tuple[Any, ...], DreamboothJobSpec] = field(default_factory=dict)
-    _secrets: dict[tuple[str, str], tuple[float, dict[str, str] | None]] = field(default_factory=dict)
+    _secrets: dict[tuple[str, str, tuple[str, ...]], tuple[float, dict[str, str] | None]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # ------------------------------------------------------------------ entry
@@ -247,7 +247,10 @@ class Reconciler:
             return ("ModelSourceUnreachable", f"model.source {source!r}: a relative path is not reachable from the pods; "
                     "use s3://, hf:// or an absolute path in the image", True)
         secret_ref = ref.spec.storage.credentials_secret_ref
-        data = self._secret(ref.namespace, secret_ref.name)
+        try:
+            data = self._secret(ref.namespace, secret_ref.name, (secret_ref.access_key_key, secret_ref.secret_key_key))
+        except kube.SecretValueUnreadable as error:
+            return "SecretKeyUnreadable", f"storage.credentialsSecretRef: {error}", False
         if data is None:
             return "SecretNotFound", f"storage.credentialsSecretRef: Secret {ref.namespace}/{secret_ref.name} does not exist", False
         for key in (secret_ref.access_key_key, secret_ref.secret_key_key):
@@ -268,16 +271,16 @@ class Reconciler:
             return "StorageUnreachable", f"storage.endpoint {ref.spec.storage.endpoint}: {error}", False
         return None
 
-    def _secret(self, namespace: str, name: str, fresh: bool = False) -> dict[str, str] | None:
-        """The credentials Secret, reused for a few seconds (a burst of jobs shares one; never logged).
-        A missing Secret is never taken from the cache: it may have been created since."""
-        key = (namespace, name)
+    def _secret(self, namespace: str, name: str, keys: tuple[str, ...], fresh: bool = False) -> dict[str, str] | None:
+        """The credentials Secret's named keys, reused for a few seconds (a burst of jobs shares one;
+        never logged). A missing Secret is never taken from the cache: it may have been created since."""
+        key = (namespace, name, keys)
         now = datetime.now(timezone.utc).timestamp()
         with self._lock:
             cached = self._secrets.get(key)
         if cached and cached[1] is not None and not fresh and now < cached[0]:
             return cached[1]
-        data = kube.read_secret_data(namespace, name)
+        data = kube.read_secret_data(namespace, name, keys)
         with self._lock:
             if len(self._secrets) > 1000:
                 self._secrets = {k: v for k, v in self._secrets.items() if v[0] > now}
@@ -311,10 +314,12 @@ class Reconciler:
         if not terminal and job is not None and not job.suspended and (job.active or job.succeeded or job.failed):
             progress, latest = self._progress(ref, status, force=job.succeeded)
         serving = shared = None
+        policy_hash = None
         if terminal or (job is not None and job.succeeded):
             deployment = self.children.deployments.get(ref.namespace, builders.inference_name(ref.name))
             if deployment is not None and lifecycle.owned_by(deployment, ref.uid):
                 serving = lifecycle.serving_state(deployment)
+                policy_hash = self._network_policy_hash(ref)
             if ref.spec.serving.server and ref.spec.serving.enabled:
                 shared = registration.observe(ref)
         queue = None
@@ -324,8 +329,16 @@ class Reconciler:
             name=ref.name, namespace=ref.namespace, generation=generation, spec=ref.spec, status=status, now=now,
             job=job, stale_jobs=stale_jobs, stale_pods=stale_pods, pods=pods, old_pods=old_pods, progress=progress,
             latest_checkpoint=latest, serving=serving, queue_name=ref.queue_name, queue=queue, shared=shared,
-            refusal=refusal,
+            refusal=refusal, network_policy_hash=policy_hash,
         )
+
+    @staticmethod
+    def _network_policy_hash(ref: builders.JobRef) -> str | None:
+        """The served job's NetworkPolicy as built ("" when missing or not this job's: made again)."""
+        policy = kube.read_object("networking.k8s.io/v1", "NetworkPolicy", ref.namespace, network_policy_name(ref.name))
+        if policy is None or not lifecycle.owned_by(policy, ref.uid):
+            return ""
+        return ((policy.get("metadata") or {}).get("annotations") or {}).get(builders.ANNOTATION_SPEC_HASH, "")
 
     def _pods(self, ref: builders.JobRef, gang: int, failed: bool, now: datetime) -> tuple[tuple[failures.PodState, ...], tuple[failures.PodState, ...]]:
         """Pods of the current gang, and of older gangs (with their nodes' readiness when it matters)."""
@@ -363,12 +376,13 @@ class Reconciler:
             poll = self._polls.setdefault(key, _ProgressPoll(due=clock + polling.FIRST_SECONDS))
             if not force and clock < poll.due:
                 return None, None
-        secret = self._secret(ref.namespace, ref.spec.storage.credentials_secret_ref.name) or {}
+        secret_ref = ref.spec.storage.credentials_secret_ref
         try:
+            secret = self._secret(ref.namespace, secret_ref.name, (secret_ref.access_key_key, secret_ref.secret_key_key)) or {}
             creds = _credentials(ref.spec, secret)
             record = store.read_progress(creds, ref.output_uri)
             latest = store.read_latest_checkpoint(creds, ref.output_uri)
-        except (KeyError, store.StoreUnavailable, store.StoreRefused) as error:
+        except (KeyError, kube.SecretValueUnreadable, store.StoreUnavailable, store.StoreRefused) as error:
             # Progress is best effort: training goes on while storage is briefly away (no event).
             log.info("%s: progress not readable: %s", key, error)
             with self._lock:
@@ -413,7 +427,10 @@ class Reconciler:
             log.warning("%s/%s: force-deleting pod %s (past its grace period on a lost node)", ns, name, action.target)
             kube.force_delete_pod(ns, action.target)
         elif action.kind == "ensure_serving":
-            self._create_all(ref, owner, (builders.build_inference_deployment(ref), builders.build_inference_service(ref)))
+            self._create_all(ref, owner, (builders.build_inference_deployment(ref), builders.build_inference_service(ref),
+                                          build_job_network_policy(ref)))
+        elif action.kind == "ensure_network_policy":
+            self._create_all(ref, owner, (build_job_network_policy(ref),))
         elif action.kind == "delete_serving":
             kube.delete_serving(ns, builders.inference_name(name), uid)
         elif action.kind == "register_adapter":

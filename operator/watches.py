@@ -86,11 +86,16 @@ class ChildCache:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._synced = {scope: threading.Event() for scope in self.scopes}
+        self.failing: dict[str | None, str] = {}  # scope -> why its list/watch fails now
         self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ reading
-    def synced(self) -> bool:
-        return all(event.is_set() for event in self._synced.values())
+    def synced(self, namespace: str | None = None) -> bool:
+        """Every scope listed (namespace None), or the scope that holds `namespace`."""
+        if namespace is None:
+            return all(event.is_set() for event in self._synced.values())
+        scope = namespace if namespace in self._synced else None
+        return scope in self._synced and self._synced[scope].is_set()
 
     def owned_by(self, namespace: str, job: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -122,12 +127,14 @@ class ChildCache:
         while not self._stop.is_set():
             try:
                 version = self._relist(scope)
+                self.failing.pop(scope, None)
                 delay = 1.0
                 while not self._stop.is_set():
                     version = self._watch(scope, version)
                     if version is None:
                         break  # expired (410): list again
             except Exception as error:  # network, API errors: list again after a pause
+                self.failing[scope] = str(error)[:300]
                 log.warning("watch of %s (%s) failed: %s; retrying in %.0f s", self.plural, scope or "all namespaces", error, delay)
                 self._stop.wait(delay * (1 + random.random() / 4))
                 delay = min(delay * 2, 30.0)
@@ -245,8 +252,12 @@ class Children:
         self.jobs.stop()
         self.deployments.stop()
 
-    def synced(self) -> bool:
-        return self.jobs.synced() and self.deployments.synced()
+    def synced(self, namespace: str | None = None) -> bool:
+        return self.jobs.synced(namespace) and self.deployments.synced(namespace)
+
+    def failing(self) -> dict[str, str]:
+        """Served namespaces (or "*": all) whose objects cannot be watched now, and why."""
+        return {scope or "*": why for cache in (self.jobs, self.deployments) for scope, why in list(cache.failing.items())}
 
     def wait_synced(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

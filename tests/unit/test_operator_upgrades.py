@@ -96,3 +96,24 @@ def test_an_accepted_job_a_tightened_rule_refuses_is_held_not_failed(monkeypatch
     # Not accepted yet: refused at once, as before.
     recorder = reconcile_once(monkeypatch, body(refused, {}))
     assert recorder.patches[-1]["phase"] == "Failed"
+
+
+def test_a_binary_value_in_the_credentials_secret_is_never_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ca.p12 beside the keys the job names: the job is admitted; a named key that is not text is named."""
+    import base64
+
+    from dreambooth_operator import builders, store
+
+    secret = {"metadata": {"name": "s3"}, "data": {
+        "AWS_ACCESS_KEY_ID": base64.b64encode(b"minio").decode(), "AWS_SECRET_ACCESS_KEY": base64.b64encode(b"secret").decode(),
+        "ca.p12": base64.b64encode(bytes(range(256))).decode()}}
+    monkeypatch.setattr(kube, "request", lambda method, path, **kw: secret)
+    monkeypatch.setattr(store, "check_instance_images", lambda creds, uri: 4)
+    monkeypatch.setattr(store, "check_model_source", lambda creds, source: None)
+    reconciler = Reconciler(Children(["ns"], lambda namespace, name: None), post_event=lambda *args: None)
+    ref = builders.JobRef("rex", "ns", "u", read_stored_spec(SPEC).spec)
+    assert reconciler._admission_problem(ref) is None
+    secret["data"]["AWS_SECRET_ACCESS_KEY"] = secret["data"]["ca.p12"]
+    reconciler._secrets.clear()
+    reason, message, permanent = reconciler._admission_problem(ref)
+    assert reason == "SecretKeyUnreadable" and "'AWS_SECRET_ACCESS_KEY'" in message and not permanent
