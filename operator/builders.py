@@ -325,10 +325,24 @@ def _pod_metadata(labels: dict[str, str], spec: DreamboothJobSpec) -> dict[str, 
     return metadata
 
 
-def build_trainer_job(job: JobRef, gang: int) -> dict[str, Any]:
+POD_GROUP_API = "scheduling.k8s.io/v1alpha2"
+
+
+def build_pod_group(job: JobRef, gang: int) -> dict[str, Any]:
+    """The gang as a PodGroup with a gang policy: the scheduler places all its pods or none."""
+    return {
+        "apiVersion": POD_GROUP_API,
+        "kind": "PodGroup",
+        "metadata": _metadata(job, trainer_job_name(job.name, gang), "trainer", {LABEL_GANG: str(gang)}),
+        "spec": {"schedulingPolicy": {"gang": {"minCount": job.spec.resources.nodes}}},
+    }
+
+
+def build_trainer_job(job: JobRef, gang: int, pod_group: bool = False) -> dict[str, Any]:
     """Indexed Job, one pod per node; any failed pod fails the Job so the gang restarts whole.
 
-    A queued job (Kueue) is created suspended with the queue label; only Kueue unsuspends it."""
+    A queued job (Kueue) is created suspended with the queue label; only Kueue unsuspends it.
+    With `pod_group`, its pods join the gang's PodGroup (build_pod_group)."""
     spec = job.spec
     nodes = spec.resources.nodes
     gpus = gpus_per_pod(spec)
@@ -377,6 +391,8 @@ def build_trainer_job(job: JobRef, gang: int) -> dict[str, Any]:
     }
     if spec.scheduling.scheduler_name:
         pod_spec["schedulerName"] = spec.scheduling.scheduler_name
+    if pod_group:
+        pod_spec["schedulingGroup"] = {"podGroupName": trainer_job_name(job.name, gang)}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

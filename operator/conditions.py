@@ -23,8 +23,10 @@ UPDATE_PENDING = "UpdatePending"
 # An accepted job whose stored spec this operator cannot read (a rule tightened since, a rollback):
 # it is left as it is, never failed for it.
 HELD = "Held"
+# Whether the gang's pods are placed all together or not at all (Kueue, a PodGroup), or may not be.
+GANG_SCHEDULING = "GangScheduling"
 CONDITION_TYPES = (ACCEPTED, QUEUED, RUNNING, RESTARTING, SUSPENDED, SUCCEEDED, FAILED, SERVING_READY, FINISHED,
-                   NAME_CONFLICT, UPDATE_PENDING, HELD)
+                   NAME_CONFLICT, UPDATE_PENDING, HELD, GANG_SCHEDULING)
 TERMINAL_PHASES = ("Succeeded", "Failed")
 # Conditions whose turning True deserves a Warning event rather than a Normal one.
 WARNING_CONDITIONS = (RESTARTING, FAILED, NAME_CONFLICT, HELD)

@@ -22,7 +22,6 @@ _api_client: Any = None
 # (connect, read) seconds for every call: a hung API server must not hold a worker.
 REQUEST_TIMEOUT = (float(os.environ.get("DREAMBOOTH_API_CONNECT_TIMEOUT", "5")),
                    float(os.environ.get("DREAMBOOTH_API_READ_TIMEOUT", "20")))
-KUEUE_WORKLOADS = "kueue.x-k8s.io/v1beta2"
 
 
 class KubeError(RuntimeError):
@@ -181,6 +180,15 @@ def node_ready(name: str) -> bool | None:
     return ready is not None and ready.get("status") == "True"
 
 
+def serves(api_version: str, plural: str) -> bool | None:
+    """Whether the API server serves `plural` in `api_version` (discovery); None when it cannot tell."""
+    try:
+        found = request("GET", f"/apis/{api_version}", missing_ok=True)
+    except Exception:  # discovery failing (or no cluster configured) must not stop a gang: unknown
+        return None
+    return found is not None and any(r.get("name") == plural for r in found.get("resources") or [])
+
+
 def latest_event_message(namespace: str, uid: str, reason: str) -> str:
     """The newest Event of `reason` about the object `uid` (e.g. a Job's FailedCreate: why the Job
     controller could not make a pod), or ""."""
@@ -191,21 +199,10 @@ def latest_event_message(namespace: str, uid: str, reason: str) -> str:
     return str((newest or {}).get("message") or "")
 
 
-def read_workload(namespace: str, job_uid: str) -> dict[str, Any] | None:
-    """Kueue's Workload of a Job (label kueue.x-k8s.io/job-uid); None without Kueue or Workload."""
-    try:
-        found = request("GET", ns_path(KUEUE_WORKLOADS, namespace, "workloads"),
-                        query={"labelSelector": f"kueue.x-k8s.io/job-uid={job_uid}"}, missing_ok=True)
-    except KubeError:
-        return None  # Kueue absent or not readable: the condition says less, nothing breaks
-    items = (found or {}).get("items") or []
-    return items[0] if items else None
-
-
 # --- writes -----------------------------------------------------------------------------
 
 _PLURALS = {"ConfigMap": "configmaps", "Service": "services", "Job": "jobs", "Deployment": "deployments",
-            "NetworkPolicy": "networkpolicies"}
+            "NetworkPolicy": "networkpolicies", "PodGroup": "podgroups"}
 # Brought to the manifest when they exist: replaced whole (an edit that removes an env var or a
 # volume removes it), or, for a Service (whose clusterIP is the server's), merged.
 # A Job's pod template is immutable: an existing one is left as it is.
@@ -282,6 +279,14 @@ def set_job_suspended(namespace: str, name: str, suspended: bool) -> None:
 def delete_serving(namespace: str, name: str, owner_uid: str) -> None:
     delete_owned("apps/v1", "Deployment", namespace, name, owner_uid)
     delete_owned("v1", "Service", namespace, name, owner_uid)
+
+
+def set_finalizers(job: dict[str, Any], finalizers: list[str]) -> None:
+    """Replace a DreamboothJob's finalizers, only if it is still the version read (Conflict if not)."""
+    meta = job["metadata"]
+    request("PATCH", ns_path(f"{GROUP}/{VERSION}", meta["namespace"], PLURAL, meta["name"]),
+            body={"metadata": {"finalizers": finalizers, "resourceVersion": meta.get("resourceVersion")}},
+            content_type="application/merge-patch+json", missing_ok=True)
 
 
 def delete_dreamboothjob(namespace: str, name: str, uid: str) -> None:

@@ -19,6 +19,7 @@ from .conditions import (
     ACCEPTED,
     FAILED,
     FINISHED,
+    GANG_SCHEDULING,
     HELD,
     NAME_CONFLICT,
     QUEUED,
@@ -48,6 +49,8 @@ DISRUPTION_RESTART_SECONDS = 2.0
 UNPLACED_RESTART_SECONDS = 10.0
 # How often a job waiting on something nobody announces (old pods, Kueue) is looked at again.
 WAIT_POLL_SECONDS = 5.0
+# A queued gang is looked at this often without an event (Kueue's Workloads are watched).
+QUEUED_POLL_SECONDS = 60.0
 # How often a gang whose pods are not all running is looked at (refused and unplaced pods say nothing).
 PLACEMENT_POLL_SECONDS = 10.0
 # Running=False reasons of a gang that was never made whole: its failure spends no restart.
@@ -100,6 +103,7 @@ class QueueState:
     admitted: bool = False
     reason: str = ""
     message: str = ""
+    active: bool = True  # spec.active: a deactivated Workload is not admitted again until reactivated
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,7 @@ class Observation:
     queue: QueueState | None = None
     shared: shared_server.SharedServerState | None = None  # the shared server named by serving.server
     refusal: str = ""  # why the Job controller could not create the gang's pods (its FailedCreate Event)
+    pod_groups_served: bool = False  # the cluster serves scheduling.k8s.io/v1alpha2 PodGroups (gang policy)
     network_policy_hash: str | None = None  # the job's NetworkPolicy as built (read for a served job); None: unknown
 
     @property
@@ -339,7 +344,12 @@ def _queued(draft: _Draft, gang: int) -> None:
     queue = obs.queue
     if obs.queue_name:
         reason, message = "WaitingForAdmission", f"gang {gang} waits for Kueue to admit it (LocalQueue {obs.queue_name})"
-        if queue is not None and queue.reason in ("Preempted", "Evicted", "PodsReadyTimeout", "InactiveWorkload"):
+        if queue is not None and not queue.active:
+            # Kueue's requeuing limit, or someone: nothing readmits it by itself (not "will resume").
+            reason = "Deactivated"
+            message = (f"Kueue deactivated the Workload of gang {gang} ({queue.reason or 'spec.active is false'}): it is not "
+                       "admitted again until its spec.active is set back to true; the checkpoint is kept")
+        elif queue is not None and queue.reason in ("Preempted", "Evicted", "PodsReadyTimeout"):
             reason = "Preempted" if queue.reason == "Preempted" else "Evicted"
             message = f"Kueue stopped gang {gang} ({queue.reason}): it resumes from its checkpoint when admitted again (no restart is spent)"
         if queue is not None and queue.message:
@@ -349,7 +359,8 @@ def _queued(draft: _Draft, gang: int) -> None:
     draft.condition(QUEUED, True, reason, message)
     if draft.is_true(RUNNING):
         draft.condition(RUNNING, False, reason, message)
-    draft.requeue(WAIT_POLL_SECONDS)
+    # Kueue's Workloads are watched: this is only the fallback should an event be missed.
+    draft.requeue(QUEUED_POLL_SECONDS)
 
 
 def _start_gang(draft: _Draft, gang: int) -> None:
@@ -367,7 +378,8 @@ def _start_gang(draft: _Draft, gang: int) -> None:
     if restart_at and obs.now < restart_at:
         draft.requeue((restart_at - obs.now).total_seconds())
         return
-    draft.act("create_job", gang)
+    pod_group = _gang_placement(draft, gang)
+    draft.act("create_job", gang, True if pod_group else None)
     draft.status.pop("restartAt", None)
     draft.status.pop("jobSuspendedByOperator", None)
     if draft.is_true(RESTARTING):
@@ -376,12 +388,38 @@ def _start_gang(draft: _Draft, gang: int) -> None:
         draft.status["queueName"] = obs.queue_name
         draft.status.pop("startTime", None)
         draft.condition(QUEUED, True, "WaitingForAdmission", f"gang {gang} created suspended; Kueue admits it from LocalQueue {obs.queue_name}")
-        draft.requeue(WAIT_POLL_SECONDS)
+        draft.requeue(QUEUED_POLL_SECONDS)
     else:
         draft.status.pop("queueName", None)
         draft.status.setdefault("startTime", format_time(obs.now))
         draft.clear(QUEUED, "NotQueued", f"gang {gang} is not queued (no kueue.x-k8s.io/queue-name)")
+        draft.requeue(PLACEMENT_POLL_SECONDS)  # a gang whose pods are all refused announces nothing
     draft.condition(RUNNING, False, "PodsPending", f"gang {gang} created; waiting for its pods")
+
+
+def _gang_placement(draft: _Draft, gang: int) -> bool:
+    """How the new gang is placed whole: Kueue admits it whole; else a PodGroup with a gang policy
+    (scheduling.k8s.io/v1alpha2) where the cluster serves one; else nothing does (said so). True: a PodGroup."""
+    obs = draft.obs
+    nodes = obs.spec.resources.nodes
+    if nodes < 2:
+        draft.status.pop("gangScheduling", None)
+        return False
+    if obs.queue_name:
+        draft.status["gangScheduling"] = "Kueue"
+        draft.condition(GANG_SCHEDULING, True, "Kueue", f"Kueue admits the {nodes} pods of gang {gang} together (LocalQueue {obs.queue_name})")
+        return False
+    if obs.pod_groups_served:
+        draft.status["gangScheduling"] = "PodGroup"
+        draft.condition(GANG_SCHEDULING, True, "PodGroup",
+                        f"the {nodes} pods of gang {gang} are placed all together or not at all (PodGroup {builders.trainer_job_name(obs.name, gang)}, "
+                        f"gang minCount {nodes})")
+        return True
+    draft.status["gangScheduling"] = "Unprotected"
+    draft.condition(GANG_SCHEDULING, False, "Unprotected",
+                    f"the cluster serves no gang scheduling (scheduling.k8s.io/v1alpha2 PodGroup) and the job is not queued by Kueue: the {nodes} "
+                    f"pods of gang {gang} may be placed piecemeal; a gang never placed whole is tried again at most {MAX_UNPLACED_RESTARTS} times")
+    return False
 
 
 def _gang_failed(draft: _Draft, job: TrainerJobState) -> None:
@@ -845,6 +883,9 @@ def queue_state(workload: dict[str, Any] | None) -> QueueState | None:
     conditions = {c.get("type"): c for c in (workload.get("status") or {}).get("conditions") or []}
     admitted = (conditions.get("Admitted") or {}).get("status") == "True"
     evicted = conditions.get("Evicted") or {}
+    active = (workload.get("spec") or {}).get("active", True) is not False
+    if not active:
+        return QueueState(admitted, evicted.get("reason", "") if evicted.get("status") == "True" else "", evicted.get("message", ""), active=False)
     if evicted.get("status") == "True":
         return QueueState(admitted, evicted.get("reason", "Evicted"), evicted.get("message", ""))
     requeued = conditions.get("Requeued") or {}

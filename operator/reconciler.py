@@ -18,7 +18,7 @@ from dreambooth_api.v1alpha1.sections import ConfigError
 from dreambooth_api.v1alpha1.spec import API_VERSION, KIND, DreamboothJobSpec
 from dreambooth_api.v1alpha1.stored import read_stored_spec
 
-from . import builders, failures, installation, kube, lifecycle, metrics, polling, registration, store
+from . import builders, failures, installation, kube, lifecycle, metrics, polling, registration, retention, store
 from .conditions import ACCEPTED, FAILED, NAME_CONFLICT, TERMINAL_PHASES, is_true, parse_time
 from .network_policies import build_job_network_policy, network_policy_name
 from .watches import Children
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 # How soon a reconcile that hit an outage (API or storage) runs again.
 TEMPORARY_DELAY = 10.0
 SECRET_CACHE_SECONDS = 10.0
+# How long the answer "does the cluster serve PodGroups" is kept (an upgrade may turn them on).
+GANG_API_RECHECK_SECONDS = 300.0
 # A held job (its accepted spec unreadable here) is looked at again this often.
 HOLD_RETRY_SECONDS = 300.0
 # Parsed specs kept (oldest dropped first): more than the unfinished jobs of a busy cluster.
@@ -88,6 +90,8 @@ class Reconciler:
     _specs: dict[tuple[Any, ...], DreamboothJobSpec] = field(default_factory=dict)
     _secrets: dict[tuple[str, str, tuple[str, ...]], tuple[float, dict[str, str] | None]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _release_errors: dict[str, str] = field(default_factory=dict)  # job uid -> why its data is not deleted yet
+    _gang_api: tuple[bool, float] = (False, 0.0)  # (PodGroups served, until when that answer holds)
 
     # ------------------------------------------------------------------ entry
     def reconcile(self, namespace: str, name: str) -> float | None:
@@ -98,9 +102,12 @@ class Reconciler:
         try:
             for _ in range(3):
                 current = body if body is not None else kube.read_dreamboothjob(namespace, name)
-                if current is None or current["metadata"].get("deletionTimestamp"):
+                if current is None:
                     self.forget(namespace, name)
                     return None
+                if current["metadata"].get("deletionTimestamp"):
+                    self.forget(namespace, name)
+                    return self._release_data(current)
                 # The cached copy changes only by offer(): a reconcile replaces status and bumps
                 # metadata.resourceVersion in its own copy (status dicts are never edited in place).
                 current = {**current, "metadata": dict(current["metadata"])}
@@ -121,6 +128,71 @@ class Reconciler:
             return TEMPORARY_DELAY
         finally:
             metrics.RECONCILE_SECONDS.observe((datetime.now(timezone.utc) - started).total_seconds())
+
+    def _release_data(self, body: dict[str, Any]) -> float | None:
+        """A job being deleted: delete what spec.retention says, then drop the finalizer (bounded)."""
+        meta = body["metadata"]
+        if retention.FINALIZER not in (meta.get("finalizers") or []):
+            return None
+        status, uid, now = body.get("status") or {}, meta.get("uid", ""), datetime.now(timezone.utc)
+        try:
+            spec: DreamboothJobSpec | None = self._spec(meta, body.get("spec") or {}, installation.for_job(status), keep=False)
+        except ConfigError:
+            spec = None
+        plan = retention.release(status, spec.retention if spec else None, spec.data.instance_uri if spec else None,
+                                 parse_time(meta["deletionTimestamp"]) or now, now, self._release_errors.get(uid, ""))
+        if plan.warning:
+            self.post_event(body, "Warning", "DataNotDeleted", plan.warning)
+            log.warning("%s/%s: %s", meta["namespace"], meta["name"], plan.warning)
+        try:
+            if not plan.let_go and spec is not None:
+                ref = spec.storage.credentials_secret_ref
+                secret = self._secret(meta["namespace"], ref.name, (ref.access_key_key, ref.secret_key_key), fresh=True)
+                if secret is None:
+                    raise store.StoreRefused(f"Secret {meta['namespace']}/{ref.name} (storage.credentialsSecretRef) is gone")
+                creds = _credentials(spec, secret)
+                if any(what == "outputs" for what, _ in plan.prefixes) and self._stop_writers(meta):
+                    return retention.RETRY_SECONDS / 5  # the trainers go first: nothing may write after the delete
+                for what, uri in plan.prefixes:
+                    count = store.delete_objects(creds, uri, retention.SUBJECT_SUFFIXES if what == "subject photos" else ())
+                    log.info("%s/%s: spec.retention deleted %d objects (%s) under %s", meta["namespace"], meta["name"], count, what, uri)
+            kube.set_finalizers(body, [f for f in meta.get("finalizers") or [] if f != retention.FINALIZER])
+        except (store.StoreUnavailable, store.StoreRefused, kube.SecretValueUnreadable, KeyError) as error:
+            self._release_errors[uid] = str(error)[:300]
+            return plan.retry_in
+        self._release_errors.pop(uid, None)
+        return None
+
+    @staticmethod
+    def _stop_writers(meta: dict[str, Any]) -> bool:
+        """Delete the job's gangs and kill their pods at once (their output is being deleted, no
+        checkpoint is worth waiting for); True while some are still there."""
+        pods = kube.list_trainer_pods(meta["namespace"], meta["name"])
+        for pod in pods:
+            job = ((pod.get("metadata") or {}).get("labels") or {}).get("batch.kubernetes.io/job-name")
+            if job:
+                kube.delete_job(meta["namespace"], job, meta["uid"])
+            kube.force_delete_pod(meta["namespace"], pod["metadata"]["name"])
+        return bool(pods)
+
+    def _pod_groups_served(self) -> bool:
+        """Whether gangs get a PodGroup (scheduling.k8s.io/v1alpha2), asked of discovery every few minutes."""
+        now = datetime.now(timezone.utc).timestamp()
+        with self._lock:
+            known, until = self._gang_api
+        if now < until:
+            return known
+        served = kube.serves(builders.POD_GROUP_API, "podgroups")
+        with self._lock:
+            self._gang_api = (bool(served) if served is not None else known, now + GANG_API_RECHECK_SECONDS)
+            return self._gang_api[0]
+
+    def _keep_finalizer(self, body: dict[str, Any], spec: DreamboothJobSpec) -> None:
+        """A job whose retention deletes data carries the finalizer that does it; others carry none."""
+        wanted = retention.finalizers_wanted(list(body["metadata"].get("finalizers") or []), spec.retention)
+        if wanted is not None:
+            kube.set_finalizers(body, wanted)
+            raise kube.Conflict("finalizers changed: decide on the new version")
 
     def released(self, body: dict[str, Any]) -> None:
         """A deleted job leaves its shared server's registry at once (off the caller's thread; a
@@ -162,6 +234,7 @@ class Reconciler:
             if not is_true(status.get("conditions") or [], FAILED):
                 self._commit(body, lifecycle.reject(status, generation, now, "InvalidSpec", str(error)))
             return None
+        self._keep_finalizer(body, spec)
         ref = builders.JobRef(meta["name"], meta["namespace"], meta["uid"], spec, dict(meta.get("labels") or {}))
         accepted_events: list[tuple[str, str, str]] = []
         if not is_true(status.get("conditions") or [], ACCEPTED):
@@ -322,14 +395,18 @@ class Reconciler:
                 policy_hash = self._network_policy_hash(ref)
             if ref.spec.serving.server and ref.spec.serving.enabled:
                 shared = registration.observe(ref)
-        queue = None
-        if job is not None and job.suspended and ref.queue_name and not terminal:
-            queue = lifecycle.queue_state(kube.read_workload(ref.namespace, job.uid))
+        queue, queue_name = None, ref.queue_name or (job.queue_name if job else "")
+        if job is not None and job.suspended and not terminal:
+            workload = self.children.workloads.by_job_uid(job.uid)
+            queue = lifecycle.queue_state(workload)
+            # Kueue's default LocalQueue or manageJobsWithoutQueueName: queued though the job named no queue.
+            queue_name = queue_name or ((workload or {}).get("spec") or {}).get("queueName", "")
         return lifecycle.Observation(
             name=ref.name, namespace=ref.namespace, generation=generation, spec=ref.spec, status=status, now=now,
             job=job, stale_jobs=stale_jobs, stale_pods=stale_pods, pods=pods, old_pods=old_pods, progress=progress,
-            latest_checkpoint=latest, serving=serving, queue_name=ref.queue_name, queue=queue, shared=shared,
+            latest_checkpoint=latest, serving=serving, queue_name=queue_name, queue=queue, shared=shared,
             refusal=refusal, network_policy_hash=policy_hash,
+            pod_groups_served=job is None and not terminal and self._pod_groups_served(),
         )
 
     @staticmethod
@@ -415,12 +492,16 @@ class Reconciler:
         owner = builders.owner_reference(API_VERSION, KIND, name, uid)
         if action.kind == "create_job":
             # The Job only once its ConfigMap and Service are this job's: a collision makes no pod.
-            made = self._create_all(ref, owner, (builders.build_config_map(ref), builders.build_worker_service(ref),
-                                                 build_job_network_policy(ref)))
-            self._create_all(ref, owner, (builders.build_trainer_job(ref, action.gang or 0),), undo=made)
+            first = [builders.build_config_map(ref), builders.build_worker_service(ref), build_job_network_policy(ref)]
+            if action.value:  # the PodGroup before the pods that join it
+                first.append(builders.build_pod_group(ref, action.gang or 0))
+            made = self._create_all(ref, owner, tuple(first))
+            self._create_all(ref, owner, (builders.build_trainer_job(ref, action.gang or 0, bool(action.value)),), undo=made)
         elif action.kind == "delete_job":
             if kube.delete_job(ns, builders.trainer_job_name(name, action.gang or 0), uid):
                 log.info("%s/%s: deleted Job %s", ns, name, builders.trainer_job_name(name, action.gang or 0))
+            if self._pod_groups_served():
+                kube.delete_owned(builders.POD_GROUP_API, "PodGroup", ns, builders.trainer_job_name(name, action.gang or 0), uid)
         elif action.kind == "suspend_job":
             kube.set_job_suspended(ns, builders.trainer_job_name(name, action.gang or 0), bool(action.value))
         elif action.kind == "force_delete_pod":

@@ -211,7 +211,7 @@ def test_every_api_call_has_a_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     kube.list_trainer_pods("ns", "a")
     kube.set_job_suspended("ns", "a-train-0", True)
     kube.patch_status("ns", "a", {"phase": "Running"}, "12")
-    kube.read_workload("ns", "uid")
+    kube.latest_event_message("ns", "uid", "FailedCreate")
     assert len(api.timeouts) == 5 and all(t == kube.REQUEST_TIMEOUT for t in api.timeouts)
     assert all(t is not None and min(t) > 0 for t in api.timeouts)
 
