@@ -15,7 +15,7 @@ from typing import Any
 
 from dreambooth_api.v1alpha1.spec import GROUP, PLURAL, VERSION
 
-from . import builders
+from . import builders, metrics
 
 _lock = threading.Lock()
 _api_client: Any = None
@@ -75,6 +75,7 @@ def request(
 ) -> dict[str, Any] | None:
     """One API call with a plain-dict body; None for 404 (missing_ok) or 409 (conflict_ok)."""
     api = client()
+    metrics.API_REQUESTS.labels(verb=method).inc()
     params = api.param_serialize(
         method=method,
         resource_path=path,

@@ -3,7 +3,7 @@
 Nothing announces progress (rank 0 writes it to object storage), so the operator polls. A job
 whose steps take 30 s gains nothing from a read every 5 s, and 200 fast jobs must not all be read
 every few seconds: poll about every POLL_STEPS steps, between MIN and MAX seconds, and back off
-while the record does not change (a stalled or slow writer).
+while the record does not change (a stalled or slow writer) or does not exist yet (models loading).
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def sample(record: dict | None) -> ProgressSample | None:
 
 def next_poll_seconds(previous: ProgressSample | None, current: ProgressSample | None, last_interval: float | None) -> float:
     """Seconds until the next read, from the last two records and the last interval."""
-    if current is None:
-        return FIRST_SECONDS
+    if current is None:  # no record yet: 1,000 gangs loading their models are read ever less often
+        return FIRST_SECONDS if last_interval is None else _clamp(last_interval * 2)
     if previous is None:
         return _clamp(last_interval or FIRST_SECONDS)
     if current == previous:  # nothing new since the last read: read less often

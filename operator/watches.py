@@ -228,6 +228,7 @@ class ChildCache:
         api = kube.client()
         params = api.param_serialize(method="GET", resource_path=self._path(scope), query_params=list(query.items()),
                                      header_params={"Accept": "application/json"}, auth_settings=["BearerToken"])
+        metrics.API_REQUESTS.labels(verb="WATCH").inc()
         # The read timeout outlasts the server's own timeoutSeconds: a silent connection is a dead one.
         response = api.call_api(*params, _request_timeout=(kube.REQUEST_TIMEOUT[0], WATCH_SECONDS + 30))
         raw = response.response

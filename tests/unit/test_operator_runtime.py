@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from dreambooth_operator import kube, leadership, store
+from dreambooth_operator import kube, leadership, metrics, store
 from dreambooth_operator.engine import WorkQueue
 
 
@@ -214,6 +214,19 @@ def test_every_api_call_has_a_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     kube.latest_event_message("ns", "uid", "FailedCreate")
     assert len(api.timeouts) == 5 and all(t == kube.REQUEST_TIMEOUT for t in api.timeouts)
     assert all(t is not None and min(t) > 0 for t in api.timeouts)
+
+
+def test_every_api_call_is_counted_by_verb(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kube, "_api_client", _RecordingApi())
+
+    def count(verb: str) -> float:
+        return metrics.API_REQUESTS.labels(verb=verb)._value.get()
+
+    before = {verb: count(verb) for verb in ("GET", "PATCH")}
+    kube.read_dreamboothjob("ns", "a")
+    kube.list_trainer_pods("ns", "a")
+    kube.patch_status("ns", "a", {"phase": "Running"}, "12")
+    assert (count("GET") - before["GET"], count("PATCH") - before["PATCH"]) == (2, 1)
 
 
 def test_an_unreachable_store_fails_fast_and_then_at_once() -> None:
