@@ -1,7 +1,7 @@
 """How often to read a running job's progress.json: adapted to its step time (pure).
 
 Nothing announces progress (rank 0 writes it to object storage), so the operator polls. A job
-whose steps take 30 s gains nothing from a read every 5 s, and 200 fast jobs must not all be read
+whose steps take 30 s gains nothing from a read every 12 s, and 200 fast jobs must not all be read
 every few seconds: poll about every POLL_STEPS steps, between MIN and MAX seconds, and back off
 while the record does not change (a stalled or slow writer) or does not exist yet (models loading).
 """
@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MIN_SECONDS = 5.0
+MIN_SECONDS = 12.0  # a changed record is one status PATCH: at most 5 writes a minute per running job
 MAX_SECONDS = 60.0
 FIRST_SECONDS = 10.0  # before any record: the first one comes after the model loads
 POLL_STEPS = 10
+NO_RECORD_GROWTH = 1.25  # reads before the first record thin out slowly: a small model's first record comes soon
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ def sample(record: dict | None) -> ProgressSample | None:
 def next_poll_seconds(previous: ProgressSample | None, current: ProgressSample | None, last_interval: float | None) -> float:
     """Seconds until the next read, from the last two records and the last interval."""
     if current is None:  # no record yet: 1,000 gangs loading their models are read ever less often
-        return FIRST_SECONDS if last_interval is None else _clamp(last_interval * 2)
+        return FIRST_SECONDS if last_interval is None else _clamp(last_interval * NO_RECORD_GROWTH)
     if previous is None:
         return _clamp(last_interval or FIRST_SECONDS)
     if current == previous:  # nothing new since the last read: read less often
