@@ -13,7 +13,7 @@ MIN_SECONDS = 12.0  # a changed record is one status PATCH: at most 5 writes a m
 MAX_SECONDS = 60.0
 FIRST_SECONDS = 10.0  # before any record: the first one comes after the model loads
 POLL_STEPS = 10
-NO_RECORD_GROWTH = 1.25  # reads before the first record thin out slowly: a small model's first record comes soon
+NO_RECORD_PATIENCE = 120.0  # seconds without a record read every FIRST_SECONDS: a small model's first record comes soon
 
 
 @dataclass(frozen=True)
@@ -31,12 +31,16 @@ def sample(record: dict | None) -> ProgressSample | None:
         return None
 
 
-def next_poll_seconds(previous: ProgressSample | None, current: ProgressSample | None, last_interval: float | None) -> float:
-    """Seconds until the next read, from the last two records and the last interval."""
-    if current is None:  # no record yet: 1,000 gangs loading their models are read ever less often
-        return FIRST_SECONDS if last_interval is None else _clamp(last_interval * NO_RECORD_GROWTH)
-    if previous is None:
-        return _clamp(last_interval or FIRST_SECONDS)
+def next_poll_seconds(previous: ProgressSample | None, current: ProgressSample | None, last_interval: float | None,
+                      waited: float = 0.0) -> float:
+    """Seconds until the next read, from the last two records, the last interval and the seconds
+    since the gang's first read (`waited`)."""
+    if current is None:  # no record yet: 1,000 gangs loading big models are read ever less often
+        if last_interval is None or waited < NO_RECORD_PATIENCE:
+            return FIRST_SECONDS
+        return _clamp(last_interval * 2)
+    if previous is None:  # the first record: the next soon, for a step time
+        return _clamp(FIRST_SECONDS)
     if current == previous:  # nothing new since the last read: read less often
         return _clamp((last_interval or MIN_SECONDS) * 2)
     steps = current.step - previous.step

@@ -78,6 +78,7 @@ class _ProgressPoll:
     sample: polling.ProgressSample | None = None
     interval: float | None = None
     due: float = 0.0
+    since: float = 0.0  # when the gang's polling began (epoch seconds)
 
 
 @dataclass
@@ -450,7 +451,7 @@ class Reconciler:
         clock = datetime.now(timezone.utc).timestamp()
         with self._lock:
             # The first record comes after the model loads: no read in the gang's first seconds.
-            poll = self._polls.setdefault(key, _ProgressPoll(due=clock + polling.FIRST_SECONDS))
+            poll = self._polls.setdefault(key, _ProgressPoll(due=clock + polling.FIRST_SECONDS, since=clock))
             if not force and clock < poll.due:
                 return None, None
         secret_ref = ref.spec.storage.credentials_secret_ref
@@ -467,7 +468,7 @@ class Reconciler:
             return None, None
         current = polling.sample(record)
         with self._lock:
-            poll.interval = polling.next_poll_seconds(poll.sample, current, poll.interval)
+            poll.interval = polling.next_poll_seconds(poll.sample, current, poll.interval, clock - poll.since)
             poll.sample = current or poll.sample
             poll.due = clock + poll.interval
         return record, latest

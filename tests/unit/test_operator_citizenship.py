@@ -304,9 +304,13 @@ def test_a_decided_job_counts_before_its_last_pod_ends() -> None:
 def test_progress_polling_follows_the_step_time() -> None:
     first = polling.sample({"step": 10, "time": 1000.0})
     assert polling.next_poll_seconds(None, None, None) == polling.FIRST_SECONDS
-    # No record yet (1,000 gangs loading their models): each read is further apart, up to the cap.
-    assert polling.next_poll_seconds(None, None, polling.FIRST_SECONDS) == 1.25 * polling.FIRST_SECONDS
-    assert polling.next_poll_seconds(None, None, polling.MAX_SECONDS) == polling.MAX_SECONDS
+    # No record yet: read as often for two minutes (a small model's first record comes soon), then
+    # further apart up to the cap (1,000 gangs loading big models).
+    assert polling.next_poll_seconds(None, None, polling.FIRST_SECONDS, waited=60) == polling.FIRST_SECONDS
+    assert polling.next_poll_seconds(None, None, polling.FIRST_SECONDS, waited=130) == 2 * polling.FIRST_SECONDS
+    assert polling.next_poll_seconds(None, None, polling.MAX_SECONDS, waited=600) == polling.MAX_SECONDS
+    # The first record after a long wait: the next read comes soon, not a minute later.
+    assert polling.next_poll_seconds(None, first, polling.MAX_SECONDS, waited=600) == polling.MIN_SECONDS
     slow = polling.sample({"step": 12, "time": 1060.0})  # 30 s a step
     assert polling.next_poll_seconds(first, slow, 10.0) == polling.MAX_SECONDS
     fast = polling.sample({"step": 110, "time": 1010.0})  # 0.1 s a step
