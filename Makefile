@@ -14,7 +14,7 @@ help:
 	@echo "make images - build the operator, trainer and inference images (buildah; sizes printed)"
 	@echo "make bench  - dreambooth train vs the train_dreambooth.py loop as users run it (ABBA rounds); SDXL-LoRA and Flux-LoRA vs the diffusers example loops"
 	@echo "make bench-serve - the server vs the plain diffusers loop at the same batch and one request at a time (tiny on CPU, SD1.5 on a GPU)"
-	@echo "make bench-operator - 200 DreamboothJobs on 50 KWOK GPU nodes: apply->Job p50/p99, time to Running, operator RSS"
+	@echo "make bench-operator - the operator at scale on KWOK GPU nodes: 1,000 idle finished jobs, a 200-job burst, 1,000 arrivals at 10/s (apply->Job p50/p99, API calls per job, RSS)"
 	@echo "make testbed-up / testbed-down - the local Kubernetes test bed (source .testbed/env to use it)"
 
 # The venv is created once; packages are installed only when pyproject.toml changes

@@ -6,11 +6,15 @@
 2. **Burst**: 200 jobs are applied against 50 KWOK GPU nodes, 2 pods x 1 GPU each; apply -> Job
    latency is measured by this process (the create call's return to the Job's arrival on a
    watch; goal: p50 <= 0.5 s, p99 <= 2 s), and the time until every gang has run.
+3. **Arrivals**: 1,000 more jobs arrive at a fixed rate (10 jobs/s) on KWOK nodes added for them:
+   apply -> Job p50/p99 at that rate (goal p99 <= 2 s), the operator's API calls per job while
+   they arrive, its API writes per running job per minute once all run (goal <= 5), and its
+   memory per active job with them all Running (goal: RSS <= 150 MB in all).
 
 Each figure is printed with its goal and the ratio to it (<= 1.00 meets it); the exit code is 0
 only when all goals are met. `make bench-operator` runs the full size.
 
-    python benchmarks/bench_operator.py [--jobs 200] [--nodes 50] [--idle 1000] [--root .testbed/bench]
+    python benchmarks/bench_operator.py [--jobs 200] [--nodes 50] [--idle 1000] [--arrivals 1000 --rate 10] [--root .testbed/bench]
 """
 from __future__ import annotations
 
@@ -38,8 +42,10 @@ from record import run_record  # noqa: E402
 
 NAMESPACE = "bench"
 IDLE_NAMESPACE = "bench-history"
+ARRIVALS_NAMESPACE = "bench-arrivals"
 GPUS_PER_NODE = 8
-GOALS = {"p50": 0.5, "p99": 2.0, "rss_mb": 150.0, "cpu_percent": 2.0}
+GOALS = {"p50": 0.5, "p99": 2.0, "rss_mb": 150.0, "cpu_percent": 2.0, "writes_per_job_minute": 5.0}
+WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE")  # dreambooth_api_requests_total verbs that write
 
 
 def fake_gpu_nodes(first: int, count: int) -> list[dict[str, Any]]:
@@ -118,7 +124,8 @@ def free_port() -> int:
 
 def create(api: Any, body: dict[str, Any]) -> None:
     """POST one DreamboothJob with a plain dict (no client-side models: less time in this process)."""
-    params = api.param_serialize(method="POST", resource_path=f"/apis/dreambooth.dev/v1alpha1/namespaces/{NAMESPACE}/dreamboothjobs",
+    namespace = body["metadata"]["namespace"]
+    params = api.param_serialize(method="POST", resource_path=f"/apis/dreambooth.dev/v1alpha1/namespaces/{namespace}/dreamboothjobs",
                                  header_params={"Content-Type": "application/json", "Accept": "application/json"},
                                  body=body, auth_settings=["BearerToken"])
     response = api.call_api(*params, _request_timeout=(5, 60))
@@ -151,10 +158,84 @@ def watch_jobs(kubeconfig: str, namespace: str, out: Any, timeout: float) -> Non
     out.send(None)
 
 
+def first_jobs_seen(pipe: Any, watcher: Any) -> dict[str, float]:
+    """What watch_jobs sent so far: job name -> when its first trainer Job arrived; the watcher ends."""
+    seen: dict[str, float] = {}
+    while pipe.poll(1):
+        item = pipe.recv()
+        if item is None:
+            break
+        seen.setdefault(item[0], item[1])
+    watcher.terminate()
+    return seen
+
+
 def report(name: str, value: float, goal: float, unit: str) -> bool:
     ok = value <= goal
     print(f"  {name:<34} {value:8.2f} {unit:<4} goal <= {goal:g} {unit}   ratio {value / goal:.2f} {'ok' if ok else 'MISSED'}", flush=True)
     return ok
+
+
+def api_calls(port: int, verbs: tuple[str, ...] = ("GET", "WATCH", *WRITE_VERBS)) -> float:
+    """The operator's own count of its API calls (dreambooth_api_requests_total), summed over `verbs`."""
+    return sum(metric(port, "dreambooth_api_requests_total", f'{{verb="{verb}"}}') for verb in verbs)
+
+
+def running_names(custom: Any, namespace: str) -> set[str]:
+    items = custom.list_namespaced_custom_object("dreambooth.dev", "v1alpha1", namespace, "dreamboothjobs")["items"]
+    return {i["metadata"]["name"] for i in items if (i.get("status") or {}).get("phase") == "Running"}
+
+
+def arrivals(bed: Testbed, api: Any, custom: Any, operator: Any, port: int, count: int, rate: float, timeout: float) -> bool:
+    """`count` jobs at `rate` jobs/s: latency, API calls per job, writes per running job per minute, RSS."""
+    parent, child = multiprocessing.Pipe()
+    watcher = multiprocessing.Process(target=watch_jobs, args=(str(bed.kubeconfig), ARRIVALS_NAMESPACE, child, timeout), daemon=True)
+    watcher.start()
+    parent.recv()
+    rss_before = rss_mb(operator.pid)
+    reads_before, writes_before = api_calls(port, ("GET", "WATCH")), api_calls(port, WRITE_VERBS)
+    applied: dict[str, float] = {}
+    t0 = time.monotonic()
+    for index in range(count):
+        due = t0 + index / rate
+        time.sleep(max(0.0, due - time.monotonic()))  # a fixed arrival rate, not as fast as possible
+        name = f"arrive-{index:04d}"
+        create(api, job_body(name, ARRIVALS_NAMESPACE, bed.minio.endpoint))
+        applied[name] = time.monotonic()
+    late = time.monotonic() - (t0 + (count - 1) / rate)
+    print(f"applied {count} jobs at {rate:g}/s in {time.monotonic() - t0:.1f} s (the last {late:.1f} s behind its schedule)", flush=True)
+    deadline = t0 + timeout
+    running: set[str] = set()
+    while len(running) < count and time.monotonic() < deadline:
+        time.sleep(5)
+        running = running_names(custom, ARRIVALS_NAMESPACE)
+    all_running = time.monotonic()
+    reads = api_calls(port, ("GET", "WATCH")) - reads_before
+    writes = api_calls(port, WRITE_VERBS) - writes_before
+    seen = first_jobs_seen(parent, watcher)
+    # Steady state: every job Running, nothing changing; what does the operator still write?
+    active = len(running) + len(running_names(custom, NAMESPACE))  # the burst's jobs run too
+    time.sleep(15)
+    steady_before, steady_reads_before, window = api_calls(port, WRITE_VERBS), api_calls(port, ("GET", "WATCH")), 60.0
+    time.sleep(window)
+    steady_writes = api_calls(port, WRITE_VERBS) - steady_before
+    steady_reads = api_calls(port, ("GET", "WATCH")) - steady_reads_before
+    rss = rss_mb(operator.pid)
+    latencies = [seen[name] - applied[name] for name in applied if name in seen]
+    print(f"arrivals: {count} jobs at {rate:g}/s beside the burst's (load average {os.getloadavg()[0]:.1f}):")
+    ok = True
+    if latencies:
+        ok &= report("apply -> Job created, p50", percentile(latencies, 0.5), GOALS["p50"], "s")
+        ok &= report("apply -> Job created, p99", percentile(latencies, 0.99), GOALS["p99"], "s")
+        print(f"  mean {statistics.mean(latencies):.2f} s, max {max(latencies):.2f} s ({len(latencies)}/{count} created)")
+    print(f"  {len(running)}/{count} Running {all_running - t0:.0f} s after the first arrival; API calls from the first "
+          f"arrival until all ran: {reads / count:.1f} reads and {writes / count:.1f} writes per job")
+    print(f"  steady state, {active} jobs Running, {window:.0f} s: {steady_writes:.0f} writes, {steady_reads:.0f} reads")
+    ok &= report("API writes per running job per minute", steady_writes / max(1, active) * 60 / window, GOALS["writes_per_job_minute"], "")
+    ok &= report(f"operator RSS, {active} Running", rss, GOALS["rss_mb"], "MB")
+    print(f"  memory per active job: {(rss - rss_before) * 1024 / max(1, len(running)):.1f} kB (RSS {rss_before:.0f} -> {rss:.0f} MB "
+          f"for {len(running)} more Running)")
+    return ok and len(running) == count and len(latencies) == count
 
 
 def create_history(bed: Testbed, count: int, endpoint: str) -> None:
@@ -176,6 +257,8 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=50, help="KWOK GPU nodes in the pool (8 GPUs each)")
     parser.add_argument("--idle", type=int, default=1000, help="finished jobs present while idle")
     parser.add_argument("--idle-window", type=float, default=60.0, help="seconds the idle CPU is sampled over")
+    parser.add_argument("--arrivals", type=int, default=1000, help="jobs arriving at --rate after the burst (0: none)")
+    parser.add_argument("--rate", type=float, default=10.0, help="arrivals per second")
     parser.add_argument("--root", type=Path, default=REPO / ".testbed" / "bench")
     parser.add_argument("--timeout", type=float, default=900)
     args = parser.parse_args()
@@ -193,13 +276,14 @@ def main() -> int:
     ok = True
     try:
         existing = len(json.loads(bed.kubectl("get", "nodes", "-l", "dreambooth.dev/pool=gpu", "-o", "json").stdout)["items"])
-        if args.nodes > existing:
-            nodes = {"apiVersion": "v1", "kind": "List", "items": fake_gpu_nodes(existing, args.nodes - existing)}
-            bed.kubectl("apply", "-f", "-", input=json.dumps(nodes), timeout=120)
+        wanted = args.nodes + -(-args.arrivals * 2 // GPUS_PER_NODE)  # the arrivals' gangs run beside the burst's
+        if wanted > existing:
+            nodes = {"apiVersion": "v1", "kind": "List", "items": fake_gpu_nodes(existing, wanted - existing)}
+            bed.kubectl("apply", "-f", "-", input=json.dumps(nodes), timeout=300)
         bed.kubectl("apply", "-f", str(REPO / "crds" / "dreambooth.dev_dreamboothjobs.yaml"))
         bed.kubectl("wait", "--for=condition=Established", "crd/dreamboothjobs.dreambooth.dev", "--timeout=60s")
         assert bed.minio is not None
-        for namespace in (NAMESPACE, IDLE_NAMESPACE):
+        for namespace in (NAMESPACE, IDLE_NAMESPACE, ARRIVALS_NAMESPACE):
             bed.kubectl("create", "namespace", namespace, check=False)
             bed.kubectl("create", "secret", "generic", "s3", "-n", namespace,
                         f"--from-literal=AWS_ACCESS_KEY_ID={bed.minio.access_key}",
@@ -274,13 +358,7 @@ def main() -> int:
                 if (item.get("status") or {}).get("phase") in ("Running", "Succeeded") and item["metadata"]["name"] not in ran:
                     ran[item["metadata"]["name"]] = now
             time.sleep(1)
-        seen: dict[str, float] = {}
-        while parent.poll(1):
-            item = parent.recv()
-            if item is None:
-                break
-            seen.setdefault(item[0], item[1])
-        watcher.terminate()
+        seen = first_jobs_seen(parent, watcher)
         latencies = [seen[name] - applied[name] for name in applied if name in seen]
         (bed.logs / "bench-burst.json").write_text(json.dumps({name: {"applied": applied_at[name], "job_after": seen.get(name, 0) - applied[name]} for name in applied}))
         print(f"burst: {args.jobs} jobs, {args.nodes} GPU nodes, with the {args.idle} finished ones present (load average {os.getloadavg()[0]:.1f}):")
@@ -299,6 +377,10 @@ def main() -> int:
             tenth = max(1, len(order) // 10)
             print("  p50 by tenth of the burst: " + " ".join(f"{statistics.median(order[i:i + tenth]):.2f}" for i in range(0, len(order), tenth)))
         ok &= len(ran) == args.jobs and len(latencies) == args.jobs
+
+        # --- 3. arrivals at a fixed rate -----------------------------------------------------
+        if args.arrivals:
+            ok &= arrivals(bed, api, custom, operator, port, args.arrivals, args.rate, args.timeout)
         return 0 if ok else 1
     finally:
         if operator is not None:

@@ -14,8 +14,8 @@ from typing import Any
 import yaml
 
 from dreambooth_api.v1alpha1.labels import (
-    COMPLETION_INDEX_ANNOTATION, LABEL_COMPONENT, LABEL_GANG, LABEL_INSTANCE, LABEL_JOB, LABEL_MANAGED_BY, LABEL_NAME,
-    SERVER_CONTAINER, TRAINER_CONTAINER,
+    COMPLETION_INDEX_ANNOTATION, LABEL_COMPONENT, LABEL_GANG, LABEL_INSTANCE, LABEL_JOB, LABEL_JOB_UID, LABEL_MANAGED_BY,
+    LABEL_NAME, SERVER_CONTAINER, TRAINER_CONTAINER,
 )
 from dreambooth_api.v1alpha1.pod_template import PodPlacement
 from dreambooth_api.v1alpha1.spec import (
@@ -61,12 +61,16 @@ FORWARDED_JOB_LABELS = (KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_LABEL)
 
 # The trainer Job's podFailurePolicy, in order (the first rule that matches decides). The Job's
 # Failed condition names the index of the rule, which failures.rule_kinds() maps to a class:
-# exit 2 is bad input (permanent); DisruptionTarget and exit 143 (SIGTERM) are disruptions;
-# exit 137 (SIGKILL) is looked at for OOMKilled. Everything else fails the Job (backoffLimit 0).
+# exit 2 is bad input (permanent); DisruptionTarget is a disruption; exit 137 (SIGKILL) is looked
+# at for OOMKilled. Everything else fails the Job (backoffLimit 0).
+# Exit 143 (SIGTERM, after the trainer's checkpoint) is ignored: the Job controller judges the
+# pods of a suspended Job too, and a FailJob on 143 would fail every Job that Kueue or
+# runPolicy.suspend stops. A rank that stopped on SIGTERM in a running gang is the operator's to
+# see (lifecycle: a disruption).
 POD_FAILURE_RULES: list[dict[str, Any]] = [
     {"action": "FailJob", "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": [EXIT_BAD_INPUT]}},
     {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-    {"action": "FailJob", "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": [EXIT_SIGTERM]}},
+    {"action": "Ignore", "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": [EXIT_SIGTERM]}},
     {"action": "FailJob", "onExitCodes": {"containerName": TRAINER_CONTAINER, "operator": "In", "values": [EXIT_SIGKILL]}},
 ]
 
@@ -129,6 +133,11 @@ def master_addr(name: str, gang: int) -> str:
 
 def selector_labels(name: str, component: str) -> dict[str, str]:
     return {LABEL_JOB: name, LABEL_COMPONENT: component}
+
+
+def trainer_selector(job: "JobRef") -> dict[str, str]:
+    """The trainer pods of this very job (by uid: not those of a deleted job of the same name)."""
+    return {**selector_labels(job.name, "trainer"), LABEL_JOB_UID: job.uid}
 
 
 def common_labels(name: str, component: str) -> dict[str, str]:
@@ -226,7 +235,7 @@ def build_worker_service(job: JobRef) -> dict[str, Any]:
             "clusterIP": "None",
             # Ranks must find the master before any pod is Ready.
             "publishNotReadyAddresses": True,
-            "selector": selector_labels(job.name, "trainer"),
+            "selector": trainer_selector(job),
             "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT, "protocol": "TCP"}],
         },
     }
@@ -252,6 +261,8 @@ def trainer_env(job: JobRef, gang: int) -> list[dict[str, Any]]:
         {"name": "DREAMBOOTH_LOG_FORMAT", "value": "json"},
         {"name": "DREAMBOOTH_JOB", "value": f"{job.namespace}/{job.name}"},
         {"name": "DREAMBOOTH_GANG", "value": str(gang)},
+        # The gang's execution attempt: its checkpoint writes are fenced by it (dreambooth_trainer.checkpoint).
+        {"name": "DREAMBOOTH_ATTEMPT", "value": str(gang)},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         *threads_env(resources.cpu, resources.gpus_per_node if on_gpu else 1,
                      [e.model_dump(by_alias=True) for e in job.spec.pod_template.env]),
@@ -265,13 +276,13 @@ def trainer_env(job: JobRef, gang: int) -> list[dict[str, Any]]:
     return env
 
 
-def _spec_hash(value: Any) -> str:
+def spec_hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def trainer_template_hash(spec: DreamboothJobSpec) -> str:
     """What a gang's pods take from the editable sections (scheduling, podTemplate, the grace period)."""
-    return _spec_hash([
+    return spec_hash([
         spec.scheduling.model_dump(mode="json", by_alias=True),
         spec.pod_template.model_dump(mode="json", by_alias=True),
         spec.run_policy.termination_grace_period_seconds,
@@ -295,11 +306,10 @@ def _placement(placement: PodPlacement, gpus: int) -> dict[str, Any]:
 
 
 def _template_pieces(spec: DreamboothJobSpec) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
-    """podTemplate: (pod-spec fields, extra env, extra volume mounts) shared by trainer and server."""
+    """podTemplate: (pod-spec fields, extra env, extra volume mounts) shared by trainer and server
+    (its serviceAccountName is the trainers' alone: build_trainer_job adds it)."""
     template = spec.pod_template
     pod: dict[str, Any] = {}
-    if template.service_account_name:
-        pod["serviceAccountName"] = template.service_account_name
     if template.image_pull_secrets:
         pod["imagePullSecrets"] = [ref.model_dump(by_alias=True) for ref in template.image_pull_secrets]
     env = [e.model_dump(by_alias=True, exclude_none=True) for e in template.env]
@@ -315,10 +325,24 @@ def _pod_metadata(labels: dict[str, str], spec: DreamboothJobSpec) -> dict[str, 
     return metadata
 
 
-def build_trainer_job(job: JobRef, gang: int) -> dict[str, Any]:
+POD_GROUP_API = "scheduling.k8s.io/v1alpha2"
+
+
+def build_pod_group(job: JobRef, gang: int) -> dict[str, Any]:
+    """The gang as a PodGroup with a gang policy: the scheduler places all its pods or none."""
+    return {
+        "apiVersion": POD_GROUP_API,
+        "kind": "PodGroup",
+        "metadata": _metadata(job, trainer_job_name(job.name, gang), "trainer", {LABEL_GANG: str(gang)}),
+        "spec": {"schedulingPolicy": {"gang": {"minCount": job.spec.resources.nodes}}},
+    }
+
+
+def build_trainer_job(job: JobRef, gang: int, pod_group: bool = False) -> dict[str, Any]:
     """Indexed Job, one pod per node; any failed pod fails the Job so the gang restarts whole.
 
-    A queued job (Kueue) is created suspended with the queue label; only Kueue unsuspends it."""
+    A queued job (Kueue) is created suspended with the queue label; only Kueue unsuspends it.
+    With `pod_group`, its pods join the gang's PodGroup (build_pod_group)."""
     spec = job.spec
     nodes = spec.resources.nodes
     gpus = gpus_per_pod(spec)
@@ -327,6 +351,8 @@ def build_trainer_job(job: JobRef, gang: int) -> dict[str, Any]:
     metadata = _metadata(job, trainer_job_name(job.name, gang), "trainer", labels)
     metadata["annotations"] = {ANNOTATION_TEMPLATE_HASH: trainer_template_hash(spec)}
     template_pod, extra_env, extra_mounts = _template_pieces(spec)
+    if spec.pod_template.service_account_name:
+        template_pod["serviceAccountName"] = spec.pod_template.service_account_name
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "subdomain": worker_service_name(job.name),
@@ -365,6 +391,8 @@ def build_trainer_job(job: JobRef, gang: int) -> dict[str, Any]:
     }
     if spec.scheduling.scheduler_name:
         pod_spec["schedulerName"] = spec.scheduling.scheduler_name
+    if pod_group:
+        pod_spec["schedulingGroup"] = {"podGroupName": trainer_job_name(job.name, gang)}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -378,7 +406,7 @@ def build_trainer_job(job: JobRef, gang: int) -> dict[str, Any]:
             "podFailurePolicy": {"rules": [dict(rule) for rule in POD_FAILURE_RULES]},
             # Only Kueue unsuspends a queued Job; runPolicy.suspend is handled before any Job exists.
             "suspend": bool(job.queue_name),
-            "template": {"metadata": _pod_metadata(dict(metadata["labels"]), spec), "spec": pod_spec},
+            "template": {"metadata": _pod_metadata({**metadata["labels"], LABEL_JOB_UID: job.uid}, spec), "spec": pod_spec},
         },
     }
 
@@ -388,7 +416,7 @@ def build_trainer_job(job: JobRef, gang: int) -> dict[str, Any]:
 
 def serving_hash(spec: DreamboothJobSpec) -> str:
     """What the inference Deployment is built from: an edit of it rolls the Deployment."""
-    return _spec_hash([spec.serving.model_dump(mode="json", by_alias=True), spec.pod_template.model_dump(mode="json", by_alias=True)])
+    return spec_hash([spec.serving.model_dump(mode="json", by_alias=True), spec.pod_template.model_dump(mode="json", by_alias=True)])
 
 
 def serving_env(storage: StorageSpec, auth: ServingAuth) -> list[dict[str, Any]]:
@@ -457,6 +485,8 @@ def build_inference_deployment(job: JobRef) -> dict[str, Any]:
     # The user's podTemplate and serving.scheduling (our labels win; placement replaces the GPU-only tolerations).
     template["metadata"] = _pod_metadata(dict(metadata["labels"]), job.spec)
     template["spec"].update({**template_pod, **_placement(serving.scheduling, serving.resources.gpus)})
+    if serving.service_account_name:  # never podTemplate's: the trainers' identity may write
+        template["spec"]["serviceAccountName"] = serving.service_account_name
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

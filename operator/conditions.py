@@ -23,11 +23,16 @@ UPDATE_PENDING = "UpdatePending"
 # What each GPU will hold (dreambooth_api.v1alpha1.memory): True when the job fits resources.gpuMemory
 # by the plan, False when it fits only without the activation estimate, Unknown without a plan or a size.
 MEMORY_PLAN = "MemoryPlan"
+# An accepted job whose stored spec this operator cannot read (a rule tightened since, a rollback):
+# it is left as it is, never failed for it.
+HELD = "Held"
+# Whether the gang's pods are placed all together or not at all (Kueue, a PodGroup), or may not be.
+GANG_SCHEDULING = "GangScheduling"
 CONDITION_TYPES = (ACCEPTED, QUEUED, RUNNING, RESTARTING, SUSPENDED, SUCCEEDED, FAILED, SERVING_READY, FINISHED,
-                   NAME_CONFLICT, UPDATE_PENDING, MEMORY_PLAN)
+                   NAME_CONFLICT, UPDATE_PENDING, MEMORY_PLAN, HELD, GANG_SCHEDULING)
 TERMINAL_PHASES = ("Succeeded", "Failed")
 # Conditions whose turning True deserves a Warning event rather than a Normal one.
-WARNING_CONDITIONS = (RESTARTING, FAILED, NAME_CONFLICT)
+WARNING_CONDITIONS = (RESTARTING, FAILED, NAME_CONFLICT, HELD)
 MAX_MESSAGE = 1000
 
 Conditions = list[dict[str, Any]]

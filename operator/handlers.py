@@ -66,6 +66,13 @@ async def on_job_event(event: dict[str, Any], **_: Any) -> None:
         _runtime.job_event(event.get("type"), event["object"])
 
 
+@kopf.on.probe(id="unwatched_namespaces")
+def unwatched_namespaces(**_: Any) -> dict[str, str]:
+    """Served namespaces whose children cannot be watched (the others are served): on /healthz,
+    which stays healthy (a restart would not give the operator a Role it lost)."""
+    return _runtime.children.failing() if _runtime is not None else {}
+
+
 @kopf.on.cleanup()
 async def stop(**_: Any) -> None:
     if _runtime is not None:

@@ -15,14 +15,13 @@ from typing import Any
 
 from dreambooth_api.v1alpha1.spec import GROUP, PLURAL, VERSION
 
-from . import builders
+from . import builders, metrics
 
 _lock = threading.Lock()
 _api_client: Any = None
 # (connect, read) seconds for every call: a hung API server must not hold a worker.
 REQUEST_TIMEOUT = (float(os.environ.get("DREAMBOOTH_API_CONNECT_TIMEOUT", "5")),
                    float(os.environ.get("DREAMBOOTH_API_READ_TIMEOUT", "20")))
-KUEUE_WORKLOADS = "kueue.x-k8s.io/v1beta2"
 
 
 class KubeError(RuntimeError):
@@ -76,6 +75,7 @@ def request(
 ) -> dict[str, Any] | None:
     """One API call with a plain-dict body; None for 404 (missing_ok) or 409 (conflict_ok)."""
     api = client()
+    metrics.API_REQUESTS.labels(verb=method).inc()
     params = api.param_serialize(
         method=method,
         resource_path=path,
@@ -137,13 +137,30 @@ def list_dreamboothjobs(namespace: str | None = None) -> list[dict[str, Any]]:
     return list((request("GET", path) or {}).get("items") or [])
 
 
-def read_secret_data(namespace: str, name: str) -> dict[str, str] | None:
+class SecretValueUnreadable(ValueError):
+    """A key the job names holds bytes that are not text (the message names the key, never the value)."""
+
+
+def read_secret_data(namespace: str, name: str, keys: tuple[str, ...]) -> dict[str, str] | None:
+    """The named keys of a Secret, decoded; None when the Secret does not exist."""
     secret = request("GET", ns_path("v1", namespace, "secrets", name), missing_ok=True)
-    if secret is None:
-        return None
-    data = {key: base64.b64decode(value).decode() for key, value in (secret.get("data") or {}).items()}
-    data.update(secret.get("stringData") or {})
-    return data
+    return None if secret is None else decode_secret_keys(secret, keys)
+
+
+def decode_secret_keys(secret: dict[str, Any], keys: tuple[str, ...]) -> dict[str, str]:
+    """Only the keys asked for: any other key may hold anything (a ca.p12, a keytab) and is never
+    decoded. A named key that is not UTF-8 text raises SecretValueUnreadable."""
+    data = secret.get("data") or {}
+    decoded: dict[str, str] = {}
+    for key in keys:
+        if key in (secret.get("stringData") or {}):
+            decoded[key] = secret["stringData"][key]
+        elif key in data:
+            try:
+                decoded[key] = base64.b64decode(data[key]).decode()
+            except (ValueError, UnicodeDecodeError):
+                raise SecretValueUnreadable(f"Secret {secret.get('metadata', {}).get('name', '')} key {key!r} is not text (UTF-8)") from None
+    return decoded
 
 
 def list_trainer_pods(namespace: str, job_name: str) -> list[dict[str, Any]]:
@@ -164,21 +181,29 @@ def node_ready(name: str) -> bool | None:
     return ready is not None and ready.get("status") == "True"
 
 
-def read_workload(namespace: str, job_uid: str) -> dict[str, Any] | None:
-    """Kueue's Workload of a Job (label kueue.x-k8s.io/job-uid); None without Kueue or Workload."""
+def serves(api_version: str, plural: str) -> bool | None:
+    """Whether the API server serves `plural` in `api_version` (discovery); None when it cannot tell."""
     try:
-        found = request("GET", ns_path(KUEUE_WORKLOADS, namespace, "workloads"),
-                        query={"labelSelector": f"kueue.x-k8s.io/job-uid={job_uid}"}, missing_ok=True)
-    except KubeError:
-        return None  # Kueue absent or not readable: the condition says less, nothing breaks
+        found = request("GET", f"/apis/{api_version}", missing_ok=True)
+    except Exception:  # discovery failing (or no cluster configured) must not stop a gang: unknown
+        return None
+    return found is not None and any(r.get("name") == plural for r in found.get("resources") or [])
+
+
+def latest_event_message(namespace: str, uid: str, reason: str) -> str:
+    """The newest Event of `reason` about the object `uid` (e.g. a Job's FailedCreate: why the Job
+    controller could not make a pod), or ""."""
+    found = request("GET", ns_path("v1", namespace, "events"),
+                    query={"fieldSelector": f"involvedObject.uid={uid},reason={reason}", "limit": "50"})
     items = (found or {}).get("items") or []
-    return items[0] if items else None
+    newest = max(items, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "", default=None)
+    return str((newest or {}).get("message") or "")
 
 
 # --- writes -----------------------------------------------------------------------------
 
 _PLURALS = {"ConfigMap": "configmaps", "Service": "services", "Job": "jobs", "Deployment": "deployments",
-            "NetworkPolicy": "networkpolicies"}
+            "NetworkPolicy": "networkpolicies", "PodGroup": "podgroups"}
 # Brought to the manifest when they exist: replaced whole (an edit that removes an env var or a
 # volume removes it), or, for a Service (whose clusterIP is the server's), merged.
 # A Job's pod template is immutable: an existing one is left as it is.
@@ -255,6 +280,14 @@ def set_job_suspended(namespace: str, name: str, suspended: bool) -> None:
 def delete_serving(namespace: str, name: str, owner_uid: str) -> None:
     delete_owned("apps/v1", "Deployment", namespace, name, owner_uid)
     delete_owned("v1", "Service", namespace, name, owner_uid)
+
+
+def set_finalizers(job: dict[str, Any], finalizers: list[str]) -> None:
+    """Replace a DreamboothJob's finalizers, only if it is still the version read (Conflict if not)."""
+    meta = job["metadata"]
+    request("PATCH", ns_path(f"{GROUP}/{VERSION}", meta["namespace"], PLURAL, meta["name"]),
+            body={"metadata": {"finalizers": finalizers, "resourceVersion": meta.get("resourceVersion")}},
+            content_type="application/merge-patch+json", missing_ok=True)
 
 
 def delete_dreamboothjob(namespace: str, name: str, uid: str) -> None:

@@ -1,19 +1,25 @@
-"""Which of several operator replicas acts: kopf peering, read the way kopf reads it.
+"""Which of several operator replicas acts: kopf peering, read the way client-go reads a lease.
 
 kopf keeps one record per running operator in a (Cluster)KopfPeering object (priority, lifetime,
 last keep-alive) and pauses its own watching unless it has the highest priority among the live
 peers. This operator's reconcile threads and child watches run outside kopf, so they ask the same
 question here: am I the one live peer with the highest priority? Each replica takes a distinct
 priority from its start time (older wins, so a restarted pod never preempts the active one).
-A killed leader's record expires after its lifetime; the next one takes over then.
+
+Liveness is never judged by comparing another replica's `lastseen` with this machine's wall clock
+(clock skew would make two leaders): as client-go's leader election does, a record is live while
+it was seen to change, by this replica's own monotonic clock, within its lifetime. And the leader
+stops acting once its own record has not been seen renewed for RENEW_FRACTION of the lifetime,
+before any follower may take over.
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
+import time
 
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from . import kube, metrics
@@ -21,6 +27,9 @@ from . import kube, metrics
 log = logging.getLogger(__name__)
 POLL_SECONDS = 1.0
 PRIORITY_BASE = 10**13  # > epoch milliseconds for centuries: priorities stay positive
+# The leader stops acting when its own record was last seen renewed this share of its lifetime ago
+# (followers wait the whole lifetime after the last change they saw).
+RENEW_FRACTION = 0.8
 
 
 def priority_for_start(started: float) -> int:
@@ -28,22 +37,39 @@ def priority_for_start(started: float) -> int:
     return PRIORITY_BASE - int(started * 1000)
 
 
-def _parse(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+class PeerView:
+    """The peering records as seen from one replica: when (local monotonic time) each last changed."""
 
+    def __init__(self, own_priority: int) -> None:
+        self.own_priority = own_priority
+        self._seen: dict[str, tuple[str, float, dict[str, Any]]] = {}  # peer id -> (record, changed at, record)
 
-def is_leading(peers: dict[str, Any], own_priority: int, now: datetime) -> bool:
-    """True when this operator's priority is the highest among live peers, and no one else shares it."""
-    live = []
-    for info in peers.values():
-        if not isinstance(info, dict) or "lastseen" not in info:
-            continue
-        deadline = _parse(str(info["lastseen"])) + timedelta(seconds=int(info.get("lifetime", 60)))
-        if deadline > now:
-            live.append(int(info.get("priority", 0)))
-    if own_priority not in live:
-        return False  # kopf has not announced us yet (or our record expired)
-    return live.count(own_priority) == 1 and own_priority == max(live)
+    def observe(self, peers: dict[str, Any], now: float) -> None:
+        current = {key: info for key, info in peers.items() if isinstance(info, dict)}
+        for key, info in current.items():
+            text = json.dumps(info, sort_keys=True, default=str)
+            old = self._seen.get(key)
+            if old is None or old[0] != text:
+                self._seen[key] = (text, now, info)
+        for key in set(self._seen) - set(current):
+            del self._seen[key]
+
+    def leading(self, now: float) -> bool:
+        """The highest priority among the peers seen renewed within their lifetime, alone, and
+        this replica's own record seen renewed within RENEW_FRACTION of its lifetime."""
+        live, own_fresh = [], False
+        for _, changed, info in self._seen.values():
+            try:
+                lifetime, priority = float(info.get("lifetime", 60)), int(info.get("priority", 0))
+            except (TypeError, ValueError):
+                continue  # a record nobody can read leads nothing
+            if now - changed < lifetime:
+                live.append(priority)
+            if priority == self.own_priority and now - changed < lifetime * RENEW_FRACTION:
+                own_fresh = True
+        if not own_fresh:
+            return False  # not announced yet, or our keep-alives are not getting through: stop first
+        return live.count(self.own_priority) == 1 and self.own_priority == max(live)
 
 
 class Leadership:
@@ -55,6 +81,7 @@ class Leadership:
         self.on_gain = on_gain
         self._leading = peering is None  # standalone: always
         self._stop = threading.Event()
+        self._view = PeerView(priority)
 
     def leading(self) -> bool:
         return self._leading
@@ -74,15 +101,18 @@ class Leadership:
         self._stop.set()
 
     def _read(self) -> bool:
-        """One look at the peering object; any failure reads as 'not leading' (the other replica may act)."""
+        """One look at the peering object. A failed read changes nothing seen: the leader goes on
+        until its own record was not seen renewed for RENEW_FRACTION of its lifetime."""
         try:
             found = kube.request("GET", self._path(), missing_ok=True, timeout=(3.0, 5.0))
-            return found is not None and is_leading(found.get("status") or {}, self.priority, datetime.now(timezone.utc))
+            if found is None:
+                return False
+            self._view.observe(found.get("status") or {}, time.monotonic())
         except kube.KubeError as error:
             log.warning("peering %s not readable: %s", self.peering, error)
         except Exception:  # a malformed record must not end the loop: a dead loop never leads again
             log.exception("peering %s not understood", self.peering)
-        return False
+        return self._view.leading(time.monotonic())
 
     def _run(self) -> None:
         while not self._stop.is_set():

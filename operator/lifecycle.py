@@ -6,6 +6,7 @@ operator killed at any point converges when it starts again.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -14,10 +15,13 @@ from dreambooth_api.v1alpha1.memory import MemoryPlan
 from dreambooth_api.v1alpha1.spec import DreamboothJobSpec
 
 from . import builders, failures, shared_server
+from .network_policies import network_policy_hash
 from .conditions import (
     ACCEPTED,
     FAILED,
     FINISHED,
+    GANG_SCHEDULING,
+    HELD,
     MEMORY_PLAN,
     NAME_CONFLICT,
     QUEUED,
@@ -47,6 +51,17 @@ DISRUPTION_RESTART_SECONDS = 2.0
 UNPLACED_RESTART_SECONDS = 10.0
 # How often a job waiting on something nobody announces (old pods, Kueue) is looked at again.
 WAIT_POLL_SECONDS = 5.0
+# A queued gang is looked at this often without an event (Kueue's Workloads are watched).
+QUEUED_POLL_SECONDS = 60.0
+# How often a gang whose pods are not all running is looked at (refused and unplaced pods say nothing).
+PLACEMENT_POLL_SECONDS = 10.0
+# Running=False reasons of a gang that was never made whole: its failure spends no restart.
+UNPLACED_REASONS = ("GangNotPlaced", "PodsRefused")
+# New gangs tried in a row for a gang never placed whole, before the job fails (GangNeverPlaced).
+MAX_UNPLACED_RESTARTS = 10
+# How long a job waits for admission while storage is unreachable, in a row (an outage of the
+# installation, not the job's fault: not counted in runPolicy.admissionDeadlineSeconds).
+STORAGE_OUTAGE_SECONDS = 3600
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,8 @@ class TrainerJobState:
     template_hash: str = ""
     uid: str = ""
     created: datetime | None = None
+    start_time: datetime | None = None  # status.startTime: set when the Job (re)starts running
+    queue_name: str = ""  # the Job's own kueue.x-k8s.io/queue-name label (Kueue may default it)
 
     @property
     def permanent_failure(self) -> bool:
@@ -88,6 +105,7 @@ class QueueState:
     admitted: bool = False
     reason: str = ""
     message: str = ""
+    active: bool = True  # spec.active: a deactivated Workload is not admitted again until reactivated
 
 
 @dataclass(frozen=True)
@@ -109,6 +127,9 @@ class Observation:
     queue_name: str = ""  # Kueue LocalQueue the trainer Job goes to ("" without Kueue)
     queue: QueueState | None = None
     shared: shared_server.SharedServerState | None = None  # the shared server named by serving.server
+    refusal: str = ""  # why the Job controller could not create the gang's pods (its FailedCreate Event)
+    pod_groups_served: bool = False  # the cluster serves scheduling.k8s.io/v1alpha2 PodGroups (gang policy)
+    network_policy_hash: str | None = None  # the job's NetworkPolicy as built (read for a served job); None: unknown
 
     @property
     def template_hash(self) -> str:
@@ -132,6 +153,8 @@ class Plan:
     actions: list[Action] = field(default_factory=list)
     events: list[tuple[str, str, str]] = field(default_factory=list)
     requeue_after: float | None = None
+    # Status keys dropped once every action succeeded: intent kept until it is done (a lost call is retried).
+    done_when_acted: tuple[str, ...] = ()
 
     @property
     def phase(self) -> str:
@@ -148,6 +171,7 @@ class _Draft:
         self.status["conditions"] = list(self.before)
         self.actions: list[Action] = []
         self.requeue_after: float | None = None
+        self.done_when_acted: list[str] = []
 
     def condition(self, type_: str, value: bool | str, reason: str, message: str) -> None:
         self.status["conditions"] = set_condition(
@@ -179,12 +203,14 @@ class _Draft:
             actions=self.actions,
             events=transition_events(self.before, self.status["conditions"]),
             requeue_after=self.requeue_after,
+            done_when_acted=tuple(self.done_when_acted),
         )
 
 
 def decide(obs: Observation) -> Plan:
     """Everything the operator does to an accepted job on one reconcile."""
     draft = _Draft(obs)
+    draft.clear(HELD, "SpecReadable", "this operator reads the job's spec")
     for gang in obs.stale_jobs:
         draft.act("delete_job", gang)
     if obs.status.get("phase") in TERMINAL_PHASES:
@@ -200,7 +226,16 @@ def decide(obs: Observation) -> Plan:
         draft.condition(SUSPENDED, False, "Resumed", "runPolicy.suspend is false: the gang resumes from the latest checkpoint")
     _train(draft)
     _note_template_update(draft)
+    _deadline_timer(draft)
     return draft.finish()
+
+
+def _deadline_timer(draft: _Draft) -> None:
+    """activeDeadlineSeconds fires on time even when nothing happens to the gang (no pod was made)."""
+    deadline = draft.obs.spec.run_policy.active_deadline_seconds
+    started = parse_time(draft.status.get("startTime"))
+    if deadline and started and draft.status.get("phase") not in TERMINAL_PHASES:
+        draft.requeue(max(0.5, (started + timedelta(seconds=deadline) - draft.obs.now).total_seconds()))
 
 
 def current_gang(status: dict[str, Any]) -> int:
@@ -235,13 +270,34 @@ def _train(draft: _Draft) -> None:
 def _running(draft: _Draft, gang: int, job: TrainerJobState) -> None:
     obs = draft.obs
     nodes = obs.spec.resources.nodes
+    stopped = failures.stopped_on_sigterm(obs.pods, job.start_time)
+    if stopped is not None:
+        _disrupted(draft, gang, f"pod {stopped.name} stopped on SIGTERM (exit code {failures.EXIT_SIGTERM}) after its checkpoint")
+        return
+    stuck = failures.stuck_pods(obs.pods, obs.now)
+    if stuck:
+        # Its node will never confirm the deletion and the Job never fails by itself (a 1-node gang
+        # has no peer to fail): a new gang; the old one's stuck pod is force-deleted then.
+        where = f"node {stuck[0].node} not ready" if stuck[0].node_ready is False else f"node {stuck[0].node} not answering"
+        _disrupted(draft, gang, f"pod {stuck[0].name} is stuck terminating past its grace period ({where})")
+        return
     draft.status.setdefault("startTime", format_time(obs.now))  # admitted or resumed: the deadline counts
     draft.status.pop("jobSuspendedByOperator", None)
     if draft.is_true(QUEUED):
         where = f"Kueue admitted gang {gang} (LocalQueue {obs.queue_name})" if obs.queue_name else f"gang {gang} was resumed"
         draft.condition(QUEUED, False, "Admitted", where)
     if job.ready >= nodes:
+        draft.status.pop("unplacedRestarts", None)
         draft.condition(RUNNING, True, "GangRunning", f"all {nodes} pods of gang {gang} are running")
+        return
+    _requeue_for_terminating(draft)
+    alive = [p for p in obs.pods if p.phase in ("Pending", "Running") and p.deletion_deadline is None]
+    if obs.refusal and len(alive) < nodes:
+        # The Job controller could not make the pods (quota, PodSecurity, LimitRange, a webhook):
+        # only its FailedCreate Event says why. No restart is spent on a gang never made whole.
+        draft.condition(RUNNING, False, "PodsRefused",
+                        f"{len(alive)}/{nodes} pods of gang {gang} could be created; the cluster refuses the rest: {obs.refusal}")
+        draft.requeue(PLACEMENT_POLL_SECONDS)
         return
     unplaced = [p for p in obs.pods if not p.scheduled and p.phase == "Pending"]
     if unplaced:
@@ -250,22 +306,37 @@ def _running(draft: _Draft, gang: int, job: TrainerJobState) -> None:
                         f"{nodes - len(unplaced)}/{nodes} pods of gang {gang} placed; waiting for room for the rest ({why}); no restart is spent")
         draft.requeue(WAIT_POLL_SECONDS)
         return
-    alive = [p for p in obs.pods if p.phase in ("Pending", "Running") and p.deletion_deadline is None]
+    waiting = next((p for p in obs.pods if p.waiting_reason in failures.NOT_STARTING_REASONS), None)
+    if waiting is not None:
+        detail = f": {waiting.waiting_message}" if waiting.waiting_message else ""
+        draft.condition(RUNNING, False, "PodsNotStarting",
+                        f"pod {waiting.name} of gang {gang} cannot start its trainer ({waiting.waiting_reason}{detail})")
+        draft.requeue(PLACEMENT_POLL_SECONDS)
+        return
     running = get_condition(draft.status["conditions"], RUNNING) or {}
-    if running.get("reason") == "GangNotPlaced" and len(alive) < nodes:
+    if running.get("reason") in UNPLACED_REASONS and len(alive) < nodes:
         return  # pods are going away (the gang is failing): what was last seen still holds
     draft.condition(RUNNING, False, "PodsPending", f"{job.ready}/{nodes} pods of gang {gang} are running")
+    draft.requeue(PLACEMENT_POLL_SECONDS)  # a refused or unplaced pod announces nothing: look again
+
+
+def _requeue_for_terminating(draft: _Draft) -> None:
+    """A pod of the gang terminating on a node that may be gone: look again when its grace ends."""
+    obs = draft.obs
+    for pod in obs.pods:
+        if pod.deletion_deadline is not None and pod.deletion_deadline > obs.now and pod.node_ready is not True and not pod.ended:
+            draft.requeue((pod.deletion_deadline - obs.now).total_seconds() + 1.0)
 
 
 def _suspended_job(draft: _Draft, gang: int) -> None:
     """A suspended Job that the user does not want suspended: resume it only if we suspended it."""
     obs = draft.obs
-    draft.status.pop("startTime", None)  # queued time is not deadline time
+    draft.status.pop("startTime", None)  # queued time is not deadline time; it counts again once it runs
     if obs.status.get("jobSuspendedByOperator"):
+        # The mark stays until the Job is seen running (_running drops it): a lost PATCH is sent again.
         draft.act("suspend_job", gang, False)
-        draft.status.pop("jobSuspendedByOperator", None)
-        draft.status["startTime"] = format_time(obs.now)  # the deadline counts again from here
         draft.condition(RUNNING, False, "Resuming", "the gang is being resumed")
+        draft.requeue(WAIT_POLL_SECONDS)
         return
     _queued(draft, gang)
 
@@ -275,7 +346,12 @@ def _queued(draft: _Draft, gang: int) -> None:
     queue = obs.queue
     if obs.queue_name:
         reason, message = "WaitingForAdmission", f"gang {gang} waits for Kueue to admit it (LocalQueue {obs.queue_name})"
-        if queue is not None and queue.reason in ("Preempted", "Evicted", "PodsReadyTimeout", "InactiveWorkload"):
+        if queue is not None and not queue.active:
+            # Kueue's requeuing limit, or someone: nothing readmits it by itself (not "will resume").
+            reason = "Deactivated"
+            message = (f"Kueue deactivated the Workload of gang {gang} ({queue.reason or 'spec.active is false'}): it is not "
+                       "admitted again until its spec.active is set back to true; the checkpoint is kept")
+        elif queue is not None and queue.reason in ("Preempted", "Evicted", "PodsReadyTimeout"):
             reason = "Preempted" if queue.reason == "Preempted" else "Evicted"
             message = f"Kueue stopped gang {gang} ({queue.reason}): it resumes from its checkpoint when admitted again (no restart is spent)"
         if queue is not None and queue.message:
@@ -285,7 +361,8 @@ def _queued(draft: _Draft, gang: int) -> None:
     draft.condition(QUEUED, True, reason, message)
     if draft.is_true(RUNNING):
         draft.condition(RUNNING, False, reason, message)
-    draft.requeue(WAIT_POLL_SECONDS)
+    # Kueue's Workloads are watched: this is only the fallback should an event be missed.
+    draft.requeue(QUEUED_POLL_SECONDS)
 
 
 def _start_gang(draft: _Draft, gang: int) -> None:
@@ -303,7 +380,8 @@ def _start_gang(draft: _Draft, gang: int) -> None:
     if restart_at and obs.now < restart_at:
         draft.requeue((restart_at - obs.now).total_seconds())
         return
-    draft.act("create_job", gang)
+    pod_group = _gang_placement(draft, gang)
+    draft.act("create_job", gang, True if pod_group else None)
     draft.status.pop("restartAt", None)
     draft.status.pop("jobSuspendedByOperator", None)
     if draft.is_true(RESTARTING):
@@ -312,12 +390,38 @@ def _start_gang(draft: _Draft, gang: int) -> None:
         draft.status["queueName"] = obs.queue_name
         draft.status.pop("startTime", None)
         draft.condition(QUEUED, True, "WaitingForAdmission", f"gang {gang} created suspended; Kueue admits it from LocalQueue {obs.queue_name}")
-        draft.requeue(WAIT_POLL_SECONDS)
+        draft.requeue(QUEUED_POLL_SECONDS)
     else:
         draft.status.pop("queueName", None)
         draft.status.setdefault("startTime", format_time(obs.now))
         draft.clear(QUEUED, "NotQueued", f"gang {gang} is not queued (no kueue.x-k8s.io/queue-name)")
+        draft.requeue(PLACEMENT_POLL_SECONDS)  # a gang whose pods are all refused announces nothing
     draft.condition(RUNNING, False, "PodsPending", f"gang {gang} created; waiting for its pods")
+
+
+def _gang_placement(draft: _Draft, gang: int) -> bool:
+    """How the new gang is placed whole: Kueue admits it whole; else a PodGroup with a gang policy
+    (scheduling.k8s.io/v1alpha2) where the cluster serves one; else nothing does (said so). True: a PodGroup."""
+    obs = draft.obs
+    nodes = obs.spec.resources.nodes
+    if nodes < 2:
+        draft.status.pop("gangScheduling", None)
+        return False
+    if obs.queue_name:
+        draft.status["gangScheduling"] = "Kueue"
+        draft.condition(GANG_SCHEDULING, True, "Kueue", f"Kueue admits the {nodes} pods of gang {gang} together (LocalQueue {obs.queue_name})")
+        return False
+    if obs.pod_groups_served:
+        draft.status["gangScheduling"] = "PodGroup"
+        draft.condition(GANG_SCHEDULING, True, "PodGroup",
+                        f"the {nodes} pods of gang {gang} are placed all together or not at all (PodGroup {builders.trainer_job_name(obs.name, gang)}, "
+                        f"gang minCount {nodes})")
+        return True
+    draft.status["gangScheduling"] = "Unprotected"
+    draft.condition(GANG_SCHEDULING, False, "Unprotected",
+                    f"the cluster serves no gang scheduling (scheduling.k8s.io/v1alpha2 PodGroup) and the job is not queued by Kueue: the {nodes} "
+                    f"pods of gang {gang} may be placed piecemeal; a gang never placed whole is tried again at most {MAX_UNPLACED_RESTARTS} times")
+    return False
 
 
 def _gang_failed(draft: _Draft, job: TrainerJobState) -> None:
@@ -326,7 +430,7 @@ def _gang_failed(draft: _Draft, job: TrainerJobState) -> None:
     gang = current_gang(obs.status)
     failure = failures.classify(job.failure_reason, job.failure_message, obs.pods, obs.spec.resources.memory)
     running = get_condition(draft.status["conditions"], RUNNING) or {}
-    if failure.kind == failures.FAILURE and running.get("reason") == "GangNotPlaced":
+    if failure.kind == failures.FAILURE and running.get("reason") in UNPLACED_REASONS:
         # The Job controller removed the unplaced pods with the failed Job; the last look saw them.
         failure = failures.Failure(failures.UNPLACED, f"{failure.message}; the gang was never all placed ({running.get('message', '')})")
     if failure.kind == failures.PERMANENT:
@@ -336,16 +440,17 @@ def _gang_failed(draft: _Draft, job: TrainerJobState) -> None:
         _fail(draft, "OutOfMemory", f"{failure.message}; raise it, or lower training.batchSize or data.resolution (runPolicy.retryOnOutOfMemory: true restarts instead)")
         return
     if failure.kind == failures.DISRUPTION:
-        disruptions = int(obs.status.get("disruptions") or 0)
-        if policy.max_disruptions is not None and disruptions >= policy.max_disruptions:
-            _fail(draft, "TooManyDisruptions", f"gang {gang} was disrupted after {disruptions} disruptions (runPolicy.maxDisruptions={policy.max_disruptions}): {failure.message}")
-            return
-        draft.status["disruptions"] = disruptions + 1
-        _restart(draft, gang, DISRUPTION_RESTART_SECONDS, "GangDisrupted",
-                 f"disruption {disruptions + 1}{'' if policy.max_disruptions is None else f'/{policy.max_disruptions}'} (no restart spent)", failure.message)
+        _disrupted(draft, gang, failure.message)
         return
     if failure.kind == failures.UNPLACED:
-        _restart(draft, gang, UNPLACED_RESTART_SECONDS, "GangNotPlaced", "no restart spent", failure.message)
+        tries = int(obs.status.get("unplacedRestarts") or 0)
+        if tries >= MAX_UNPLACED_RESTARTS:
+            _fail(draft, "GangNeverPlaced", f"{tries} gangs in a row were never placed whole: {failure.message}")
+            return
+        draft.status["unplacedRestarts"] = tries + 1
+        # Backing off (and by a per-job offset) breaks the livelock of gangs that each hold part of the room.
+        delay = min(UNPLACED_RESTART_SECONDS * 2 ** tries, 300.0) + _spread(obs.name, UNPLACED_RESTART_SECONDS)
+        _restart(draft, gang, delay, "GangNotPlaced", f"no restart spent; try {tries + 1}/{MAX_UNPLACED_RESTARTS}", failure.message)
         return
     restarts = int(obs.status.get("restarts") or 0)
     if restarts >= policy.max_restarts:
@@ -353,6 +458,23 @@ def _gang_failed(draft: _Draft, job: TrainerJobState) -> None:
         return
     draft.status["restarts"] = restarts + 1
     _restart(draft, gang, restart_backoff_seconds(restarts + 1), "GangFailed", f"restart {restarts + 1}/{policy.max_restarts}", failure.message)
+
+
+def _spread(name: str, seconds: float) -> float:
+    """A stable offset in [0, seconds) from the job's name (no randomness: the same world, the same plan)."""
+    return (int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) % 1000) / 1000 * seconds
+
+
+def _disrupted(draft: _Draft, gang: int, why: str) -> None:
+    """The gang's pods were taken (not broken): a new gang from the checkpoint, bounded by maxDisruptions."""
+    policy = draft.obs.spec.run_policy
+    disruptions = int(draft.obs.status.get("disruptions") or 0)
+    if policy.max_disruptions is not None and disruptions >= policy.max_disruptions:
+        _fail(draft, "TooManyDisruptions", f"gang {gang} was disrupted after {disruptions} disruptions (runPolicy.maxDisruptions={policy.max_disruptions}): {why}")
+        return
+    draft.status["disruptions"] = disruptions + 1
+    _restart(draft, gang, DISRUPTION_RESTART_SECONDS, "GangDisrupted",
+             f"disruption {disruptions + 1}{'' if policy.max_disruptions is None else f'/{policy.max_disruptions}'} (no restart spent)", why)
 
 
 def _restart(draft: _Draft, gang: int, delay: float, reason: str, budget: str, why: str) -> None:
@@ -416,6 +538,7 @@ def _succeed(draft: _Draft) -> None:
 
 def _finished(draft: _Draft) -> None:
     obs = draft.obs
+    _clean_finished_gang(draft)
     if obs.status.get("phase") == "Succeeded":
         _serve(draft)
     elif not draft.is_true(FINISHED):
@@ -430,11 +553,37 @@ def _finished(draft: _Draft) -> None:
             draft.requeue(remaining)
 
 
+def _clean_finished_gang(draft: _Draft) -> None:
+    """Level-triggered, as the Job controller's deleteActivePods: on every reconcile of a finished
+    job, a gang that still runs (DeadlineExceeded, a lost DELETE) or that cleanPodPolicy: All
+    removes is deleted again until it is gone."""
+    obs = draft.obs
+    job = obs.job
+    if job is None:
+        return
+    still_running = not (job.succeeded or job.failed)
+    if obs.spec.run_policy.clean_pod_policy == "All" or (still_running and obs.status.get("phase") == "Failed"):
+        draft.act("delete_job", job.gang)
+
+
+def _leave_servers(draft: _Draft) -> None:
+    """Unregister from shared servers this job left; the record stays until the calls succeed."""
+    obs = draft.obs
+    wanted = obs.spec.serving.server if obs.spec.serving.enabled else None
+    previous = (obs.status.get("serving") or {}).get("server")
+    leaving = sorted({*(obs.status.get("leavingServers") or []), *([previous] if previous else [])} - {wanted})
+    if not leaving:
+        draft.status.pop("leavingServers", None)
+        return
+    for server in leaving:
+        draft.act("unregister_adapter", server=server)
+    draft.status["leavingServers"] = leaving
+    draft.done_when_acted.append("leavingServers")
+
+
 def _serve(draft: _Draft) -> None:
     obs = draft.obs
-    previous = (obs.status.get("serving") or {}).get("server")
-    if previous and (previous != obs.spec.serving.server or not obs.spec.serving.enabled):
-        draft.act("unregister_adapter", server=previous)
+    _leave_servers(draft)
     if not obs.spec.serving.enabled:
         if obs.serving is not None:
             draft.act("delete_serving")
@@ -451,6 +600,8 @@ def _serve(draft: _Draft) -> None:
     serving = obs.spec.serving
     if obs.serving is None or obs.serving.spec_hash != builders.serving_hash(obs.spec):
         draft.act("ensure_serving")  # missing, or serving/podTemplate edited: roll the Deployment
+    elif obs.network_policy_hash is not None and obs.network_policy_hash != network_policy_hash(_ref(obs)):
+        draft.act("ensure_network_policy")  # serving.ingressFrom edited (revoking a peer takes effect)
     draft.status["endpoint"] = builders.endpoint_url(obs.name, obs.namespace)
     draft.status["serving"] = {"url": draft.status["endpoint"], "model": obs.name}
     ready = obs.serving.ready_replicas if obs.serving else 0
@@ -465,6 +616,10 @@ def _serve(draft: _Draft) -> None:
     else:
         draft.condition(SERVING_READY, False, "DeploymentNotReady", f"0/{serving.replicas} inference pods ready (loading weights, warming up)")
         draft.requeue(WAIT_POLL_SECONDS)
+
+
+def _ref(obs: Observation) -> builders.JobRef:
+    return builders.JobRef(obs.name, obs.namespace, "", obs.spec)
 
 
 def _note_template_update(draft: _Draft) -> None:
@@ -532,6 +687,7 @@ def accept(status: dict[str, Any], generation: int | None, now: datetime, output
         draft.status["installationDefaults"] = defaults
     for counter in ("gang", "restarts", "disruptions"):
         draft.status.setdefault(counter, 0)
+    draft.status.pop("storageUnreachableSince", None)
     draft.condition(ACCEPTED, True, "ChecksPassed", "credentials, instance images and model source look usable")
     if memory is not None:
         status_of = {"fits": True, "tight": False}.get(memory.verdict)
@@ -541,17 +697,50 @@ def accept(status: dict[str, Any], generation: int | None, now: datetime, output
 
 
 def await_admission(status: dict[str, Any], generation: int | None, now: datetime, reason: str, message: str,
-                    retry_in: float, gives_up_at: datetime) -> Plan:
-    """A check failed on something that may heal (a Secret created late): wait in Pending, retry."""
+                    permanent: bool, deadline_seconds: int) -> Plan:
+    """A check admission cannot do failed. What may heal (a Secret created late) waits in Pending
+    and is retried with backoff until runPolicy.admissionDeadlineSeconds after the operator's first
+    look (status.admissionStartTime: a job applied while the operator was down gets its whole
+    budget); storage being unreachable is the installation's trouble, not the job's, and gets its
+    own (STORAGE_OUTAGE_SECONDS of it in a row). Past that, or for good: Failed with the cause."""
+    first = parse_time(status.get("admissionStartTime")) or now
+    gives_up_at = first + timedelta(seconds=deadline_seconds)
+    unreachable = reason == "StorageUnreachable"
+    since = (parse_time(status.get("storageUnreachableSince")) or now) if unreachable else None
+    if since is not None:
+        gives_up_at = max(gives_up_at, since + timedelta(seconds=STORAGE_OUTAGE_SECONDS))
+    if permanent or now >= gives_up_at:
+        if not permanent:
+            budget = (f"storage unreachable for {STORAGE_OUTAGE_SECONDS // 60} minutes" if unreachable
+                      else f"runPolicy.admissionDeadlineSeconds={deadline_seconds}")
+            message += f" (still so after {budget})"
+        return reject(status, generation, now, reason, message)
     draft = _Draft(Observation("", "", generation, None, status, now))  # type: ignore[arg-type]
-    draft.condition(ACCEPTED, False, reason, f"{message} (retrying; the job fails at {format_time(gives_up_at)}: runPolicy.admissionDeadlineSeconds)")
-    draft.requeue(retry_in)
+    draft.status["admissionStartTime"] = format_time(first)
+    if since is not None:
+        draft.status["storageUnreachableSince"] = format_time(since)
+    else:
+        draft.status.pop("storageUnreachableSince", None)
+    budget = "storage outages have their own budget" if unreachable else "runPolicy.admissionDeadlineSeconds"
+    draft.condition(ACCEPTED, False, reason, f"{message} (retrying; the job fails at {format_time(gives_up_at)}: {budget})")
+    draft.requeue(admission_retry_seconds((now - first).total_seconds()))
     return draft.finish()
 
 
 def admission_retry_seconds(waited: float) -> float:
     """Backoff between admission checks: quick at first (a Secret created a second late), 30 s at most."""
     return min(30.0, max(1.0, waited / 2))
+
+
+def hold(status: dict[str, Any], generation: int | None, now: datetime, message: str) -> Plan:
+    """An accepted job whose stored spec this operator refuses: said, and nothing else is touched
+    (its phase, its gang, its endpoint stay; an operator that reads it takes it from there)."""
+    draft = _Draft(Observation("", "", generation, None, status, now))  # type: ignore[arg-type]
+    draft.condition(HELD, True, "SpecNotReadable",
+                    f"this operator cannot read the accepted spec ({message}); the job is left as it is until one that can takes over")
+    plan = draft.finish()
+    plan.status["phase"] = status.get("phase", plan.status["phase"])  # a hold changes no phase
+    return plan
 
 
 def reject(status: dict[str, Any], generation: int | None, now: datetime, reason: str, message: str) -> Plan:
@@ -575,6 +764,11 @@ def give_up(status: dict[str, Any], generation: int | None, now: datetime, reaso
     draft.condition(FAILED, True, reason, message)
     draft.condition(FINISHED, True, "JobFailed", message)
     return draft.finish()
+
+
+def acted(status: dict[str, Any], keys: tuple[str, ...]) -> Plan:
+    """Every action of the last plan succeeded: drop the intent it kept (e.g. leavingServers)."""
+    return Plan(status={k: v for k, v in status.items() if k not in keys})
 
 
 def name_conflict(status: dict[str, Any], generation: int | None, now: datetime, message: str | None) -> Plan:
@@ -615,6 +809,8 @@ def trainer_job_state(job: dict[str, Any]) -> TrainerJobState:
         template_hash=(meta.get("annotations") or {}).get(builders.ANNOTATION_TEMPLATE_HASH, ""),
         uid=meta.get("uid", ""),
         created=parse_time(meta.get("creationTimestamp")),
+        start_time=parse_time(status.get("startTime")),
+        queue_name=(meta.get("labels") or {}).get(builders.KUEUE_QUEUE_LABEL, ""),
     )
 
 
@@ -648,8 +844,10 @@ def pod_state(pod: dict[str, Any], node_ready: bool | None = None) -> PodState:
     status = pod.get("status") or {}
     conditions = {c.get("type"): c for c in status.get("conditions") or []}
     scheduled = conditions.get("PodScheduled") or {}
-    terminated = next((s.get("state", {}).get("terminated") for s in status.get("containerStatuses") or []
-                       if s.get("name") == builders.TRAINER_CONTAINER and (s.get("state") or {}).get("terminated")), None) or {}
+    trainer = next((s.get("state") or {} for s in status.get("containerStatuses") or []
+                    if s.get("name") == builders.TRAINER_CONTAINER), {})
+    terminated = trainer.get("terminated") or {}
+    waiting = trainer.get("waiting") or {}
     disruption = conditions.get(failures.DISRUPTION_CONDITION) or {}
     node = (pod.get("spec") or {}).get("nodeName") or ""
     return PodState(
@@ -664,6 +862,11 @@ def pod_state(pod: dict[str, Any], node_ready: bool | None = None) -> PodState:
         exit_code=terminated.get("exitCode"),
         terminated_reason=terminated.get("reason", ""),
         disrupted=disruption.get("status") == "True" or status.get("reason") in failures.NODE_LOST_REASONS,
+        created=parse_time(meta.get("creationTimestamp")),
+        status_reason=status.get("reason") or "",
+        status_message=status.get("message") or "",
+        waiting_reason=waiting.get("reason") or "",
+        waiting_message=waiting.get("message") or "",
     )
 
 
@@ -690,6 +893,9 @@ def queue_state(workload: dict[str, Any] | None) -> QueueState | None:
     conditions = {c.get("type"): c for c in (workload.get("status") or {}).get("conditions") or []}
     admitted = (conditions.get("Admitted") or {}).get("status") == "True"
     evicted = conditions.get("Evicted") or {}
+    active = (workload.get("spec") or {}).get("active", True) is not False
+    if not active:
+        return QueueState(admitted, evicted.get("reason", "") if evicted.get("status") == "True" else "", evicted.get("message", ""), active=False)
     if evicted.get("status") == "True":
         return QueueState(admitted, evicted.get("reason", "Evicted"), evicted.get("message", ""))
     requeued = conditions.get("Requeued") or {}

@@ -18,6 +18,10 @@ DISRUPTIONS = Counter("dreambooth_gang_disruptions_total", "Whole-gang restarts 
 WATCH_EVENTS = Counter("dreambooth_child_watch_events_total", "Events received on the server-side filtered watches of owned objects.", ["kind"])
 LEADER = Gauge("dreambooth_operator_leader", "1 when this replica is the active one (kopf peering), else 0.")
 TIMERS = Gauge("dreambooth_scheduled_reconciles", "Jobs with a reconcile scheduled by time (finished jobs have none).")
+UNWATCHED = Gauge("dreambooth_unwatched_namespaces", "Served namespaces whose Jobs or Deployments cannot be watched now (their jobs wait).")
+# Every call this operator makes to the API server (kopf's own watch of DreamboothJobs aside), by
+# HTTP verb; WATCH: a watch stream opened. What a cluster's API server pays for each job.
+API_REQUESTS = Counter("dreambooth_api_requests_total", "Calls to the Kubernetes API by this operator, by verb (WATCH: a watch opened).", ["verb"])
 TRANSITIONS = Counter("dreambooth_phase_transitions_total", "Phase changes, by the phase entered.", ["phase"])
 
 _phases: dict[str, str] = {}

@@ -38,17 +38,23 @@ def inference_port_rule(ingress_from: list[IngressPeer]) -> dict[str, Any]:
     return {"from": ingress_peers(ingress_from), "ports": [{"protocol": "TCP", "port": builders.SERVE_PORT}]}
 
 
+def network_policy_hash(job: builders.JobRef) -> str:
+    """What the job's NetworkPolicy is built from that a user may edit (serving.ingressFrom)."""
+    return builders.spec_hash([peer.model_dump(mode="json", by_alias=True) for peer in job.spec.serving.ingress_from])
+
+
 def build_job_network_policy(job: builders.JobRef) -> dict[str, Any]:
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": {"name": network_policy_name(job.name), "namespace": job.namespace,
-                     "labels": builders.common_labels(job.name, "network")},
+                     "labels": builders.common_labels(job.name, "network"),
+                     "annotations": {builders.ANNOTATION_SPEC_HASH: network_policy_hash(job)}},
         "spec": {
             "podSelector": {"matchLabels": {builders.LABEL_JOB: job.name}},
             "policyTypes": ["Ingress"],
             "ingress": [
-                {"from": [{"podSelector": {"matchLabels": builders.selector_labels(job.name, "trainer")}}]},
+                {"from": [{"podSelector": {"matchLabels": builders.trainer_selector(job)}}]},
                 inference_port_rule(job.spec.serving.ingress_from),
             ],
         },

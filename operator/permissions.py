@@ -35,8 +35,11 @@ NAMESPACED = (
                "the inference Deployment and a shared server's: watched (label-filtered), created, rolled on edits, removed"),
     Permission("networking.k8s.io", "networkpolicies", ("get", "create", "update", "delete"),
                "one NetworkPolicy per job and per shared server: who may reach the trainers and the inference port"),
-    Permission("", "events", ("create",), "one Event per condition transition"),
-    Permission("kueue.x-k8s.io", "workloads", ("list",), "why Kueue has not admitted a gang yet (the Queued condition's message)"),
+    Permission("scheduling.k8s.io", "podgroups", ("get", "create", "delete"),
+               "a gang's PodGroup with a gang policy (all pods placed or none), where the cluster serves scheduling.k8s.io/v1alpha2"),
+    Permission("", "events", ("create", "list"), "one Event per condition transition; a gang's Job's FailedCreate (why the cluster refused its pods)"),
+    Permission("kueue.x-k8s.io", "workloads", ("list", "watch"),
+               "Kueue's Workloads of the gangs, watched: admitted or why not (the Queued condition), deactivated, its LocalQueue"),
 )
 # Leader election between replicas (kopf peering): namespaced installs use one KopfPeering per namespace.
 PEERING_NAMESPACED = Permission("kopf.dev", "kopfpeerings", ("get", "list", "watch", "patch"), "leader election between replicas (kopf peering)")

@@ -11,21 +11,26 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 from dreambooth_api.v1alpha1.sections import ConfigError
-from dreambooth_api.v1alpha1.spec import API_VERSION, KIND, DreamboothJobSpec, memory_plan, parse_spec
+from dreambooth_api.v1alpha1.spec import API_VERSION, KIND, DreamboothJobSpec, memory_plan
+from dreambooth_api.v1alpha1.stored import read_stored_spec
 
-from . import builders, failures, installation, kube, lifecycle, metrics, polling, registration, store
+from . import builders, failures, installation, kube, lifecycle, metrics, polling, registration, retention, store
 from .conditions import ACCEPTED, FAILED, NAME_CONFLICT, TERMINAL_PHASES, is_true, parse_time
-from .network_policies import build_job_network_policy
+from .network_policies import build_job_network_policy, network_policy_name
 from .watches import Children
 
 log = logging.getLogger(__name__)
 # How soon a reconcile that hit an outage (API or storage) runs again.
 TEMPORARY_DELAY = 10.0
 SECRET_CACHE_SECONDS = 10.0
+# How long the answer "does the cluster serve PodGroups" is kept (an upgrade may turn them on).
+GANG_API_RECHECK_SECONDS = 300.0
+# A held job (its accepted spec unreadable here) is looked at again this often.
+HOLD_RETRY_SECONDS = 300.0
 # Parsed specs kept (oldest dropped first): more than the unfinished jobs of a busy cluster.
 SPECS_KEPT = 2048
 # Pods of a gang are listed (to tell "not placed" from "starting") once its Job is this old.
@@ -73,6 +78,7 @@ class _ProgressPoll:
     sample: polling.ProgressSample | None = None
     interval: float | None = None
     due: float = 0.0
+    since: float = 0.0  # when the gang's polling began (epoch seconds)
 
 
 @dataclass
@@ -83,8 +89,10 @@ class Reconciler:
     bodies: Bodies = field(default_factory=Bodies)
     _polls: dict[str, _ProgressPoll] = field(default_factory=dict)
     _specs: dict[tuple[Any, ...], DreamboothJobSpec] = field(default_factory=dict)
-    _secrets: dict[tuple[str, str], tuple[float, dict[str, str] | None]] = field(default_factory=dict)
+    _secrets: dict[tuple[str, str, tuple[str, ...]], tuple[float, dict[str, str] | None]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _release_errors: dict[str, str] = field(default_factory=dict)  # job uid -> why its data is not deleted yet
+    _gang_api: tuple[bool, float] = (False, 0.0)  # (PodGroups served, until when that answer holds)
 
     # ------------------------------------------------------------------ entry
     def reconcile(self, namespace: str, name: str) -> float | None:
@@ -95,9 +103,12 @@ class Reconciler:
         try:
             for _ in range(3):
                 current = body if body is not None else kube.read_dreamboothjob(namespace, name)
-                if current is None or current["metadata"].get("deletionTimestamp"):
+                if current is None:
                     self.forget(namespace, name)
                     return None
+                if current["metadata"].get("deletionTimestamp"):
+                    self.forget(namespace, name)
+                    return self._release_data(current)
                 # The cached copy changes only by offer(): a reconcile replaces status and bumps
                 # metadata.resourceVersion in its own copy (status dicts are never edited in place).
                 current = {**current, "metadata": dict(current["metadata"])}
@@ -119,18 +130,85 @@ class Reconciler:
         finally:
             metrics.RECONCILE_SECONDS.observe((datetime.now(timezone.utc) - started).total_seconds())
 
+    def _release_data(self, body: dict[str, Any]) -> float | None:
+        """A job being deleted: delete what spec.retention says, then drop the finalizer (bounded)."""
+        meta = body["metadata"]
+        if retention.FINALIZER not in (meta.get("finalizers") or []):
+            return None
+        status, uid, now = body.get("status") or {}, meta.get("uid", ""), datetime.now(timezone.utc)
+        try:
+            spec: DreamboothJobSpec | None = self._spec(meta, body.get("spec") or {}, installation.for_job(status), keep=False)
+        except ConfigError:
+            spec = None
+        plan = retention.release(status, spec.retention if spec else None, spec.data.instance_uri if spec else None,
+                                 parse_time(meta["deletionTimestamp"]) or now, now, self._release_errors.get(uid, ""))
+        if plan.warning:
+            self.post_event(body, "Warning", "DataNotDeleted", plan.warning)
+            log.warning("%s/%s: %s", meta["namespace"], meta["name"], plan.warning)
+        try:
+            if not plan.let_go and spec is not None:
+                ref = spec.storage.credentials_secret_ref
+                secret = self._secret(meta["namespace"], ref.name, (ref.access_key_key, ref.secret_key_key), fresh=True)
+                if secret is None:
+                    raise store.StoreRefused(f"Secret {meta['namespace']}/{ref.name} (storage.credentialsSecretRef) is gone")
+                creds = _credentials(spec, secret)
+                if any(what == "outputs" for what, _ in plan.prefixes) and self._stop_writers(meta):
+                    return retention.RETRY_SECONDS / 5  # the trainers go first: nothing may write after the delete
+                for what, uri in plan.prefixes:
+                    count = store.delete_objects(creds, uri, retention.SUBJECT_SUFFIXES if what == "subject photos" else ())
+                    log.info("%s/%s: spec.retention deleted %d objects (%s) under %s", meta["namespace"], meta["name"], count, what, uri)
+            kube.set_finalizers(body, [f for f in meta.get("finalizers") or [] if f != retention.FINALIZER])
+        except (store.StoreUnavailable, store.StoreRefused, kube.SecretValueUnreadable, KeyError) as error:
+            self._release_errors[uid] = str(error)[:300]
+            return plan.retry_in
+        self._release_errors.pop(uid, None)
+        return None
+
+    @staticmethod
+    def _stop_writers(meta: dict[str, Any]) -> bool:
+        """Delete the job's gangs and kill their pods at once (their output is being deleted, no
+        checkpoint is worth waiting for); True while some are still there."""
+        pods = kube.list_trainer_pods(meta["namespace"], meta["name"])
+        for pod in pods:
+            job = ((pod.get("metadata") or {}).get("labels") or {}).get("batch.kubernetes.io/job-name")
+            if job:
+                kube.delete_job(meta["namespace"], job, meta["uid"])
+            kube.force_delete_pod(meta["namespace"], pod["metadata"]["name"])
+        return bool(pods)
+
+    def _pod_groups_served(self) -> bool:
+        """Whether gangs get a PodGroup (scheduling.k8s.io/v1alpha2), asked of discovery every few minutes."""
+        now = datetime.now(timezone.utc).timestamp()
+        with self._lock:
+            known, until = self._gang_api
+        if now < until:
+            return known
+        served = kube.serves(builders.POD_GROUP_API, "podgroups")
+        with self._lock:
+            self._gang_api = (bool(served) if served is not None else known, now + GANG_API_RECHECK_SECONDS)
+            return self._gang_api[0]
+
+    def _keep_finalizer(self, body: dict[str, Any], spec: DreamboothJobSpec) -> None:
+        """A job whose retention deletes data carries the finalizer that does it; others carry none."""
+        wanted = retention.finalizers_wanted(list(body["metadata"].get("finalizers") or []), spec.retention)
+        if wanted is not None:
+            kube.set_finalizers(body, wanted)
+            raise kube.Conflict("finalizers changed: decide on the new version")
+
     def released(self, body: dict[str, Any]) -> None:
         """A deleted job leaves its shared server's registry at once (off the caller's thread; a
         failure is swept by the next registration on that server)."""
-        meta, server = body.get("metadata") or {}, ((body.get("status") or {}).get("serving") or {}).get("server")
-        if not server:
+        meta, status = body.get("metadata") or {}, body.get("status") or {}
+        servers = {*(status.get("leavingServers") or []), *filter(None, [(status.get("serving") or {}).get("server")])}
+        if not servers:
             return
 
         def unregister() -> None:
-            try:
-                registration.unregister(meta["namespace"], server, meta["name"], meta.get("uid"))
-            except (kube.KubeError, ValueError) as error:
-                log.warning("adapter %s stays registered with %s until the next sweep: %s", meta["name"], server, error)
+            for server in sorted(servers):
+                try:
+                    registration.unregister(meta["namespace"], server, meta["name"], meta.get("uid"))
+                except (kube.KubeError, ValueError) as error:
+                    log.warning("adapter %s stays registered with %s until the next sweep: %s", meta["name"], server, error)
 
         _POOL.submit(unregister)
 
@@ -150,9 +228,14 @@ class Reconciler:
         try:
             spec = self._spec(meta, body.get("spec") or {}, snapshot, keep=status.get("phase") not in TERMINAL_PHASES)
         except ConfigError as error:
+            if status.get("acceptedGeneration") is not None:
+                # Accepted under another version's rules: never failed for it, held (a later read may pass).
+                self._commit(body, lifecycle.hold(status, generation, now, str(error)))
+                return HOLD_RETRY_SECONDS
             if not is_true(status.get("conditions") or [], FAILED):
                 self._commit(body, lifecycle.reject(status, generation, now, "InvalidSpec", str(error)))
             return None
+        self._keep_finalizer(body, spec)
         ref = builders.JobRef(meta["name"], meta["namespace"], meta["uid"], spec, dict(meta.get("labels") or {}))
         accepted_events: list[tuple[str, str, str]] = []
         if not is_true(status.get("conditions") or [], ACCEPTED):
@@ -193,6 +276,8 @@ class Reconciler:
         finally:
             if committed is not None:
                 committed.result()
+        if plan.done_when_acted and conflict is None:
+            self._commit(body, lifecycle.acted(body["status"], plan.done_when_acted))
         created = any(a.kind in ("create_job", "ensure_serving") for a in actions)
         if conflict or (created and is_true(body["status"].get("conditions") or [], NAME_CONFLICT)):
             # Resolved only when what collided was created since: a step that made nothing proves nothing.
@@ -209,7 +294,10 @@ class Reconciler:
             cached = self._specs.get(key)
         if cached is not None:
             return cached
-        spec = parse_spec(installation.spec_with_defaults(raw, snapshot))
+        stored = read_stored_spec(installation.spec_with_defaults(raw, snapshot))
+        if stored.ignored:
+            log.info("%s/%s: fields unknown to this version ignored: %s", meta.get("namespace"), meta.get("name"), ", ".join(stored.ignored))
+        spec = stored.spec
         if not keep:
             return spec  # a finished job is rarely looked at again: not worth its memory
         with self._lock:
@@ -221,15 +309,8 @@ class Reconciler:
     def _await_admission(self, body: dict[str, Any], spec: DreamboothJobSpec, now: datetime,
                          reason: str, message: str, permanent: bool) -> float | None:
         meta, status = body["metadata"], body.get("status") or {}
-        created = parse_time(meta.get("creationTimestamp")) or now
-        deadline = created + timedelta(seconds=spec.run_policy.admission_deadline_seconds)
-        if permanent or now >= deadline:
-            if not permanent:
-                message += f" (still so after runPolicy.admissionDeadlineSeconds={spec.run_policy.admission_deadline_seconds})"
-            self._commit(body, lifecycle.reject(status, meta.get("generation"), now, reason, message))
-            return None
-        retry = lifecycle.admission_retry_seconds((now - created).total_seconds())
-        plan = lifecycle.await_admission(status, meta.get("generation"), now, reason, message, retry, deadline)
+        plan = lifecycle.await_admission(status, meta.get("generation"), now, reason, message, permanent,
+                                         spec.run_policy.admission_deadline_seconds)
         self._commit(body, plan)
         return plan.requeue_after
 
@@ -240,7 +321,10 @@ class Reconciler:
             return ("ModelSourceUnreachable", f"model.source {source!r}: a relative path is not reachable from the pods; "
                     "use s3://, hf:// or an absolute path in the image", True)
         secret_ref = ref.spec.storage.credentials_secret_ref
-        data = self._secret(ref.namespace, secret_ref.name)
+        try:
+            data = self._secret(ref.namespace, secret_ref.name, (secret_ref.access_key_key, secret_ref.secret_key_key))
+        except kube.SecretValueUnreadable as error:
+            return "SecretKeyUnreadable", f"storage.credentialsSecretRef: {error}", False
         if data is None:
             return "SecretNotFound", f"storage.credentialsSecretRef: Secret {ref.namespace}/{secret_ref.name} does not exist", False
         for key in (secret_ref.access_key_key, secret_ref.secret_key_key):
@@ -261,16 +345,16 @@ class Reconciler:
             return "StorageUnreachable", f"storage.endpoint {ref.spec.storage.endpoint}: {error}", False
         return None
 
-    def _secret(self, namespace: str, name: str, fresh: bool = False) -> dict[str, str] | None:
-        """The credentials Secret, reused for a few seconds (a burst of jobs shares one; never logged).
-        A missing Secret is never taken from the cache: it may have been created since."""
-        key = (namespace, name)
+    def _secret(self, namespace: str, name: str, keys: tuple[str, ...], fresh: bool = False) -> dict[str, str] | None:
+        """The credentials Secret's named keys, reused for a few seconds (a burst of jobs shares one;
+        never logged). A missing Secret is never taken from the cache: it may have been created since."""
+        key = (namespace, name, keys)
         now = datetime.now(timezone.utc).timestamp()
         with self._lock:
             cached = self._secrets.get(key)
         if cached and cached[1] is not None and not fresh and now < cached[0]:
             return cached[1]
-        data = kube.read_secret_data(namespace, name)
+        data = kube.read_secret_data(namespace, name, keys)
         with self._lock:
             if len(self._secrets) > 1000:
                 self._secrets = {k: v for k, v in self._secrets.items() if v[0] > now}
@@ -296,29 +380,50 @@ class Reconciler:
         )
         if wants_pods:
             pods, old_pods = self._pods(ref, gang, job is not None and job.failed, now)
-            stale_pods = len(old_pods)
+            stale_pods = sum(1 for pod in old_pods if not pod.ended)  # an ended pod a finalizer holds runs nothing
+        refusal = ""
+        if placing and wants_pods and job is not None and sum(1 for p in pods if not p.ended and p.deletion_deadline is None) < nodes:
+            refusal = kube.latest_event_message(ref.namespace, job.uid, "FailedCreate")
         progress = latest = None
         if not terminal and job is not None and not job.suspended and (job.active or job.succeeded or job.failed):
             progress, latest = self._progress(ref, status, force=job.succeeded)
         serving = shared = None
+        policy_hash = None
         if terminal or (job is not None and job.succeeded):
             deployment = self.children.deployments.get(ref.namespace, builders.inference_name(ref.name))
             if deployment is not None and lifecycle.owned_by(deployment, ref.uid):
                 serving = lifecycle.serving_state(deployment)
+                policy_hash = self._network_policy_hash(ref)
             if ref.spec.serving.server and ref.spec.serving.enabled:
                 shared = registration.observe(ref)
-        queue = None
-        if job is not None and job.suspended and ref.queue_name and not terminal:
-            queue = lifecycle.queue_state(kube.read_workload(ref.namespace, job.uid))
+        queue, queue_name = None, ref.queue_name or (job.queue_name if job else "")
+        if job is not None and job.suspended and not terminal:
+            workload = self.children.workloads.by_job_uid(job.uid)
+            queue = lifecycle.queue_state(workload)
+            # Kueue's default LocalQueue or manageJobsWithoutQueueName: queued though the job named no queue.
+            queue_name = queue_name or ((workload or {}).get("spec") or {}).get("queueName", "")
         return lifecycle.Observation(
             name=ref.name, namespace=ref.namespace, generation=generation, spec=ref.spec, status=status, now=now,
             job=job, stale_jobs=stale_jobs, stale_pods=stale_pods, pods=pods, old_pods=old_pods, progress=progress,
-            latest_checkpoint=latest, serving=serving, queue_name=ref.queue_name, queue=queue, shared=shared,
+            latest_checkpoint=latest, serving=serving, queue_name=queue_name, queue=queue, shared=shared,
+            refusal=refusal, network_policy_hash=policy_hash,
+            pod_groups_served=job is None and not terminal and self._pod_groups_served(),
         )
+
+    @staticmethod
+    def _network_policy_hash(ref: builders.JobRef) -> str | None:
+        """The served job's NetworkPolicy as built ("" when missing or not this job's: made again)."""
+        policy = kube.read_object("networking.k8s.io/v1", "NetworkPolicy", ref.namespace, network_policy_name(ref.name))
+        if policy is None or not lifecycle.owned_by(policy, ref.uid):
+            return ""
+        return ((policy.get("metadata") or {}).get("annotations") or {}).get(builders.ANNOTATION_SPEC_HASH, "")
 
     def _pods(self, ref: builders.JobRef, gang: int, failed: bool, now: datetime) -> tuple[tuple[failures.PodState, ...], tuple[failures.PodState, ...]]:
         """Pods of the current gang, and of older gangs (with their nodes' readiness when it matters)."""
-        raw = kube.list_trainer_pods(ref.namespace, ref.name)
+        # A deleted job of the same name may leave pods behind: only this job's (pods made by older
+        # operators carry no uid label and count as this job's).
+        raw = [pod for pod in kube.list_trainer_pods(ref.namespace, ref.name)
+               if ((pod.get("metadata") or {}).get("labels") or {}).get(builders.LABEL_JOB_UID, ref.uid) == ref.uid]
         readiness: dict[str, bool | None] = {}
 
         def ready(pod: dict[str, Any], needed: bool) -> bool | None:
@@ -333,7 +438,8 @@ class Reconciler:
         for pod in raw:
             number = lifecycle.pod_state(pod).gang
             if number == gang:
-                current.append(lifecycle.pod_state(pod, ready(pod, failed)))
+                deleting = parse_time(pod["metadata"].get("deletionTimestamp"))
+                current.append(lifecycle.pod_state(pod, ready(pod, failed or (deleting is not None and now > deleting))))
             elif number < gang:
                 deleting = parse_time(pod["metadata"].get("deletionTimestamp"))
                 old.append(lifecycle.pod_state(pod, ready(pod, deleting is not None and now > deleting)))
@@ -345,15 +451,16 @@ class Reconciler:
         clock = datetime.now(timezone.utc).timestamp()
         with self._lock:
             # The first record comes after the model loads: no read in the gang's first seconds.
-            poll = self._polls.setdefault(key, _ProgressPoll(due=clock + polling.FIRST_SECONDS))
+            poll = self._polls.setdefault(key, _ProgressPoll(due=clock + polling.FIRST_SECONDS, since=clock))
             if not force and clock < poll.due:
                 return None, None
-        secret = self._secret(ref.namespace, ref.spec.storage.credentials_secret_ref.name) or {}
+        secret_ref = ref.spec.storage.credentials_secret_ref
         try:
+            secret = self._secret(ref.namespace, secret_ref.name, (secret_ref.access_key_key, secret_ref.secret_key_key)) or {}
             creds = _credentials(ref.spec, secret)
             record = store.read_progress(creds, ref.output_uri)
             latest = store.read_latest_checkpoint(creds, ref.output_uri)
-        except (KeyError, store.StoreUnavailable, store.StoreRefused) as error:
+        except (KeyError, kube.SecretValueUnreadable, store.StoreUnavailable, store.StoreRefused) as error:
             # Progress is best effort: training goes on while storage is briefly away (no event).
             log.info("%s: progress not readable: %s", key, error)
             with self._lock:
@@ -361,7 +468,7 @@ class Reconciler:
             return None, None
         current = polling.sample(record)
         with self._lock:
-            poll.interval = polling.next_poll_seconds(poll.sample, current, poll.interval)
+            poll.interval = polling.next_poll_seconds(poll.sample, current, poll.interval, clock - poll.since)
             poll.sample = current or poll.sample
             poll.due = clock + poll.interval
         return record, latest
@@ -386,19 +493,26 @@ class Reconciler:
         owner = builders.owner_reference(API_VERSION, KIND, name, uid)
         if action.kind == "create_job":
             # The Job only once its ConfigMap and Service are this job's: a collision makes no pod.
-            made = self._create_all(ref, owner, (builders.build_config_map(ref), builders.build_worker_service(ref),
-                                                 build_job_network_policy(ref)))
-            self._create_all(ref, owner, (builders.build_trainer_job(ref, action.gang or 0),), undo=made)
+            first = [builders.build_config_map(ref), builders.build_worker_service(ref), build_job_network_policy(ref)]
+            if action.value:  # the PodGroup before the pods that join it
+                first.append(builders.build_pod_group(ref, action.gang or 0))
+            made = self._create_all(ref, owner, tuple(first))
+            self._create_all(ref, owner, (builders.build_trainer_job(ref, action.gang or 0, bool(action.value)),), undo=made)
         elif action.kind == "delete_job":
             if kube.delete_job(ns, builders.trainer_job_name(name, action.gang or 0), uid):
                 log.info("%s/%s: deleted Job %s", ns, name, builders.trainer_job_name(name, action.gang or 0))
+            if self._pod_groups_served():
+                kube.delete_owned(builders.POD_GROUP_API, "PodGroup", ns, builders.trainer_job_name(name, action.gang or 0), uid)
         elif action.kind == "suspend_job":
             kube.set_job_suspended(ns, builders.trainer_job_name(name, action.gang or 0), bool(action.value))
         elif action.kind == "force_delete_pod":
             log.warning("%s/%s: force-deleting pod %s (past its grace period on a lost node)", ns, name, action.target)
             kube.force_delete_pod(ns, action.target)
         elif action.kind == "ensure_serving":
-            self._create_all(ref, owner, (builders.build_inference_deployment(ref), builders.build_inference_service(ref)))
+            self._create_all(ref, owner, (builders.build_inference_deployment(ref), builders.build_inference_service(ref),
+                                          build_job_network_policy(ref)))
+        elif action.kind == "ensure_network_policy":
+            self._create_all(ref, owner, (build_job_network_policy(ref),))
         elif action.kind == "delete_serving":
             kube.delete_serving(ns, builders.inference_name(name), uid)
         elif action.kind == "register_adapter":

@@ -25,6 +25,8 @@ from .watches import Children
 log = logging.getLogger(__name__)
 COMPONENT = "dreambooth-operator"
 OWN_WRITES_KEPT = 4096
+# A job whose namespace cannot be watched yet is looked at again this often.
+NOT_SYNCED_RETRY_SECONDS = 5.0
 
 
 class EventPoster:
@@ -123,10 +125,15 @@ class Runtime:
 
     # ------------------------------------------------------------------ running
     def _may_act(self) -> bool:
-        return self.leadership.leading() and self.children.synced()
+        return self.leadership.leading()
 
     def _reconcile(self, key: Any) -> float | None:
         namespace, name = str(key).split("/", 1)
+        metrics.UNWATCHED.set(len(self.children.failing()))
+        if not self.children.synced(namespace):
+            # Its namespace's children are not listed (yet, or no more: a Role removed): deciding on
+            # an empty cache would duplicate gangs. Jobs of the namespaces that work go on.
+            return NOT_SYNCED_RETRY_SECONDS
         again = self.reconciler.reconcile(namespace, name)
         metrics.TIMERS.set(self.queue.delayed())
         return again

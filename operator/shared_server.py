@@ -104,12 +104,21 @@ def sharing_conflict(server: str, job_name: str, existing: ServerDefinition, wan
             (mine.serving_credentials_secret_ref or mine.credentials_secret_ref).name != read_with:
         return (f"serving.server {server} reads storage at {theirs.endpoint} with Secret {read_with}; "
                 "this job's storage or credentials differ: name another server")
+    if existing.ingress_from != wanted.ingress_from:
+        return (f"serving.server {server} admits {_peers(existing.ingress_from)} to its inference port; this job's "
+                "serving.ingressFrom differs (one set of peers per server): name the same peers or another server")
     if existing.auth != wanted.auth:
         token = existing.auth.token_secret_ref
         return (f"serving.server {server} takes its token from "
                 f"{f'Secret {token.name} key {token.key}' if token else 'no Secret (it is open)'}; "
                 "serving.auth.tokenSecretRef must name the same (one token per server)")
     return None
+
+
+def _peers(peers: list[IngressPeer]) -> str:
+    if not peers:
+        return "every pod of its namespace"
+    return "; ".join(peer.model_dump_json(by_alias=True, exclude_none=True) for peer in peers)
 
 
 # --- names and labels ------------------------------------------------------------------------

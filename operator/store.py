@@ -186,6 +186,34 @@ def check_model_source(creds: Credentials, source: str) -> None:
     _guarded(creds, lambda: _check_model_source(creds, source))
 
 
+def delete_objects(creds: Credentials, uri: str, suffixes: tuple[str, ...] = ()) -> int:
+    """Delete every object under `uri` (only those ending in `suffixes`, when given); returns how
+    many. Deletion is idempotent: a retry after a partial one deletes the rest."""
+    return _guarded(creds, lambda: _delete_objects(creds, uri, suffixes))
+
+
+def _delete_objects(creds: Credentials, uri: str, suffixes: tuple[str, ...]) -> int:
+    from minio.deleteobjects import DeleteObject
+
+    storage = _storage(creds, uri)
+    prefix = join_key(storage.prefix, "")
+    search = prefix + "/" if prefix and not prefix.endswith("/") else prefix
+    try:
+        names = [o.object_name for o in storage.client.list_objects(storage.bucket, prefix=search, recursive=True)
+                 if not suffixes or o.object_name.lower().endswith(suffixes)]
+        for start in range(0, len(names), 1000):  # DeleteObjects takes 1,000 keys a call
+            errors = list(storage.client.remove_objects(storage.bucket, iter(DeleteObject(n) for n in names[start:start + 1000])))
+            if errors:
+                raise StoreRefused(f"{storage.describe()}: {len(errors)} objects could not be deleted ({errors[0].code})")
+    except StoreRefused:
+        raise
+    except Exception as error:  # S3Error, network errors
+        if "S3Error" in type(error).__name__:
+            raise StoreRefused(storage._explain(error, "")) from None
+        raise _classify(error) from None
+    return len(names)
+
+
 def _read_progress(creds: Credentials, output_uri: str) -> dict[str, Any] | None:
     """progress.json written by rank 0, or None before the first record."""
     text = _read_optional(creds, output_uri, "progress.json")

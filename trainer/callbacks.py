@@ -264,8 +264,9 @@ COMMIT_WAIT_SECONDS = 120.0
 
 
 class CheckpointTrigger(pl.Callback):
-    def __init__(self, cfg: TrainConfig, progress: ProgressReporter | None = None):
+    def __init__(self, cfg: TrainConfig, progress: ProgressReporter | None = None, attempt: int | None = None):
         self.progress = progress
+        self.attempt = attempt
         self.every = cfg.checkpointing.every_n_steps
         self.max_steps = cfg.training.max_steps
         self.on_sigterm = cfg.checkpointing.on_sigterm
@@ -324,7 +325,7 @@ class CheckpointTrigger(pl.Callback):
         if self.progress is not None:
             marker = self.progress.written_marker()
             trainer.strategy.checkpoint_io.commit_after = lambda: marker.wait(COMMIT_WAIT_SECONDS)
-        trainer.save_checkpoint(checkpoint_key(step))
+        trainer.save_checkpoint(checkpoint_key(step, self.attempt))
         self.stalls.append(time.monotonic() - started)
         self.last_saved_step = step
         log.info("checkpoint started", extra={"step": step, "stall_seconds": round(self.stalls[-1], 3)})

@@ -10,6 +10,13 @@ checkpoints/step-00000006/manifest.json          every file's size and sha256 an
                                                  written by rank 0 after every shard record
 latest                                           "checkpoints/step-00000006", moved after the manifest
 
+A gang run by the operator has an execution attempt (env DREAMBOOTH_ATTEMPT, the gang number):
+its checkpoints are `checkpoints/step-00000006-a3/...`, so two attempts never write the same
+objects, and `latest` is moved by a conditional write (If-Match the version read, or
+If-None-Match: * when absent) that records the attempt in the object's metadata: a writer of an
+older attempt (a zombie rank on a partitioned node) is refused and never replaces a newer
+attempt's `latest` (`FencedOut`).
+
 Under training.strategy=fsdp no rank holds the whole state, so the tensors are written with
 torch.distributed.checkpoint instead ("layout": "dcp" in the manifest), one shard file per rank:
 checkpoints/step-00000006/dcp/__0_0.distcp, __1_0.distcp ...   each rank's shards of the denoiser's
@@ -45,7 +52,7 @@ from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO
 from safetensors.torch import load_file
 
 from .errors import UserInputError
-from .storage import Storage, StorageError, join_key
+from .storage import PreconditionFailed, Storage, StorageError, join_key
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +65,9 @@ LAYOUT_TENSORS = "tensors"  # replicated state (DDP), split across ranks by byte
 LAYOUT_DCP = "dcp"  # sharded state (FSDP), torch.distributed.checkpoint files under dcp/
 DCP_FOLDER = "dcp"
 DCP_METADATA = ".metadata"
-STEP_RE = re.compile(r"step-(\d+)$")
+STEP_RE = re.compile(r"step-(\d+)(?:-a(\d+))?$")
+# A conditional move of `latest` that keeps losing to other writers gives up after this many reads.
+LATEST_ATTEMPTS = 8
 # The key of a checkpoint dict whose value differs between ranks (RNG states): stored per rank.
 RANK_LOCAL = "rank_local"
 TENSOR_REF = "__tensor__"
@@ -69,8 +78,13 @@ SAFETENSORS_DTYPES = {
 }
 
 
-def checkpoint_key(step: int) -> str:
-    return f"{CHECKPOINTS}/step-{step:08d}"
+class FencedOut(StorageError):
+    """A newer execution attempt owns `latest`: this writer is a zombie and must stop."""
+
+
+def checkpoint_key(step: int, attempt: int | None = None) -> str:
+    suffix = "" if attempt is None else f"-a{attempt}"
+    return f"{CHECKPOINTS}/step-{step:08d}{suffix}"
 
 
 def step_of(key: str) -> int:
@@ -78,6 +92,35 @@ def step_of(key: str) -> int:
     if not match:
         raise ValueError(f"{key!r} is not a checkpoint key")
     return int(match.group(1))
+
+
+def attempt_of(key: str) -> int:
+    """The attempt that wrote a checkpoint (-1 for keys without one)."""
+    match = STEP_RE.search(key.rstrip("/"))
+    return int(match.group(2)) if match and match.group(2) is not None else -1
+
+
+def age_order(key: str) -> tuple[int, int]:
+    """Oldest first: a newer attempt's checkpoints are newer than any of an older attempt's."""
+    return attempt_of(key), step_of(key)
+
+
+def move_latest(storage: Storage, key: str, attempt: int | None) -> None:
+    """Point `latest` at `key`; with an attempt, only if no newer attempt has moved it (FencedOut)."""
+    if attempt is None:
+        storage.write_text(LATEST, key)
+        return
+    for _ in range(LATEST_ATTEMPTS):
+        current = storage.version(LATEST)
+        if current is not None and current.attempt is not None and current.attempt > attempt:
+            raise FencedOut(f"{storage.describe(LATEST)} belongs to attempt {current.attempt}; attempt {attempt} "
+                            f"(this process) is superseded and does not replace it with {key}")
+        try:
+            storage.write_if(LATEST, key.encode(), current, attempt)
+            return
+        except PreconditionFailed:
+            continue  # another writer moved it since it was read: read it again
+    raise StorageError(f"{storage.describe(LATEST)} kept changing while {key} was being committed")
 
 
 def tensors_name(rank: int) -> str:
@@ -108,7 +151,7 @@ def sha256_file(path: Path) -> str:
 def complete_checkpoints(storage: Storage) -> list[str]:
     """Checkpoint keys that have a manifest, oldest first."""
     keys = {key.rsplit("/", 1)[0] for key in storage.list(CHECKPOINTS) if key.endswith("/" + MANIFEST)}
-    return sorted(keys, key=step_of)
+    return sorted(keys, key=age_order)
 
 
 def find_resume_checkpoint(storage: Storage) -> str | None:
@@ -246,10 +289,11 @@ class ObjectStoreCheckpointIO(CheckpointIO):
     """Lightning CheckpointIO: called on EVERY rank (see EveryRankSavesDDPStrategy); each rank writes
     its share of the tensors, rank 0 the rest, in the background; rank 0 commits with the manifest."""
 
-    def __init__(self, storage: Storage, keep_last: int, rank: int = 0, world: int = 1):
+    def __init__(self, storage: Storage, keep_last: int, rank: int = 0, world: int = 1, attempt: int | None = None):
         self.storage = storage
         self.keep_last = keep_last
         self.rank, self.world = rank, world
+        self.attempt = attempt
         self.host = HostBuffers()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self.in_flight: Future | None = None
@@ -342,9 +386,10 @@ class ObjectStoreCheckpointIO(CheckpointIO):
                 time.sleep(0.2)
             records.append(json.loads(self.storage.read_text(name)))
         files = {name: meta for record in records for name, meta in record["files"].items()}
-        manifest = {"format": FORMAT, "layout": layout, "step": step, "world": self.world, "files": files, "written_at": time.time()}
+        manifest = {"format": FORMAT, "layout": layout, "step": step, "world": self.world, "files": files, "written_at": time.time(),
+                    "attempt": self.attempt}
         self.storage.write_text(join_key(key, MANIFEST), json.dumps(manifest, indent=1))
-        self.storage.write_text(LATEST, key)
+        move_latest(self.storage, key, self.attempt)
         self.saved.append(key)
         self.prune()
 
@@ -384,12 +429,12 @@ class ObjectStoreCheckpointIO(CheckpointIO):
     def prune(self) -> None:
         """Keep the newest `keep_last` complete checkpoints; drop older ones and stale partial ones."""
         complete = complete_checkpoints(self.storage)
-        newest = step_of(complete[-1]) if complete else 0
+        newest = age_order(complete[-1]) if complete else (-1, 0)
         for key in complete[: -self.keep_last]:
             self.remove_checkpoint(key)
         partial = {checkpoint_of(k) for k in self.storage.list(CHECKPOINTS)} - set(complete)
         for key in partial:
-            if STEP_RE.search(key) and step_of(key) < newest:
+            if STEP_RE.search(key) and age_order(key) < newest:
                 self.remove_checkpoint(key)
 
 

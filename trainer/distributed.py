@@ -20,6 +20,7 @@ class DistEnv:
     nnodes: int = 1
     node_rank: int = 0
     nproc_per_node: int = 1
+    attempt: int | None = None  # DREAMBOOTH_ATTEMPT: the gang's execution attempt (fences its writes)
 
     @property
     def world_size(self) -> int:
@@ -54,6 +55,7 @@ def dist_env_from(env: Mapping[str, str] = os.environ) -> DistEnv:
         nnodes=nnodes,
         node_rank=node_rank,
         nproc_per_node=_int_env(env, "NPROC_PER_NODE", 1, 1),
+        attempt=_int_env(env, "DREAMBOOTH_ATTEMPT", -1, 0) if env.get("DREAMBOOTH_ATTEMPT") else None,
     )
 
 

@@ -12,7 +12,10 @@ import os
 import random
 import shutil
 import time
+import fcntl
+import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlparse
@@ -27,11 +30,28 @@ PARALLEL_UPLOADS = 4
 PERMANENT_S3_CODES = {
     "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "NoSuchKey",
     "InvalidBucketName", "AllAccessDisabled", "InvalidArgument",
+    "PreconditionFailed", "ConditionalRequestConflict",  # a conditional write lost: re-read, not retry
 }
 
 
 class StorageError(RuntimeError):
     """A storage failure a user can act on: names the object, prefix or bucket."""
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write lost: the object was created or replaced since it was read."""
+
+
+# Object metadata (x-amz-meta-*) naming the execution attempt that wrote an object.
+ATTEMPT_METADATA = "dreambooth-attempt"
+
+
+@dataclass(frozen=True)
+class Version:
+    """One version of an object: its ETag and the attempt that wrote it (None: not recorded)."""
+
+    etag: str
+    attempt: int | None = None
 
 
 def is_s3(uri: str) -> bool:
@@ -100,6 +120,15 @@ class Storage:
 
     def describe(self, key: str = "") -> str:
         return f"{self.uri.rstrip('/')}/{key}" if key else self.uri
+
+    def version(self, key: str) -> Version | None:
+        """The object's current version, or None when it does not exist."""
+        raise NotImplementedError
+
+    def write_if(self, key: str, data: bytes, expected: Version | None, attempt: int) -> None:
+        """Write only over `expected` (None: only if the object does not exist), recording
+        `attempt`; PreconditionFailed when another writer got there first (If-Match/If-None-Match)."""
+        raise NotImplementedError
 
     def read_text(self, key: str) -> str:
         return self.read_bytes(key).decode()
@@ -173,6 +202,33 @@ class LocalStorage(Storage):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def _attempt_path(self, key: str) -> Path:
+        path = self._path(key)
+        return path.with_name(f".{path.name}.attempt")  # dot files are never listed
+
+    def version(self, key: str) -> Version | None:
+        path = self._path(key)
+        try:
+            etag = hashlib.md5(path.read_bytes()).hexdigest()
+        except FileNotFoundError:
+            return None
+        try:
+            attempt: int | None = int(self._attempt_path(key).read_text())
+        except (FileNotFoundError, ValueError):
+            attempt = None
+        return Version(etag, attempt)
+
+    def write_if(self, key: str, data: bytes, expected: Version | None, attempt: int) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # compare and swap, as the object store does it
+            current = self.version(key)
+            if (current is None) != (expected is None) or (current and expected and current.etag != expected.etag):
+                raise PreconditionFailed(f"{self.describe(key)} changed since it was read")
+            self._attempt_path(key).write_text(str(attempt))
+            self.write_bytes(key, data)
 
     def delete_prefix(self, prefix: str) -> None:
         path = self._path(prefix)
@@ -269,6 +325,31 @@ class S3Storage(Storage):
         except S3Error as error:
             if error.code in {"NoSuchKey", "NoSuchObject", "ResourceNotFound"}:
                 return False
+            raise StorageError(self._explain(error, key)) from None
+
+    def version(self, key: str) -> Version | None:
+        from minio.error import S3Error
+
+        try:
+            stat = with_retries(lambda: self.client.stat_object(self.bucket, self._key(key)), self.describe(key))
+        except S3Error as error:
+            if error.code in {"NoSuchKey", "NoSuchObject", "ResourceNotFound"}:
+                return None
+            raise StorageError(self._explain(error, key)) from None
+        recorded = (stat.metadata or {}).get(f"x-amz-meta-{ATTEMPT_METADATA}")
+        return Version(stat.etag, int(recorded) if recorded and str(recorded).isdigit() else None)
+
+    def write_if(self, key: str, data: bytes, expected: Version | None, attempt: int) -> None:
+        from minio.error import S3Error
+
+        # PutObject with a precondition (S3 and MinIO answer 412 PreconditionFailed when it fails).
+        headers = {"If-Match": f'"{expected.etag}"'} if expected else {"If-None-Match": "*"}
+        headers[f"x-amz-meta-{ATTEMPT_METADATA}"] = str(attempt)
+        try:
+            with_retries(lambda: self.client._put_object(self.bucket, self._key(key), data, headers), self.describe(key))
+        except S3Error as error:
+            if error.code in {"PreconditionFailed", "ConditionalRequestConflict"}:
+                raise PreconditionFailed(f"{self.describe(key)} changed since it was read") from None
             raise StorageError(self._explain(error, key)) from None
 
     def delete_prefix(self, prefix: str) -> None:

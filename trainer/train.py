@@ -35,6 +35,7 @@ class Placement:
     rank: int
     world: int
     backend: str
+    attempt: int | None = None  # the operator's execution attempt; None for runs outside a cluster
 
 
 def placement_from_env() -> Placement:
@@ -50,6 +51,7 @@ def placement_from_env() -> Placement:
         rank=env.node_rank * env.nproc_per_node + local_rank,
         world=env.world_size,
         backend="nccl" if cuda else "gloo",
+        attempt=env.attempt,
     )
 
 
@@ -243,7 +245,7 @@ def make_trainer(cfg: TrainConfig, place: Placement, output: "object", json_logs
     workdir = Path(tempfile.mkdtemp(prefix="dreambooth-"))
     tb_dir = workdir / "tb" if cfg.output.tensorboard and place.rank == 0 else None
     progress = ProgressReporter(cfg, output, place.world, start_step, tb_dir, json_logs, place.rank)
-    trigger = CheckpointTrigger(cfg, progress)
+    trigger = CheckpointTrigger(cfg, progress, place.attempt)
     validation = []
     # Under FSDP rank 0 alone cannot run the sharded denoiser: only the final validation runs.
     if validator is not None and (cfg.validation.every_n_steps or cfg.validation.fidelity) and training.strategy != "fsdp":
@@ -257,7 +259,7 @@ def make_trainer(cfg: TrainConfig, place: Placement, output: "object", json_logs
         precision=PRECISION[resolved_precision(cfg)], max_steps=training.max_steps,
         accumulate_grad_batches=training.gradient_accumulation_steps, gradient_clip_val=training.max_grad_norm,
         logger=False, callbacks=callbacks, enable_checkpointing=False,
-        plugins=[ObjectStoreCheckpointIO(output, cfg.checkpointing.keep_last, place.rank, place.world), LightningEnvironment()],
+        plugins=[ObjectStoreCheckpointIO(output, cfg.checkpointing.keep_last, place.rank, place.world, place.attempt), LightningEnvironment()],
         use_distributed_sampler=False, enable_progress_bar=not json_logs, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(workdir),
     )

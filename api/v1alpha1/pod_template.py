@@ -27,7 +27,7 @@ DNS_SUBDOMAIN_RE = rf"^{DNS_LABEL}(\.{DNS_LABEL})*$"
 # The env contract the operator sets itself (README "Storage and distribution contract").
 RESERVED_ENV = (
     "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "NPROC_PER_NODE", "AWS_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "DREAMBOOTH_JOB", "DREAMBOOTH_GANG",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "DREAMBOOTH_JOB", "DREAMBOOTH_GANG", "DREAMBOOTH_ATTEMPT",
 )
 # Volumes and mount paths of the pods the operator builds.
 RESERVED_VOLUMES = ("config", "dshm", "scratch", "cache")

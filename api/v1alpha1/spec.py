@@ -17,6 +17,7 @@ from pydantic import BaseModel, BeforeValidator, Field, ValidationError, WithJso
 from .architectures import ARCHITECTURES, PUBLISHED_SOURCES
 from .memory import MemoryPlan, PlanInputs, exact_bytes_cel, plan
 from .pod_template import (
+    DNS_SUBDOMAIN_RE,
     RESERVED_ENV,
     RESERVED_VOLUMES,
     PodPlacement,
@@ -62,7 +63,7 @@ QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$
 # Sections that stay editable once the job is accepted; every other section of the spec is
 # frozen then (changing it mid-run would not resume). Edits to these take effect: runPolicy at
 # once, serving rolls the Deployment, scheduling and podTemplate apply to the next gang.
-MUTABLE_SECTIONS = ("runPolicy", "serving", "scheduling", "podTemplate")
+MUTABLE_SECTIONS = ("runPolicy", "serving", "scheduling", "podTemplate", "retention")
 # The status field that freezes the spec: set by the operator when it accepts the job.
 LOCK_FIELD = "acceptedGeneration"
 # Long enough for rank 0 to write a full SD checkpoint to object storage after SIGTERM.
@@ -181,8 +182,26 @@ class ServingSpec(Section):
         description="LoRA jobs only: the shared inference server (one per base model, in the job's namespace) that serves this job's "
                     "adapter, created by the first job that names it; unset: a Deployment of the job's own.")
     auth: ServingAuth = Field(default_factory=ServingAuth)
+    service_account_name: str | None = Field(
+        None, pattern=DNS_SUBDOMAIN_RE, max_length=253,
+        description="ServiceAccount of the inference pods (they only read final/); unset: the namespace's default. "
+                    "podTemplate.serviceAccountName is the trainer pods' alone (a read-write workload identity stays off the server).")
     ingress_from: list[IngressPeer] = Field(
         default_factory=list, description="Who may reach the inference port (NetworkPolicy peers); empty: every pod in the job's namespace.")
+
+
+# Disruptions a job survives by default: enough for a preemptible pool, finite so a job evicted at
+# the same point again and again ends.
+DEFAULT_MAX_DISRUPTIONS = 20
+
+
+class RetentionSpec(Section):
+    """What happens to the job's data when the DreamboothJob is deleted (a bounded finalizer does it)."""
+
+    outputs: Literal["Retain", "Delete"] = Field(
+        "Retain", description="The job's output prefix (checkpoints, final model, samples, progress): Retain keeps it, Delete removes it with the job.")
+    subject_photos: Literal["Retain", "Delete"] = Field(
+        "Retain", description="The photos under data.instanceUri (personal data): Delete removes them with the job. Other jobs reading the same prefix lose them too.")
 
 
 class RunPolicySpec(Section):
@@ -194,7 +213,8 @@ class RunPolicySpec(Section):
     )
     ttl_seconds_after_finished: int | None = Field(None, ge=0, description="Delete the DreamboothJob (and all it owns) this long after it finished.")
     max_disruptions: int | None = Field(
-        None, ge=0, description="Gang restarts after disruptions (preemption, eviction, node loss, SIGTERM) before the job fails; unset: no limit. They never spend maxRestarts."
+        DEFAULT_MAX_DISRUPTIONS, ge=0,
+        description="Gang restarts after disruptions (preemption, eviction, node loss, SIGTERM) before the job fails; null: no limit. They never spend maxRestarts."
     )
     retry_on_out_of_memory: bool = Field(
         False, description="false: an OOM-killed trainer fails the job at once (reason OutOfMemory); true: it restarts the gang and spends maxRestarts."
@@ -216,6 +236,7 @@ class DreamboothJobSpec(TrainerSections):
     run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec)
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
     pod_template: PodTemplateOverrides = Field(default_factory=PodTemplateOverrides)
+    retention: RetentionSpec = Field(default_factory=RetentionSpec, description="What is deleted with the job (default: nothing).")
 
     @model_validator(mode="before")
     @classmethod
@@ -467,6 +488,11 @@ class DreamboothJobStatus(Section):
     queue_name: str | None = Field(None, description="Kueue LocalQueue of the current gang (kueue.x-k8s.io/queue-name).")
     restart_at: str | None = Field(None, description="Earliest time the next gang starts (restart backoff).")
     start_time: str | None = Field(None, description="When the current gang last started running (queued and suspended time excluded): activeDeadlineSeconds counts from here.")
+    admission_start_time: str | None = Field(None, description="The operator's first look at the job: runPolicy.admissionDeadlineSeconds counts from here.")
+    storage_unreachable_since: str | None = Field(None, description="Since when storage is unreachable while the job waits for admission (its own budget).")
+    unplaced_restarts: int | None = Field(None, description="New gangs tried in a row because the last one was never all placed (bounded; spends nothing).")
+    leaving_servers: list[str] | None = Field(None, description="Shared servers the job's adapter is being taken off (kept until done).")
+    gang_scheduling: str | None = Field(None, description="How the current gang is placed: Kueue, PodGroup (all-or-nothing, scheduling.k8s.io) or Unprotected.")
     completion_time: str | None = None
     latest_checkpoint: str | None = None
     output_uri: str | None = None

@@ -37,18 +37,20 @@ def _free_port() -> int:
 class OperatorProcess:
     """`kopf run -m dreambooth_operator.handlers` against the test bed; can be killed and restarted."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, peering: str | None = None) -> None:
         self.env = env
         self.log_path = log_path
         self.metrics_port = _free_port()
         self.process: subprocess.Popen | None = None
+        self.peering = peering  # None: --standalone; else a replica electing its leader in that ClusterKopfPeering
 
     def start(self) -> None:
         kopf = Path(sys.executable).with_name("kopf")
         env = dict(self.env, DREAMBOOTH_OPERATOR_METRICS_PORT=str(self.metrics_port))
+        election = ["--standalone"] if self.peering is None else [f"--peering={self.peering}"]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [str(kopf), "run", "-m", "dreambooth_operator.handlers", "--all-namespaces", "--standalone"],
+                [str(kopf), "run", "-m", "dreambooth_operator.handlers", "--all-namespaces", *election],
                 env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         deadline = time.monotonic() + 60

@@ -4,6 +4,7 @@ checkpoints in MinIO, succeeds and serves from the inference image; a preempted 
 the gang, which resumes from the checkpoint."""
 from __future__ import annotations
 
+import copy
 import json
 import re
 import time
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.conftest import BUCKET, condition, get_job, png_bytes, trainer_pods, upload
+from tests.e2e.conftest import BUCKET, condition, get_job, png_bytes, trainer_jobs, trainer_pods, upload
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow, pytest.mark.usefixtures("operator")]
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "job-tiny.yaml"
@@ -134,3 +135,147 @@ def test_a_preempted_pod_restarts_the_gang_from_the_checkpoint(testbed: Any, min
     assert starts and starts[0] >= step, f"gang 1 should resume from step {step}: {log[-2000:]}"
     after = [s["progress"]["step"] for s in seen if s["phase"] == "Running"]
     assert all(value >= step for value in after), f"the step count continues from the checkpoint: {after}"
+
+
+# --- suspension with real pods: exit 143 after the SIGTERM checkpoint ---------------------------
+# The ended pods are held visible by a second finalizer (as service meshes and log shippers add, or
+# as a kubelet slower than the Job controller leaves them): the Job controller then judges their
+# exit codes while the Job is suspended.
+HOLD = "e2e.dreambooth.dev/hold"
+
+
+def hold(testbed: Any, namespace: str, pods: list[dict[str, Any]]) -> None:
+    for pod in pods:
+        testbed.kubectl("patch", "pod", pod["metadata"]["name"], "-n", namespace, "--type=json",
+                        "-p", json.dumps([{"op": "add", "path": "/metadata/finalizers/-", "value": HOLD}]))
+
+
+def release(testbed: Any, namespace: str, name: str) -> None:
+    for pod in trainer_pods(testbed, namespace, name):
+        finalizers = pod["metadata"].get("finalizers") or []
+        if HOLD in finalizers:
+            testbed.kubectl("patch", "pod", pod["metadata"]["name"], "-n", namespace, "--type=merge",
+                            "-p", json.dumps({"metadata": {"finalizers": [f for f in finalizers if f != HOLD]}}), check=False)
+
+
+def exit_codes(pods: list[dict[str, Any]]) -> list[int | None]:
+    return sorted(((s.get("state") or {}).get("terminated") or {}).get("exitCode", -1)
+                  for p in pods for s in (p["status"].get("containerStatuses") or []) if s["name"] == "trainer")
+
+
+def ended_on_sigterm(testbed: Any, namespace: str, name: str, gang: int = 0) -> list[dict[str, Any]] | None:
+    pods = trainer_pods(testbed, namespace, name, gang)
+    return pods if len(pods) == 2 and exit_codes(pods) == [143, 143] and all(p["status"].get("phase") == "Failed" for p in pods) else None
+
+
+def batch_conditions(testbed: Any, namespace: str, job: str) -> dict[str, str]:
+    found = testbed.get("job", job, namespace) or {}
+    return {c["type"]: c["status"] for c in (found.get("status") or {}).get("conditions") or []}
+
+
+def wait_checkpoint(testbed: Any, namespace: str, name: str, phase: str = "Running") -> int:
+    def checkpointed() -> int | None:
+        status = get_job(testbed, namespace, name).get("status") or {}
+        match = re.search(r"step-(\d+)", status.get("latestCheckpoint") or "")
+        return int(match.group(1)) if match and status.get("phase") == phase else None
+
+    return testbed.wait_for(f"a checkpoint of {name} while {phase}", checkpointed, timeout=600, interval=1)
+
+
+def resumed_from(testbed: Any, namespace: str, name: str) -> list[int]:
+    rank0 = [p for p in trainer_pods(testbed, namespace, name, 0)
+             if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "0"]
+    return [int(m) for pod in rank0 for m in re.findall(r'"start_step":\s*(\d+)', testbed.pod_log(pod["metadata"]["name"], namespace))]
+
+
+def assert_the_same_gang_resumed(testbed: Any, namespace: str, name: str, step: int) -> None:
+    """Gang 0 runs again from its SIGTERM checkpoint (rank 0's log), counted as nothing. The rest of
+    the run is the tiny example's, tested elsewhere: the job is not trained to the end here."""
+    testbed.wait_for(f"{name}'s gang 0 resumed from step >= {step}", lambda: max(resumed_from(testbed, namespace, name), default=0) >= step
+                     and get_job(testbed, namespace, name)["status"].get("phase") == "Running", timeout=300, interval=2)
+    time.sleep(5)  # the operator has looked at the resumed gang
+    job = get_job(testbed, namespace, name)
+    assert job["status"]["phase"] == "Running", job["status"]
+    assert (job["status"]["gang"], job["status"]["restarts"], job["status"]["disruptions"]) == (0, 0, 0), "the same gang resumed"
+    assert [j["metadata"]["name"] for j in trainer_jobs(testbed, namespace, name)] == [f"{name}-train-0"]
+    assert not {"Failed", "FailureTarget"} & {t for t, v in batch_conditions(testbed, namespace, f"{name}-train-0").items() if v == "True"}
+
+
+def test_suspend_and_resume_keep_the_gang_when_real_pods_exit_143(testbed: Any, minio_client: Any, namespace: str, s3_secret: str,
+                                                                  images: dict[str, str]) -> None:
+    manifest = tiny_job(testbed, minio_client, namespace, images, maxSteps=80, gradientAccumulationSteps=8)
+    manifest["spec"]["serving"]["enabled"] = False
+    manifest["spec"]["runPolicy"]["maxDisruptions"] = 0  # a suspension counted as a disruption would fail it
+    testbed.apply(manifest, namespace)
+    name = manifest["metadata"]["name"]
+    step = wait_checkpoint(testbed, namespace, name)
+    assert step < 80, "the run ended before it could be suspended; make it longer"
+    hold(testbed, namespace, trainer_pods(testbed, namespace, name, 0))
+    try:
+        testbed.kubectl("patch", "dbj", name, "-n", namespace, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
+        testbed.wait_for("both ranks ended on SIGTERM (143), held visible", lambda: ended_on_sigterm(testbed, namespace, name), timeout=120)
+        time.sleep(3)  # the Job controller syncs on every pod change: it has judged them
+        assert batch_conditions(testbed, namespace, f"{name}-train-0").get("FailureTarget") != "True", \
+            "exit 143 of a suspended Job's pods must not fail the Job"
+        job = get_job(testbed, namespace, name)
+        assert job["status"]["phase"] == "Suspended" and (job["status"]["gang"], job["status"]["disruptions"]) == (0, 0)
+    finally:
+        release(testbed, namespace, name)
+    testbed.kubectl("patch", "dbj", name, "-n", namespace, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
+    assert_the_same_gang_resumed(testbed, namespace, name, step)
+
+
+CPU_QUEUE, CPU_CLUSTER_QUEUE = "cpu-queue", "cpu-cq"
+
+
+@pytest.fixture()
+def cpu_queue(testbed: Any, kueue: Any, namespace: str) -> str:
+    """Kueue quota for exactly one tiny job (2 pods x 1 CPU, 2Gi), shared by local-0 and the KWOK pool."""
+    from tests.testbed.kueue import FLAVOR
+
+    testbed.apply([
+        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue", "metadata": {"name": CPU_CLUSTER_QUEUE},
+         "spec": {"namespaceSelector": {}, "preemption": {"withinClusterQueue": "LowerPriority"},
+                  "resourceGroups": [{"coveredResources": ["cpu", "memory"], "flavors": [{"name": FLAVOR, "resources": [
+                      {"name": "cpu", "nominalQuota": "2"}, {"name": "memory", "nominalQuota": "4Gi"}]}]}]}},
+        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue", "metadata": {"name": CPU_QUEUE, "namespace": namespace},
+         "spec": {"clusterQueue": CPU_CLUSTER_QUEUE}},
+        *[{"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": f"dbj-{level}"}, "value": value,
+           "preemptionPolicy": "Never", "description": f"e2e: {level} priority DreamboothJobs"} for level, value in (("low", 100), ("high", 1000))],
+    ])
+    return CPU_QUEUE
+
+
+@pytest.mark.usefixtures("kwok_keeps_job_pods_running")
+def test_a_kueue_preemption_keeps_the_gang_when_real_pods_exit_143(testbed: Any, minio_client: Any, namespace: str, s3_secret: str,
+                                                                   images: dict[str, str], cpu_queue: str) -> None:
+    low = tiny_job(testbed, minio_client, namespace, images, maxSteps=80, gradientAccumulationSteps=8)
+    low["metadata"] = {"name": "low", "labels": {"kueue.x-k8s.io/queue-name": cpu_queue}}
+    low["spec"]["serving"]["enabled"] = False
+    low["spec"]["runPolicy"]["maxDisruptions"] = 0
+    low["spec"]["scheduling"]["priorityClassName"] = "dbj-low"
+    testbed.apply(low, namespace)
+    step = wait_checkpoint(testbed, namespace, "low")
+    assert step < 80, "the run ended before it could be preempted; make it longer"
+    hold(testbed, namespace, trainer_pods(testbed, namespace, "low", 0))
+    # The same quota asked for by a higher priority: its pods go to the KWOK pool (the test finishes them).
+    high = copy.deepcopy(low)
+    high["metadata"] = {"name": "high", "labels": {"kueue.x-k8s.io/queue-name": cpu_queue}}
+    high["spec"]["scheduling"] = {"priorityClassName": "dbj-high", "nodeSelector": {"dreambooth.dev/pool": "gpu"},
+                                  "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
+    try:
+        testbed.apply(high, namespace)
+        testbed.wait_for("low's ranks ended on SIGTERM (143), held visible", lambda: ended_on_sigterm(testbed, namespace, "low"), timeout=180)
+        time.sleep(3)
+        assert batch_conditions(testbed, namespace, "low-train-0").get("FailureTarget") != "True", \
+            "exit 143 of the pods Kueue stopped must not fail the Job"
+        queued = get_job(testbed, namespace, "low")
+        assert queued["status"]["phase"] == "Queued" and condition(queued, "Queued")["reason"] in ("Preempted", "Evicted")
+        assert (queued["status"]["gang"], queued["status"]["disruptions"], queued["status"]["restarts"]) == (0, 0, 0)
+    finally:
+        release(testbed, namespace, "low")
+    pods = testbed.wait_for("high's pods running", lambda: (lambda p: p if len(p) == 2 else None)(
+        [p for p in trainer_pods(testbed, namespace, "high") if p["status"].get("phase") == "Running"]), timeout=120)
+    for pod in pods:
+        testbed.set_pod_phase(pod["metadata"]["name"], namespace, "Succeeded")
+    assert_the_same_gang_resumed(testbed, namespace, "low", step)  # readmitted by Kueue

@@ -260,6 +260,10 @@ class Testbed:
                 "kubeVersion": pins["KUBERNETES_VERSION"],
                 "etcdVersion": pins["ETCD_VERSION"].lstrip("v"),
                 "kwokVersion": pins["KWOK_VERSION"],
+                # Gang scheduling in Kubernetes itself (alpha in 1.36): the Workload API's PodGroup with a
+                # gang policy, served and honoured by the scheduler (apiserver, scheduler, controller-manager).
+                "kubeFeatureGates": "GenericWorkload=true,GangScheduling=true",
+                "kubeRuntimeConfig": "scheduling.k8s.io/v1alpha2=true",
             },
             "componentsPatches": [
                 {

@@ -87,7 +87,8 @@ def test_worker_service() -> None:
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
-            "selector": {"dreambooth.dev/job-name": "rex", "app.kubernetes.io/component": "trainer"},
+            # by uid: a deleted job's still-terminating pods of the same name are never selected
+            "selector": {"dreambooth.dev/job-name": "rex", "app.kubernetes.io/component": "trainer", "dreambooth.dev/job-uid": "uid-1"},
             "ports": [{"name": "rendezvous", "port": 29500, "targetPort": 29500, "protocol": "TCP"}],
         },
     }
@@ -120,14 +121,14 @@ def test_trainer_job_on_gpus() -> None:
                     # the index of each rule is its failure class (failures.rule_kinds)
                     {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2]}},
                     {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-                    {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [143]}},
+                    {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [143]}},
                     {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [137]}},
                 ]
             },
             # kueue.x-k8s.io/queue-name: created suspended; only Kueue unsuspends it
             "suspend": True,
             "template": {
-                "metadata": {"labels": job_labels},
+                "metadata": {"labels": {**job_labels, "dreambooth.dev/job-uid": "uid-1"}},
                 "spec": {
                     "restartPolicy": "Never",
                     "subdomain": "rex-workers",
@@ -156,6 +157,7 @@ def test_trainer_job_on_gpus() -> None:
                                 {"name": "DREAMBOOTH_LOG_FORMAT", "value": "json"},
                                 {"name": "DREAMBOOTH_JOB", "value": "team-a/rex"},
                                 {"name": "DREAMBOOTH_GANG", "value": "1"},
+                                {"name": "DREAMBOOTH_ATTEMPT", "value": "1"},
                                 {"name": "PYTHONUNBUFFERED", "value": "1"},
                                 {"name": "OMP_NUM_THREADS", "value": "6"},
                                 {"name": "NCCL_DEBUG", "value": "WARN"},
@@ -215,6 +217,7 @@ def test_trainer_job_on_cpu_differs_only_where_it_should() -> None:
         {"name": "DREAMBOOTH_LOG_FORMAT", "value": "json"},
         {"name": "DREAMBOOTH_JOB", "value": "demo/tiny"},
         {"name": "DREAMBOOTH_GANG", "value": "0"},
+        {"name": "DREAMBOOTH_ATTEMPT", "value": "0"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "OMP_NUM_THREADS", "value": "1"},
     ]
@@ -287,12 +290,16 @@ def test_pod_template_pieces_reach_the_trainer_and_inference_pods() -> None:
         assert template["metadata"]["labels"]["team"] == "vision"
         assert template["metadata"]["labels"]["app.kubernetes.io/name"] == "dreambooth", "the operator's labels win"
         assert template["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
-        assert pod["serviceAccountName"] == "trainer-wi" and pod["automountServiceAccountToken"] is False
+        assert pod["automountServiceAccountToken"] is False
         assert pod["imagePullSecrets"] == [{"name": "regcred"}]
         assert {"name": "hf-cache", "persistentVolumeClaim": {"claimName": "hf-cache"}} in pod["volumes"]
         assert {"name": "hf-cache", "mountPath": "/cache", "readOnly": True} in container["volumeMounts"]
         assert container["env"][-2:] == [{"name": "HF_HOME", "value": "/cache/hf"},
                                          {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "t", "key": "k"}}}]
+    # The trainers' workload identity (it writes checkpoints) stays off the inference pods.
+    assert trainer["spec"]["serviceAccountName"] == "trainer-wi" and "serviceAccountName" not in server["spec"]
+    reader = builders.JobRef("rex", "team-a", "uid-1", parse_spec({**GPU_SPEC, **POD_TEMPLATE, "serving": {"serviceAccountName": "reader-wi"}}))
+    assert builders.build_inference_deployment(reader)["spec"]["template"]["spec"]["serviceAccountName"] == "reader-wi"
     assert trainer["spec"]["affinity"] == POD_TEMPLATE["scheduling"]["affinity"]
     assert trainer["spec"]["topologySpreadConstraints"] == POD_TEMPLATE["scheduling"]["topologySpreadConstraints"]
     assert trainer["spec"]["priorityClassName"] == "training"

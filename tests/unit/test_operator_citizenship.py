@@ -118,7 +118,8 @@ def test_user_suspend_without_kueue_is_recorded_and_undone() -> None:
     suspended = step(status, running(), the_spec=spec(suspend=True))
     assert suspended.actions == [Action("suspend_job", 0, True)] and suspended.status["jobSuspendedByOperator"] is True
     resumed = step(suspended.status, TrainerJobState(gang=0, suspended=True, template_hash=HASH))
-    assert resumed.actions == [Action("suspend_job", 0, False)] and "jobSuspendedByOperator" not in resumed.status
+    assert resumed.actions == [Action("suspend_job", 0, False)] and resumed.status["jobSuspendedByOperator"] is True
+    assert "jobSuspendedByOperator" not in step(resumed.status, running()).status, "dropped once the Job is seen running"
 
 
 # --- failure classes --------------------------------------------------------------------------
@@ -212,9 +213,11 @@ def test_pods_of_an_old_gang_stuck_on_a_lost_node_are_force_deleted_after_their_
 
 
 def test_what_may_heal_waits_in_pending_with_the_cause_and_retries() -> None:
-    plan = lifecycle.await_admission({}, 1, T0, "SecretNotFound", "Secret ns/s3 does not exist", 2.0, T0 + timedelta(minutes=10))
+    plan = lifecycle.await_admission({}, 1, T0, "SecretNotFound", "Secret ns/s3 does not exist", False, 600)
     assert plan.phase == "Pending" and conditions(plan)["Accepted"] == ("False", "SecretNotFound")
-    assert plan.requeue_after == 2.0 and "Failed" not in conditions(plan)
+    assert plan.requeue_after == 1.0 and "Failed" not in conditions(plan)
+    later = lifecycle.await_admission(plan.status, 1, T0 + timedelta(seconds=4), "SecretNotFound", "Secret ns/s3 does not exist", False, 600)
+    assert later.requeue_after == 2.0
     assert lifecycle.admission_retry_seconds(0) == 1.0 and lifecycle.admission_retry_seconds(10) == 5.0
     assert lifecycle.admission_retry_seconds(3600) == 30.0
 
@@ -301,10 +304,65 @@ def test_a_decided_job_counts_before_its_last_pod_ends() -> None:
 def test_progress_polling_follows_the_step_time() -> None:
     first = polling.sample({"step": 10, "time": 1000.0})
     assert polling.next_poll_seconds(None, None, None) == polling.FIRST_SECONDS
+    # No record yet: read as often for two minutes (a small model's first record comes soon), then
+    # further apart up to the cap (1,000 gangs loading big models).
+    assert polling.next_poll_seconds(None, None, polling.FIRST_SECONDS, waited=60) == polling.FIRST_SECONDS
+    assert polling.next_poll_seconds(None, None, polling.FIRST_SECONDS, waited=130) == 2 * polling.FIRST_SECONDS
+    assert polling.next_poll_seconds(None, None, polling.MAX_SECONDS, waited=600) == polling.MAX_SECONDS
+    # The first record after a long wait: the next read comes soon, not a minute later.
+    assert polling.next_poll_seconds(None, first, polling.MAX_SECONDS, waited=600) == polling.MIN_SECONDS
     slow = polling.sample({"step": 12, "time": 1060.0})  # 30 s a step
     assert polling.next_poll_seconds(first, slow, 10.0) == polling.MAX_SECONDS
     fast = polling.sample({"step": 110, "time": 1010.0})  # 0.1 s a step
-    assert polling.next_poll_seconds(first, fast, 10.0) == polling.MIN_SECONDS
+    # Each changed record is one status PATCH: however fast the steps, at most 5 writes a minute.
+    assert polling.next_poll_seconds(first, fast, 10.0) == polling.MIN_SECONDS >= 60 / 5
     medium = polling.sample({"step": 20, "time": 1020.0})  # 2 s a step: every 10 steps
     assert polling.next_poll_seconds(first, medium, 10.0) == 20.0
     assert polling.next_poll_seconds(medium, medium, 20.0) == 40.0, "an unchanged record: back off"
+
+
+def test_kueue_without_a_queue_label_and_a_deactivated_workload() -> None:
+    """Kueue's default LocalQueue (or manageJobsWithoutQueueName) queues a Job the job named no
+    queue for; a deactivated Workload is not readmitted by itself, so the job never says it will be."""
+    from dreambooth_operator.watches import Children, slim_workload
+
+    job = {"metadata": {"name": "rex-train-0", "namespace": "ns", "uid": "j0", "labels": {"dreambooth.dev/job-name": "rex"}}}
+    workload = {"metadata": {"name": "job-rex-train-0-1", "namespace": "ns", "uid": "w0",
+                             "labels": {"kueue.x-k8s.io/job-uid": "j0"},
+                             "ownerReferences": [{"kind": "Job", "name": "rex-train-0", "uid": "j0", "controller": True}]},
+                "spec": {"queueName": "default", "active": False},
+                "status": {"conditions": [{"type": "Evicted", "status": "True", "reason": "DeactivatedDueToRequeuingLimitExceeded",
+                                           "message": "The workload is deactivated due to exceeding the maximum number of re-queuing retries"}]}}
+    changed: list[tuple[str, str]] = []
+    children = Children(["ns"], lambda namespace, name: changed.append((namespace, name)))
+    children.jobs._store(("ns", "rex-train-0"), job)
+    children.workloads._store(("ns", workload["metadata"]["name"]), slim_workload(workload))
+    children.workloads._notify("ns", workload["metadata"]["name"], slim_workload(workload))
+    assert changed == [("ns", "rex")], "a Workload's change reaches its DreamboothJob"
+    state = lifecycle.queue_state(children.workloads.by_job_uid("j0"))
+    assert state is not None and not state.active
+    plan = step(step(accepted(), None).status, TrainerJobState(gang=0, suspended=True, template_hash=HASH),
+                queue_name="default", queue=state)
+    assert conditions(plan)["Queued"] == ("True", "Deactivated")
+    assert "not admitted again" in str(plan.status["conditions"]) and "resumes" not in str(plan.status["conditions"])
+    # Without a Workload it is someone else's suspension, as before.
+    other = step(step(accepted(), None).status, TrainerJobState(gang=0, suspended=True, template_hash=HASH))
+    assert conditions(other)["Queued"] == ("True", "SuspendedByOthers")
+
+
+def test_a_gang_is_placed_whole_by_a_pod_group_where_the_cluster_serves_one() -> None:
+    served = step(accepted(), None, pod_groups_served=True)
+    assert served.actions == [Action("create_job", 0, True)] and served.status["gangScheduling"] == "PodGroup"
+    assert conditions(served)["GangScheduling"] == ("True", "PodGroup")
+    ref = builders.JobRef("rex", "ns", "u", spec())
+    group = builders.build_pod_group(ref, 0)
+    assert group["spec"] == {"schedulingPolicy": {"gang": {"minCount": 2}}} and group["metadata"]["name"] == "rex-train-0"
+    pod = builders.build_trainer_job(ref, 0, pod_group=True)["spec"]["template"]["spec"]
+    assert pod["schedulingGroup"] == {"podGroupName": "rex-train-0"}
+    # Not served, not queued: said so, and a gang never placed whole is retried a bounded number of times.
+    bare = step(accepted(), None)
+    assert bare.actions == [Action("create_job", 0)] and conditions(bare)["GangScheduling"] == ("False", "Unprotected")
+    assert "at most 10 times" in str(bare.status["conditions"])
+    assert "schedulingGroup" not in builders.build_trainer_job(ref, 0)["spec"]["template"]["spec"]
+    queued = step(accepted(), None, queue_name="user-queue", pod_groups_served=True)
+    assert queued.actions == [Action("create_job", 0)] and conditions(queued)["GangScheduling"] == ("True", "Kueue")

@@ -136,8 +136,9 @@ def test_suspend_and_resume() -> None:
     assert quiet.actions == [] and quiet.events == []
     resumed = lifecycle.decide(observe(suspended.status, TrainerJobState(gang=0, suspended=True), T0 + timedelta(minutes=5)))
     assert resumed.actions == [Action("suspend_job", 0, False)]
-    assert resumed.status["startTime"] == "2026-11-26T06:05:00Z"  # the deadline restarts with the resume
-    assert resumed.phase == "Pending"
+    assert "startTime" not in resumed.status and resumed.phase == "Pending"
+    running_again = lifecycle.decide(observe(resumed.status, TrainerJobState(gang=0, active=2, ready=2), T0 + timedelta(minutes=5)))
+    assert running_again.status["startTime"] == "2026-11-26T06:05:00Z"  # the deadline restarts with the resume
     assert ("Normal", "Resumed") in [(e[0], e[1]) for e in resumed.events]
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from dreambooth_operator import kube, leadership, store
+from dreambooth_operator import kube, leadership, metrics, store
 from dreambooth_operator.engine import WorkQueue
 
 
@@ -117,16 +117,53 @@ def peer(priority: int, seconds_ago: float, lifetime: int = 10) -> dict[str, Any
 def test_the_oldest_live_replica_leads() -> None:
     old, young = leadership.priority_for_start(1000.0), leadership.priority_for_start(2000.0)
     assert old > young
-    peers = {"pod-a": peer(old, 1), "pod-b": peer(young, 1)}
-    assert leadership.is_leading(peers, old, NOW) and not leadership.is_leading(peers, young, NOW)
-    # The old one was killed: its record expires after its lifetime, then the young one leads.
-    peers["pod-a"] = peer(old, 11)
-    assert leadership.is_leading(peers, young, NOW)
+    views = {p: leadership.PeerView(p) for p in (old, young)}
+    for view in views.values():
+        view.observe({"pod-a": peer(old, 1), "pod-b": peer(young, 1)}, 0.0)
+    assert views[old].leading(0.5) and not views[young].leading(0.5)
+    # The old one was killed: its record stops changing; the young one leads once it has been seen
+    # unchanged for the record's lifetime, and not before.
+    for t in range(1, 12):
+        views[young].observe({"pod-a": peer(old, 1), "pod-b": peer(young, 1 - t)}, float(t))
+    assert not views[young].leading(9.5) and views[young].leading(10.5)
     # Not announced yet (kopf has not written our record): do not act.
-    assert not leadership.is_leading({"pod-a": peer(old, 1)}, young, NOW)
+    fresh = leadership.PeerView(young)
+    fresh.observe({"pod-a": peer(old, 1)}, 0.0)
+    assert not fresh.leading(0.0)
     # The same priority twice: nobody acts (as kopf itself pauses).
-    assert not leadership.is_leading({"a": peer(old, 1), "b": peer(old, 1)}, old, NOW)
+    twins = leadership.PeerView(old)
+    twins.observe({"a": peer(old, 1), "b": peer(old, 1)}, 0.0)
+    assert not twins.leading(0.0)
 
+
+def test_clock_skew_never_makes_two_leaders() -> None:
+    """The leader's clock is 30 s behind the follower's: its lastseen looks stale to a wall clock."""
+    leader_p, follower_p = leadership.priority_for_start(1000.0), leadership.priority_for_start(2000.0)
+    leader, follower = leadership.PeerView(leader_p), leadership.PeerView(follower_p)
+    for t in range(0, 60):  # both keep-alive every second; the leader writes times 30 s in the past
+        records = {"a": peer(leader_p, 30 - t), "b": peer(follower_p, -t)}
+        leader.observe(records, float(t))
+        follower.observe(records, float(t))
+        assert leader.leading(t + 0.5) and not follower.leading(t + 0.5), f"two leaders at t={t}"
+
+
+def test_the_leader_stops_before_a_follower_may_take_over() -> None:
+    """Its keep-alives stop getting through: it stands by before the followers' lifetime runs out."""
+    mine, theirs = leadership.priority_for_start(1000.0), leadership.priority_for_start(2000.0)
+    leader, follower = leadership.PeerView(mine), leadership.PeerView(theirs)
+    for t in range(0, 3):
+        records = {"a": peer(mine, -t), "b": peer(theirs, -t)}
+        leader.observe(records, float(t))
+        follower.observe(records, float(t))
+    stops = takes_over = None
+    for tenth in range(21, 200):  # the follower's own keep-alives go on; the leader's record no longer changes
+        now = tenth / 10
+        follower.observe({"a": peer(mine, -2), "b": peer(theirs, -now)}, now)
+        if stops is None and not leader.leading(now):
+            stops = now
+        if takes_over is None and follower.leading(now):
+            takes_over = now
+    assert stops is not None and takes_over is not None and stops < takes_over, (stops, takes_over)
 
 
 def test_a_record_it_cannot_read_does_not_end_the_leadership_loop(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -174,9 +211,22 @@ def test_every_api_call_has_a_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     kube.list_trainer_pods("ns", "a")
     kube.set_job_suspended("ns", "a-train-0", True)
     kube.patch_status("ns", "a", {"phase": "Running"}, "12")
-    kube.read_workload("ns", "uid")
+    kube.latest_event_message("ns", "uid", "FailedCreate")
     assert len(api.timeouts) == 5 and all(t == kube.REQUEST_TIMEOUT for t in api.timeouts)
     assert all(t is not None and min(t) > 0 for t in api.timeouts)
+
+
+def test_every_api_call_is_counted_by_verb(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kube, "_api_client", _RecordingApi())
+
+    def count(verb: str) -> float:
+        return metrics.API_REQUESTS.labels(verb=verb)._value.get()
+
+    before = {verb: count(verb) for verb in ("GET", "PATCH")}
+    kube.read_dreamboothjob("ns", "a")
+    kube.list_trainer_pods("ns", "a")
+    kube.patch_status("ns", "a", {"phase": "Running"}, "12")
+    assert (count("GET") - before["GET"], count("PATCH") - before["PATCH"]) == (2, 1)
 
 
 def test_an_unreachable_store_fails_fast_and_then_at_once() -> None:
@@ -226,3 +276,25 @@ def test_a_new_key_wakes_a_worker_not_the_timer_thread() -> None:
             time.sleep(1.1)
     finally:
         queue.stop()
+
+
+def test_a_namespace_that_cannot_be_watched_stops_only_its_own_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A namespaced install whose Role in one namespace was deleted: the others are served."""
+    from dreambooth_operator.runtime import Runtime
+
+    runtime = Runtime(workers=2, namespaces=["good", "gone"], peering=None, peering_namespace=None, priority=1)
+    for cache in (runtime.children.jobs, runtime.children.deployments):
+        cache._synced["good"].set()  # "gone" never lists: its watch answers 403
+        cache.failing["gone"] = "403 Forbidden"
+    reconciled: list[str] = []
+    monkeypatch.setattr(runtime.reconciler, "reconcile", lambda namespace, name: reconciled.append(f"{namespace}/{name}"))
+    runtime.queue.start()
+    try:
+        runtime.queue.add("gone/a")
+        runtime.queue.add("good/b")
+        wait_until(lambda: "good/b" in reconciled)
+        time.sleep(0.2)
+        assert reconciled == ["good/b"], "no decision on the unlisted namespace's empty cache"
+        assert runtime.children.failing() == {"gone": "403 Forbidden"}
+    finally:
+        runtime.queue.stop()

@@ -127,7 +127,8 @@ def test_the_job_network_policy() -> None:
         "podSelector": {"matchLabels": {"dreambooth.dev/job-name": "rex"}},
         "policyTypes": ["Ingress"],
         "ingress": [
-            {"from": [{"podSelector": {"matchLabels": {"dreambooth.dev/job-name": "rex", "app.kubernetes.io/component": "trainer"}}}]},
+            {"from": [{"podSelector": {"matchLabels": {"dreambooth.dev/job-name": "rex", "app.kubernetes.io/component": "trainer",
+                                                       "dreambooth.dev/job-uid": "uid-rex"}}}]},
             {"from": [{"podSelector": {"matchLabels": {"app": "frontend"}}, "namespaceSelector": {"matchLabels": {"team": "web"}}},
                       {"podSelector": {"matchLabels": {"role": "client"}}}],
              "ports": [{"protocol": "TCP", "port": 8080}]},

@@ -134,14 +134,18 @@ it, and docs/operator.md's table is generated from it; tests/chart measures it w
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["get", "create", "update", "delete"]
-# One Event per condition transition.
+# A gang's PodGroup with a gang policy (all pods placed or none), where the cluster serves scheduling.k8s.io/v1alpha2.
+- apiGroups: ["scheduling.k8s.io"]
+  resources: ["podgroups"]
+  verbs: ["get", "create", "delete"]
+# One Event per condition transition; a gang's Job's FailedCreate Events (why the cluster refused its pods).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
-# Why Kueue has not admitted a gang yet (the Queued condition's message).
+  verbs: ["create", "list"]
+# Kueue's Workloads of the gangs, watched: admitted or why not (the Queued condition), deactivated, its LocalQueue.
 - apiGroups: ["kueue.x-k8s.io"]
   resources: ["workloads"]
-  verbs: ["list"]
+  verbs: ["list", "watch"]
 {{- end }}
 
 {{/* The kopf peering object replicas elect their leader in (--peering). */}}
