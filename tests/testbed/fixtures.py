@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.testbed.cluster import DEFAULT_ROOT, Testbed, marked_pids
+from tests.testbed.cluster import DEFAULT_ROOT, REAL_NODE, Testbed, marked_pids
 from tests.testbed.kueue import KueueProcess, local_queue, start_kueue
 from tests.testbed.minio_server import MinioServer
 
@@ -111,11 +111,16 @@ class TestbedHandle:
         self.kubectl("patch", "pod", name, "-n", namespace, "--subresource=status", "--type=strategic",
                      "-p", json.dumps(patch))
 
-    def pod_log(self, name: str, namespace: str, container: str | None = None) -> str:
-        """The log the local-0 agent wrote for a pod's container (first container by default)."""
+    def pod_log(self, name: str, namespace: str, container: str | None = None, previous: bool = False) -> str:
+        """A pod's container log (first container by default): `kubectl logs` for a pod on real-0
+        (the kubelet serves it), the file the agent wrote for one on local-0; '' if there is none."""
+        pod = self.get("pod", name, namespace)
         if container is None:
-            pod = self.get("pod", name, namespace)
             container = pod["spec"]["containers"][0]["name"] if pod else "main"
+        if pod is not None and pod["spec"].get("nodeName") == REAL_NODE:
+            result = self.kubectl("logs", name, "-n", namespace, "-c", container, *(["--previous"] if previous else []),
+                                  check=False)
+            return result.stdout if result.returncode == 0 else ""
         path = self.logs / f"{namespace}_{name}_{container}.log"
         return path.read_text() if path.exists() else ""
 
@@ -160,25 +165,31 @@ def testbed() -> Iterator[TestbedHandle]:
             raise RuntimeError(f"test-bed processes left after stop: {left}")
 
 
+def _runnable(testbed: TestbedHandle, built: dict[str, str]) -> dict[str, str]:
+    """Built images imported into real-0's containerd (once per content): {name: ref pods use}."""
+    refs = testbed.bed.load_images(list(built.values()))
+    return dict(zip(built, refs))
+
+
 @pytest.fixture(scope="session")
-def images() -> dict[str, str]:
-    """The operator, trainer and inference images of this checkout: {name: ref local-0 runs}."""
+def images(testbed: TestbedHandle) -> dict[str, str]:
+    """The operator, trainer and inference images of this checkout: {name: ref real-0 runs}."""
     from tests.testbed.images import built_images
 
-    return built_images()
+    return _runnable(testbed, built_images())
 
 
 @pytest.fixture(scope="session")
-def operator_image() -> str:
+def operator_image(testbed: TestbedHandle) -> str:
     """This checkout's operator image (built alone when that is all a session needs: no torch)."""
     from tests.testbed.images import built_images
 
-    return built_images("operator")["operator"]
+    return _runnable(testbed, built_images("operator"))["operator"]
 
 
 @pytest.fixture(scope="session")
 def python_image(operator_image: str) -> str:
-    """An image with Python and the Kubernetes client for test pods on local-0: the operator's."""
+    """An image with Python and the Kubernetes client for test pods: the operator's."""
     return operator_image
 
 

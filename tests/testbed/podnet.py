@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 
 from tests.testbed import oci
+from tests.testbed.realnode import claim_lock
 
 CLONE_NEWNET = 0x40000000
 log = logging.getLogger("node-agent")
@@ -48,19 +49,9 @@ def acquire_prefix(root: Path) -> tuple[int, int]:
     """Claim a network prefix B no other running test bed holds: (B, fd holding its flock).
 
     The agent keeps the fd for its lifetime (the kernel drops the lock when it exits), so two
-    test beds never share a bridge, namespaces or addresses.
+    test beds never share a bridge, namespaces or addresses; real-0 claims its own the same way.
     """
-    first = prefix_for(root) - 100
-    for i in range(100):
-        prefix = 100 + (first + i) % 100
-        fd = os.open(_lock_path(prefix), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        return prefix, fd
-    raise RuntimeError("all 100 test-bed network prefixes are in use")
+    return claim_lock(LOCK_DIR, "prefix", 100, base=100, first=prefix_for(root) - 100)
 
 
 def write_info(root: Path, prefix: int, mode: str) -> None:

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from tests.testbed.cluster import GPU_NODES, GPU_PER_NODE, LOCAL_NODE
+from tests.testbed.cluster import GPU_NODES, GPU_PER_NODE, LOCAL_NODE, REAL_NODE
 
 pytestmark = pytest.mark.testbed
 
@@ -19,7 +19,7 @@ def _ready(node: dict) -> bool:
 
 def test_nodes_are_ready_gpu_pool_and_local(testbed):
     nodes = {n["metadata"]["name"]: n for n in json.loads(testbed.kubectl("get", "nodes", "-o", "json").stdout)["items"]}
-    assert set(nodes) == {f"gpu-{i}" for i in range(GPU_NODES)} | {LOCAL_NODE}
+    assert set(nodes) == {f"gpu-{i}" for i in range(GPU_NODES)} | {LOCAL_NODE, REAL_NODE}
     assert all(_ready(n) for n in nodes.values())
     for i in range(GPU_NODES):
         node = nodes[f"gpu-{i}"]
