@@ -1,11 +1,14 @@
-"""The real thing on the test bed's local node: examples/job-tiny.yaml trains for real (2 pods x
-1 process over gloo) in this checkout's trainer image under runc, with a read-only root, keeps
-checkpoints in MinIO, succeeds and serves from the inference image; a preempted pod restarts
-the gang, which resumes from the checkpoint."""
+"""The real thing on the test bed's kubelet node real-0: examples/job-tiny.yaml trains for real
+(2 pods x 1 process over gloo, rendezvous through the workers Service's DNS names) in this
+checkout's trainer image on containerd, with a read-only root, keeps checkpoints in MinIO,
+succeeds and serves from the inference image; a preempted pod restarts the gang, which resumes
+from the checkpoint."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -14,7 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.conftest import BUCKET, condition, get_job, png_bytes, trainer_pods, upload
+from tests.e2e.conftest import BUCKET, condition, get_job, png_bytes, trainer_jobs, trainer_pods, upload, wait_phase
+from tests.testbed import node_images
+from tests.testbed.cluster import REAL_NODE
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow, pytest.mark.usefixtures("operator")]
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "job-tiny.yaml"
@@ -57,11 +62,13 @@ def objects(minio_client: Any, prefix: str) -> list[str]:
 
 
 def ran_from(pod: dict[str, Any], image: str) -> bool:
-    """The pod's container ran from `image` under runc, with a read-only root."""
+    """The pod's container ran on real-0's containerd from the very image buildah built, with a read-only root."""
     container = pod["spec"]["containers"][0]
     status = (pod["status"].get("containerStatuses") or [{}])[0]
-    return (container["image"] == image and container["securityContext"]["readOnlyRootFilesystem"]
-            and status.get("containerID", "").startswith("runc://") and status.get("imageID", "").startswith("sha256:"))
+    return (pod["spec"]["nodeName"] == REAL_NODE and container["image"] == image
+            and container["securityContext"]["readOnlyRootFilesystem"]
+            and status.get("containerID", "").startswith("containerd://")
+            and status.get("imageID") == node_images.local_image(image).image_id)
 
 
 def test_tiny_job_trains_checkpoints_succeeds_and_serves(testbed: Any, minio_client: Any, namespace: str, s3_secret: str,
@@ -102,6 +109,42 @@ def test_tiny_job_trains_checkpoints_succeeds_and_serves(testbed: Any, minio_cli
     with urllib.request.urlopen(request, timeout=120) as response:
         assert response.headers["Content-Type"] == "image/png"
         assert response.read()[:8] == b"\x89PNG\r\n\x1a\n"
+    a_hung_server_is_taken_out_of_service_and_restarted(testbed, namespace, name, server)
+
+
+def _server_ready(testbed: Any, namespace: str, pod_name: str) -> dict[str, Any] | None:
+    status = (((testbed.get("pod", pod_name, namespace) or {}).get("status") or {}).get("containerStatuses") or [{}])[0]
+    return status if status.get("ready") else None
+
+
+def a_hung_server_is_taken_out_of_service_and_restarted(testbed: Any, namespace: str, name: str, server: dict[str, Any]) -> None:
+    """The inference pod's probes as the operator builds them, run by the kubelet: a stopped server
+    (SIGSTOP) fails readiness (out of the Service, ServingReady=False), then liveness (the kubelet
+    kills and restarts its container in the same pod), and is ready again after the restart."""
+    pod_name = server["metadata"]["name"]
+    container_id = server["status"]["containerStatuses"][0]["containerID"].removeprefix("containerd://")
+    pid = testbed.bed.real_node().task_pid(container_id)
+    os.kill(pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        testbed.wait_for("the hung server not ready", lambda: not _server_ready(testbed, namespace, pod_name), timeout=120, interval=1)
+        testbed.wait_for("ServingReady=False", lambda: (condition(get_job(testbed, namespace, name), "ServingReady") or {}).get("status") == "False",
+                         timeout=60, interval=1)
+        unready = time.monotonic() - stopped
+
+        def killed_for_liveness() -> bool:
+            events = json.loads(testbed.kubectl("get", "events", "-n", namespace, "--field-selector",
+                                                f"involvedObject.name={pod_name}", "-o", "json").stdout)["items"]
+            return any(e["reason"] == "Killing" and "liveness" in e.get("message", "") for e in events)
+
+        testbed.wait_for("the kubelet killing the server for its liveness probe", killed_for_liveness, timeout=180, interval=1)
+    finally:
+        os.kill(pid, signal.SIGCONT)  # the pending SIGTERM is delivered: the server stops at once
+    status = testbed.wait_for("the restarted server ready", lambda: _server_ready(testbed, namespace, pod_name), timeout=300, interval=1)
+    assert status["restartCount"] == 1 and status["lastState"]["terminated"], status
+    testbed.wait_for("ServingReady=True again", lambda: (condition(get_job(testbed, namespace, name), "ServingReady") or {}).get("status") == "True",
+                     timeout=60, interval=1)
+    print(f"\n[e2e] hung server: not ready after {unready:.0f} s, restarted and ready again after {time.monotonic() - stopped:.0f} s")
 
 
 def test_a_preempted_pod_restarts_the_gang_from_the_checkpoint(testbed: Any, minio_client: Any, namespace: str, s3_secret: str,
@@ -134,3 +177,74 @@ def test_a_preempted_pod_restarts_the_gang_from_the_checkpoint(testbed: Any, min
     assert starts and starts[0] >= step, f"gang 1 should resume from step {step}: {log[-2000:]}"
     after = [s["progress"]["step"] for s in seen if s["phase"] == "Running"]
     assert all(value >= step for value in after), f"the step count continues from the checkpoint: {after}"
+
+
+HOLD = "testbed.dreambooth.dev/hold"  # a second finalizer on the trainer pods, as log shippers add
+
+
+def _set_hold(testbed: Any, namespace: str, pod: dict[str, Any], held: bool) -> None:
+    finalizers = [f for f in pod["metadata"].get("finalizers") or [] if f != HOLD] + ([HOLD] if held else [])
+    testbed.kubectl("patch", "pod", pod["metadata"]["name"], "-n", namespace, "--type=merge",
+                    "-p", json.dumps({"metadata": {"finalizers": finalizers}}))
+
+
+def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
+    return ((pod["status"].get("containerStatuses") or [{}])[0].get("state") or {}).get("terminated")
+
+
+def test_suspending_a_running_gang_sigterms_its_trainers_and_the_same_gang_resumes(
+        testbed: Any, minio_client: Any, namespace: str, s3_secret: str, images: dict[str, str]) -> None:
+    """runPolicy.suspend on a running gang: the Job controller deletes its pods, the kubelet
+    SIGTERMs the trainers, which checkpoint and exit 143 within their grace period. While a
+    second finalizer keeps the ended pods visible, the suspended Job must not be failed by its
+    podFailurePolicy (today: FailJob on 143 gives FailureTarget within seconds); on resume the
+    same gang, unfailed, carries on from the SIGTERM checkpoint: no restart, no disruption."""
+    manifest = tiny_job(testbed, minio_client, namespace, images, maxSteps=400, gradientAccumulationSteps=8)
+    manifest["spec"]["serving"]["enabled"] = False
+    manifest["spec"]["checkpointing"]["everyNSteps"] = 1000  # the only checkpoint is SIGTERM's
+    testbed.apply(manifest, namespace)
+    name = manifest["metadata"]["name"]
+
+    def training() -> list[dict[str, Any]] | None:
+        status = get_job(testbed, namespace, name).get("status") or {}
+        pods = trainer_pods(testbed, namespace, name, 0)
+        return pods if len(pods) == 2 and (status.get("progress") or {}).get("step", 0) >= 2 else None
+
+    pods = testbed.wait_for("the gang training", training, timeout=600, interval=1)
+    for pod in pods:
+        _set_hold(testbed, namespace, pod, True)
+    testbed.kubectl("patch", "dbj", name, "-n", namespace, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
+    suspended_at = time.monotonic()
+
+    def ended() -> list[dict[str, Any]] | None:
+        found = [testbed.get("pod", p["metadata"]["name"], namespace) for p in pods]
+        return found if all(f and _terminated(f) for f in found) else None
+
+    held = testbed.wait_for("the SIGTERMed trainers ended", ended, timeout=120, interval=0.5)
+    print(f"\n[e2e] trainers ended {time.monotonic() - suspended_at:.1f} s after the suspend")
+    for pod in held:
+        assert pod["metadata"]["deletionTimestamp"], "the Job controller deleted the pod"
+        assert _terminated(pod)["exitCode"] == 143, f"a SIGTERMed trainer checkpoints and exits 143: {_terminated(pod)}"
+    time.sleep(5)  # the Job controller has seen the Failed pods (it reacts within 2 s)
+    job = trainer_jobs(testbed, namespace, name)[0]
+    failing = [c for c in job["status"].get("conditions") or [] if c["type"] in ("FailureTarget", "Failed") and c["status"] == "True"]
+    assert not failing, f"a suspended Job must not be failed by its SIGTERMed pods: {failing}"
+    suspended = wait_phase(testbed, namespace, name, "Suspended", timeout=30)["status"]
+    assert suspended.get("disruptions", 0) == 0
+    # checkpointing.everyNSteps is past the run: the only checkpoint is the one written on SIGTERM.
+    stopped_at = int(re.search(r"step-(\d+)", testbed.wait_for(
+        "the SIGTERM checkpoint", lambda: get_job(testbed, namespace, name)["status"].get("latestCheckpoint"), timeout=60)).group(1))
+
+    for pod in held:
+        _set_hold(testbed, namespace, pod, False)
+    testbed.kubectl("patch", "dbj", name, "-n", namespace, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
+    resumed = wait_phase(testbed, namespace, name, "Running", timeout=120)
+    assert (resumed["status"].get("restarts", 0), resumed["status"].get("disruptions", 0)) == (0, 0), resumed["status"]
+    assert {j["metadata"]["labels"]["dreambooth.dev/gang"] for j in trainer_jobs(testbed, namespace, name)} == {"0"}
+
+    def resumed_from() -> int | None:
+        fresh = [p for p in trainer_pods(testbed, namespace, name, 0) if p["metadata"]["uid"] not in {h["metadata"]["uid"] for h in held}]
+        starts = [re.findall(r'"start_step":\s*(\d+)', testbed.pod_log(p["metadata"]["name"], namespace)) for p in fresh]
+        return int(starts[0][0]) if fresh and starts and starts[0] else None
+
+    assert testbed.wait_for("the resumed gang's first step", resumed_from, timeout=600, interval=2) == stopped_at

@@ -17,15 +17,16 @@ nice_go() { nice -n "${TESTBED_NICE:-10}" go "$@"; }
 total_start=$SECONDS
 built=0
 
-# Debian tools the nodes need (installed when missing; Debian 12: containerd 1.6, CNI plugins 1.1).
+# Debian tools real-0 needs (installed when missing; Debian 12: containerd 1.6, CNI plugins 1.1).
 need_debs=()
+# The node's namespaces (unshare, nsenter) and its link to the host (ip).
 { command -v unshare && command -v nsenter; } >/dev/null || need_debs+=(util-linux)
 command -v ip >/dev/null || need_debs+=(iproute2)
-# runc runs the pods' containers; buildah builds and exports their images (make images).
+# runc runs the pods' containers for containerd; buildah builds and exports their images (make images).
 command -v runc >/dev/null || need_debs+=(runc)
 command -v buildah >/dev/null || need_debs+=(buildah)
-# real-0: containerd (its own root, state and socket under the test bed), the CNI plugins, and
-# what kube-proxy programs Services with.
+# containerd (its own root, state and socket per test bed), the CNI plugins, and what kube-proxy
+# programs Services with.
 command -v containerd >/dev/null || need_debs+=(containerd)
 [ -x /usr/lib/cni/bridge ] || need_debs+=(containernetworking-plugins)
 command -v iptables >/dev/null || need_debs+=(iptables)

@@ -1,6 +1,6 @@
 """The test bed: a real control plane (kwokctl --runtime binary over the pinned, locally built
 binaries), KWOK GPU nodes, `real-0` (a real kubelet with containerd, CNI, kube-proxy and CoreDNS:
-tests/testbed/realnode.py), the `local-0` node agent, and MinIO.
+tests/testbed/realnode.py), and MinIO.
 
 `make testbed-up`/`make testbed-down` (``python -m tests.testbed up|down``) and the pytest
 fixtures (tests/testbed/fixtures.py) both use `Testbed` below.
@@ -17,17 +17,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tests.testbed import node_images, podnet
+from tests.testbed import node_images
 from tests.testbed.minio_server import CACHE, MinioServer, cached_binary, free_port, pinned_versions, start_minio
 from tests.testbed.realnode import NODE_NAME as REAL_NODE
-from tests.testbed.realnode import KUBERNETES_SERVICE_IP, NodeState, RealNode, capacity_policy, dns_service
+from tests.testbed.realnode import KUBERNETES_SERVICE_IP, NodeState, RealNode, capacity_policy, dns_service, prefix_for
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_ROOT = REPO / ".testbed"
 # Every process the test bed starts carries this variable (value: the test-bed root), so
 # `down` can find and end anything left behind, whoever started it.
 MARKER = "DREAMBOOTH_TESTBED_ROOT"
-LOCAL_NODE = "local-0"
 FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 
 GPU_NODES = 4
@@ -79,7 +78,6 @@ class State:
     minio_endpoint: str = ""
     minio_access_key: str = ""
     minio_secret_key: str = ""
-    agent_pid: int = 0
     real_node: dict = field(default_factory=dict)  # realnode.NodeState
     extra: dict = field(default_factory=dict)
 
@@ -165,10 +163,8 @@ class Testbed:
     def __init__(self, root: Path = DEFAULT_ROOT, name: str = "dreambooth-testbed",
                  local_gpus: int | None = None) -> None:
         self.root = Path(root).resolve()
-        # nvidia.com/gpu that local-0 advertises (bookkeeping only; its pods run on the CPU).
+        # nvidia.com/gpu that real-0 advertises (bookkeeping only; its pods run on the CPU).
         self.local_gpus = int(os.environ.get("TESTBED_LOCAL_GPUS", "0")) if local_gpus is None else local_gpus
-        # Pod network on local-0: "netns" (a namespace and address per pod) or "loopback".
-        self.network = os.environ.get("TESTBED_NETWORK", "netns")
         self.name = name
         self.kubeconfig = self.root / "kubeconfig"
         self.env_file = self.root / "env"
@@ -178,7 +174,6 @@ class Testbed:
         self.bin_dir = self.root / "bin"
         self.minio: MinioServer | None = None
         self.state: State | None = None
-        self._agent: subprocess.Popen | None = None
         self.node: RealNode | None = None
 
     # ---------------------------------------------------------------- helpers
@@ -200,7 +195,9 @@ class Testbed:
 
     def load_state(self) -> State | None:
         if self.state_file.exists():
-            return State(**json.loads(self.state_file.read_text()))
+            saved = json.loads(self.state_file.read_text())
+            # A state.json of an older checkout (its node agent's fields) still stops cleanly.
+            return State(**{key: value for key, value in saved.items() if key in State.__dataclass_fields__})
         return None
 
     def _save_state(self) -> None:
@@ -209,7 +206,7 @@ class Testbed:
 
     def is_up(self) -> bool:
         state = self.load_state()
-        if not state or not _alive(state.agent_pid) or not _alive(state.minio_pid):
+        if not state or not _alive(state.minio_pid) or not state.real_node:
             return False
         if not all(_alive(pid) for pid in [state.real_node.get("holder_pid", 0), *state.real_node.get("pids", {}).values()]):
             return False
@@ -224,8 +221,9 @@ class Testbed:
         t0 = time.monotonic()
         if self.root.exists():
             self.stop(quiet=True)
-            # A fresh start: the previous run's logs, pods, names, cluster and objects go.
-            for sub in ("logs", "pods", "hosts", "kwok", "minio"):
+            # A fresh start: the previous run's logs, node, cluster and objects go ("pods" and
+            # "hosts": what an older checkout's node agent left).
+            for sub in ("logs", REAL_NODE, "pods", "hosts", "kwok", "minio"):
                 shutil.rmtree(self.root / sub, ignore_errors=True)
         for sub in (self.logs, self.bin_dir, self.kwok_workdir):
             sub.mkdir(parents=True, exist_ok=True)
@@ -241,7 +239,6 @@ class Testbed:
             self._start_minio()
             self._start_control_plane(bins)
             self._create_nodes()
-            self._start_agent()
             self._start_real_node(bins)
             self._wait_ready()
             self._write_env()
@@ -263,7 +260,7 @@ class Testbed:
         """real-0's network prefix, containerd slot and namespaces: the host address comes from it."""
         assert self.state is not None
         self.node = RealNode(self.root, CACHE, self._env())
-        addresses = self.node.claim(podnet.prefix_for(self.root))
+        addresses = self.node.claim(prefix_for(self.root))
         self.state.real_node = self.node.to_json()
         self._save_state()
         log(f"real-0: node {addresses.node_ip}, host {addresses.host_ip}, pods {addresses.pod_cidr}, "
@@ -335,7 +332,7 @@ class Testbed:
             },
             "componentsPatches": [
                 {
-                    # kwokctl runs kwok with --manage-all-nodes=true; local-0 is ours.
+                    # kwokctl runs kwok with --manage-all-nodes=true; real-0 is its kubelet's.
                     "name": "kwok-controller",
                     "extraArgs": [
                         {"key": "manage-all-nodes", "value": "false", "override": True},
@@ -394,7 +391,7 @@ class Testbed:
         self.real_node().expose_api(self.kubeconfig)
 
     def _create_nodes(self) -> None:
-        """KWOK GPU nodes (kwok keeps them Ready) and the local-0 Node object (the agent's)."""
+        """KWOK GPU nodes (kwok keeps them Ready; real-0 registers itself)."""
         items = []
         for i in range(GPU_NODES):
             name = f"gpu-{i}"
@@ -418,33 +415,12 @@ class Testbed:
         body = json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
         self.kubectl("apply", "-f", "-", input=body)
 
-    def _start_agent(self) -> None:
-        assert self.state is not None
-        log_file = open(self.logs / "node-agent.log", "ab")
-        cmd = [sys.executable, "-m", "tests.testbed.node_agent",
-               "--kubeconfig", str(self.kubeconfig), "--root", str(self.root), "--node", LOCAL_NODE,
-               "--gpus", str(self.local_gpus), "--network", self.network]
-        if self.minio is not None:
-            cmd += ["--forward-port", self.minio.endpoint.rsplit(":", 1)[1]]
-        pki = self.kwok_workdir / "clusters" / self.name / "pki"
-        if (pki / "admin.crt").exists():  # kwok serves its kubelet API with the same pair
-            cmd += ["--tls-cert", str(pki / "admin.crt"), "--tls-key", str(pki / "admin.key")]
-        env = self._env()
-        env.pop("PYTHONPATH", None)  # -m with cwd=REPO finds tests.testbed; a path entry would shadow stdlib `operator`
-        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        self._agent = proc
-        self.state.agent_pid = proc.pid
-        self._save_state()
-
     def _wait_ready(self, timeout: float = 120) -> None:
         """All nodes Ready, the default ServiceAccount and root CA published (pods can be made)."""
         deadline = time.monotonic() + timeout
-        want = {f"gpu-{i}" for i in range(GPU_NODES)} | {LOCAL_NODE, REAL_NODE}
+        want = {f"gpu-{i}" for i in range(GPU_NODES)} | {REAL_NODE}
         last = ""
         while time.monotonic() < deadline:
-            if self.state and not _alive(self.state.agent_pid):
-                raise RuntimeError(f"node agent exited; see {self.logs / 'node-agent.log'}")
             node_waits = self.real_node().ready()
             nodes = self.kubectl("get", "nodes", "-o", "json", check=False)
             ready = set()
@@ -483,15 +459,6 @@ class Testbed:
         """Stop everything of this root; returns the PIDs still alive afterwards (should be [])."""
         state = self.load_state()
         kwokctl = self.bin_dir / "kwokctl"
-        if state and _alive(state.agent_pid):
-            _terminate([state.agent_pid], grace=40)  # the agent ends its pods first
-        if self._agent is not None:  # reap our child
-            try:
-                self._agent.wait(5)
-            except subprocess.TimeoutExpired:
-                self._agent.kill()
-                self._agent.wait()
-            self._agent = None
         if state and state.real_node:
             RealNode(self.root, CACHE, self._env(), NodeState(**state.real_node)).stop_components()
         cluster_dir = self.kwok_workdir / "clusters" / (state.name if state else self.name)
@@ -511,11 +478,10 @@ class Testbed:
             if not quiet:
                 log(f"ending leftover test-bed processes {[_command(pid) for pid in leftovers]}")
             _terminate(leftovers, grace=5)
-        podnet.cleanup_after(self.root)  # network namespaces and bridge of local-0
         self.state_file.unlink(missing_ok=True)
         self.env_file.unlink(missing_ok=True)
         return marked_pids(self.root)
 
 
-__all__ = ["Testbed", "build_binaries", "binaries", "marked_pids", "LOCAL_NODE", "REAL_NODE", "GPU_NODES",
+__all__ = ["Testbed", "build_binaries", "binaries", "marked_pids", "REAL_NODE", "GPU_NODES",
            "GPU_PER_NODE", "GPU_POOL_LABELS", "MARKER", "REPO", "DEFAULT_ROOT", "free_port"]

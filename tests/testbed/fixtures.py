@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.testbed.cluster import DEFAULT_ROOT, REAL_NODE, Testbed, marked_pids
+from tests.testbed.cluster import DEFAULT_ROOT, Testbed, marked_pids
 from tests.testbed.kueue import KueueProcess, local_queue, start_kueue
 from tests.testbed.minio_server import MinioServer
 
@@ -112,17 +112,11 @@ class TestbedHandle:
                      "-p", json.dumps(patch))
 
     def pod_log(self, name: str, namespace: str, container: str | None = None, previous: bool = False) -> str:
-        """A pod's container log (first container by default): `kubectl logs` for a pod on real-0
-        (the kubelet serves it), the file the agent wrote for one on local-0; '' if there is none."""
-        pod = self.get("pod", name, namespace)
-        if container is None:
-            container = pod["spec"]["containers"][0]["name"] if pod else "main"
-        if pod is not None and pod["spec"].get("nodeName") == REAL_NODE:
-            result = self.kubectl("logs", name, "-n", namespace, "-c", container, *(["--previous"] if previous else []),
-                                  check=False)
-            return result.stdout if result.returncode == 0 else ""
-        path = self.logs / f"{namespace}_{name}_{container}.log"
-        return path.read_text() if path.exists() else ""
+        """A pod's container log as the kubelet serves it (`kubectl logs`; the first container by
+        default, `previous`: the one before the last restart); '' if there is none."""
+        args = ["logs", name, "-n", namespace, *(["-c", container] if container else []), *(["--previous"] if previous else [])]
+        result = self.kubectl(*args, check=False)
+        return result.stdout if result.returncode == 0 else ""
 
 
 def _clean_stale_roots(base: Path) -> None:
@@ -141,7 +135,7 @@ def _clean_stale_roots(base: Path) -> None:
 
 @pytest.fixture(scope="session")
 def testbed() -> Iterator[TestbedHandle]:
-    """A running test bed for the whole session (control plane, GPU nodes, local-0, MinIO)."""
+    """A running test bed for the whole session (control plane, KWOK GPU nodes, real-0, MinIO)."""
     from kubernetes import config
 
     base = Path(os.environ.get("TESTBED_PYTEST_BASE", DEFAULT_ROOT))
@@ -159,7 +153,7 @@ def testbed() -> Iterator[TestbedHandle]:
         api_client.close()
         left = bed.stop()
         # Keep the logs for a failed run; drop the bulky rest.
-        for sub in ("kwok", "minio", "pods", "bin"):
+        for sub in ("kwok", "minio", "bin"):
             shutil.rmtree(bed.root / sub, ignore_errors=True)
         if left:
             raise RuntimeError(f"test-bed processes left after stop: {left}")

@@ -11,7 +11,7 @@ The node is a network namespace and a mount namespace of its own, as a kind node
   and MinIO listen there), the node end `eth0` is 10.B.255.2 (the node's InternalIP). Pods get
   10.B.0.0/17 addresses on the CNI bridge `cni0` inside the node; the host routes that range to
   the node, so tests reach pod IPs directly. `B` is claimed per running test bed with a lock in
-  /run/dreambooth-testbed/ (tests/testbed/podnet.py);
+  /run/dreambooth-testbed/ (`prefix-B.lock`, as older checkouts' node agents claim theirs);
 * containerd keeps its root (images, snapshots) in a slot of the machine-wide cache
   ($TESTBED_CACHE/containerd/slot-N, one per running test bed, kept across restarts: images are
   imported once per content hash, tests/testbed/node_images.py); its state, socket and runc's
@@ -28,6 +28,7 @@ refused here) and a node IP that is not loopback.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -50,8 +51,6 @@ CRI_NAMESPACE = "k8s.io"  # the containerd namespace the CRI plugin uses
 RUN_DIR = Path("/run/dreambooth-testbed")
 CONTAINERD_SLOTS = 16
 NODE_LABELS = {"dreambooth.dev/pool": "local", "testbed.dreambooth.dev/runtime": "containerd"}
-# Until the tests move here, only pods that tolerate this land on real-0.
-TAINT = "testbed.dreambooth.dev/real-node=true:NoSchedule"
 # Folders the node's components hard-code, given a tmpfs of the node's own (nothing left on the host).
 PRIVATE_DIRS = ("/run/netns", "/run/containerd", "/var/log/containers", "/var/lib/cni")
 
@@ -239,7 +238,7 @@ def dns_service(addresses: NodeAddresses) -> list[dict[str, Any]]:
     ]
 
 
-ADVERTISED_CPU = "32"  # as local-0 advertised: the tests' pods fit together on a 2-core machine
+ADVERTISED_CPU = "32"  # the tests' pods fit side by side on a 2-core machine (CPU limits stay enforced)
 
 
 def capacity_policy(cpu: str = ADVERTISED_CPU, gpus: int = 0) -> list[dict[str, Any]]:
@@ -268,6 +267,12 @@ def capacity_policy(cpu: str = ADVERTISED_CPU, gpus: int = 0) -> list[dict[str, 
 
 
 # ------------------------------------------------------------------------------ locks and processes
+def prefix_for(root: Path) -> int:
+    """The test bed's preferred second address octet B (10.B.x.y), from its root; claim() takes
+    the next free one if another test bed holds it."""
+    return 100 + int(hashlib.sha1(str(root).encode()).hexdigest(), 16) % 100
+
+
 def claim_lock(directory: Path, name: str, count: int, base: int = 0, first: int = 0) -> tuple[int, int]:
     """Take the first free flock among `<name>-<base + i>.lock`, from i = first: (base + i, fd).
     The caller hands the fd to the process that holds the claim."""
@@ -374,6 +379,14 @@ class RealNode:
         return _run("ctr", "--address", str(self.socket), "--namespace", CRI_NAMESPACE, *args,
                     check=check, timeout=timeout, input=input)
 
+    def task_pid(self, container_id: str) -> int:
+        """A container's init process as the host sees it (`ctr tasks ls`: TASK PID STATUS)."""
+        for line in self.ctr("tasks", "ls").stdout.splitlines()[1:]:
+            task, pid, *_ = line.split()
+            if task == container_id:
+                return int(pid)
+        raise LookupError(f"no task {container_id} in real-0's containerd")
+
     def in_node(self, *argv: str) -> list[str]:
         """argv run inside the node's mount and network namespaces."""
         return ["nsenter", "--target", str(self.state.holder_pid), "--mount", "--net", "--", *argv]
@@ -381,7 +394,7 @@ class RealNode:
     # ------------------------------------------------------------------ claim: network and slot
     def claim(self, first_prefix: int) -> NodeAddresses:
         """Claim a network prefix and a containerd slot, start the holder, link the node to the host."""
-        # The same locks as the node agent's (podnet.acquire_prefix): no two users of one prefix.
+        # The lock files older checkouts' node agents take too: no two test beds share a prefix.
         prefix, prefix_fd = claim_lock(RUN_DIR, "prefix", 100, base=100, first=first_prefix - 100)
         slot, slot_fd = claim_lock(self.cache / "containerd", "slot", CONTAINERD_SLOTS)
         self.state.prefix, self.state.slot = prefix, slot
@@ -495,8 +508,7 @@ class RealNode:
         labels = ",".join(f"{k}={v}" for k, v in NODE_LABELS.items())
         self._spawn("kubelet", [str(kubelet), "--config", str(self.dir / "kubelet.yaml"), "--kubeconfig", str(kubeconfig),
                                 "--hostname-override", NODE_NAME, "--node-ip", self.addresses.node_ip,
-                                "--root-dir", str(kubelet_dir), "--node-labels", labels,
-                                "--register-with-taints", TAINT])
+                                "--root-dir", str(kubelet_dir), "--node-labels", labels])
         self._spawn("kube-proxy", [str(kube_proxy), "--config", str(self.dir / "kube-proxy.yaml")])
         self._spawn("coredns", [str(coredns), "-conf", str(self.dir / "Corefile")])
 
@@ -565,6 +577,8 @@ class RealNode:
             _run("ip", "route", "del", self.addresses.pod_cidr, check=False)
             _run("ip", "link", "del", self.addresses.host_link, check=False)
             shutil.rmtree(self.run_dir, ignore_errors=True)
+        # The pods' volumes (emptyDirs can be large); unmounted with the namespace. Logs stay.
+        shutil.rmtree(self.dir / "kubelet", ignore_errors=True)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self.state)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import socket
 import textwrap
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +26,6 @@ def pod(image: str, name: str, code: str, **spec: Any) -> dict[str, Any]:
     container.update(spec.pop("container", {}))
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, **spec.pop("metadata", {})},
             "spec": {"nodeSelector": {"kubernetes.io/hostname": REAL_NODE}, "restartPolicy": "Never",
-                     "tolerations": [{"key": "testbed.dreambooth.dev/real-node", "operator": "Exists"}],
                      "containers": [container], **spec}}
 
 
@@ -170,3 +171,117 @@ def test_pods_reach_minio_and_the_host_reaches_pods(testbed, python_image, names
             assert conn.recv(100).decode() == name
     for i in range(2):
         assert finished(testbed, f"same-port-{i}", namespace) == "Succeeded"
+
+
+def container_status(testbed: Any, name: str, namespace: str) -> dict[str, Any]:
+    pod = testbed.get("pod", name, namespace) or {}
+    return ((pod.get("status") or {}).get("containerStatuses") or [{}])[0]
+
+
+def terminated(testbed: Any, name: str, namespace: str) -> dict[str, Any] | None:
+    return container_status(testbed, name, namespace).get("state", {}).get("terminated")
+
+
+HOLD = "testbed.dreambooth.dev/hold"  # a second finalizer, as log shippers and service meshes add
+
+
+def test_deletion_sends_sigterm_and_sigkills_after_the_grace_period_while_a_finalizer_holds_the_pod(
+        testbed, python_image, namespace):
+    """A deleted pod's container gets SIGTERM; one that ignores it is killed when its
+    terminationGracePeriodSeconds are up. A second finalizer keeps both ended pods visible, with
+    their exit codes (the Job controller reads them so), until it is removed."""
+    polite = """
+        import signal, sys, time
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # as the trainer: 128 + SIGTERM
+        print("serv" + "ing", flush=True)
+        while True:
+            time.sleep(0.1)
+    """
+    stubborn = polite.replace("lambda *_: sys.exit(143)", "signal.SIG_IGN")
+    grace = 4
+    testbed.apply([pod(python_image, name, code, metadata={"finalizers": [HOLD]}, terminationGracePeriodSeconds=grace)
+                   for name, code in (("polite", polite), ("stubborn", stubborn))], namespace)
+    for name in ("polite", "stubborn"):
+        testbed.wait_for(f"{name} serving", lambda n=name: "serving" in testbed.pod_log(n, namespace), timeout=90)
+    deleted = time.monotonic()
+    testbed.kubectl("delete", "pod", "polite", "stubborn", "-n", namespace, "--wait=false")
+    ended = {}
+    while len(ended) < 2 and time.monotonic() - deleted < grace + 30:
+        for name in ("polite", "stubborn"):
+            if name not in ended and terminated(testbed, name, namespace):
+                ended[name] = time.monotonic() - deleted
+        time.sleep(0.2)
+    assert set(ended) == {"polite", "stubborn"}, f"ended: {ended}"
+    assert ended["polite"] < grace, f"SIGTERM ended polite in {ended['polite']:.1f} s"
+    assert grace <= ended["stubborn"] < grace + 10, f"stubborn was killed {ended['stubborn']:.1f} s after the delete"
+    assert terminated(testbed, "polite", namespace)["exitCode"] == 143
+    assert terminated(testbed, "stubborn", namespace)["exitCode"] == 137
+    for name in ("polite", "stubborn"):
+        held = testbed.get("pod", name, namespace)
+        assert held["metadata"]["deletionTimestamp"] and held["status"]["phase"] == "Failed", held["status"]
+        testbed.kubectl("patch", "pod", name, "-n", namespace, "--type=json", "-p", '[{"op": "remove", "path": "/metadata/finalizers"}]')
+    testbed.wait_for("both pods gone", lambda: not any(testbed.get("pod", n, namespace) for n in ("polite", "stubborn")), timeout=30)
+
+
+def test_a_memory_limit_oom_kills_the_container_with_its_reason(testbed, python_image, namespace):
+    code = "data = b'x' * (256 << 20); print('survived', len(data))"  # bytes are written: the pages are touched
+    testbed.apply(pod(python_image, "hungry", code, container={"resources": {"limits": {"memory": "64Mi", "cpu": "1"}}}), namespace)
+    assert finished(testbed, "hungry", namespace) == "Failed"
+    state = terminated(testbed, "hungry", namespace)
+    assert (state["reason"], state["exitCode"]) == ("OOMKilled", 137), state
+    assert "survived" not in testbed.pod_log("hungry", namespace)
+
+
+def test_on_failure_restarts_the_container_in_the_same_pod(testbed, python_image, namespace):
+    """restartPolicy OnFailure: the failed container is restarted in place (same pod, same
+    emptyDir), its previous run's log still readable; the second run succeeds."""
+    code = """
+        import os, sys
+        first = not os.path.exists("/work/ran")
+        open("/work/ran", "a").close()
+        print("run", "first" if first else "again", flush=True)
+        if first:
+            sys.exit(3)
+        while not os.path.exists("/work/done"):  # the test reads both runs' logs meanwhile
+            time.sleep(0.1)
+    """
+    testbed.apply(pod(python_image, "flaky", code.replace("import os, sys", "import os, sys, time"), restartPolicy="OnFailure",
+                      container={"volumeMounts": [{"name": "work", "mountPath": "/work"}]},
+                      volumes=[{"name": "work", "emptyDir": {}}]), namespace)
+    testbed.wait_for("the second run", lambda: "run again" in testbed.pod_log("flaky", namespace), timeout=90)
+    status = container_status(testbed, "flaky", namespace)
+    assert status["restartCount"] == 1 and status["lastState"]["terminated"]["exitCode"] == 3
+    assert "run first" in testbed.pod_log("flaky", namespace, previous=True)
+    testbed.kubectl("exec", "flaky", "-n", namespace, "--", "python", "-c", "open('/work/done', 'w').close()")
+    assert finished(testbed, "flaky", namespace) == "Succeeded"
+
+
+def test_a_missing_image_with_pull_policy_never_is_err_image_never_pull(testbed, python_image, namespace):
+    missing = "localhost/dreambooth/not-built:0.0.0"
+    testbed.apply(pod(missing, "absent", "print('never')", container={"imagePullPolicy": "Never"}), namespace)
+
+    def waiting() -> dict[str, Any] | None:
+        state = container_status(testbed, "absent", namespace).get("state", {}).get("waiting")
+        return state if state and state.get("reason") == "ErrImageNeverPull" else None
+
+    state = testbed.wait_for("ErrImageNeverPull", waiting, timeout=60)
+    assert missing in state["message"], state
+    assert testbed.pod_phase("absent", namespace) == "Pending"
+
+
+def test_a_pods_root_is_an_overlay_on_the_image_snapshots_and_goes_with_the_pod(testbed, python_image, namespace):
+    """No copy of the image per pod: the container's root is an overlay whose lower layers are the
+    image's snapshots in real-0's containerd slot; its writable layer is removed with the pod."""
+    testbed.apply(pod(python_image, "rooted", "import time; print('up', flush=True); time.sleep(600)"), namespace)
+    testbed.wait_for("rooted up", lambda: "up" in testbed.pod_log("rooted", namespace), timeout=90)
+    node = testbed.bed.real_node()
+    container_id = container_status(testbed, "rooted", namespace)["containerID"].removeprefix("containerd://")
+    mountinfo = Path(f"/proc/{node.task_pid(container_id)}/mountinfo").read_text().splitlines()
+    root = next(line for line in mountinfo if line.split()[4] == "/")
+    snapshots = str(node.containerd_root / "io.containerd.snapshotter.v1.overlayfs" / "snapshots")
+    options = root.split(" - ", 1)[1]
+    assert options.startswith("overlay ") and f"lowerdir={snapshots}/" in options, root
+    assert container_id in node.ctr("snapshots", "ls").stdout.split()
+    testbed.kubectl("delete", "pod", "rooted", "-n", namespace, "--grace-period=1", "--wait=true", timeout=60)
+    testbed.wait_for("the container's snapshot removed",
+                     lambda: container_id not in node.ctr("snapshots", "ls").stdout.split(), timeout=30)
