@@ -158,7 +158,7 @@ def test_a_preempted_pod_restarts_the_gang_from_the_checkpoint(testbed: Any, min
     def checkpointed() -> int | None:
         status = get_job(testbed, namespace, name).get("status") or {}
         latest = status.get("latestCheckpoint") or ""
-        match = re.search(r"step-(\d+)$", latest)
+        match = re.search(r"/step-(\d+)(?:-a\d+)?$", latest)  # issue 19 keys checkpoints by attempt: step-N-aA
         return int(match.group(1)) if match and status.get("phase") == "Running" else None
 
     step = testbed.wait_for("a checkpoint while running", checkpointed, timeout=600, interval=1)
@@ -232,8 +232,10 @@ def test_suspending_a_running_gang_sigterms_its_trainers_and_the_same_gang_resum
     suspended = wait_phase(testbed, namespace, name, "Suspended", timeout=30)["status"]
     assert suspended.get("disruptions", 0) == 0
     # checkpointing.everyNSteps is past the run: the only checkpoint is the one written on SIGTERM.
-    stopped_at = int(re.search(r"step-(\d+)", testbed.wait_for(
-        "the SIGTERM checkpoint", lambda: get_job(testbed, namespace, name)["status"].get("latestCheckpoint"), timeout=60)).group(1))
+    prefix = suspended["outputUri"].removeprefix(f"s3://{BUCKET}/") + "/checkpoints/"
+    steps = {int(m.group(1)) for key in objects(minio_client, prefix) if (m := re.search(r"/step-(\d+)", key))}
+    assert len(steps) == 1, f"one checkpoint, written on SIGTERM: {sorted(steps)}"
+    stopped_at = steps.pop()
 
     for pod in held:
         _set_hold(testbed, namespace, pod, False)

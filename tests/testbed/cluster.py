@@ -175,6 +175,7 @@ class Testbed:
         self.minio: MinioServer | None = None
         self.state: State | None = None
         self.node: RealNode | None = None
+        self._real_node_started = 0.0
 
     # ---------------------------------------------------------------- helpers
     def _env(self) -> dict[str, str]:
@@ -269,6 +270,7 @@ class Testbed:
     def _start_real_node(self, bins: dict[str, Path]) -> None:
         """containerd (with the pause image), then the kubelet, kube-proxy and CoreDNS."""
         assert self.node is not None and self.state is not None
+        self._real_node_started = time.monotonic()
         pause = node_images.ensure_pause_image(CACHE)
         self.node.start_containerd(sandbox_image=node_images.qualified(pause))
         self.state.real_node = self.node.to_json()
@@ -432,6 +434,7 @@ class Testbed:
             sa = self.kubectl("get", "serviceaccount", "default", "-n", "default", check=False)
             ca = self.kubectl("get", "configmap", "kube-root-ca.crt", "-n", "default", check=False)
             if want <= ready and sa.returncode == 0 and ca.returncode == 0 and not node_waits:
+                log(f"real-0 Ready, with Services and DNS, {time.monotonic() - self._real_node_started:.1f} s after its start")
                 return
             last = (f"ready nodes {sorted(ready)}; default SA {sa.returncode == 0}; root CA {ca.returncode == 0}; "
                     f"real-0: {node_waits or 'up'}")
