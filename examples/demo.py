@@ -1,10 +1,11 @@
 """`make demo`: the whole product on this machine.
 
 1. the operator, trainer and inference images are built (`make images`: buildah, cached by
-   content) and the test bed comes up (a real control plane, KWOK GPU nodes, the node local-0
-   that runs pods from their images under runc, MinIO; built once from pinned Go modules);
-2. the Helm chart is installed as a user would (CRD, RBAC, the operator Deployment, whose pod
-   runs the operator image on local-0), with the test bed's MinIO and the built images as its
+   content) and the test bed comes up (a real control plane, KWOK GPU nodes, the node real-0
+   run by a real kubelet on containerd with cluster DNS and Services, MinIO; built once from
+   pinned Go modules); the images are imported into real-0's containerd (once per content);
+2. the Helm chart is installed as a user would (CRD, RBAC, the operator Deployment, whose pods
+   run the operator image on real-0), with the test bed's MinIO and the built images as its
    defaults;
 3. the tiny subject's photos go to MinIO and `examples/job-tiny.yaml` is applied, its images
    left to the installation;
@@ -103,7 +104,7 @@ def image_values(name: str, ref: str) -> list[str]:
 
 
 def install_chart(bed: Testbed, images: dict[str, str]) -> None:
-    """`helm upgrade --install` of the chart: the operator runs in its pod on local-0, from its image."""
+    """`helm upgrade --install` of the chart: the operator runs in its pods on real-0, from its image."""
     env = bed.env_vars()
     helm_home = bed.root / "helm"
     helm_env = {**os.environ, "HELM_CACHE_HOME": str(helm_home / "cache"), "HELM_CONFIG_HOME": str(helm_home / "config"),
@@ -211,6 +212,12 @@ def before_after(bed: Testbed, output_uri: str, target: Path) -> tuple[dict[str,
     return figures[0], figures[-1]
 
 
+def disk_use(path: Path) -> str:
+    """What `du` says a folder holds, in GB."""
+    result = subprocess.run(["du", "-sb", str(path)], capture_output=True, text=True)
+    return f"{int(result.stdout.split()[0]) / 1e9:.1f} GB" if result.returncode == 0 and result.stdout else "?"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo-output", type=Path)
@@ -226,11 +233,14 @@ def main() -> int:
     for name, ref in images.items():
         say(f"  {name:<9} {ref}")
     bed = start_testbed(args.root.resolve())
+    started_import = time.monotonic()
+    images = dict(zip(images, bed.load_images(list(images.values()))))  # the refs real-0's containerd knows
+    say(f"images runnable on real-0 ({time.monotonic() - started_import:.0f} s; imported once per content)")
     install_chart(bed, images)
     bed.kubectl("apply", "-f", str(REPO / "crds" / "dreambooth.dev_dreamboothjobs.yaml"))  # helm never upgrades CRDs
     operator_pod = json.loads(bed.kubectl("get", "pods", "-n", OPERATOR_NAMESPACE, "-l", "app.kubernetes.io/component=operator",
                                           "-o", "json").stdout)["items"][0]["metadata"]["name"]
-    say(f"chart installed: the operator runs in pod {OPERATOR_NAMESPACE}/{operator_pod} on local-0 ({images['operator']})")
+    say(f"chart installed: the operator runs in pod {OPERATOR_NAMESPACE}/{operator_pod} on real-0 ({images['operator']})")
     bed.kubectl("create", "namespace", NAMESPACE, check=False)
     bed.kubectl("delete", "dbj", "--all", "-n", NAMESPACE, "--wait=true", "--timeout=120s", check=False)
     env = bed.env_vars()
@@ -262,9 +272,10 @@ def main() -> int:
   model:         {status.get('outputUri')}/final   (checkpoints: {status.get('latestCheckpoint')})
   endpoint:      {status.get('endpoint')}
   by hand:       source {bed.env_file}; kubectl get dbj -n {NAMESPACE}; kubectl describe dbj {name} -n {NAMESPACE}
-  containers:    {', '.join(images.values())} (make images; run by local-0 under runc)
+  containers:    {', '.join(images.values())} (make images; run by real-0's kubelet on containerd)
   operator:      helm release {RELEASE} in {OPERATOR_NAMESPACE}; kubectl logs -n {OPERATOR_NAMESPACE} {operator_pod}
-  logs:          {bed.logs}/ (every pod's containers, node-agent.log)
+  logs:          kubectl logs; {bed.logs}/ (containerd, kubelet, kube-proxy, coredns, the control plane)
+  disk:          {bed.root} {disk_use(bed.root)}; real-0's containerd {bed.real_node().containerd_root} {disk_use(bed.real_node().containerd_root)} (images unpacked once, kept across restarts)
   tear down:     make testbed-down   (stops the cluster, MinIO and every container)""")
     return 0
 

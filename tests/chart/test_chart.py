@@ -1,6 +1,6 @@
 """The Helm chart on the test bed: lint, the values schema, a server-side dry run of every variant,
 install, `helm test`, least privilege measured with `kubectl auth can-i`, a DreamboothJob taken
-through its lifecycle by the operator the chart runs (in its pod on local-0, with the chart's
+through its lifecycle by the operator the chart runs (in its pod on real-0, with the chart's
 ServiceAccount token: in-cluster config, RBAC enforced), and an uninstall that leaves only the CRD.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import yaml
 
 from dreambooth_operator import permissions
 from tests.e2e.conftest import BUCKET, condition, get_job, gpu_spec, trainer_pods
-from tests.testbed.cluster import binaries, pinned_versions
+from tests.testbed.cluster import REAL_NODE, binaries, pinned_versions
 
 pytestmark = pytest.mark.testbed
 
@@ -71,7 +71,7 @@ def values_args(variant: str) -> list[str]:
 
 
 def operator_image_args(ref: str) -> list[str]:
-    """The chart's operator image set to this checkout's build (local-0 runs it under runc)."""
+    """The chart's operator image set to this checkout's build (real-0 runs it on containerd)."""
     repository, _, tag = ref.rpartition(":")
     return ["--set", f"image.repository={repository}", "--set", f"image.tag={tag}"]
 
@@ -159,7 +159,7 @@ class Release:
 
 @pytest.fixture(scope="module")
 def release(testbed: Any, helm: Helm, operator_image: str) -> Iterator[Release]:
-    """The chart installed with its defaults (cluster-wide); its operator pod runs on local-0."""
+    """The chart installed with its defaults (cluster-wide); its operator pods run on real-0."""
     namespace = f"dbop-{uuid.uuid4().hex[:5]}"
     testbed.kubectl("create", "namespace", namespace)
     started = time.monotonic()
@@ -228,7 +228,7 @@ def test_install_creates_the_operator_deployment(testbed: Any, release: Release,
     assert len(pods) == 2
     pod = pods[0]
     assert pod["spec"]["serviceAccountName"] == FULLNAME
-    assert pod["spec"]["nodeName"] == "local-0", "no GPU asked: the operator lands off the GPU pool"
+    assert pod["spec"]["nodeName"] == REAL_NODE, "no GPU asked: the operator lands off the GPU pool"
     container = pod["spec"]["containers"][0]
     assert container["command"] == ["kopf", "run"] and "--all-namespaces" in container["args"]
     assert f"--peering={FULLNAME}" in container["args"] and testbed.get("clusterkopfpeering", FULLNAME) is not None
@@ -237,8 +237,8 @@ def test_install_creates_the_operator_deployment(testbed: Any, release: Release,
     assert security["capabilities"]["drop"] == ["ALL"] and pod["spec"]["securityContext"]["runAsNonRoot"]
     assert container["resources"]["requests"]
     status = pod["status"]["containerStatuses"][0]
-    assert container["image"] == operator_image and status["containerID"].startswith("runc://"), \
-        "local-0 runs the chart's operator from this checkout's image, under runc"
+    assert container["image"] == operator_image and status["containerID"].startswith("containerd://"), \
+        "real-0 runs the chart's operator from this checkout's image, on containerd"
     assert testbed.get("crd", CRD) is not None
     notes = release.install_output.split("NOTES:", 1)[-1]
     assert f"helm test {RELEASE} -n {release.namespace}" in notes and "kubectl -n <your-namespace> apply -f examples/job.yaml" in notes
@@ -477,7 +477,7 @@ def test_a_namespaced_install_grants_nothing_outside_its_namespaces_and_suffices
 
 
 def _kopf_pid(pod_name: str) -> int:
-    """The operator process of a pod on local-0 (the chart sets POD_ID to the pod's name)."""
+    """The operator process of a pod on real-0, as the host sees it (the chart sets POD_ID to the pod's name)."""
     needle = f"POD_ID={pod_name}".encode()
     for entry in Path("/proc").iterdir():
         try:
@@ -509,7 +509,15 @@ def test_killing_the_active_replica_hands_over_within_seconds(testbed: Any, rele
     assert handover < 30, f"handover took {handover:.1f} s"
     print(f"\n[chart] active replica SIGKILLed: the standby acted on a new job {handover:.1f} s later (leaseSeconds 10)")
     testbed.kubectl("delete", "dbj", "handover", "-n", namespace, "--wait=false")
-    testbed.wait_for("two replicas again", lambda: len(operator_pods(testbed, release.namespace, RELEASE)) == 2, timeout=90)
+    # restartPolicy Always: the kubelet restarts the killed container in the same pod.
+    def restarted() -> dict[str, Any] | None:
+        pod = testbed.get("pod", active["metadata"]["name"], release.namespace) or {}
+        status = ((pod.get("status") or {}).get("containerStatuses") or [{}])[0]
+        return status if status.get("restartCount", 0) >= 1 and status.get("ready") else None
+
+    status = testbed.wait_for("the killed replica restarted in place", restarted, timeout=90)
+    assert status["lastState"]["terminated"]["exitCode"] == 128 + signal.SIGKILL
+    assert len(operator_pods(testbed, release.namespace, RELEASE)) == 2
 
 
 def test_uninstall_leaves_only_the_crd(testbed: Any, helm: Helm, release: Release) -> None:

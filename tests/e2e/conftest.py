@@ -100,7 +100,7 @@ def crd(testbed: Any) -> str:
 
 @pytest.fixture(scope="session")
 def operator(testbed: Any, crd: str, images: dict[str, str]) -> Iterator[OperatorProcess]:
-    # Jobs that leave their images to the installation get this checkout's (local-0 runs them).
+    # Jobs that leave their images to the installation get this checkout's (real-0 runs them).
     env = dict(testbed.env(), DREAMBOOTH_TRAINER_IMAGE=images["trainer"], DREAMBOOTH_INFERENCE_IMAGE=images["inference"])
     process = OperatorProcess(env, testbed.logs / "operator.log")
     process.start()

@@ -1,12 +1,15 @@
-"""The real thing on the test bed's local node: examples/job-tiny.yaml trains for real (2 pods x
-1 process over gloo) in this checkout's trainer image under runc, with a read-only root, keeps
-checkpoints in MinIO, succeeds and serves from the inference image; a preempted pod restarts
-the gang, which resumes from the checkpoint."""
+"""The real thing on the test bed's kubelet node real-0: examples/job-tiny.yaml trains for real
+(2 pods x 1 process over gloo, rendezvous through the workers Service's DNS names) in this
+checkout's trainer image on containerd, with a read-only root, keeps checkpoints in MinIO,
+succeeds and serves from the inference image; a preempted pod restarts the gang, which resumes
+from the checkpoint."""
 from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -15,7 +18,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.conftest import BUCKET, condition, get_job, png_bytes, trainer_jobs, trainer_pods, upload
+from tests.e2e.conftest import BUCKET, condition, get_job, png_bytes, trainer_jobs, trainer_pods, upload, wait_phase
+from tests.testbed import node_images
+from tests.testbed.cluster import REAL_NODE
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow, pytest.mark.usefixtures("operator")]
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "job-tiny.yaml"
@@ -58,11 +63,13 @@ def objects(minio_client: Any, prefix: str) -> list[str]:
 
 
 def ran_from(pod: dict[str, Any], image: str) -> bool:
-    """The pod's container ran from `image` under runc, with a read-only root."""
+    """The pod's container ran on real-0's containerd from the very image buildah built, with a read-only root."""
     container = pod["spec"]["containers"][0]
     status = (pod["status"].get("containerStatuses") or [{}])[0]
-    return (container["image"] == image and container["securityContext"]["readOnlyRootFilesystem"]
-            and status.get("containerID", "").startswith("runc://") and status.get("imageID", "").startswith("sha256:"))
+    return (pod["spec"]["nodeName"] == REAL_NODE and container["image"] == image
+            and container["securityContext"]["readOnlyRootFilesystem"]
+            and status.get("containerID", "").startswith("containerd://")
+            and status.get("imageID") == node_images.local_image(image).image_id)
 
 
 def test_tiny_job_trains_checkpoints_succeeds_and_serves(testbed: Any, minio_client: Any, namespace: str, s3_secret: str,
@@ -103,6 +110,42 @@ def test_tiny_job_trains_checkpoints_succeeds_and_serves(testbed: Any, minio_cli
     with urllib.request.urlopen(request, timeout=120) as response:
         assert response.headers["Content-Type"] == "image/png"
         assert response.read()[:8] == b"\x89PNG\r\n\x1a\n"
+    a_hung_server_is_taken_out_of_service_and_restarted(testbed, namespace, name, server)
+
+
+def _server_ready(testbed: Any, namespace: str, pod_name: str) -> dict[str, Any] | None:
+    status = (((testbed.get("pod", pod_name, namespace) or {}).get("status") or {}).get("containerStatuses") or [{}])[0]
+    return status if status.get("ready") else None
+
+
+def a_hung_server_is_taken_out_of_service_and_restarted(testbed: Any, namespace: str, name: str, server: dict[str, Any]) -> None:
+    """The inference pod's probes as the operator builds them, run by the kubelet: a stopped server
+    (SIGSTOP) fails readiness (out of the Service, ServingReady=False), then liveness (the kubelet
+    kills and restarts its container in the same pod), and is ready again after the restart."""
+    pod_name = server["metadata"]["name"]
+    container_id = server["status"]["containerStatuses"][0]["containerID"].removeprefix("containerd://")
+    pid = testbed.bed.real_node().task_pid(container_id)
+    os.kill(pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        testbed.wait_for("the hung server not ready", lambda: not _server_ready(testbed, namespace, pod_name), timeout=120, interval=1)
+        testbed.wait_for("ServingReady=False", lambda: (condition(get_job(testbed, namespace, name), "ServingReady") or {}).get("status") == "False",
+                         timeout=60, interval=1)
+        unready = time.monotonic() - stopped
+
+        def killed_for_liveness() -> bool:
+            events = json.loads(testbed.kubectl("get", "events", "-n", namespace, "--field-selector",
+                                                f"involvedObject.name={pod_name}", "-o", "json").stdout)["items"]
+            return any(e["reason"] == "Killing" and "liveness" in e.get("message", "") for e in events)
+
+        testbed.wait_for("the kubelet killing the server for its liveness probe", killed_for_liveness, timeout=180, interval=1)
+    finally:
+        os.kill(pid, signal.SIGCONT)  # the pending SIGTERM is delivered: the server stops at once
+    status = testbed.wait_for("the restarted server ready", lambda: _server_ready(testbed, namespace, pod_name), timeout=300, interval=1)
+    assert status["restartCount"] == 1 and status["lastState"]["terminated"], status
+    testbed.wait_for("ServingReady=True again", lambda: (condition(get_job(testbed, namespace, name), "ServingReady") or {}).get("status") == "True",
+                     timeout=60, interval=1)
+    print(f"\n[e2e] hung server: not ready after {unready:.0f} s, restarted and ready again after {time.monotonic() - stopped:.0f} s")
 
 
 def test_a_preempted_pod_restarts_the_gang_from_the_checkpoint(testbed: Any, minio_client: Any, namespace: str, s3_secret: str,
@@ -116,7 +159,7 @@ def test_a_preempted_pod_restarts_the_gang_from_the_checkpoint(testbed: Any, min
     def checkpointed() -> int | None:
         status = get_job(testbed, namespace, name).get("status") or {}
         latest = status.get("latestCheckpoint") or ""
-        match = re.search(r"step-(\d+)$", latest)
+        match = re.search(r"/step-(\d+)(?:-a\d+)?$", latest)  # issue 19 keys checkpoints by attempt: step-N-aA
         return int(match.group(1)) if match and status.get("phase") == "Running" else None
 
     step = testbed.wait_for("a checkpoint while running", checkpointed, timeout=600, interval=1)
@@ -137,25 +180,28 @@ def test_a_preempted_pod_restarts_the_gang_from_the_checkpoint(testbed: Any, min
     assert all(value >= step for value in after), f"the step count continues from the checkpoint: {after}"
 
 
-# --- suspension with real pods: exit 143 after the SIGTERM checkpoint ---------------------------
-# The ended pods are held visible by a second finalizer (as service meshes and log shippers add, or
-# as a kubelet slower than the Job controller leaves them): the Job controller then judges their
-# exit codes while the Job is suspended.
-HOLD = "e2e.dreambooth.dev/hold"
+HOLD = "testbed.dreambooth.dev/hold"  # a second finalizer on the trainer pods, as log shippers add
+
+
+def _set_hold(testbed: Any, namespace: str, pod: dict[str, Any], held: bool) -> None:
+    finalizers = [f for f in pod["metadata"].get("finalizers") or [] if f != HOLD] + ([HOLD] if held else [])
+    testbed.kubectl("patch", "pod", pod["metadata"]["name"], "-n", namespace, "--type=merge",
+                    "-p", json.dumps({"metadata": {"finalizers": finalizers}}))
+
+
+def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
+    return ((pod["status"].get("containerStatuses") or [{}])[0].get("state") or {}).get("terminated")
 
 
 def hold(testbed: Any, namespace: str, pods: list[dict[str, Any]]) -> None:
     for pod in pods:
-        testbed.kubectl("patch", "pod", pod["metadata"]["name"], "-n", namespace, "--type=json",
-                        "-p", json.dumps([{"op": "add", "path": "/metadata/finalizers/-", "value": HOLD}]))
+        _set_hold(testbed, namespace, pod, True)
 
 
 def release(testbed: Any, namespace: str, name: str) -> None:
     for pod in trainer_pods(testbed, namespace, name):
-        finalizers = pod["metadata"].get("finalizers") or []
-        if HOLD in finalizers:
-            testbed.kubectl("patch", "pod", pod["metadata"]["name"], "-n", namespace, "--type=merge",
-                            "-p", json.dumps({"metadata": {"finalizers": [f for f in finalizers if f != HOLD]}}), check=False)
+        if HOLD in (pod["metadata"].get("finalizers") or []):
+            _set_hold(testbed, namespace, pod, False)
 
 
 def exit_codes(pods: list[dict[str, Any]]) -> list[int | None]:
@@ -201,28 +247,64 @@ def assert_the_same_gang_resumed(testbed: Any, namespace: str, name: str, step: 
     assert not {"Failed", "FailureTarget"} & {t for t, v in batch_conditions(testbed, namespace, f"{name}-train-0").items() if v == "True"}
 
 
-def test_suspend_and_resume_keep_the_gang_when_real_pods_exit_143(testbed: Any, minio_client: Any, namespace: str, s3_secret: str,
-                                                                  images: dict[str, str]) -> None:
-    manifest = tiny_job(testbed, minio_client, namespace, images, maxSteps=80, gradientAccumulationSteps=8)
+def test_suspending_a_running_gang_sigterms_its_trainers_and_the_same_gang_resumes(
+        testbed: Any, minio_client: Any, namespace: str, s3_secret: str, images: dict[str, str]) -> None:
+    """runPolicy.suspend on a running gang: the Job controller deletes its pods, the kubelet
+    SIGTERMs the trainers, which checkpoint and exit 143 within their grace period. While a
+    second finalizer keeps the ended pods visible, the suspended Job must not be failed by its
+    podFailurePolicy (today: FailJob on 143 gives FailureTarget within seconds); on resume the
+    same gang, unfailed, carries on from the SIGTERM checkpoint: no restart, no disruption."""
+    manifest = tiny_job(testbed, minio_client, namespace, images, maxSteps=400, gradientAccumulationSteps=8)
     manifest["spec"]["serving"]["enabled"] = False
-    manifest["spec"]["runPolicy"]["maxDisruptions"] = 0  # a suspension counted as a disruption would fail it
+    manifest["spec"]["checkpointing"]["everyNSteps"] = 1000  # the only checkpoint is SIGTERM's
     testbed.apply(manifest, namespace)
     name = manifest["metadata"]["name"]
-    step = wait_checkpoint(testbed, namespace, name)
-    assert step < 80, "the run ended before it could be suspended; make it longer"
-    hold(testbed, namespace, trainer_pods(testbed, namespace, name, 0))
-    try:
-        testbed.kubectl("patch", "dbj", name, "-n", namespace, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
-        testbed.wait_for("both ranks ended on SIGTERM (143), held visible", lambda: ended_on_sigterm(testbed, namespace, name), timeout=120)
-        time.sleep(3)  # the Job controller syncs on every pod change: it has judged them
-        assert batch_conditions(testbed, namespace, f"{name}-train-0").get("FailureTarget") != "True", \
-            "exit 143 of a suspended Job's pods must not fail the Job"
-        job = get_job(testbed, namespace, name)
-        assert job["status"]["phase"] == "Suspended" and (job["status"]["gang"], job["status"]["disruptions"]) == (0, 0)
-    finally:
-        release(testbed, namespace, name)
+
+    def training() -> list[dict[str, Any]] | None:
+        status = get_job(testbed, namespace, name).get("status") or {}
+        pods = trainer_pods(testbed, namespace, name, 0)
+        return pods if len(pods) == 2 and (status.get("progress") or {}).get("step", 0) >= 2 else None
+
+    pods = testbed.wait_for("the gang training", training, timeout=600, interval=1)
+    for pod in pods:
+        _set_hold(testbed, namespace, pod, True)
+    testbed.kubectl("patch", "dbj", name, "-n", namespace, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
+    suspended_at = time.monotonic()
+
+    def ended() -> list[dict[str, Any]] | None:
+        found = [testbed.get("pod", p["metadata"]["name"], namespace) for p in pods]
+        return found if all(f and _terminated(f) for f in found) else None
+
+    held = testbed.wait_for("the SIGTERMed trainers ended", ended, timeout=120, interval=0.5)
+    print(f"\n[e2e] trainers ended {time.monotonic() - suspended_at:.1f} s after the suspend")
+    for pod in held:
+        assert pod["metadata"]["deletionTimestamp"], "the Job controller deleted the pod"
+        assert _terminated(pod)["exitCode"] == 143, f"a SIGTERMed trainer checkpoints and exits 143: {_terminated(pod)}"
+    time.sleep(5)  # the Job controller has seen the Failed pods (it reacts within 2 s)
+    job = trainer_jobs(testbed, namespace, name)[0]
+    failing = [c for c in job["status"].get("conditions") or [] if c["type"] in ("FailureTarget", "Failed") and c["status"] == "True"]
+    assert not failing, f"a suspended Job must not be failed by its SIGTERMed pods: {failing}"
+    suspended = wait_phase(testbed, namespace, name, "Suspended", timeout=30)["status"]
+    assert suspended.get("disruptions", 0) == 0
+    # checkpointing.everyNSteps is past the run: the only checkpoint is the one written on SIGTERM.
+    prefix = suspended["outputUri"].removeprefix(f"s3://{BUCKET}/") + "/checkpoints/"
+    steps = {int(m.group(1)) for key in objects(minio_client, prefix) if (m := re.search(r"/step-(\d+)", key))}
+    assert len(steps) == 1, f"one checkpoint, written on SIGTERM: {sorted(steps)}"
+    stopped_at = steps.pop()
+
+    for pod in held:
+        _set_hold(testbed, namespace, pod, False)
     testbed.kubectl("patch", "dbj", name, "-n", namespace, "--type=merge", "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
-    assert_the_same_gang_resumed(testbed, namespace, name, step)
+    resumed = wait_phase(testbed, namespace, name, "Running", timeout=120)
+    assert (resumed["status"].get("restarts", 0), resumed["status"].get("disruptions", 0)) == (0, 0), resumed["status"]
+    assert {j["metadata"]["labels"]["dreambooth.dev/gang"] for j in trainer_jobs(testbed, namespace, name)} == {"0"}
+
+    def resumed_from() -> int | None:
+        fresh = [p for p in trainer_pods(testbed, namespace, name, 0) if p["metadata"]["uid"] not in {h["metadata"]["uid"] for h in held}]
+        starts = [re.findall(r'"start_step":\s*(\d+)', testbed.pod_log(p["metadata"]["name"], namespace)) for p in fresh]
+        return int(starts[0][0]) if fresh and starts and starts[0] else None
+
+    assert testbed.wait_for("the resumed gang's first step", resumed_from, timeout=600, interval=2) == stopped_at
 
 
 CPU_QUEUE, CPU_CLUSTER_QUEUE = "cpu-queue", "cpu-cq"
@@ -230,7 +312,7 @@ CPU_QUEUE, CPU_CLUSTER_QUEUE = "cpu-queue", "cpu-cq"
 
 @pytest.fixture()
 def cpu_queue(testbed: Any, kueue: Any, namespace: str) -> str:
-    """Kueue quota for exactly one tiny job (2 pods x 1 CPU, 2Gi), shared by local-0 and the KWOK pool."""
+    """Kueue quota for exactly one tiny job (2 pods x 1 CPU, 2Gi), shared by real-0 and the KWOK pool."""
     from tests.testbed.kueue import FLAVOR
 
     testbed.apply([

@@ -2,13 +2,26 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from pathlib import Path
 
 from tests.testbed.cluster import DEFAULT_ROOT, Testbed, build_binaries, marked_pids
+from tests.testbed.images import RECORD
 from tests.testbed.kueue import start_kueue
+
+
+def load_recorded_images(bed: Testbed) -> None:
+    """Import the images build/images.json records (`make images`) into real-0's containerd."""
+    if not RECORD.exists():
+        print("no images recorded yet (make images); real-0 runs only what is imported later")
+        return
+    refs = [entry["ref"] for entry in json.loads(RECORD.read_text())["images"].values()]
+    start = time.monotonic()
+    runnable = bed.load_images(refs)
+    print(f"images runnable on real-0 ({time.monotonic() - start:.0f} s): {' '.join(runnable)}")
 
 
 def main() -> int:
@@ -27,6 +40,8 @@ def main() -> int:
             return 0
         start_s = bed.start()
         print(f"test bed started in {start_s:.1f} s")
+        if os.environ.get("TESTBED_IMAGES", "1") != "0":  # what `make images` built, runnable on real-0
+            load_recorded_images(bed)
         if os.environ.get("TESTBED_KUEUE", "1") != "0":
             start_kueue(bed, gpus=int(os.environ.get("TESTBED_KUEUE_GPUS", "16")))
         print(bed.kubectl("get", "nodes", "-o", "wide").stdout, end="")

@@ -1,5 +1,6 @@
 """The test bed: a real control plane (kwokctl --runtime binary over the pinned, locally built
-binaries), KWOK GPU nodes, the `local-0` node agent, and MinIO.
+binaries), KWOK GPU nodes, `real-0` (a real kubelet with containerd, CNI, kube-proxy and CoreDNS:
+tests/testbed/realnode.py), and MinIO.
 
 `make testbed-up`/`make testbed-down` (``python -m tests.testbed up|down``) and the pytest
 fixtures (tests/testbed/fixtures.py) both use `Testbed` below.
@@ -16,15 +17,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tests.testbed import podnet
-from tests.testbed.minio_server import MinioServer, cached_binary, free_port, pinned_versions, start_minio
+from tests.testbed import node_images
+from tests.testbed.minio_server import CACHE, MinioServer, cached_binary, free_port, pinned_versions, start_minio
+from tests.testbed.realnode import NODE_NAME as REAL_NODE
+from tests.testbed.realnode import KUBERNETES_SERVICE_IP, NodeState, RealNode, capacity_policy, dns_service, prefix_for
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_ROOT = REPO / ".testbed"
 # Every process the test bed starts carries this variable (value: the test-bed root), so
 # `down` can find and end anything left behind, whoever started it.
 MARKER = "DREAMBOOTH_TESTBED_ROOT"
-LOCAL_NODE = "local-0"
 FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 
 GPU_NODES = 4
@@ -53,6 +55,9 @@ def binaries() -> dict[str, Path]:
         "kwok": cached_binary("kwok", "KWOK_VERSION"),
         "kwokctl": cached_binary("kwokctl", "KWOK_VERSION"),
         "helm": cached_binary("helm", "HELM_VERSION"),
+        "kubelet": cached_binary("kubelet", "KUBERNETES_VERSION"),
+        "kube-proxy": cached_binary("kube-proxy", "KUBERNETES_VERSION"),
+        "coredns": cached_binary("coredns", "COREDNS_VERSION"),
     }
 
 
@@ -73,7 +78,7 @@ class State:
     minio_endpoint: str = ""
     minio_access_key: str = ""
     minio_secret_key: str = ""
-    agent_pid: int = 0
+    real_node: dict = field(default_factory=dict)  # realnode.NodeState
     extra: dict = field(default_factory=dict)
 
 
@@ -106,6 +111,14 @@ def marked_pids(root: Path) -> list[int]:
         if needle in env.split(b"\0") and _alive(int(entry.name)):
             found.append(int(entry.name))
     return found
+
+
+def _command(pid: int) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return str(pid)
+    return f"{pid} {argv[:80].strip()}"
 
 
 def _terminate(pids: list[int], grace: float = 10.0) -> None:
@@ -150,10 +163,8 @@ class Testbed:
     def __init__(self, root: Path = DEFAULT_ROOT, name: str = "dreambooth-testbed",
                  local_gpus: int | None = None) -> None:
         self.root = Path(root).resolve()
-        # nvidia.com/gpu that local-0 advertises (bookkeeping only; its pods run on the CPU).
+        # nvidia.com/gpu that real-0 advertises (bookkeeping only; its pods run on the CPU).
         self.local_gpus = int(os.environ.get("TESTBED_LOCAL_GPUS", "0")) if local_gpus is None else local_gpus
-        # Pod network on local-0: "netns" (a namespace and address per pod) or "loopback".
-        self.network = os.environ.get("TESTBED_NETWORK", "netns")
         self.name = name
         self.kubeconfig = self.root / "kubeconfig"
         self.env_file = self.root / "env"
@@ -163,7 +174,8 @@ class Testbed:
         self.bin_dir = self.root / "bin"
         self.minio: MinioServer | None = None
         self.state: State | None = None
-        self._agent: subprocess.Popen | None = None
+        self.node: RealNode | None = None
+        self._real_node_started = 0.0
 
     # ---------------------------------------------------------------- helpers
     def _env(self) -> dict[str, str]:
@@ -184,7 +196,9 @@ class Testbed:
 
     def load_state(self) -> State | None:
         if self.state_file.exists():
-            return State(**json.loads(self.state_file.read_text()))
+            saved = json.loads(self.state_file.read_text())
+            # A state.json of an older checkout (its node agent's fields) still stops cleanly.
+            return State(**{key: value for key, value in saved.items() if key in State.__dataclass_fields__})
         return None
 
     def _save_state(self) -> None:
@@ -193,7 +207,9 @@ class Testbed:
 
     def is_up(self) -> bool:
         state = self.load_state()
-        if not state or not _alive(state.agent_pid) or not _alive(state.minio_pid):
+        if not state or not _alive(state.minio_pid) or not state.real_node:
+            return False
+        if not all(_alive(pid) for pid in [state.real_node.get("holder_pid", 0), *state.real_node.get("pids", {}).values()]):
             return False
         try:
             return self.kubectl("get", "--raw", "/readyz", check=False, timeout=10).returncode == 0
@@ -206,8 +222,9 @@ class Testbed:
         t0 = time.monotonic()
         if self.root.exists():
             self.stop(quiet=True)
-            # A fresh start: the previous run's logs, pods, names, cluster and objects go.
-            for sub in ("logs", "pods", "hosts", "kwok", "minio"):
+            # A fresh start: the previous run's logs, node, cluster and objects go ("pods" and
+            # "hosts": what an older checkout's node agent left).
+            for sub in ("logs", REAL_NODE, "pods", "hosts", "kwok", "minio"):
                 shutil.rmtree(self.root / sub, ignore_errors=True)
         for sub in (self.logs, self.bin_dir, self.kwok_workdir):
             sub.mkdir(parents=True, exist_ok=True)
@@ -219,23 +236,75 @@ class Testbed:
         self.state = State(name=self.name, root=str(self.root), kubeconfig=str(self.kubeconfig))
         self._save_state()
         try:
+            self._claim_real_node()
             self._start_minio()
             self._start_control_plane(bins)
             self._create_nodes()
-            self._start_agent()
+            self._start_real_node(bins)
             self._wait_ready()
             self._write_env()
         except BaseException:
             log(f"start failed; logs are in {self.logs} and {self.kwok_workdir}")
-            self.stop(quiet=True)
+            if os.environ.get("TESTBED_KEEP_FAILED") != "1":  # =1: leave it running to look at
+                self.stop(quiet=True)
             raise
         return time.monotonic() - t0
+
+    @property
+    def host_ip(self) -> str:
+        """Where the control plane and MinIO listen: the host's end of real-0's link (pods reach it)."""
+        state = self.state or self.load_state()
+        assert state is not None and state.real_node, "the test bed is not up"
+        return RealNode(self.root, CACHE, {}, NodeState(**state.real_node)).addresses.host_ip
+
+    def _claim_real_node(self) -> None:
+        """real-0's network prefix, containerd slot and namespaces: the host address comes from it."""
+        assert self.state is not None
+        self.node = RealNode(self.root, CACHE, self._env())
+        addresses = self.node.claim(prefix_for(self.root))
+        self.state.real_node = self.node.to_json()
+        self._save_state()
+        log(f"real-0: node {addresses.node_ip}, host {addresses.host_ip}, pods {addresses.pod_cidr}, "
+            f"containerd slot {self.node.containerd_root}")
+
+    def _start_real_node(self, bins: dict[str, Path]) -> None:
+        """containerd (with the pause image), then the kubelet, kube-proxy and CoreDNS."""
+        assert self.node is not None and self.state is not None
+        self._real_node_started = time.monotonic()
+        pause = node_images.ensure_pause_image(CACHE)
+        self.node.start_containerd(sandbox_image=node_images.qualified(pause))
+        self.state.real_node = self.node.to_json()
+        self._save_state()
+        for imported in node_images.load_images(self.node, [pause]):
+            log(f"imported {imported.ref} into real-0 ({imported.new_layers} layers, {imported.seconds:.1f} s)")
+        # Before the kubelet registers: its Node is created with the capacity the tests need.
+        items = [*dns_service(self.node.addresses), *capacity_policy(gpus=self.local_gpus)]
+        self.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+        self.node.start_components(bins["kubelet"], bins["kube-proxy"], bins["coredns"])
+        self.state.real_node = self.node.to_json()
+        self._save_state()
+
+    def load_images(self, refs: list[str]) -> list[str]:
+        """Make `refs` (buildah images of this machine) runnable on real-0; returns the refs pods use."""
+        node = self.real_node()
+        for imported in node_images.load_images(node, refs):
+            log(f"imported {imported.ref} into real-0: {imported.new_layers} new layers "
+                f"({imported.new_bytes / 1e9:.2f} GB) in {imported.seconds:.1f} s")
+        return [node_images.qualified(ref) for ref in refs]
+
+    def real_node(self) -> RealNode:
+        if self.node is None:
+            state = self.state or self.load_state()
+            assert state is not None and state.real_node, "the test bed is not up"
+            self.node = RealNode(self.root, CACHE, self._env(), NodeState(**state.real_node))
+        return self.node
 
     def _start_minio(self) -> None:
         old = os.environ.get(MARKER)
         os.environ[MARKER] = str(self.root)  # start_minio passes os.environ on
         try:
-            self.minio = start_minio(self.root / "minio" / "data", log_path=self.logs / "minio.log")
+            self.minio = start_minio(self.root / "minio" / "data", log_path=self.logs / "minio.log",
+                                     host=self.host_ip)
         finally:
             if old is None:
                 os.environ.pop(MARKER, None)
@@ -256,7 +325,9 @@ class Testbed:
             "kind": "KwokctlConfiguration",
             "options": {
                 "runtime": "binary",
-                "bindAddress": "127.0.0.1",  # nothing of the test bed listens beyond loopback
+                "bindAddress": "127.0.0.1",  # real-0 reaches the API server through a DNAT on its link
+                # The `kubernetes` Service's address: in-cluster clients on real-0 verify it.
+                "kubeApiserverCertSANs": [KUBERNETES_SERVICE_IP, self.host_ip],
                 "kubeVersion": pins["KUBERNETES_VERSION"],
                 "etcdVersion": pins["ETCD_VERSION"].lstrip("v"),
                 "kwokVersion": pins["KWOK_VERSION"],
@@ -267,7 +338,7 @@ class Testbed:
             },
             "componentsPatches": [
                 {
-                    # kwokctl runs kwok with --manage-all-nodes=true; local-0 is ours.
+                    # kwokctl runs kwok with --manage-all-nodes=true; real-0 is its kubelet's.
                     "name": "kwok-controller",
                     "extraArgs": [
                         {"key": "manage-all-nodes", "value": "false", "override": True},
@@ -282,6 +353,10 @@ class Testbed:
                     "name": "kube-apiserver",
                     "extraArgs": [
                         {"key": "enable-admission-plugins", "value": "ExtendedResourceToleration,OwnerReferencesPermissionEnforcement"},
+                        # The `kubernetes` Service's endpoint: where pods on real-0 reach the API server.
+                        {"key": "advertise-address", "value": self.host_ip},
+                        # Logs and exec go to a node's InternalIP (its name resolves nowhere).
+                        {"key": "kubelet-preferred-address-types", "value": "InternalIP,Hostname"},
                     ],
                 },
             ],
@@ -319,9 +394,10 @@ class Testbed:
         generated = self.kwok_workdir / "clusters" / self.name / "kubeconfig.yaml"
         shutil.copyfile(generated, self.kubeconfig)
         self.kubeconfig.chmod(0o600)
+        self.real_node().expose_api(self.kubeconfig)
 
     def _create_nodes(self) -> None:
-        """KWOK GPU nodes (kwok keeps them Ready) and the local-0 Node object (the agent's)."""
+        """KWOK GPU nodes (kwok keeps them Ready; real-0 registers itself)."""
         items = []
         for i in range(GPU_NODES):
             name = f"gpu-{i}"
@@ -345,33 +421,13 @@ class Testbed:
         body = json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
         self.kubectl("apply", "-f", "-", input=body)
 
-    def _start_agent(self) -> None:
-        assert self.state is not None
-        log_file = open(self.logs / "node-agent.log", "ab")
-        cmd = [sys.executable, "-m", "tests.testbed.node_agent",
-               "--kubeconfig", str(self.kubeconfig), "--root", str(self.root), "--node", LOCAL_NODE,
-               "--gpus", str(self.local_gpus), "--network", self.network]
-        if self.minio is not None:
-            cmd += ["--forward-port", self.minio.endpoint.rsplit(":", 1)[1]]
-        pki = self.kwok_workdir / "clusters" / self.name / "pki"
-        if (pki / "admin.crt").exists():  # kwok serves its kubelet API with the same pair
-            cmd += ["--tls-cert", str(pki / "admin.crt"), "--tls-key", str(pki / "admin.key")]
-        env = self._env()
-        env.pop("PYTHONPATH", None)  # -m with cwd=REPO finds tests.testbed; a path entry would shadow stdlib `operator`
-        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        self._agent = proc
-        self.state.agent_pid = proc.pid
-        self._save_state()
-
     def _wait_ready(self, timeout: float = 120) -> None:
         """All nodes Ready, the default ServiceAccount and root CA published (pods can be made)."""
         deadline = time.monotonic() + timeout
-        want = {f"gpu-{i}" for i in range(GPU_NODES)} | {LOCAL_NODE}
+        want = {f"gpu-{i}" for i in range(GPU_NODES)} | {REAL_NODE}
         last = ""
         while time.monotonic() < deadline:
-            if self.state and not _alive(self.state.agent_pid):
-                raise RuntimeError(f"node agent exited; see {self.logs / 'node-agent.log'}")
+            node_waits = self.real_node().ready()
             nodes = self.kubectl("get", "nodes", "-o", "json", check=False)
             ready = set()
             if nodes.returncode == 0:
@@ -381,9 +437,11 @@ class Testbed:
                             ready.add(node["metadata"]["name"])
             sa = self.kubectl("get", "serviceaccount", "default", "-n", "default", check=False)
             ca = self.kubectl("get", "configmap", "kube-root-ca.crt", "-n", "default", check=False)
-            if want <= ready and sa.returncode == 0 and ca.returncode == 0:
+            if want <= ready and sa.returncode == 0 and ca.returncode == 0 and not node_waits:
+                log(f"real-0 Ready, with Services and DNS, {time.monotonic() - self._real_node_started:.1f} s after its start")
                 return
-            last = f"ready nodes {sorted(ready)}; default SA {sa.returncode == 0}; root CA {ca.returncode == 0}"
+            last = (f"ready nodes {sorted(ready)}; default SA {sa.returncode == 0}; root CA {ca.returncode == 0}; "
+                    f"real-0: {node_waits or 'up'}")
             time.sleep(0.5)
         raise TimeoutError(f"test bed not ready in {timeout} s: {last}")
 
@@ -408,15 +466,8 @@ class Testbed:
         """Stop everything of this root; returns the PIDs still alive afterwards (should be [])."""
         state = self.load_state()
         kwokctl = self.bin_dir / "kwokctl"
-        if state and _alive(state.agent_pid):
-            _terminate([state.agent_pid], grace=40)  # the agent ends its pods first
-        if self._agent is not None:  # reap our child
-            try:
-                self._agent.wait(5)
-            except subprocess.TimeoutExpired:
-                self._agent.kill()
-                self._agent.wait()
-            self._agent = None
+        if state and state.real_node:
+            RealNode(self.root, CACHE, self._env(), NodeState(**state.real_node)).stop_components()
         cluster_dir = self.kwok_workdir / "clusters" / (state.name if state else self.name)
         if cluster_dir.exists() and kwokctl.exists():
             with open(self.logs / "kwokctl.log", "ab") if self.logs.exists() else open(os.devnull, "wb") as out:
@@ -426,16 +477,18 @@ class Testbed:
             self.minio.stop()
         elif state and _alive(state.minio_pid):
             _terminate([state.minio_pid])
+        if state and state.real_node:  # last: the control plane listened on the node's link
+            RealNode(self.root, CACHE, self._env(), NodeState(**state.real_node)).release()
+        self.node = None
         leftovers = marked_pids(self.root)
         if leftovers:
             if not quiet:
-                log(f"ending leftover test-bed processes {leftovers}")
+                log(f"ending leftover test-bed processes {[_command(pid) for pid in leftovers]}")
             _terminate(leftovers, grace=5)
-        podnet.cleanup_after(self.root)  # network namespaces and bridge of local-0
         self.state_file.unlink(missing_ok=True)
         self.env_file.unlink(missing_ok=True)
         return marked_pids(self.root)
 
 
-__all__ = ["Testbed", "build_binaries", "binaries", "marked_pids", "LOCAL_NODE", "GPU_NODES",
+__all__ = ["Testbed", "build_binaries", "binaries", "marked_pids", "REAL_NODE", "GPU_NODES",
            "GPU_PER_NODE", "GPU_POOL_LABELS", "MARKER", "REPO", "DEFAULT_ROOT", "free_port"]

@@ -111,13 +111,12 @@ class TestbedHandle:
         self.kubectl("patch", "pod", name, "-n", namespace, "--subresource=status", "--type=strategic",
                      "-p", json.dumps(patch))
 
-    def pod_log(self, name: str, namespace: str, container: str | None = None) -> str:
-        """The log the local-0 agent wrote for a pod's container (first container by default)."""
-        if container is None:
-            pod = self.get("pod", name, namespace)
-            container = pod["spec"]["containers"][0]["name"] if pod else "main"
-        path = self.logs / f"{namespace}_{name}_{container}.log"
-        return path.read_text() if path.exists() else ""
+    def pod_log(self, name: str, namespace: str, container: str | None = None, previous: bool = False) -> str:
+        """A pod's container log as the kubelet serves it (`kubectl logs`; the first container by
+        default, `previous`: the one before the last restart); '' if there is none."""
+        args = ["logs", name, "-n", namespace, *(["-c", container] if container else []), *(["--previous"] if previous else [])]
+        result = self.kubectl(*args, check=False)
+        return result.stdout if result.returncode == 0 else ""
 
 
 def _clean_stale_roots(base: Path) -> None:
@@ -136,7 +135,7 @@ def _clean_stale_roots(base: Path) -> None:
 
 @pytest.fixture(scope="session")
 def testbed() -> Iterator[TestbedHandle]:
-    """A running test bed for the whole session (control plane, GPU nodes, local-0, MinIO)."""
+    """A running test bed for the whole session (control plane, KWOK GPU nodes, real-0, MinIO)."""
     from kubernetes import config
 
     base = Path(os.environ.get("TESTBED_PYTEST_BASE", DEFAULT_ROOT))
@@ -154,31 +153,37 @@ def testbed() -> Iterator[TestbedHandle]:
         api_client.close()
         left = bed.stop()
         # Keep the logs for a failed run; drop the bulky rest.
-        for sub in ("kwok", "minio", "pods", "bin"):
+        for sub in ("kwok", "minio", "bin"):
             shutil.rmtree(bed.root / sub, ignore_errors=True)
         if left:
             raise RuntimeError(f"test-bed processes left after stop: {left}")
 
 
+def _runnable(testbed: TestbedHandle, built: dict[str, str]) -> dict[str, str]:
+    """Built images imported into real-0's containerd (once per content): {name: ref pods use}."""
+    refs = testbed.bed.load_images(list(built.values()))
+    return dict(zip(built, refs))
+
+
 @pytest.fixture(scope="session")
-def images() -> dict[str, str]:
-    """The operator, trainer and inference images of this checkout: {name: ref local-0 runs}."""
+def images(testbed: TestbedHandle) -> dict[str, str]:
+    """The operator, trainer and inference images of this checkout: {name: ref real-0 runs}."""
     from tests.testbed.images import built_images
 
-    return built_images()
+    return _runnable(testbed, built_images())
 
 
 @pytest.fixture(scope="session")
-def operator_image() -> str:
+def operator_image(testbed: TestbedHandle) -> str:
     """This checkout's operator image (built alone when that is all a session needs: no torch)."""
     from tests.testbed.images import built_images
 
-    return built_images("operator")["operator"]
+    return _runnable(testbed, built_images("operator"))["operator"]
 
 
 @pytest.fixture(scope="session")
 def python_image(operator_image: str) -> str:
-    """An image with Python and the Kubernetes client for test pods on local-0: the operator's."""
+    """An image with Python and the Kubernetes client for test pods: the operator's."""
     return operator_image
 
 

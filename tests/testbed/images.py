@@ -1,4 +1,4 @@
-"""The images pods on local-0 run: built from this checkout by images/build.py (`make images`).
+"""The images pods on real-0 run: built from this checkout by images/build.py (`make images`).
 
 A build of an unchanged tree rebuilds nothing (seconds); after a code change only the layer
 holding the project's own packages is rebuilt, so tests always run the checkout's code.

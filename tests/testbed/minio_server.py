@@ -70,8 +70,8 @@ class MinioServer:
 
 
 def start_minio(data_dir: Path, log_path: Path | None = None, port: int | None = None,
-                credentials: tuple[str, str] | None = None) -> MinioServer:
-    """Start MinIO on 127.0.0.1 with random credentials and wait until it is live."""
+                credentials: tuple[str, str] | None = None, host: str = "127.0.0.1") -> MinioServer:
+    """Start MinIO on host (loopback by default) with random credentials and wait until it is live."""
     binary = cached_binary("minio", "MINIO_VERSION")
     port = port or free_port()
     console = free_port()
@@ -80,11 +80,11 @@ def start_minio(data_dir: Path, log_path: Path | None = None, port: int | None =
     env = dict(os.environ, MINIO_ROOT_USER=access, MINIO_ROOT_PASSWORD=secret, MINIO_BROWSER="off")
     log = open(log_path or data_dir.parent / "minio.log", "ab")
     process = subprocess.Popen(
-        [str(binary), "server", "--quiet", "--address", f"127.0.0.1:{port}",
-         "--console-address", f"127.0.0.1:{console}", str(data_dir)],
+        [str(binary), "server", "--quiet", "--address", f"{host}:{port}",
+         "--console-address", f"{host}:{console}", str(data_dir)],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    server = MinioServer(f"127.0.0.1:{port}", access, secret, process, data_dir)
+    server = MinioServer(f"{host}:{port}", access, secret, process, data_dir)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -37,6 +37,14 @@ def mounted(ref: str) -> Iterator[Path]:
         subprocess.run(["buildah", "rm", container], capture_output=True)
 
 
+@pytest.fixture(scope="module")
+def images() -> dict[str, str]:
+    """The built images as buildah knows them (these tests look inside them; none runs on a node)."""
+    from tests.testbed.images import built_images
+
+    return built_images()
+
+
 def test_sizes_are_recorded_and_printed(images: dict[str, str]) -> None:
     recorded = json.loads(RECORD.read_text())["images"]
     for name in ("operator", "trainer", "inference"):

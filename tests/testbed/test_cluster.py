@@ -8,7 +8,8 @@ import urllib.request
 
 import pytest
 
-from tests.testbed.cluster import GPU_NODES, GPU_PER_NODE, LOCAL_NODE
+from tests.testbed.cluster import GPU_NODES, GPU_PER_NODE, REAL_NODE
+from tests.testbed.realnode import ADVERTISED_CPU
 
 pytestmark = pytest.mark.testbed
 
@@ -17,14 +18,17 @@ def _ready(node: dict) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"].get("conditions") or [])
 
 
-def test_nodes_are_ready_gpu_pool_and_local(testbed):
+def test_nodes_are_ready_gpu_pool_and_real_node(testbed):
     nodes = {n["metadata"]["name"]: n for n in json.loads(testbed.kubectl("get", "nodes", "-o", "json").stdout)["items"]}
-    assert set(nodes) == {f"gpu-{i}" for i in range(GPU_NODES)} | {LOCAL_NODE}
+    assert set(nodes) == {f"gpu-{i}" for i in range(GPU_NODES)} | {REAL_NODE}
     assert all(_ready(n) for n in nodes.values())
     for i in range(GPU_NODES):
         node = nodes[f"gpu-{i}"]
         assert node["status"]["allocatable"]["nvidia.com/gpu"] == str(GPU_PER_NODE)
         assert node["metadata"]["labels"]["dreambooth.dev/pool"] == "gpu"
+    # real-0 is off the GPU pool; the capacity policy lets the tests' pods fit side by side.
+    assert nodes[REAL_NODE]["metadata"]["labels"]["dreambooth.dev/pool"] == "local"
+    assert nodes[REAL_NODE]["status"]["allocatable"]["cpu"] == ADVERTISED_CPU
     version = json.loads(testbed.kubectl("version", "-o", "json").stdout)["serverVersion"]["gitVersion"]
     from tests.testbed.minio_server import pinned_versions
 

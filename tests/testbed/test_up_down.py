@@ -8,14 +8,15 @@ import time
 
 import pytest
 
-from tests.testbed import podnet
-from tests.testbed.cluster import LOCAL_NODE, MARKER, REPO, marked_pids
+from tests.testbed.cluster import MARKER, REAL_NODE, REPO, Testbed, marked_pids
+from tests.testbed.realnode import RUN_DIR, NodeAddresses
 
 pytestmark = pytest.mark.testbed
 
 
 def _make(target: str, root, timeout: float) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != MARKER}
+    # This test imports the one image it runs itself (a fresh containerd slot: no 5 GB trainer copy).
+    env = {k: v for k, v in os.environ.items() if k != MARKER} | {"TESTBED_IMAGES": "0"}
     return subprocess.run(["make", "--no-print-directory", "-C", str(REPO), target, f"TESTBED_ROOT={root}"],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -63,26 +64,31 @@ def test_make_testbed_up_then_down_leaves_no_process(tmp_path, python_image):
         kubectl = [str(root / "bin" / "kubectl"), "--kubeconfig", str(root / "kubeconfig")]
         nodes = json.loads(subprocess.run([*kubectl, "get", "nodes", "-o", "json"], capture_output=True,
                                           text=True, check=True).stdout)["items"]
-        assert LOCAL_NODE in {n["metadata"]["name"] for n in nodes}
-        # A pod running on local-0 must be ended by testbed-down as well.
+        assert REAL_NODE in {n["metadata"]["name"] for n in nodes}
+        Testbed(root).load_images([python_image])
+        # A pod running on real-0 must be ended by testbed-down as well.
         token = f"lingerer-{os.getpid()}-{time.monotonic_ns()}"
         pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "lingerer"},
-               "spec": {"nodeName": LOCAL_NODE, "containers": [
+               "spec": {"nodeName": REAL_NODE, "containers": [
                    {"name": "main", "image": python_image, "command": ["python", "-c", f"import time; time.sleep(3600)  # {token}"]}]}}
-        subprocess.run([*kubectl, "apply", "-f", "-"], input=json.dumps(pod), text=True, check=True,
-                       capture_output=True)
-        deadline = time.monotonic() + 60
+        subprocess.run([*kubectl, "apply", "-f", "-"], input=json.dumps(pod), text=True, check=True, capture_output=True)
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline and not _sleepers(token):
             time.sleep(0.3)
-        assert _sleepers(token), "the pod process never started"
+        assert _sleepers(token), "the pod's process never started"
         assert marked_pids(root.resolve())
-        prefix = json.loads((root / "network.json").read_text())["prefix"]
+        node = json.loads((root / "state.json").read_text())["real_node"]
     finally:
         down = _make("testbed-down", root, timeout=180)
     assert down.returncode == 0, down.stdout + down.stderr
     assert marked_pids(root.resolve()) == []
     assert _processes_under(root) == []
     assert _sleepers(token) == []
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert f"tb{prefix}-" not in netns
-    assert subprocess.run(["ip", "link", "show", f"tbbr{prefix}"], capture_output=True).returncode != 0
+    # real-0's link, route, API DNAT, run folder and pod volumes are gone; its containerd slot stays (images).
+    real = NodeAddresses(node["prefix"])
+    assert subprocess.run(["ip", "link", "show", real.host_link], capture_output=True).returncode != 0
+    assert real.pod_cidr.split("/")[0] not in subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
+    assert f"dreambooth-testbed-{node['prefix']} " not in subprocess.run(
+        ["iptables", "-t", "nat", "-S"], capture_output=True, text=True).stdout + " "
+    assert not (RUN_DIR / f"real-{node['prefix']}").exists()
+    assert not (root / REAL_NODE / "kubelet").exists()

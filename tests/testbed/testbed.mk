@@ -1,5 +1,5 @@
 # Test bed (tests/testbed, docs/testbed.md): real control plane from pinned Go modules, KWOK GPU
-# nodes, the local-0 node agent, MinIO. Binaries are cached outside the repo ($(TESTBED_CACHE)).
+# nodes, real-0 (a real kubelet on containerd), MinIO. Binaries are cached outside the repo ($(TESTBED_CACHE)).
 TESTBED_CACHE ?= $(HOME)/.cache/dreambooth-testbed
 TESTBED_ROOT ?= .testbed
 export TESTBED_CACHE
