@@ -229,10 +229,20 @@ def bucket_cap_mb_for(trainable_bytes: int) -> int:
     return int(min(200, max(25, trainable_bytes / 16 / 2**20)))
 
 
+def validate_module(validator: object, module: "object", step: int | None, with_samples: bool = True) -> object:
+    """Validation of the module as it would be exported: its EMA weights when it keeps an EMA."""
+    from .validation import averaged_weights
+
+    with averaged_weights(module):
+        return validator(module.denoiser, list(module.text_encoders), step, with_samples=with_samples)
+
+
 def make_trainer(cfg: TrainConfig, place: Placement, output: "object", json_logs: bool, start_step: int,
-                 validator: object | None = None, extra_callbacks: list | None = None, trainable_bytes: int = 0) -> tuple:
+                 validator: object | None = None, extra_callbacks: list | None = None, trainable_bytes: int = 0,
+                 ledger: "object | None" = None) -> tuple:
     """The Lightning Trainer every run uses (and the benchmark measures): returns it with the
-    checkpoint trigger and the progress reporter, whose state the caller reads afterwards."""
+    checkpoint trigger and the progress reporter, whose state the caller reads afterwards.
+    `ledger` (rank 0): the fidelity scores per step, which keep the best checkpoint from pruning."""
     import pytorch_lightning as pl
     from pytorch_lightning.plugins.environments import LightningEnvironment
 
@@ -242,12 +252,14 @@ def make_trainer(cfg: TrainConfig, place: Placement, output: "object", json_logs
     training = cfg.training
     workdir = Path(tempfile.mkdtemp(prefix="dreambooth-"))
     tb_dir = workdir / "tb" if cfg.output.tensorboard and place.rank == 0 else None
-    progress = ProgressReporter(cfg, output, place.world, start_step, tb_dir, json_logs, place.rank)
+    progress = ProgressReporter(cfg, output, place.world, start_step, tb_dir, json_logs, place.rank, ledger)
+    if ledger is not None:
+        ledger.load(progress.lines)  # the scores of the runs this one resumes
     trigger = CheckpointTrigger(cfg, progress)
     validation = []
     # Under FSDP rank 0 alone cannot run the sharded denoiser: only the final validation runs.
-    if validator is not None and (cfg.validation.every_n_steps or cfg.validation.fidelity) and training.strategy != "fsdp":
-        validation = [ValidationSampler(cfg, output, lambda m, step: validator(m.denoiser, list(m.text_encoders), step, with_samples=step > 0), progress)]
+    if validator is not None and (cfg.validation.every_n_steps or cfg.validation.fidelity.enabled) and training.strategy != "fsdp":
+        validation = [ValidationSampler(cfg, output, lambda m, step, samples: validate_module(validator, m, step, samples), progress, ledger)]
     # Extra callbacks (the benchmark's timer) run first, so they never time a checkpoint write;
     # validation runs before the progress reporter hands its step over.
     callbacks: list = [*(extra_callbacks or []), *validation, progress, trigger]
@@ -257,11 +269,65 @@ def make_trainer(cfg: TrainConfig, place: Placement, output: "object", json_logs
         precision=PRECISION[resolved_precision(cfg)], max_steps=training.max_steps,
         accumulate_grad_batches=training.gradient_accumulation_steps, gradient_clip_val=training.max_grad_norm,
         logger=False, callbacks=callbacks, enable_checkpointing=False,
-        plugins=[ObjectStoreCheckpointIO(output, cfg.checkpointing.keep_last, place.rank, place.world), LightningEnvironment()],
+        plugins=[ObjectStoreCheckpointIO(output, cfg.checkpointing.keep_last, place.rank, place.world,
+                                         ledger.protected_steps if ledger is not None else None), LightningEnvironment()],
         use_distributed_sampler=False, enable_progress_bar=not json_logs, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(workdir),
     )
     return trainer, trigger, progress
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """How this run scores fidelity: the backbones' sources, the prompt set, the rule picking the best."""
+
+    sources: dict[str, str]
+    prompts: "object | None"
+    rule: "object | None"
+
+
+def scoring_plan(cfg: TrainConfig) -> ScoringPlan:
+    from .families import TINY_SOURCES
+    from .fidelity import backbone_sources
+    from .selection import resolve_rule
+    from .validation import fidelity_prompts
+
+    fidelity = cfg.validation.fidelity
+    if not fidelity.enabled:
+        return ScoringPlan({}, None, None)
+    sources = backbone_sources(fidelity, cfg.validation.fidelity_model, cfg.model.source in TINY_SOURCES)
+    prompts = fidelity_prompts(cfg) if sources else None
+    return ScoringPlan(sources, prompts, resolve_rule(fidelity.select, "dino" in sources, "clip" in sources))
+
+
+def finish_run(cfg: TrainConfig, output: "object", trainer: object, ledger: "object", export_final: "object",
+               photos: list) -> None:
+    """Rank 0 after the last step: final/ (and exports/best/ when the final step is the best),
+    the best checkpoint's export, fidelity.json, the report; then pruning with the final scores."""
+    from .callbacks import FIDELITY, fidelity_document
+    from .checkpoint import checkpoint_key, complete_checkpoints, step_of
+    from .export import BEST, EXPORTS, FINAL, export_checkpoint
+    from .report import write_report
+
+    step = trainer.global_step
+    kept = {step_of(key) for key in complete_checkpoints(output)}
+    best = ledger.best(kept)
+    export_best = cfg.validation.fidelity.export_best and best is not None
+    best_prefix = f"{EXPORTS}/{BEST}"
+    final_uri = export_final((FINAL, best_prefix) if export_best and best.step == step else (FINAL,))
+    exports = {"final": FINAL}
+    if export_best:
+        if best.step != step:
+            export_checkpoint(cfg, output, checkpoint_key(best.step), (best_prefix,))
+        exports["best"] = best_prefix
+        exports["best_step"] = best.step
+    io = trainer.strategy.checkpoint_io
+    io.prune()  # the final scores may have moved the best: an older protected checkpoint can go
+    ledger.kept, ledger.exports = {step_of(key) for key in complete_checkpoints(output)}, exports
+    document = fidelity_document(ledger)
+    output.write_text(FIDELITY, json.dumps(document, indent=1))
+    report = write_report(output, cfg, document, photos)
+    log.info("done", extra={"final": final_uri, "step": step, "best_step": best.step if best else None, "report": report})
 
 
 def run_training(cfg: TrainConfig) -> int:
@@ -275,13 +341,16 @@ def run_training(cfg: TrainConfig) -> int:
     from .export import export_pipeline
     from .models import load_model, quiet_libraries
     from .module import DreamBoothModule, refuse_other_families_options
+    from .fidelity import Backbones
     from .quantize import quantize_frozen_modules
+    from .selection import FidelityLedger
     from .storage import S3Storage, open_storage
 
     json_logs = json_logs_wanted(cfg)
     configure_logging(json_logs)
     quiet_libraries()
     check_runtime(cfg)
+    scoring = scoring_plan(cfg)  # a bad fidelity setting fails every rank before any work
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -342,13 +411,15 @@ def run_training(cfg: TrainConfig) -> int:
                                          pin_memory=place.accelerator == "gpu")
 
     trainable_bytes = sum(p.numel() * p.element_size() for p in module.trainable_parameters())
-    validator = None
+    validator = ledger = None
     if place.rank == 0:
-        from .validation import Validator, load_embedding_model
+        from .fidelity import load_backbones
+        from .validation import Validator
 
-        validator = Validator(cfg, pipeline, instance.images, training_precision(cfg, device.type),
-                              load_embedding_model(cfg.validation.fidelity_model), family)
-    trainer, trigger, progress = make_trainer(cfg, place, output, json_logs, start_step, validator, trainable_bytes=trainable_bytes)
+        backbones = load_backbones(scoring.sources).to(device) if cfg.validation.fidelity.enabled else None
+        validator = Validator(cfg, pipeline, instance.images, training_precision(cfg, device.type), backbones or Backbones(), family, scoring.prompts)
+        ledger = FidelityLedger(scoring.rule, cfg.checkpointing.every_n_steps, training.max_steps, backbones.infos() if backbones else {})
+    trainer, trigger, progress = make_trainer(cfg, place, output, json_logs, start_step, validator, trainable_bytes=trainable_bytes, ledger=ledger)
     wait_for_master(dist_env_from())
     trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_key)
     trainer.strategy.checkpoint_io.wait()  # the last checkpoint is written before anything else
@@ -363,14 +434,15 @@ def run_training(cfg: TrainConfig) -> int:
     if trainer.is_global_zero:
         if module.ema is not None:
             module.ema.copy_to(module.ema_parameters())
-        final_uri = export_pipeline(lambda: load_base_model(cfg)[1], denoiser, list(module.text_encoders), output,
-                                    lora=training.lora.enabled, family=family, metadata=family.metadata(pipeline, cfg))
         result = validator(denoiser, list(module.text_encoders), None)
         for key, data in result.files.items():
             output.write_bytes(key, data)
         progress.record(trainer.global_step, result.figures)
+        ledger.add(trainer.global_step, result.figures)
+        finish_run(cfg, output, trainer, ledger, lambda prefixes: export_pipeline(
+            lambda: load_base_model(cfg)[1], denoiser, list(module.text_encoders), output, lora=training.lora.enabled,
+            family=family, metadata=family.metadata(pipeline, cfg), prefixes=prefixes), instance.images)
         progress.flush("succeeded")
-        log.info("done", extra={"final": final_uri, "step": trainer.global_step})
     progress.close()
     trainer.strategy.barrier("export")
     return EXIT_OK
