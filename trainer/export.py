@@ -66,15 +66,6 @@ def is_trained(module: torch.nn.Module) -> bool:
     return any(parameter.requires_grad for parameter in module.parameters())
 
 
-def export_label(checkpoint: str) -> str:
-    """Where a checkpoint's export lives: final -> final, best -> exports/best, step-N -> exports/step-N."""
-    if checkpoint == FINAL:
-        return FINAL
-    if checkpoint == BEST:
-        return f"{EXPORTS}/{BEST}"
-    return f"{EXPORTS}/step-{int(checkpoint.removeprefix('step-')):08d}"
-
-
 def is_exported(storage: Storage, prefix: str) -> bool:
     return storage.exists(f"{prefix}/{METADATA}")
 

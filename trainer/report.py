@@ -18,13 +18,11 @@ from typing import Any
 from PIL import Image
 
 from .callbacks import METRICS
+from .evaluate import PAPER_ROWS
 from .storage import Storage, StorageError
 
 REPORT = "report.html"
 PHOTO_SIDE = 128
-# The DreamBooth paper's Table 1 (Stable Diffusion, 30 subjects x 25 prompts x 4 images).
-PAPER_ROWS = (("DreamBooth (Stable Diffusion), paper", {"fidelity/dino": 0.668, "fidelity/clip_i": 0.803, "fidelity/clip_t": 0.305}),
-              ("Real images, paper", {"fidelity/dino": 0.774, "fidelity/clip_i": 0.885}))
 COLUMNS = (("fidelity/dino", "DINO"), ("fidelity/clip_i", "CLIP-I"), ("fidelity/clip_t", "CLIP-T"),
            ("fidelity/instance_distance", "pixel"), ("fidelity/prior_similarity", "prior sim."), ("fidelity/prior_diversity", "prior div."))
 CURVE_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")

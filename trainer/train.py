@@ -12,6 +12,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -270,11 +271,19 @@ def make_trainer(cfg: TrainConfig, place: Placement, output: "object", json_logs
         accumulate_grad_batches=training.gradient_accumulation_steps, gradient_clip_val=training.max_grad_norm,
         logger=False, callbacks=callbacks, enable_checkpointing=False,
         plugins=[ObjectStoreCheckpointIO(output, cfg.checkpointing.keep_last, place.rank, place.world,
-                                         ledger.protected_steps if ledger is not None else None), LightningEnvironment()],
+                                         lambda: kept_for_serving(cfg, ledger)), LightningEnvironment()],
         use_distributed_sampler=False, enable_progress_bar=not json_logs, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(workdir),
     )
     return trainer, trigger, progress
+
+
+def kept_for_serving(cfg: TrainConfig, ledger: "object | None") -> set[int]:
+    """Checkpoints pruning keeps whatever keep_last says: the best so far and the step output.serve names."""
+    from dreambooth_api.v1alpha1.spec import served_step
+
+    pinned = served_step(cfg.output.serve)
+    return (ledger.protected_steps() if ledger is not None else set()) | ({pinned} if pinned else set())
 
 
 @dataclass(frozen=True)
@@ -292,7 +301,12 @@ def scoring_plan(cfg: TrainConfig) -> ScoringPlan:
     from .selection import resolve_rule
     from .validation import fidelity_prompts
 
-    fidelity = cfg.validation.fidelity
+    from dreambooth_api.v1alpha1.spec import served_step
+
+    fidelity, pinned, training = cfg.validation.fidelity, served_step(cfg.output.serve), cfg.training
+    if pinned is not None and (pinned > training.max_steps or (pinned % cfg.checkpointing.every_n_steps and pinned != training.max_steps)):
+        raise UserInputError(f"output.serve {cfg.output.serve} is not a checkpoint of this run (every "
+                             f"checkpointing.every_n_steps={cfg.checkpointing.every_n_steps} steps and at training.max_steps={training.max_steps})")
     if not fidelity.enabled:
         return ScoringPlan({}, None, None)
     sources = backbone_sources(fidelity, cfg.validation.fidelity_model, cfg.model.source in TINY_SOURCES)
@@ -304,30 +318,44 @@ def finish_run(cfg: TrainConfig, output: "object", trainer: object, ledger: "obj
                photos: list) -> None:
     """Rank 0 after the last step: final/ (and exports/best/ when the final step is the best),
     the best checkpoint's export, fidelity.json, the report; then pruning with the final scores."""
+    from dreambooth_api.v1alpha1.spec import served_export_prefix, served_step
+
     from .callbacks import FIDELITY, fidelity_document
     from .checkpoint import checkpoint_key, complete_checkpoints, step_of
     from .export import BEST, EXPORTS, FINAL, export_checkpoint
     from .report import write_report
 
-    step = trainer.global_step
+    step, serve = trainer.global_step, cfg.output.serve
     kept = {step_of(key) for key in complete_checkpoints(output)}
     best = ledger.best(kept)
-    export_best = cfg.validation.fidelity.export_best and best is not None
-    best_prefix = f"{EXPORTS}/{BEST}"
-    final_uri = export_final((FINAL, best_prefix) if export_best and best.step == step else (FINAL,))
-    exports = {"final": FINAL}
+    # serving.checkpoint best with nothing scored serves the final model from exports/best/ too.
+    best_step = best.step if best is not None else step if serve == BEST else None
+    export_best = best_step is not None and (cfg.validation.fidelity.export_best or serve == BEST)
+    # Every stored checkpoint to export: its step -> the folders it goes to.
+    wanted: dict[int, list[str]] = {}
     if export_best:
-        if best.step != step:
-            export_checkpoint(cfg, output, checkpoint_key(best.step), (best_prefix,))
-        exports["best"] = best_prefix
-        exports["best_step"] = best.step
+        wanted.setdefault(best_step, []).append(f"{EXPORTS}/{BEST}")
+    pinned = served_step(serve)
+    if pinned is not None:
+        wanted.setdefault(pinned, []).append(served_export_prefix(serve))
+    final_uri = export_final((FINAL, *wanted.pop(step, [])))
+    for other, prefixes in sorted(wanted.items()):
+        if other not in kept:
+            raise UserInputError(f"output.serve {serve}: checkpoints/step-{other:08d} is not stored")
+        export_checkpoint(cfg, output, checkpoint_key(other), tuple(prefixes))
+    exports: dict[str, Any] = {"final": FINAL}
+    if export_best:
+        exports.update({"best": f"{EXPORTS}/{BEST}", "best_step": best_step})
+    if pinned is not None:
+        exports[serve] = served_export_prefix(serve)
+    exports["served"] = served_export_prefix(serve)
     io = trainer.strategy.checkpoint_io
     io.prune()  # the final scores may have moved the best: an older protected checkpoint can go
     ledger.kept, ledger.exports = {step_of(key) for key in complete_checkpoints(output)}, exports
     document = fidelity_document(ledger)
     output.write_text(FIDELITY, json.dumps(document, indent=1))
-    report = write_report(output, cfg, document, photos)
-    log.info("done", extra={"final": final_uri, "step": step, "best_step": best.step if best else None, "report": report})
+    report = write_report(output, cfg, document, photos, f"step-{best_step}" if serve == BEST else serve)
+    log.info("done", extra={"final": final_uri, "step": step, "best_step": best_step, "served": exports["served"], "report": report})
 
 
 def run_training(cfg: TrainConfig) -> int:

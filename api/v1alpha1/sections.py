@@ -274,8 +274,14 @@ class ValidationConfig(Section):
         return _fidelity_from_bool(value)
 
 
+SERVED_CHECKPOINT_RE = r"^(final|best|step-[0-9]{1,9})$"
+
+
 class OutputConfig(Section):
     uri: str = Field(..., description="Local folder or s3://bucket/prefix for checkpoints, final model, progress, samples, logs.")
+    serve: str = Field("final", pattern=SERVED_CHECKPOINT_RE, max_length=20, description=(
+        "The checkpoint that will be served (a DreamboothJob's serving.checkpoint): step-N is exported to exports/step-N/ "
+        "at the end and kept by checkpoint pruning; best is exports/best/."))
     progress_every_seconds: float = Field(5.0, gt=0, le=10, description="How often rank 0 rewrites progress.json.")
     tensorboard: bool = True
     wandb: bool = Field(False, description="Log to Weights & Biases (needs the wandb extra and WANDB_API_KEY).")

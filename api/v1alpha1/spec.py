@@ -28,6 +28,7 @@ from .pod_template import (
 from .sections import (
     MODEL_SOURCE_RE,
     ORDINARY_WORDS,
+    SERVED_CHECKPOINT_RE,
     ConfigError,
     OutputConfig,
     Section,
@@ -58,7 +59,6 @@ MAX_RESTARTS = 100
 SHARED_NEEDS_LORA = ("serving.server needs training.lora.enabled: a shared server switches LoRA adapters; "
                      "a full fine-tune is served by a Deployment of its own")
 TOKEN_RE = r"^[A-Za-z0-9_<>-]+$"
-SERVED_CHECKPOINT_RE = r"^(final|best|step-[0-9]{1,9})$"
 QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 # Sections that stay editable once the job is accepted; every other section of the spec is
 # frozen then (changing it mid-run would not resume). Edits to these take effect: runPolicy at
@@ -260,6 +260,12 @@ def served_step(checkpoint: str) -> int | None:
     return int(checkpoint.removeprefix("step-")) if checkpoint.startswith("step-") else None
 
 
+def served_export_prefix(checkpoint: str) -> str:
+    """Where a served checkpoint's export lives in the output: final/, exports/best/, exports/step-0000000N/."""
+    step = served_step(checkpoint)
+    return "final" if checkpoint == "final" else "exports/best" if step is None else f"exports/step-{step:08d}"
+
+
 def served_checkpoint_refusals(spec: "DreamboothJobSpec") -> list[str]:
     """serving.checkpoint names something the run can have (the CEL rules' twin)."""
     checkpoint, training = spec.serving.checkpoint, spec.training
@@ -404,7 +410,7 @@ def train_config_from_spec(spec: DreamboothJobSpec, output_uri: str) -> TrainCon
         section: getattr(spec, section).model_dump(mode="json")
         for section in ("model", "data", "prior", "training", "checkpointing", "validation")
     }
-    data["output"] = OutputConfig(uri=output_uri, log_format="json").model_dump(mode="json")
+    data["output"] = OutputConfig(uri=output_uri, log_format="json", serve=spec.serving.checkpoint).model_dump(mode="json")
     return config_from_dict(data)
 
 

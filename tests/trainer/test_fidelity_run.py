@@ -13,13 +13,14 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load
 
 from dreambooth_trainer.checkpoint import checkpoint_key, complete_checkpoints, load_checkpoint_state
 from dreambooth_trainer.storage import open_storage
 
-from .conftest import SUBJECT, tiny_config_dict
+from .conftest import SUBJECT, run_cli, tiny_config_dict
 
 STEPS, EVERY = 6, 2
 SCORES = ("fidelity/dino", "fidelity/clip_i", "fidelity/clip_t", "fidelity/prior_similarity", "fidelity/instance_distance")
@@ -53,7 +54,7 @@ def test_an_earlier_checkpoint_that_scores_best_is_exported_and_kept(s3_env, buc
     assert best < STEPS, "this run's last checkpoint is not its best (see the module docstring)"
     document = json.loads(out.read_text("fidelity.json"))
     assert document["best"]["step"] == best and document["select"] == "highest dino"
-    assert document["exports"] == {"final": "final", "best": "exports/best", "best_step": best}
+    assert document["exports"] == {"final": "final", "best": "exports/best", "best_step": best, "served": "final"}
     assert [row["step"] for row in document["steps"] if row["kept"]] == [best, STEPS]
 
     # keep_last 1 kept the best beside the newest; the other went.
@@ -62,10 +63,7 @@ def test_an_earlier_checkpoint_that_scores_best_is_exported_and_kept(s3_env, buc
     # exports/best/ is that checkpoint's weights, laid out as final/ (complete: its dreambooth.json is there).
     assert out.exists("exports/best/model_index.json") and out.exists("exports/best/dreambooth.json")
     exported, final = load(out.read_bytes(f"exports/best/{UNET}")), load(out.read_bytes(f"final/{UNET}"))
-    state = load_checkpoint_state(out, checkpoint_key(best), 0, 1)["state_dict"]
-    trained = {name.split(".", 1)[1]: tensor for name, tensor in state.items() if name.startswith(("denoiser.", "unet."))}
-    assert trained, sorted(state)[:5]
-    assert all(torch.equal(exported[name], tensor.to(exported[name].dtype)) for name, tensor in trained.items() if name in exported)
+    assert exported_matches_checkpoint(out, "exports/best", best)
     assert any(not torch.equal(exported[name], final[name]) for name in exported), "best is not the final model"
 
     # report.html: self-contained (images inline, nothing fetched), the best checkpoint marked.
@@ -75,3 +73,64 @@ def test_an_earlier_checkpoint_that_scores_best_is_exported_and_kept(s3_env, buc
     assert f'class="ckpt best" data-step="{best}"' in report
     assert out.read_text("final/report.html") == report and out.exists("exports/best/report.html")
     assert io.BytesIO(out.read_bytes("samples/prompts-final.png")).read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def exported_matches_checkpoint(out, prefix: str, step: int) -> bool:
+    exported = load(out.read_bytes(f"{prefix}/{UNET}"))
+    state = load_checkpoint_state(out, checkpoint_key(step), 0, 1)["state_dict"]
+    trained = {name.split(".", 1)[1]: tensor for name, tensor in state.items() if name.startswith(("denoiser.", "unet."))}
+    return bool(trained) and all(torch.equal(exported[name], tensor.to(exported[name].dtype)) for name, tensor in trained.items() if name in exported)
+
+
+def test_a_served_step_is_exported_and_kept_without_any_scores(tmp_path: Path) -> None:
+    from dreambooth_trainer.config import config_from_dict
+    from dreambooth_trainer.train import run_training
+
+    uri = str(tmp_path / "out")
+    data = tiny_config_dict(uri, training={"max_steps": 4, "learning_rate": 0.1}, checkpointing={"every_n_steps": 2, "keep_last": 1},
+                            validation={"fidelity": {"enabled": False}})
+    data["output"]["serve"] = "step-2"
+    cfg = config_from_dict(data)
+    assert run_training(cfg) == 0
+    out = open_storage(uri)
+    assert complete_checkpoints(out) == [checkpoint_key(2), checkpoint_key(4)], "keep_last 1 kept the served step"
+    assert out.exists("exports/step-00000002/dreambooth.json") and not out.exists("exports/best/model_index.json")
+    assert exported_matches_checkpoint(out, "exports/step-00000002", 2)
+    assert json.loads(out.read_text("fidelity.json"))["exports"]["served"] == "exports/step-00000002"
+
+
+def test_a_served_step_that_is_no_checkpoint_is_refused_before_training(tmp_path: Path) -> None:
+    from dreambooth_trainer.config import config_from_dict
+    from dreambooth_trainer.errors import UserInputError
+    from dreambooth_trainer.train import run_training
+
+    uri = str(tmp_path / "out")
+    data = tiny_config_dict(uri, training={"max_steps": 4}, checkpointing={"every_n_steps": 2})
+    data["output"]["serve"] = "step-3"
+    cfg = config_from_dict(data)
+    with pytest.raises(UserInputError, match="output.serve step-3"):
+        run_training(cfg)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_eval_prints_the_papers_table_for_any_model(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from dreambooth_trainer.fidelity import load_backbones, real_image_scores
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {token} {class} in the snow\na red {token} {class}\n")
+    result = run_cli(["eval", "--model", "tiny", "--photos", str(SUBJECT), "--class-noun", "toy", "--dino", "tiny", "--clip", "tiny",
+                      "--prompts", str(prompts), "--steps", "1", "--images-per-prompt", "2"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = dict(re.findall(r"^(.+?)\s{2,}(-?\d\.\d{3}.*)$", result.stdout, re.M))
+    assert table["DreamBooth (Stable Diffusion), paper"].split() == ["0.668", "0.803", "0.305"]
+    dino, clip_i, clip_t = (float(x) for x in table["tiny"].split())
+    assert all(-1.0 <= x <= 1.0 for x in (dino, clip_i, clip_t))
+    real = real_image_scores(load_backbones({"dino": "tiny", "clip": "tiny"}),
+                             [Image.open(p).convert("RGB") for p in sorted(SUBJECT.glob("*.png"))])
+    assert table["Real images (these photos)"].split()[:2] == [f"{real['fidelity/dino']:.3f}", f"{real['fidelity/clip_i']:.3f}"]
+    assert "2 prompts (the job's own) x 2 images, 4 photos" in result.stdout and "tiny-backbones-1" in result.stdout
+
+    refused = run_cli(["eval", "--model", "tiny", "--photos", str(SUBJECT), "--class-noun", "toy"])
+    assert refused.returncode == 2 and "--dino" in refused.stderr
