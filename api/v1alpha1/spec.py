@@ -492,6 +492,7 @@ class FidelityScores(Section):
     pixel: float | None = Field(None, description="RMS pixel distance of the instance prompt's images to the nearest photo (lower is closer).")
     prior_similarity: float | None = Field(None, description="The class prompt's images' similarity to the subject (prior preservation keeps it low).")
     prior_diversity: float | None = Field(None, description="1 - the mean similarity between the class prompt's images (higher: more varied).")
+    floor_met: bool | None = Field(None, description="False when no checkpoint met validation.fidelity.select.minClipT (the closest was taken).")
 
 
 class FidelityStatus(Section):

@@ -180,3 +180,19 @@ def test_the_older_boolean_form_reads_as_enabled() -> None:
 def test_bad_fidelity_settings_are_refused_naming_the_field(fidelity: dict, named: str) -> None:
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         config_from_dict(minimal(validation={"fidelity": fidelity}))
+
+
+def test_the_trainers_summary_becomes_status_fidelity_and_fits_the_crd() -> None:
+    from dreambooth_api.v1alpha1.spec import DreamboothJobStatus
+    from dreambooth_operator.conditions import fidelity_status
+
+    ledger = FidelityLedger(Rule("dino", 0.25), checkpoint_every=100, max_steps=300,
+                            backbones={"dino": {"name": "tiny-dino", "revision": "r1", "scale": 1.0}})
+    for row in RUN:
+        ledger.add(row["step"], {k: v for k, v in row.items() if k != "step"})
+    status = fidelity_status({"step": 300, "fidelity": ledger.summary()}, "exports/best")
+    assert status["summary"] == "dino 0.660 @200" and status["served"] == "exports/best"
+    assert fidelity_status({"step": 3}, "final") is None
+    model = DreamboothJobStatus.model_validate({"fidelity": status})
+    # Nothing of it is dropped: the model (the CRD's schema) knows every key the operator writes.
+    assert model.model_dump(mode="json", by_alias=True, exclude_none=True)["fidelity"] == status
