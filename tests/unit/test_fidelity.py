@@ -196,3 +196,17 @@ def test_the_trainers_summary_becomes_status_fidelity_and_fits_the_crd() -> None
     model = DreamboothJobStatus.model_validate({"fidelity": status})
     # Nothing of it is dropped: the model (the CRD's schema) knows every key the operator writes.
     assert model.model_dump(mode="json", by_alias=True, exclude_none=True)["fidelity"] == status
+
+
+def test_jobs_checkpoints_prints_each_scored_step_with_the_best_and_the_pruned_marked() -> None:
+    from dreambooth_client.commands import checkpoint_rows
+
+    document = {"select": "highest dino", "best": {"step": 200}, "exports": {"served": "exports/best"},
+                "backbones": {"dino": {"name": "tiny-dino", "revision": "r1", "scale": 1.0}},
+                "steps": [{**row, "kept": row["step"] in (200, 300)} for row in RUN]}
+    lines = checkpoint_rows(document)
+    assert lines[0].split() == ["STEP", "DINO", "CLIP-I", "CLIP-T", "PIXEL", "PRIOR-SIM", "NOTE"]
+    by_step = {line.split()[0]: line for line in lines[1:5]}
+    assert by_step["200"].split()[1] == "0.6600" and by_step["200"].endswith("best")
+    assert by_step["100"].endswith("pruned") and "base model" in by_step["0"]
+    assert "served: exports/best" in lines[5] and lines[6] == "dino: tiny-dino@r1 (scale 1)"
