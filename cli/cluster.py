@@ -178,6 +178,28 @@ def samples(name: Name, namespace: Namespace = None,
 
 
 @jobs_app.command()
+def checkpoints(name: Name, namespace: Namespace = None, kubeconfig: Kubeconfig = None, context: Context = None) -> None:
+    """Every scored checkpoint with its fidelity scores (DINO, CLIP-I, CLIP-T, pixel, prior), the best marked."""
+    from dreambooth_client import commands
+
+    with client_errors():
+        code = commands.checkpoints(open_job(name, namespace, kubeconfig, context))
+    raise typer.Exit(code)
+
+
+@jobs_app.command()
+def report(name: Name, namespace: Namespace = None,
+           out: Annotated[Optional[Path], typer.Option(help="File (default ./NAME/report.html).")] = None,
+           kubeconfig: Kubeconfig = None, context: Context = None) -> None:
+    """Download the run's report.html (photos, curves, scores, the prompt grid per checkpoint) and print its path."""
+    from dreambooth_client import commands
+
+    with client_errors():
+        code = commands.report(open_job(name, namespace, kubeconfig, context), out)
+    raise typer.Exit(code)
+
+
+@jobs_app.command()
 def download(name: Name, namespace: Namespace = None,
              out: Annotated[Optional[Path], typer.Option(help="Folder (default ./NAME/final or ./NAME/final-lora).")] = None,
              everything: Annotated[bool, typer.Option("--all", help="For a LoRA job, the whole final/ pipeline too.")] = False,

@@ -177,6 +177,52 @@ def plan(job: Annotated[Path, typer.Argument(help="A DreamboothJob manifest (YAM
         typer.echo(f"{document.get('metadata', {}).get('name', job.stem)}: " + plan.table())
 
 
+@app.command(name="eval")
+def eval_(
+    model: Annotated[str, typer.Option(help="Model URI: a final/ or exports/ folder (local or s3://), tiny, or hf://org/name.")],
+    photos: Annotated[str, typer.Option(help="The subject photos: a folder or s3://bucket/prefix.")],
+    class_noun: Annotated[Optional[str], typer.Option(help="The class noun the paper's prompts use (dog, backpack, ...).")] = None,
+    token: Annotated[str, typer.Option(help="The identifier the model was trained with.")] = "sks",
+    prompts: Annotated[Optional[Path], typer.Option(help="A file of prompts, one a line ({token}, {class}); default the paper's 25.")] = None,
+    dino: Annotated[Optional[str], typer.Option(help="DINO backbone: tiny, hf://facebook/dino-vits16, s3:// or a folder.")] = None,
+    clip: Annotated[Optional[str], typer.Option(help="CLIP backbone: tiny, hf://openai/clip-vit-base-patch32, s3:// or a folder.")] = None,
+    lora: Annotated[Optional[str], typer.Option(help="LoRA weights applied to the model.")] = None,
+    steps: Annotated[int, typer.Option(min=1, max=1000)] = 25,
+    guidance_scale: Annotated[Optional[float], typer.Option(min=0.0, help="Default: the family's.")] = None,
+    images_per_prompt: Annotated[int, typer.Option(min=1, max=16, help="The paper drew 4.")] = 4,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    resolution: Annotated[Optional[int], typer.Option(help="Multiple of 8; default the model's size.")] = None,
+) -> None:
+    """Score a model's subject fidelity (DINO, CLIP-I, CLIP-T) on a prompt set, printed beside the
+    DreamBooth paper's table."""
+    from dreambooth_trainer.data import list_images, read_images
+    from dreambooth_trainer.evaluate import EvalSettings, evaluate, paper_table
+    from dreambooth_trainer.fidelity import load_backbones, prompt_set
+    from dreambooth_trainer.models import load_pipeline, quiet_libraries
+    from dreambooth_trainer.storage import open_storage
+
+    quiet_libraries()
+    if not (dino or clip):
+        fail("name a backbone: --dino and/or --clip (tiny for the built-in random ones)")
+    with user_errors():
+        templates = [line.strip() for line in prompts.read_text().splitlines() if line.strip()] if prompts else []
+        prompt_list = prompt_set(templates, token, class_noun, "--prompts")
+        storage = open_storage(photos)
+        subject = read_images(storage, list_images(storage, "--photos"), "--photos")
+        backbones = load_backbones({kind: source for kind, source in (("dino", dino), ("clip", clip)) if source})
+        pipeline = load_pipeline(model)
+        if lora:
+            from dreambooth_trainer.export import apply_lora
+
+            apply_lora(pipeline, lora)
+        settings = EvalSettings(steps, guidance_scale, images_per_prompt, seed, resolution)
+        scores, real = evaluate(pipeline, backbones, subject, prompt_list, settings)
+    typer.echo(f"{len(prompt_list.prompts)} prompts ({prompt_list.source}) x {images_per_prompt} images, {len(subject)} photos, {steps} steps")
+    for kind, info in backbones.infos().items():
+        typer.echo(f"{kind}: {info['name']}@{info['revision']} (scale {info['scale']:g})")
+    typer.echo(paper_table(model, scores, real))
+
+
 @app.command()
 def crd() -> None:
     """Print the DreamboothJob CustomResourceDefinition generated from the API package."""

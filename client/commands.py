@@ -115,6 +115,7 @@ def follow(job: Job, out: Path, *, plain: bool = False, image_prompt: str | None
     if status.failed:
         echo(f"error: DreamboothJob {job.namespace}/{job.name} failed: {status.failure}")
         return 1
+    echo(f"report: {status.output_uri}/report.html (fetch it: dreambooth jobs report {job.name} -n {job.namespace})")
     if not status.serving_enabled:
         echo(f"trained: {status.output_uri}/final (download it: dreambooth jobs download {job.name} -n {job.namespace})")
         return 0
@@ -228,6 +229,35 @@ def samples(job: Job, out: Path | None) -> int:
     for path in new:
         echo(str(path))
     echo(f"{len(new)} new sample{'s' if len(new) != 1 else ''} in {folder}")
+    return 0
+
+
+CHECKPOINT_COLUMNS = (("fidelity/dino", "DINO"), ("fidelity/clip_i", "CLIP-I"), ("fidelity/clip_t", "CLIP-T"),
+                      ("fidelity/instance_distance", "PIXEL"), ("fidelity/prior_similarity", "PRIOR-SIM"))
+
+
+def checkpoint_rows(document: dict[str, Any]) -> list[str]:
+    """fidelity.json as a table: one row per scored step, the best and the pruned marked."""
+    best = (document.get("best") or {}).get("step")
+    lines = ["STEP      " + "".join(f"{title:>11}" for _, title in CHECKPOINT_COLUMNS) + "  NOTE"]
+    for row in document.get("steps", []):
+        cells = "".join(f"{row[key]:>11.4f}" if isinstance(row.get(key), (int, float)) else f"{'-':>11}" for key, _ in CHECKPOINT_COLUMNS)
+        notes = ["best" if row["step"] == best else "", "base model" if row["step"] == 0 else "",
+                 "pruned" if row["step"] and row.get("kept") is False else ""]
+        lines.append(f"{row['step']:<10}{cells}  {' '.join(n for n in notes if n)}".rstrip())
+    lines.append(f"select: {document.get('select')}; served: {(document.get('exports') or {}).get('served', 'final')}")
+    lines += [f"{kind}: {b['name']}@{b['revision']} (scale {b['scale']:g})" for kind, b in (document.get("backbones") or {}).items()]
+    return lines
+
+
+def checkpoints(job: Job) -> int:
+    for line in checkpoint_rows(job.fidelity()):
+        echo(line)
+    return 0
+
+
+def report(job: Job, out: Path | None) -> int:
+    echo(str(job.report(out)))
     return 0
 
 

@@ -319,6 +319,21 @@ class Job:
             raise NotFound(f"{status.output_uri}/{prefix} holds nothing")
         return folder
 
+    def fidelity(self) -> dict[str, Any]:
+        """fidelity.json: the scores of every checkpoint, the best, where the exports are."""
+        uri = self.status.output_uri
+        document = self.storage().read_json(uri, "fidelity.json") if uri else None
+        if document is None:
+            raise NotFound(f"DreamboothJob {self.namespace}/{self.name} has no fidelity.json yet (written at the first scored checkpoint)")
+        return document
+
+    def report(self, dest: str | Path | None = None) -> Path:
+        """Download report.html (written at the end of training) to `dest` (default ./NAME/report.html)."""
+        uri = self.status.output_uri
+        if not uri or "report.html" not in self.storage().list(uri, "report.html"):
+            raise NotFound(f"DreamboothJob {self.namespace}/{self.name} has no report.html yet (the trainer writes it at the end)")
+        return self.storage().download(uri, "report.html", Path(dest) if dest is not None else Path(self.name) / "report.html")
+
     # --- the endpoint ------------------------------------------------------------------------
 
     def endpoint(self, with_token: bool = True) -> Endpoint:

@@ -263,6 +263,9 @@ def main() -> int:
     for prompt, file in (("a photo of sks dog", "subject.png"), ("a photo of sks dog on the moon", "subject-on-the-moon.png")):
         fetch_image(bed, prompt, out / file)
     before, after = before_after(bed, status["outputUri"], out / "before-after.png")
+    chosen = json.loads(read_output(bed, status["outputUri"], "fidelity.json"))
+    (out / "report.html").write_bytes(read_output(bed, status["outputUri"], "report.html"))
+    best = chosen.get("best") or {}
     print(f"""
 [demo] done in {time.monotonic() - started:.0f} s: {name} {status['phase']}, {status['progress']['step']}/{status['progress']['totalSteps']} steps, restarts {status.get('restarts', 0)}
   images:        {out / 'subject.png'}, {out / 'subject-on-the-moon.png'}
@@ -270,6 +273,8 @@ def main() -> int:
   fidelity:      distance of the instance prompt's images to the nearest photo {before.get('fidelity/instance_distance', 0):.3f} -> {after.get('fidelity/instance_distance', 0):.3f}
                  (class prompt's, kept generic by prior preservation: {before.get('fidelity/class_distance', 0):.3f} -> {after.get('fidelity/class_distance', 0):.3f})
   model:         {status.get('outputUri')}/final   (checkpoints: {status.get('latestCheckpoint')})
+  best:          step {best.get('step')} by {chosen.get('select')}; served: {chosen.get('exports', {}).get('served')}
+  report:        {out / 'report.html'}   (also {status.get('outputUri')}/report.html)
   endpoint:      {status.get('endpoint')}
   by hand:       source {bed.env_file}; kubectl get dbj -n {NAMESPACE}; kubectl describe dbj {name} -n {NAMESPACE}
   containers:    {', '.join(images.values())} (make images; run by real-0's kubelet on containerd)

@@ -24,6 +24,7 @@ from dreambooth_api.v1alpha1.spec import (
     ServingAuth,
     StorageSpec,
     output_uri,
+    served_export_prefix,
     train_config_from_spec,
 )
 
@@ -476,7 +477,7 @@ def build_inference_deployment(job: JobRef) -> dict[str, Any]:
     name = inference_name(job.name)
     metadata = _metadata(job, name, "inference")
     metadata["annotations"] = {ANNOTATION_SPEC_HASH: serving_hash(job.spec)}
-    args = ["--model", f"{job.output_uri}/final", "--model-name", job.name]
+    args = ["--model", f"{job.output_uri}/{served_export_prefix(serving.checkpoint)}", "--model-name", job.name]
     template_pod, extra_env, extra_mounts = _template_pieces(job.spec)
     volumes = [volume.model_dump(by_alias=True, exclude_none=True) for volume in job.spec.pod_template.volumes]
     template = inference_pod_template(metadata["labels"], serving.image, args,

@@ -153,6 +153,20 @@ def progress_status(record: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in status.items() if value is not None}
 
 
+FIDELITY_KEYS = ("latest", "best", "select", "backbones", "summary")
+
+
+def fidelity_status(record: dict[str, Any], served: str) -> dict[str, Any] | None:
+    """progress.json's `fidelity` (the trainer's scores summary) -> status.fidelity; `served`:
+    the export the endpoint loads (final, exports/best, exports/step-N)."""
+    scores = record.get("fidelity")
+    if not isinstance(scores, dict):
+        return None
+    status = {key: scores[key] for key in FIDELITY_KEYS if scores.get(key) is not None}
+    status["served"] = served
+    return status
+
+
 def completed_progress(progress: dict[str, Any] | None, total_steps: int) -> dict[str, Any]:
     """The progress shown once the job Succeeded: every step done, nothing left."""
     done = dict(progress or {})

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from dreambooth_api.v1alpha1.memory import MemoryPlan
-from dreambooth_api.v1alpha1.spec import DreamboothJobSpec
+from dreambooth_api.v1alpha1.spec import DreamboothJobSpec, served_export_prefix
 
 from . import builders, failures, shared_server
 from .network_policies import network_policy_hash
@@ -34,6 +34,7 @@ from .conditions import (
     UPDATE_PENDING,
     completed_progress,
     derive_phase,
+    fidelity_status,
     format_time,
     get_condition,
     observe_generation,
@@ -669,6 +670,9 @@ def _record_progress(draft: _Draft) -> None:
     obs = draft.obs
     if obs.progress:
         draft.status["progress"] = progress_status(obs.progress)
+        fidelity = fidelity_status(obs.progress, served_export_prefix(obs.spec.serving.checkpoint))
+        if fidelity:
+            draft.status["fidelity"] = fidelity
     if obs.latest_checkpoint:
         draft.status["latestCheckpoint"] = obs.latest_checkpoint
 

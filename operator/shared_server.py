@@ -23,7 +23,7 @@ from pydantic import ConfigDict
 
 from dreambooth_serving.registry import REGISTRY_KEY, AdapterEntry, RegistryDocument, parse_registry, registry_json
 from dreambooth_api.v1alpha1.sections import Section
-from dreambooth_api.v1alpha1.spec import TINY_FAMILIES, DreamboothJobSpec, IngressPeer, ServingAuth, ServingResources, StorageSpec, spec_family
+from dreambooth_api.v1alpha1.spec import TINY_FAMILIES, DreamboothJobSpec, IngressPeer, ServingAuth, ServingResources, StorageSpec, served_export_prefix, spec_family
 
 from . import builders
 from .conditions import format_time
@@ -151,7 +151,7 @@ def shared_selector(server: str) -> dict[str, str]:
 
 
 def adapter_uri(job: builders.JobRef) -> str:
-    return f"{job.output_uri}/final/lora"
+    return f"{job.output_uri}/{served_export_prefix(job.spec.serving.checkpoint)}/lora"
 
 
 def ready_pod_names(pods: list[dict[str, Any]]) -> list[str]:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
@@ -28,11 +28,17 @@ from .checkpoint import checkpoint_key
 from .config import TrainConfig
 from .storage import Storage
 
+if TYPE_CHECKING:
+    from .selection import FidelityLedger
+
 log = logging.getLogger("dreambooth.train")
 
 SIGTERM_POLL_STEPS = 5
 METRICS = "metrics.jsonl"
 PROGRESS = "progress.json"
+FIDELITY = "fidelity.json"
+BACKBONES = "fidelity/backbones"
+EMBEDDING_SCORES = ("fidelity/dino", "fidelity/clip_i", "fidelity/clip_t", "fidelity/prior_similarity")
 
 
 def images_per_optimizer_step(cfg: TrainConfig, world: int) -> int:
@@ -110,8 +116,9 @@ class ProgressReporter(pl.Callback):
     its micro-batches, on rank 0), progress.json every `progress_every_seconds`."""
 
     def __init__(self, cfg: TrainConfig, storage: Storage, world: int, start_step: int, tb_dir: Path | None,
-                 json_logs: bool, rank: int = 0):
+                 json_logs: bool, rank: int = 0, ledger: "FidelityLedger | None" = None):
         self.cfg, self.storage, self.world = cfg, storage, world
+        self.ledger = ledger  # the scores per checkpoint: their summary goes into every progress record
         self.tb_dir = tb_dir
         self.json_logs = json_logs
         self.writer = BackgroundWriter() if rank == 0 else None
@@ -198,12 +205,16 @@ class ProgressReporter(pl.Callback):
                 self.lines.append(by_step[step])
                 new_lines.append(by_step[step])
             by_step[step].update(figures)
+            if self.ledger is not None and self.ledger.backbones and any(name in figures for name in EMBEDDING_SCORES):
+                by_step[step][BACKBONES] = self.ledger.backbones  # what these scores were measured with
             self.latest_figures.update(figures)
         self.lines.sort(key=lambda line: line["step"])
         record = self.progress_record(snapshot, state)
         if self.json_logs:
             log.info("progress", extra=record)
         self.storage.write_text(METRICS, "".join(json.dumps(line) + "\n" for line in self.lines))
+        if snapshot["figures"] and self.ledger is not None:
+            self.storage.write_text(FIDELITY, json.dumps(fidelity_document(self.ledger), indent=1))
         self.storage.write_text(PROGRESS, json.dumps(record))
         self._tensorboard(new_lines, record)
 
@@ -239,6 +250,9 @@ class ProgressReporter(pl.Callback):
             "time": time.time(),
         }
         record.update({name: round(value, 6) for name, value in self.latest_figures.items()})
+        summary = self.ledger.summary() if self.ledger is not None else None
+        if summary:
+            record["fidelity"] = summary
         return record
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
@@ -247,6 +261,25 @@ class ProgressReporter(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self.flush("stopped" if self.step < self.cfg.training.max_steps else "trained")
+
+
+def fidelity_document(ledger: "FidelityLedger", kept: set[int] | None = None, exports: dict[str, str] | None = None) -> dict[str, Any]:
+    """fidelity.json: every scored step, the rule, the backbones, the best (and, at the end, which
+    checkpoints are still stored and where the exports are)."""
+    kept = ledger.kept if kept is None else kept
+    exports = ledger.exports if exports is None else exports
+    best = ledger.best(kept)
+    document: dict[str, Any] = {
+        "select": ledger.rule.text() if ledger.rule else None,
+        "score": ledger.rule.figure if ledger.rule else None,
+        "backbones": ledger.backbones,
+        "best": {"step": best.step, "floor_met": best.floor_met} if best else None,
+        "steps": [{**row, "checkpoint": ledger.is_checkpoint_step(row["step"]),
+                   **({"kept": row["step"] in kept} if kept is not None else {})} for row in ledger.rows()],
+    }
+    if exports:
+        document["exports"] = exports
+    return document
 
 
 def control_group(trainer: pl.Trainer) -> Any:
@@ -332,32 +365,41 @@ class CheckpointTrigger(pl.Callback):
 
 
 class ValidationSampler(pl.Callback):
-    """Rank 0: validation images and figures (subject fidelity) before training (a fresh run) and
-    every `validation.every_n_steps`; the writer thread uploads them."""
+    """Rank 0: subject-fidelity scores before training (a fresh run) and at every checkpoint step
+    before the last (the end of the run scores the last), sample grids every
+    `validation.every_n_steps`; the writer thread uploads the images."""
 
-    def __init__(self, cfg: TrainConfig, storage: Storage, validate: Callable[[pl.LightningModule, int], "ValidationResult"],
-                 progress: ProgressReporter):
+    def __init__(self, cfg: TrainConfig, storage: Storage, validate: Callable[..., "ValidationResult"],
+                 progress: ProgressReporter, ledger: "FidelityLedger | None" = None):
         self.cfg, self.storage, self.validate, self.progress = cfg, storage, validate, progress
+        self.ledger = ledger
         self.seen_step: int | None = None
+
+    def scored_at(self, step: int) -> bool:
+        """A checkpoint step is scored, so the best checkpoint can be chosen from the scores."""
+        return self.cfg.validation.fidelity.enabled and step % self.cfg.checkpointing.every_n_steps == 0 and step < self.cfg.training.max_steps
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self.seen_step = trainer.global_step
         if trainer.global_step == 0:
-            self.run(trainer, module, 0)
+            self.run(trainer, module, 0, with_samples=False)
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step, every = trainer.global_step, self.cfg.validation.every_n_steps
         if step == self.seen_step:
             return
         self.seen_step = step
-        if every and step % every == 0:
-            self.run(trainer, module, step)
+        samples = bool(every and step % every == 0)
+        if samples or self.scored_at(step):
+            self.run(trainer, module, step, with_samples=samples)
 
-    def run(self, trainer: pl.Trainer, module: pl.LightningModule, step: int) -> None:
+    def run(self, trainer: pl.Trainer, module: pl.LightningModule, step: int, with_samples: bool = True) -> None:
         if not trainer.is_global_zero or self.progress.writer is None:
             return
-        result = self.validate(module, step)
+        result = self.validate(module, step, with_samples)
         self.progress.record(step, result.figures)
+        if self.ledger is not None:
+            self.ledger.add(step, result.figures)
         for key, data in result.files.items():
             self.progress.writer.submit(lambda key=key, data=data: self.storage.write_bytes(key, data))
 

@@ -29,7 +29,7 @@ The step loop pays only for copying its tensors into reused (pinned, on a GPU) h
 serialising, hashing (one pass, while writing) and uploading run on a background thread, one
 checkpoint in flight. A checkpoint without a manifest (a writer died half-way) is never loaded,
 and `latest` never points at one. After a new checkpoint is complete, all but the newest
-`keep_last` are deleted.
+`keep_last` are deleted, except the best one by the fidelity scores (`protected`).
 """
 from __future__ import annotations
 
@@ -289,9 +289,11 @@ class ObjectStoreCheckpointIO(CheckpointIO):
     """Lightning CheckpointIO: called on EVERY rank (see EveryRankSavesDDPStrategy); each rank writes
     its share of the tensors, rank 0 the rest, in the background; rank 0 commits with the manifest."""
 
-    def __init__(self, storage: Storage, keep_last: int, rank: int = 0, world: int = 1, attempt: int | None = None):
+    def __init__(self, storage: Storage, keep_last: int, rank: int = 0, world: int = 1, attempt: int | None = None,
+                 protected: Callable[[], set[int]] | None = None):
         self.storage = storage
         self.keep_last = keep_last
+        self.protected = protected or set  # steps pruning keeps whatever their age (the best checkpoint)
         self.rank, self.world = rank, world
         self.attempt = attempt
         self.host = HostBuffers()
@@ -427,11 +429,14 @@ class ObjectStoreCheckpointIO(CheckpointIO):
         self.storage.delete_prefix(path)
 
     def prune(self) -> None:
-        """Keep the newest `keep_last` complete checkpoints; drop older ones and stale partial ones."""
+        """Keep the newest `keep_last` complete checkpoints and the protected ones; drop older ones
+        and stale partial ones."""
         complete = complete_checkpoints(self.storage)
         newest = age_order(complete[-1]) if complete else (-1, 0)
+        protected = self.protected()
         for key in complete[: -self.keep_last]:
-            self.remove_checkpoint(key)
+            if step_of(key) not in protected:
+                self.remove_checkpoint(key)
         partial = {checkpoint_of(k) for k in self.storage.list(CHECKPOINTS)} - set(complete)
         for key in partial:
             if STEP_RE.search(key) and age_order(key) < newest:

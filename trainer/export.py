@@ -6,6 +6,10 @@ final/dreambooth.json      the family and what it trained with (prediction type,
 final/lora/pytorch_lora_weights.safetensors   LoRA in diffusers key layout
 final/lora/lora_kohya.safetensors             the same LoRA in kohya (A1111/ComfyUI) key layout
                                               (SD, SDXL; Flux in BFL names; SD3 has none: ComfyUI reads diffusers keys)
+exports/best/, exports/step-N/                another checkpoint, laid out as final/ (the best by the
+                                              fidelity scores; a step serving.checkpoint names)
+
+A folder is complete once its dreambooth.json is there: it is uploaded last.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ if TYPE_CHECKING:
     from .families import ModelFamily
 
 FINAL = "final"
+EXPORTS = "exports"
+BEST = "best"
 LORA_DIFFUSERS = "pytorch_lora_weights.safetensors"
 LORA_KOHYA = "lora_kohya.safetensors"
 METADATA = "dreambooth.json"
@@ -60,12 +66,17 @@ def is_trained(module: torch.nn.Module) -> bool:
     return any(parameter.requires_grad for parameter in module.parameters())
 
 
+def is_exported(storage: Storage, prefix: str) -> bool:
+    return storage.exists(f"{prefix}/{METADATA}")
+
+
 def export_pipeline(load_base: Callable[[], object], denoiser: torch.nn.Module, text_encoders: torch.nn.Module | list[torch.nn.Module],
-                    storage: Storage, lora: bool, family: object | None = None, metadata: dict | None = None) -> str:
-    """Save the trained model under `final/` of storage; returns its URI. The frozen parts are
-    the base model as it was loaded (`load_base()` reads a fresh copy: training cast its own to the
-    half type), the trained parts come from their fp32 master copies. With LoRA, final/lora/ holds
-    the adapter files and final/ the base with that very file fused in."""
+                    storage: Storage, lora: bool, family: object | None = None, metadata: dict | None = None,
+                    prefixes: tuple[str, ...] = (FINAL,)) -> str:
+    """Save the trained model under `final/` of storage (or each of `prefixes`); returns the first's
+    URI. The frozen parts are the base model as it was loaded (`load_base()` reads a fresh copy:
+    training cast its own to the half type), the trained parts come from their fp32 master copies.
+    With LoRA, lora/ holds the adapter files and the folder the base with that very file fused in."""
     from .families import family_of_pipeline
 
     encoders = as_list(text_encoders)
@@ -85,10 +96,47 @@ def export_pipeline(load_base: Callable[[], object], denoiser: torch.nn.Module, 
                                                          for trained, frozen in zip(encoders, base_encoders)])
         final.save_pretrained(str(local), safe_serialization=True)
         # What the family trained with (prediction type; Flux's guidance and T5 length) beside the model.
-        (local / METADATA).write_text(json.dumps(metadata or family.metadata(base), indent=2))
-        storage.delete_prefix(FINAL)
-        storage.upload_tree(FINAL, local)
-    return storage.describe(FINAL)
+        description = json.dumps(metadata or family.metadata(base), indent=2)
+        for prefix in prefixes:
+            storage.delete_prefix(prefix)
+            storage.upload_tree(prefix, local)
+            storage.write_text(f"{prefix}/{METADATA}", description)  # last: the folder is complete
+    return storage.describe(prefixes[0])
+
+
+def trained_module_at(cfg: "object", storage: Storage, key: str) -> "object":
+    """The DreamBoothModule of the run with a checkpoint's trained weights in it (the EMA average
+    when the run keeps one: what would have been exported had training stopped there), on the CPU."""
+    from .checkpoint import load_checkpoint_state, read_manifest
+    from .module import DreamBoothModule
+    from .train import load_base_model, with_model_defaults
+
+    manifest = read_manifest(storage, key)
+    if manifest.get("layout", "tensors") != "tensors":
+        raise UserInputError(f"checkpoint {storage.describe(key)} is sharded (training.strategy fsdp): only final/ is exported from such a run")
+    family, pipeline = load_base_model(cfg)
+    cfg = with_model_defaults(cfg, family, pipeline)
+    module = DreamBoothModule(cfg, family, pipeline)
+    state = load_checkpoint_state(storage, key, 0, manifest["world"])
+    expected = set(module.state_dict())
+    missing = sorted(expected - set(state["state_dict"]))
+    if missing:
+        raise UserInputError(f"checkpoint {storage.describe(key)} lacks trained weights {missing[:3]} ...: written by another config?")
+    module.load_state_dict(state["state_dict"], strict=False)
+    if module.ema is not None and "ema" in state:
+        module.ema.load_state_dict(state["ema"])
+        module.ema.copy_to(module.ema_parameters())
+    return module
+
+
+def export_checkpoint(cfg: "object", storage: Storage, key: str, prefixes: tuple[str, ...]) -> str:
+    """Export a stored checkpoint (`checkpoints/step-N`) to `prefixes`, laid out as final/."""
+    from .train import load_base_model
+
+    module = trained_module_at(cfg, storage, key)
+    return export_pipeline(lambda: load_base_model(cfg)[1], module.denoiser, list(module.text_encoders), storage,
+                           lora=cfg.training.lora.enabled, family=module.family, metadata=module.family.metadata(module._pipeline, module.cfg),
+                           prefixes=prefixes)
 
 
 def fetch_lora_file(uri: str, folder: Path) -> Path:

@@ -35,17 +35,23 @@ def parse_hf_source(source: str) -> tuple[str, str | None]:
     return repo, revision or None
 
 
-def fetch_s3_model(uri: str) -> Path:
-    """Download an s3:// diffusers folder once into the local cache (complete copies only)."""
+def fetch_s3_folder(uri: str, required: str) -> Path:
+    """Download an s3:// model folder once into the local cache (complete copies only); `required`
+    is the file that makes it one (model_index.json for a pipeline, config.json for a transformers model)."""
     folder = model_cache_dir() / hashlib.sha256(uri.encode()).hexdigest()[:16]
     done = folder / ".complete"
     if not done.exists():
         storage = open_storage(uri)
-        if not storage.exists("model_index.json"):
-            raise UserInputError(f"{uri} holds no model_index.json: not a diffusers model folder")
+        if not storage.exists(required):
+            raise UserInputError(f"{uri} holds no {required}: not a {'diffusers' if required == 'model_index.json' else 'transformers'} model folder")
         storage.download_tree("", folder)
         done.write_text(uri)
     return folder
+
+
+def fetch_s3_model(uri: str) -> Path:
+    """Download an s3:// diffusers folder once into the local cache (complete copies only)."""
+    return fetch_s3_folder(uri, "model_index.json")
 
 
 def family_for(source: str, revision: str | None = None) -> "ModelFamily":

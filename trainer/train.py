@@ -12,6 +12,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -231,10 +232,20 @@ def bucket_cap_mb_for(trainable_bytes: int) -> int:
     return int(min(200, max(25, trainable_bytes / 16 / 2**20)))
 
 
+def validate_module(validator: object, module: "object", step: int | None, with_samples: bool = True) -> object:
+    """Validation of the module as it would be exported: its EMA weights when it keeps an EMA."""
+    from .validation import averaged_weights
+
+    with averaged_weights(module):
+        return validator(module.denoiser, list(module.text_encoders), step, with_samples=with_samples)
+
+
 def make_trainer(cfg: TrainConfig, place: Placement, output: "object", json_logs: bool, start_step: int,
-                 validator: object | None = None, extra_callbacks: list | None = None, trainable_bytes: int = 0) -> tuple:
+                 validator: object | None = None, extra_callbacks: list | None = None, trainable_bytes: int = 0,
+                 ledger: "object | None" = None) -> tuple:
     """The Lightning Trainer every run uses (and the benchmark measures): returns it with the
-    checkpoint trigger and the progress reporter, whose state the caller reads afterwards."""
+    checkpoint trigger and the progress reporter, whose state the caller reads afterwards.
+    `ledger` (rank 0): the fidelity scores per step, which keep the best checkpoint from pruning."""
     import pytorch_lightning as pl
     from pytorch_lightning.plugins.environments import LightningEnvironment
 
@@ -244,12 +255,14 @@ def make_trainer(cfg: TrainConfig, place: Placement, output: "object", json_logs
     training = cfg.training
     workdir = Path(tempfile.mkdtemp(prefix="dreambooth-"))
     tb_dir = workdir / "tb" if cfg.output.tensorboard and place.rank == 0 else None
-    progress = ProgressReporter(cfg, output, place.world, start_step, tb_dir, json_logs, place.rank)
+    progress = ProgressReporter(cfg, output, place.world, start_step, tb_dir, json_logs, place.rank, ledger)
+    if ledger is not None:
+        ledger.load(progress.lines)  # the scores of the runs this one resumes
     trigger = CheckpointTrigger(cfg, progress, place.attempt)
     validation = []
     # Under FSDP rank 0 alone cannot run the sharded denoiser: only the final validation runs.
-    if validator is not None and (cfg.validation.every_n_steps or cfg.validation.fidelity) and training.strategy != "fsdp":
-        validation = [ValidationSampler(cfg, output, lambda m, step: validator(m.denoiser, list(m.text_encoders), step, with_samples=step > 0), progress)]
+    if validator is not None and (cfg.validation.every_n_steps or cfg.validation.fidelity.enabled) and training.strategy != "fsdp":
+        validation = [ValidationSampler(cfg, output, lambda m, step, samples: validate_module(validator, m, step, samples), progress, ledger)]
     # Extra callbacks (the benchmark's timer) run first, so they never time a checkpoint write;
     # validation runs before the progress reporter hands its step over.
     callbacks: list = [*(extra_callbacks or []), *validation, progress, trigger]
@@ -259,11 +272,94 @@ def make_trainer(cfg: TrainConfig, place: Placement, output: "object", json_logs
         precision=PRECISION[resolved_precision(cfg)], max_steps=training.max_steps,
         accumulate_grad_batches=training.gradient_accumulation_steps, gradient_clip_val=training.max_grad_norm,
         logger=False, callbacks=callbacks, enable_checkpointing=False,
-        plugins=[ObjectStoreCheckpointIO(output, cfg.checkpointing.keep_last, place.rank, place.world, place.attempt), LightningEnvironment()],
+        plugins=[ObjectStoreCheckpointIO(output, cfg.checkpointing.keep_last, place.rank, place.world, place.attempt,
+                                         lambda: kept_for_serving(cfg, ledger)), LightningEnvironment()],
         use_distributed_sampler=False, enable_progress_bar=not json_logs, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(workdir),
     )
     return trainer, trigger, progress
+
+
+def kept_for_serving(cfg: TrainConfig, ledger: "object | None") -> set[int]:
+    """Checkpoints pruning keeps whatever keep_last says: the best so far and the step output.serve names."""
+    from dreambooth_api.v1alpha1.spec import served_step
+
+    pinned = served_step(cfg.output.serve)
+    return (ledger.protected_steps() if ledger is not None else set()) | ({pinned} if pinned else set())
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """How this run scores fidelity: the backbones' sources, the prompt set, the rule picking the best."""
+
+    sources: dict[str, str]
+    prompts: "object | None"
+    rule: "object | None"
+
+
+def scoring_plan(cfg: TrainConfig) -> ScoringPlan:
+    from .families import TINY_SOURCES
+    from .fidelity import backbone_sources
+    from .selection import resolve_rule
+    from .validation import fidelity_prompts
+
+    from dreambooth_api.v1alpha1.spec import served_step
+
+    fidelity, pinned, training = cfg.validation.fidelity, served_step(cfg.output.serve), cfg.training
+    if pinned is not None and (pinned > training.max_steps or (pinned % cfg.checkpointing.every_n_steps and pinned != training.max_steps)):
+        raise UserInputError(f"output.serve {cfg.output.serve} is not a checkpoint of this run (every "
+                             f"checkpointing.every_n_steps={cfg.checkpointing.every_n_steps} steps and at training.max_steps={training.max_steps})")
+    if not fidelity.enabled:
+        return ScoringPlan({}, None, None)
+    sources = backbone_sources(fidelity, cfg.validation.fidelity_model, cfg.model.source in TINY_SOURCES)
+    prompts = fidelity_prompts(cfg) if sources else None
+    return ScoringPlan(sources, prompts, resolve_rule(fidelity.select, "dino" in sources, "clip" in sources))
+
+
+def finish_run(cfg: TrainConfig, output: "object", trainer: object, ledger: "object", export_final: "object",
+               photos: list) -> None:
+    """Rank 0 after the last step: final/ (and exports/best/ when the final step is the best),
+    the best checkpoint's export, fidelity.json, the report; then pruning with the final scores."""
+    from dreambooth_api.v1alpha1.spec import served_export_prefix, served_step
+
+    from .callbacks import FIDELITY, fidelity_document
+    from .checkpoint import age_order, complete_checkpoints, step_of
+    from .export import BEST, EXPORTS, FINAL, export_checkpoint
+    from .report import write_report
+
+    step, serve = trainer.global_step, cfg.output.serve
+    # step -> its stored key (checkpoints are keyed by attempt too: the newest attempt's wins)
+    stored = {step_of(key): key for key in sorted(complete_checkpoints(output), key=age_order)}
+    kept = set(stored)
+    best = ledger.best(kept)
+    # serving.checkpoint best with nothing scored serves the final model from exports/best/ too.
+    best_step = best.step if best is not None else step if serve == BEST else None
+    export_best = best_step is not None and (cfg.validation.fidelity.export_best or serve == BEST)
+    # Every stored checkpoint to export: its step -> the folders it goes to.
+    wanted: dict[int, list[str]] = {}
+    if export_best:
+        wanted.setdefault(best_step, []).append(f"{EXPORTS}/{BEST}")
+    pinned = served_step(serve)
+    if pinned is not None:
+        wanted.setdefault(pinned, []).append(served_export_prefix(serve))
+    final_uri = export_final((FINAL, *wanted.pop(step, [])))
+    for other, prefixes in sorted(wanted.items()):
+        if other not in kept:
+            raise UserInputError(f"output.serve {serve}: checkpoints/step-{other:08d} is not stored")
+        export_checkpoint(cfg, output, stored[other], tuple(prefixes))
+    exports: dict[str, Any] = {"final": FINAL}
+    if export_best:
+        exports.update({"best": f"{EXPORTS}/{BEST}", "best_step": best_step})
+    if pinned is not None:
+        exports[serve] = served_export_prefix(serve)
+    exports["served"] = served_export_prefix(serve)
+    io = trainer.strategy.checkpoint_io
+    io.prune()  # the final scores may have moved the best: an older protected checkpoint can go
+    ledger.kept, ledger.exports = {step_of(key) for key in complete_checkpoints(output)}, exports
+    document = fidelity_document(ledger)
+    output.write_text(FIDELITY, json.dumps(document, indent=1))
+    report = write_report(output, cfg, document, photos, f"step-{best_step}" if serve == BEST else serve)
+    log.info("done", extra={"final": final_uri, "step": step, "best_step": best_step, "served": exports["served"], "report": report})
 
 
 def run_training(cfg: TrainConfig) -> int:
@@ -277,13 +373,16 @@ def run_training(cfg: TrainConfig) -> int:
     from .export import export_pipeline
     from .models import load_model, quiet_libraries
     from .module import DreamBoothModule, refuse_other_families_options
+    from .fidelity import Backbones
     from .quantize import quantize_frozen_modules
+    from .selection import FidelityLedger
     from .storage import S3Storage, open_storage
 
     json_logs = json_logs_wanted(cfg)
     configure_logging(json_logs)
     quiet_libraries()
     check_runtime(cfg)
+    scoring = scoring_plan(cfg)  # a bad fidelity setting fails every rank before any work
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -344,13 +443,15 @@ def run_training(cfg: TrainConfig) -> int:
                                          pin_memory=place.accelerator == "gpu")
 
     trainable_bytes = sum(p.numel() * p.element_size() for p in module.trainable_parameters())
-    validator = None
+    validator = ledger = None
     if place.rank == 0:
-        from .validation import Validator, load_embedding_model
+        from .fidelity import load_backbones
+        from .validation import Validator
 
-        validator = Validator(cfg, pipeline, instance.images, training_precision(cfg, device.type),
-                              load_embedding_model(cfg.validation.fidelity_model), family)
-    trainer, trigger, progress = make_trainer(cfg, place, output, json_logs, start_step, validator, trainable_bytes=trainable_bytes)
+        backbones = load_backbones(scoring.sources).to(device) if cfg.validation.fidelity.enabled else None
+        validator = Validator(cfg, pipeline, instance.images, training_precision(cfg, device.type), backbones or Backbones(), family, scoring.prompts)
+        ledger = FidelityLedger(scoring.rule, cfg.checkpointing.every_n_steps, training.max_steps, backbones.infos() if backbones else {})
+    trainer, trigger, progress = make_trainer(cfg, place, output, json_logs, start_step, validator, trainable_bytes=trainable_bytes, ledger=ledger)
     wait_for_master(dist_env_from())
     trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_key)
     trainer.strategy.checkpoint_io.wait()  # the last checkpoint is written before anything else
@@ -365,14 +466,15 @@ def run_training(cfg: TrainConfig) -> int:
     if trainer.is_global_zero:
         if module.ema is not None:
             module.ema.copy_to(module.ema_parameters())
-        final_uri = export_pipeline(lambda: load_base_model(cfg)[1], denoiser, list(module.text_encoders), output,
-                                    lora=training.lora.enabled, family=family, metadata=family.metadata(pipeline, cfg))
         result = validator(denoiser, list(module.text_encoders), None)
         for key, data in result.files.items():
             output.write_bytes(key, data)
         progress.record(trainer.global_step, result.figures)
+        ledger.add(trainer.global_step, result.figures)
+        finish_run(cfg, output, trainer, ledger, lambda prefixes: export_pipeline(
+            lambda: load_base_model(cfg)[1], denoiser, list(module.text_encoders), output, lora=training.lora.enabled,
+            family=family, metadata=family.metadata(pipeline, cfg), prefixes=prefixes), instance.images)
         progress.flush("succeeded")
-        log.info("done", extra={"final": final_uri, "step": trainer.global_step})
     progress.close()
     trainer.strategy.barrier("export")
     return EXIT_OK

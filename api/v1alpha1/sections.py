@@ -209,6 +209,54 @@ class CheckpointingConfig(Section):
     resume: bool = Field(True, description="Resume from `latest` when output.uri holds a checkpoint.")
 
 
+# A fidelity backbone: the built-in random one (tiny models, tests), hf://org/name[@revision],
+# s3://bucket/prefix or a local folder holding a transformers model and its image processor.
+BACKBONE_SOURCE_RE = re.compile(r"^(tiny|hf://[A-Za-z0-9_.\-]+/[A-Za-z0-9_.\-]+(@[A-Za-z0-9_.\-/]+)?|s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|[^:]+)$")
+# The scores a checkpoint can be chosen by, and the metrics.jsonl figure each one is.
+SELECT_SCORES = ("auto", "dino", "clip-i", "clip-t", "pixel")
+
+
+class FidelityModels(Section):
+    dino: str | None = Field(
+        None, description="DINO backbone for the DINO score and prior drift (the DreamBooth paper: ViT-S/16, e.g. hf://facebook/dino-vits16): "
+        "tiny (a random ViT built in code), hf://org/name[@revision], s3://bucket/prefix or a folder. Unset: tiny for the built-in tiny models, none otherwise.")
+    clip: str | None = Field(
+        None, description="CLIP model for CLIP-I and CLIP-T (e.g. hf://openai/clip-vit-base-patch32): tiny, hf://, s3:// or a folder. "
+        "Unset: tiny for the built-in tiny models, none otherwise.")
+
+    @field_validator("dino", "clip")
+    @classmethod
+    def _backbone_source(cls, value: str | None) -> str | None:
+        if value is not None and (not BACKBONE_SOURCE_RE.match(value) or value.startswith(("hf:/", "s3:/")) and "://" not in value):
+            raise ValueError(f"{value!r} is not tiny, hf://org/name[@revision], s3://bucket/prefix or a local path")
+        return value
+
+
+class FidelitySelect(Section):
+    score: Literal[SELECT_SCORES] = Field(  # type: ignore[valid-type]
+        "auto", description="The score that picks the best checkpoint (higher is better; pixel: the instance prompt's distance to the photos, lower is better). auto: dino when a DINO backbone is there, else clip-i, else pixel.")
+    min_clip_t: float | None = Field(
+        None, ge=-1.0, le=1.0, description="A checkpoint whose CLIP-T (prompt-image similarity) is below this is never the best, so a copy of the photos that ignores the prompts does not win (needs models.clip).")
+
+
+class FidelityConfig(Section):
+    """Subject fidelity, scored the DreamBooth paper's way before training and at every checkpoint."""
+
+    enabled: bool = Field(True, description="Score the subject's fidelity before training, at each checkpoint and validation, and at the end.")
+    models: FidelityModels = Field(default_factory=FidelityModels)
+    prompts: list[str] = Field(
+        default_factory=list, description="Prompts the scores are measured on ({token} and {class} are filled in). Empty: the DreamBooth paper's 25 prompts (its live-subject list for dogs and cats, its object list otherwise) with the token and class noun.")
+    class_noun: str | None = Field(None, min_length=1, description="The class noun of the prompts. Default: the last word of prior.class_prompt.")
+    images_per_prompt: int = Field(1, ge=1, le=16, description="Images per prompt at each checkpoint (seeds validation.seed + i). The paper drew 4; 1 keeps a checkpoint's scoring to 25 images.")
+    select: FidelitySelect = Field(default_factory=FidelitySelect)
+    export_best: bool = Field(True, description="At the end, export the best checkpoint (by select) to exports/best/ beside final/, so serving.checkpoint best serves it without another export.")
+
+
+def _fidelity_from_bool(value: Any) -> Any:
+    """`fidelity: true|false` (the older form) reads as `fidelity.enabled`."""
+    return {"enabled": value} if isinstance(value, bool) else value
+
+
 class ValidationConfig(Section):
     prompts: list[str] = Field(default_factory=list, description="Prompts rendered into a grid every N steps and at the end.")
     every_n_steps: int = Field(0, ge=0, description="0 disables periodic validation.")
@@ -216,13 +264,24 @@ class ValidationConfig(Section):
     steps: int = Field(25, ge=1, le=1000)
     guidance_scale: float | None = Field(None, ge=0, description="Default: the family's pipeline default (sd 7.5, sdxl 5.0, sd3 7.0, flux 3.5).")
     seed: int = 0
-    fidelity: bool = Field(True, description="Measure how close the instance prompt's images come to the subject photos (and the class prompt's stay away) before training, at each validation and at the end.")
+    fidelity: FidelityConfig = Field(default_factory=FidelityConfig, description="Subject-fidelity scores (DINO, CLIP-I, CLIP-T, prior drift, pixel distance) and the choice of the best checkpoint.")
     fidelity_model: str | None = Field(
-        None, description="A CLIP or DINO vision model (local folder or hf://org/name) for an embedding similarity too; without it only the pixel distance is reported.")
+        None, description="Older form of fidelity.models: a CLIP model here is read as fidelity.models.clip, any other vision model as fidelity.models.dino.")
+
+    @field_validator("fidelity", mode="before")
+    @classmethod
+    def _older_fidelity(cls, value: Any) -> Any:
+        return _fidelity_from_bool(value)
+
+
+SERVED_CHECKPOINT_RE = r"^(final|best|step-[0-9]{1,9})$"
 
 
 class OutputConfig(Section):
     uri: str = Field(..., description="Local folder or s3://bucket/prefix for checkpoints, final model, progress, samples, logs.")
+    serve: str = Field("final", pattern=SERVED_CHECKPOINT_RE, max_length=20, description=(
+        "The checkpoint that will be served (a DreamboothJob's serving.checkpoint): step-N is exported to exports/step-N/ "
+        "at the end and kept by checkpoint pruning; best is exports/best/."))
     progress_every_seconds: float = Field(5.0, gt=0, le=10, description="How often rank 0 rewrites progress.json.")
     tensorboard: bool = True
     wandb: bool = Field(False, description="Log to Weights & Biases (needs the wandb extra and WANDB_API_KEY).")

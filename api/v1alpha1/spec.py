@@ -29,6 +29,7 @@ from .pod_template import (
 from .sections import (
     MODEL_SOURCE_RE,
     ORDINARY_WORDS,
+    SERVED_CHECKPOINT_RE,
     ConfigError,
     OutputConfig,
     Section,
@@ -188,6 +189,11 @@ class ServingSpec(Section):
                     "podTemplate.serviceAccountName is the trainer pods' alone (a read-write workload identity stays off the server).")
     ingress_from: list[IngressPeer] = Field(
         default_factory=list, description="Who may reach the inference port (NetworkPolicy peers); empty: every pod in the job's namespace.")
+    checkpoint: str = Field(
+        "final", pattern=SERVED_CHECKPOINT_RE, max_length=20,
+        description="What is served: final (the end of training), best (the checkpoint validation.fidelity.select picks; exports/best/) "
+                    "or step-N (a checkpoint still kept, exported to exports/step-N/ when first asked for). Changing it after success "
+                    "re-exports if needed and rolls the Deployment (or re-registers the adapter on a shared server).")
 
 
 # Disruptions a job survives by default: enough for a preemptible pool, finite so a job evicted at
@@ -257,6 +263,8 @@ class DreamboothJobSpec(TrainerSections):
             raise ValueError("training.strategy fsdp shards the model across 2 or more ranks; raise resources.nodes or resources.gpusPerNode, or use ddp")
         for refusal in family_refusals(self):
             raise ValueError(refusal)
+        for refusal in served_checkpoint_refusals(self):
+            raise ValueError(refusal)
         plan = memory_plan(self)
         if plan.verdict == "too-big":
             raise ValueError(f"resources.gpuMemory {self.resources.gpu_memory} is less than what this job holds on each GPU for certain: "
@@ -266,6 +274,30 @@ class DreamboothJobSpec(TrainerSections):
         except ConfigError as error:
             raise ValueError(camel_keys(str(error))) from None
         return self
+
+
+def served_step(checkpoint: str) -> int | None:
+    """`step-200` -> 200; final and best -> None."""
+    return int(checkpoint.removeprefix("step-")) if checkpoint.startswith("step-") else None
+
+
+def served_export_prefix(checkpoint: str) -> str:
+    """Where a served checkpoint's export lives in the output: final/, exports/best/, exports/step-0000000N/."""
+    step = served_step(checkpoint)
+    return "final" if checkpoint == "final" else "exports/best" if step is None else f"exports/step-{step:08d}"
+
+
+def served_checkpoint_refusals(spec: "DreamboothJobSpec") -> list[str]:
+    """serving.checkpoint names something the run can have (the CEL rules' twin)."""
+    checkpoint, training = spec.serving.checkpoint, spec.training
+    step = served_step(checkpoint)
+    if checkpoint == "best" and not spec.validation.fidelity.enabled:
+        return ["serving.checkpoint best needs validation.fidelity.enabled (the scores pick the best checkpoint)"]
+    if step is not None and (step < 1 or step > training.max_steps
+                             or (step % spec.checkpointing.every_n_steps and step != training.max_steps)):
+        return [f"serving.checkpoint {checkpoint} is not a checkpoint of this run: checkpoints are written every "
+                f"checkpointing.everyNSteps={spec.checkpointing.every_n_steps} steps and at training.maxSteps={training.max_steps}"]
+    return []
 
 
 # The family admission can tell from the spec alone: model.family, or a built-in tiny model's.
@@ -399,7 +431,7 @@ def train_config_from_spec(spec: DreamboothJobSpec, output_uri: str) -> TrainCon
         section: getattr(spec, section).model_dump(mode="json")
         for section in ("model", "data", "prior", "training", "checkpointing", "validation")
     }
-    data["output"] = OutputConfig(uri=output_uri, log_format="json").model_dump(mode="json")
+    data["output"] = OutputConfig(uri=output_uri, log_format="json", serve=spec.serving.checkpoint).model_dump(mode="json")
     return config_from_dict(data)
 
 
@@ -471,6 +503,28 @@ class ServingStatus(Section):
     server: str | None = Field(None, description="The shared server this job's adapter is registered with (LoRA jobs with serving.server).")
 
 
+class FidelityScores(Section):
+    """One checkpoint's subject-fidelity scores (cosine similarities; pixel: RMS distance in [0, 1])."""
+
+    step: int | None = None
+    dino: float | None = None
+    clip_i: float | None = None
+    clip_t: float | None = None
+    pixel: float | None = Field(None, description="RMS pixel distance of the instance prompt's images to the nearest photo (lower is closer).")
+    prior_similarity: float | None = Field(None, description="The class prompt's images' similarity to the subject (prior preservation keeps it low).")
+    prior_diversity: float | None = Field(None, description="1 - the mean similarity between the class prompt's images (higher: more varied).")
+    floor_met: bool | None = Field(None, description="False when no checkpoint met validation.fidelity.select.minClipT (the closest was taken).")
+
+
+class FidelityStatus(Section):
+    latest: FidelityScores | None = Field(None, description="The newest scored checkpoint.")
+    best: FidelityScores | None = Field(None, description="The checkpoint validation.fidelity.select picks.")
+    select: str | None = Field(None, description="The rule that picks the best, in words.")
+    backbones: dict[str, str] | None = Field(None, description="Each score's backbone: name@revision and scale.")
+    summary: str | None = Field(None, description="The best checkpoint's score and step (printer column).")
+    served: str | None = Field(None, description="The checkpoint the endpoint serves (final or step-N) and where its export is.")
+
+
 class DreamboothJobStatus(Section):
     phase: Literal[PHASES] | None = None  # type: ignore[valid-type]
     message: str | None = None
@@ -498,6 +552,7 @@ class DreamboothJobStatus(Section):
     output_uri: str | None = None
     endpoint: str | None = None
     serving: ServingStatus | None = None
+    fidelity: FidelityStatus | None = Field(None, description="Subject-fidelity scores of the latest and the best checkpoint.")
 
 
 # --- CRD --------------------------------------------------------------------------------
@@ -634,6 +689,26 @@ def family_rules() -> list[dict[str, str]]:
     return rules
 
 
+def served_checkpoint_rules() -> list[dict[str, str]]:
+    """CEL on spec: serving.checkpoint names what the run can have (served_checkpoint_refusals' twin)."""
+    step = "int(self.serving.checkpoint.substring(5))"
+    return [
+        {
+            "rule": "!has(self.serving.checkpoint) || self.serving.checkpoint != 'best' || !has(self.validation.fidelity) "
+                    "|| !has(self.validation.fidelity.enabled) || self.validation.fidelity.enabled",
+            "message": "spec.serving.checkpoint best needs spec.validation.fidelity.enabled (the scores pick the best checkpoint)",
+            "fieldPath": ".serving.checkpoint",
+        },
+        {
+            "rule": f"!has(self.serving.checkpoint) || !self.serving.checkpoint.startsWith('step-') || ({step} >= 1 "
+                    f"&& {step} <= self.training.maxSteps && ({step} % self.checkpointing.everyNSteps == 0 || {step} == self.training.maxSteps))",
+            "message": "spec.serving.checkpoint step-N is not a checkpoint of this run (checkpoints are written every "
+                       "spec.checkpointing.everyNSteps steps and at spec.training.maxSteps)",
+            "fieldPath": ".serving.checkpoint",
+        },
+    ]
+
+
 # CEL rules, by the path of the schema node they sit on. Each message names the field.
 CEL_RULES: dict[str, list[dict[str, str]]] = {
     "": [
@@ -677,6 +752,7 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
         },
         *family_rules(),
         *memory_rules(),
+        *served_checkpoint_rules(),
         {
             "rule": "!has(self.model.quantize) || self.model.quantize == 'none' || self.training.lora.enabled",
             "message": "spec.model.quantize quantizes the frozen base of a LoRA run: set spec.training.lora.enabled, or quantize none",
@@ -759,6 +835,7 @@ PRINTER_COLUMNS = [
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
     {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
+    {"name": "Fidelity", "type": "string", "jsonPath": ".status.fidelity.summary"},
     # The endpoint's readiness: a row changes when serving becomes ready, not only at Succeeded.
     {"name": "Serving", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"ServingReady\")].status"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

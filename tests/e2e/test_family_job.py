@@ -31,7 +31,7 @@ def sdxl_lora_job(testbed: Any, minio_client: Any, namespace: str, name: str) ->
     spec["prior"] = {"enabled": False}
     spec["training"].update(maxSteps=3, learningRate=1.0e-2, lora={"enabled": True, "rank": 4})
     spec["checkpointing"] = {"everyNSteps": 3, "keepLast": 1}
-    spec["validation"] = {"everyNSteps": 0, "fidelity": False}
+    spec["validation"] = {"everyNSteps": 0, "fidelity": {"enabled": False}}
     spec["resources"]["nodes"] = 1
     spec["serving"]["server"] = SERVER
     del spec["resources"]["image"], spec["serving"]["image"]  # the installation's: this checkout's builds

@@ -16,6 +16,7 @@ from dreambooth_trainer.config import TrainConfig, config_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 SUBJECT = REPO / "examples" / "tiny-subject"
+SCORED_PROMPTS = ["a {token} {class} in the snow", "a red {token} {class}"]
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -32,6 +33,8 @@ def tiny_config_dict(output: str, instance: str = str(SUBJECT), **sections: dict
         "prior": {"class_prompt": "a photo of toy", "num_class_images": 2, "sample_steps": 2, "sample_batch_size": 2},
         "training": {"max_steps": 2, "seed": 0, "learning_rate": 1e-3},
         "checkpointing": {"every_n_steps": 100},
+        # Two prompts, not the paper's 25: every tiny run scores fidelity, and CI pays for each image.
+        "validation": {"fidelity": {"prompts": SCORED_PROMPTS}},
         "output": {"uri": output, "tensorboard": False, "progress_every_seconds": 1},
     }
     return deep_merge(base, sections)

@@ -397,3 +397,17 @@ def test_inference_service() -> None:
             "ports": [{"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}],
         },
     }
+
+
+def test_the_server_loads_the_checkpoint_serving_checkpoint_names_and_the_trainer_is_told() -> None:
+    from dreambooth_operator.shared_server import adapter_uri
+
+    for checkpoint, prefix in (("final", "final"), ("best", "exports/best"), ("step-100", "exports/step-00000100")):
+        spec = {**CPU_SPEC, "training": {"maxSteps": 200}, "checkpointing": {"everyNSteps": 100},
+                "serving": {**CPU_SPEC["serving"], "checkpoint": checkpoint}}
+        job = builders.JobRef("tiny", "demo", "uid-2", parse_spec(spec))
+        args = builders.build_inference_deployment(job)["spec"]["template"]["spec"]["containers"][0]["command"]
+        assert args[args.index("--model") + 1] == f"{job.output_uri}/{prefix}"
+        assert adapter_uri(job) == f"{job.output_uri}/{prefix}/lora"
+        config = yaml.safe_load(next(iter(builders.build_config_map(job)["data"].values())))
+        assert config["output"]["serve"] == checkpoint, "the trainer exports and keeps what will be served"

@@ -68,7 +68,7 @@ def test_crd_identity_and_printer_columns() -> None:
     (version,) = spec["versions"]
     assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
     assert version["subresources"] == {"status": {}}
-    assert [c["name"].upper() for c in version["additionalPrinterColumns"]] == ["PHASE", "PROGRESS", "ETA", "RESTARTS", "SERVING", "AGE"]
+    assert [c["name"].upper() for c in version["additionalPrinterColumns"]] == ["PHASE", "PROGRESS", "ETA", "RESTARTS", "FIDELITY", "SERVING", "AGE"]
 
 
 def _walk(node: dict[str, Any], path: str = ""):
@@ -246,6 +246,11 @@ BAD_SPECS = [
     ("family not the tiny model's", {"model.source": "tiny-sdxl", "model.family": "flux"}, "model.family"),
     ("unknown family", {"model.family": "sd4"}, "model.family"),
     ("unknown strategy", {"training.strategy": "zero3"}, "training.strategy"),
+    ("served checkpoint not final, best or step-N", {"serving.checkpoint": "latest"}, "serving.checkpoint"),
+    ("served step that is no checkpoint", {"training.maxSteps": 400, "checkpointing.everyNSteps": 100, "serving.checkpoint": "step-150"}, "serving.checkpoint"),
+    ("served step past the end", {"training.maxSteps": 400, "serving.checkpoint": "step-500"}, "serving.checkpoint"),
+    ("best without scores", {"serving.checkpoint": "best", "validation.fidelity": {"enabled": False}}, "serving.checkpoint"),
+    ("unknown selection score", {"validation.fidelity": {"select": {"score": "lpips"}}}, "validation.fidelity.select.score"),
 ]
 
 
@@ -325,3 +330,10 @@ def test_pod_template_pieces_are_kept_as_given() -> None:
     schema = crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     assert schema["scheduling"]["properties"]["affinity"]["x-kubernetes-preserve-unknown-fields"] is True
     assert schema["podTemplate"]["properties"]["volumes"]["items"]["x-kubernetes-preserve-unknown-fields"] is True
+
+
+def test_the_served_checkpoint_may_be_final_best_or_a_written_step() -> None:
+    for checkpoint in ("final", "best", "step-200", "step-400"):
+        spec = parse_spec(spec_with(**{"training.maxSteps": 400, "checkpointing.everyNSteps": 100, "serving.checkpoint": checkpoint}))
+        assert spec.serving.checkpoint == checkpoint
+    assert parse_spec(spec_with()).serving.checkpoint == "final"
