@@ -87,9 +87,9 @@ def test_a_good_spec_is_accepted_with_defaults(testbed: Any, crd: str, namespace
     stored = testbed.get("dreamboothjob", "good", namespace)["spec"]
     assert stored["training"]["maxSteps"] == 400 and stored["prior"]["enabled"] is True
     assert stored["runPolicy"] == {"maxRestarts": 3, "suspend": False, "cleanPodPolicy": "Running", "retryOnOutOfMemory": False,
-                                   "admissionDeadlineSeconds": 600, "terminationGracePeriodSeconds": 600}
+                                   "admissionDeadlineSeconds": 600, "terminationGracePeriodSeconds": 600, "maxDisruptions": 20}
     short = testbed.kubectl("get", "dbj", "-n", namespace).stdout.split("\n")[0].split()
-    assert short == ["NAME", "PHASE", "PROGRESS", "ETA", "RESTARTS", "SERVING", "AGE"]
+    assert short == ["NAME", "PHASE", "PROGRESS", "ETA", "RESTARTS", "FIDELITY", "SERVING", "AGE"]
 
 
 @pytest.mark.parametrize(("what", "changes", "field"), BAD, ids=[b[0] for b in BAD])
