@@ -98,8 +98,10 @@ def test_kueue_preemption_stops_the_gang_and_readmission_resumes_it_without_a_re
     queued(testbed, namespace, "low", subject, priority=priorities["low"], serving={"enabled": False})
     wait_phase(testbed, namespace, "low", "Running", timeout=90)
     queued(testbed, namespace, "high", subject, priority=priorities["high"], serving={"enabled": False})
-    low = wait_phase(testbed, namespace, "low", "Queued", timeout=90)
-    assert condition(low, "Queued")["reason"] in ("Preempted", "Evicted"), condition(low, "Queued")
+    wait_phase(testbed, namespace, "low", "Queued", timeout=90)
+    # The Job's suspension and the Workload's eviction arrive on two watches: the reason follows the latter.
+    low = testbed.wait_for("low Queued as Preempted or Evicted", lambda: (lambda j: j if condition(j, "Queued")["reason"] in ("Preempted", "Evicted") else None)(
+        get_job(testbed, namespace, "low")), timeout=30, interval=0.5)
     assert low["status"]["restarts"] == 0 and low["status"]["gang"] == 0 and not low["status"].get("disruptions")
     assert the_job(testbed, namespace, "low")["spec"]["suspend"] is True, "Kueue suspended the same Job"
     testbed.wait_for("the preempted gang's pods gone", lambda: not trainer_pods(testbed, namespace, "low"), timeout=60)
