@@ -176,6 +176,7 @@ class Testbed:
         self.state: State | None = None
         self.node: RealNode | None = None
         self._real_node_started = 0.0
+        self._handed_out: set[str] = set()  # image refs load_images returned: never removed as older tags
 
     # ---------------------------------------------------------------- helpers
     def _env(self) -> dict[str, str]:
@@ -287,10 +288,12 @@ class Testbed:
     def load_images(self, refs: list[str]) -> list[str]:
         """Make `refs` (buildah images of this machine) runnable on real-0; returns the refs pods use."""
         node = self.real_node()
-        for imported in node_images.load_images(node, refs):
+        for imported in node_images.load_images(node, refs, keep=frozenset(self._handed_out)):
             log(f"imported {imported.ref} into real-0: {imported.new_layers} new layers "
                 f"({imported.new_bytes / 1e9:.2f} GB) in {imported.seconds:.1f} s")
-        return [node_images.qualified(ref) for ref in refs]
+        runnable = [node_images.qualified(ref) for ref in refs]
+        self._handed_out |= set(runnable)  # a later call's "older tag" may be one a session fixture still uses
+        return runnable
 
     def real_node(self) -> RealNode:
         if self.node is None:

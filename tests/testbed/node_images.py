@@ -178,13 +178,14 @@ def repository(ref: str) -> str:
     return ref.rsplit(":", 1)[0] if ":" in ref.rsplit("/", 1)[-1] else ref
 
 
-def load_images(node: "RealNode", refs: list[str]) -> list[Imported]:
+def load_images(node: "RealNode", refs: list[str], keep: frozenset[str] = frozenset()) -> list[Imported]:
     """Every ref present in the node's containerd (imported where missing); older tags of the same
-    repositories are removed from the slot (their snapshots go with them unless still shared)."""
+    repositories are removed from the slot (their snapshots go with them unless still shared),
+    except those in `keep` (refs this test bed handed out before: its pods may still start them)."""
     wanted = [qualified(ref) for ref in refs]
     present = set(node.ctr("images", "ls", "-q").stdout.split())
     done = [import_image(node, ref, present) for ref in wanted if ref not in present]
-    stale = [ref for ref in present if repository(ref) in {repository(w) for w in wanted} and ref not in wanted]
+    stale = [ref for ref in present if repository(ref) in {repository(w) for w in wanted} and ref not in wanted and ref not in keep]
     if stale and os.environ.get("TESTBED_KEEP_OLD_IMAGES") != "1":
         node.ctr("images", "rm", "--sync", *stale, check=False)
     return done
