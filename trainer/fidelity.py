@@ -242,11 +242,16 @@ def paper_prompts() -> dict[str, Any]:
     return json.loads(resources.files("dreambooth_trainer").joinpath("resources/dreambooth_prompts.json").read_text())
 
 
-def class_noun_of(class_prompt: str | None, named: str | None) -> str | None:
-    """`validation.fidelity.class_noun`, else the last word of the class prompt (`a photo of dog` -> dog)."""
+def class_noun_of(class_prompt: str | None, named: str | None, instance_prompt: str = "", token: str = "") -> str | None:
+    """`validation.fidelity.class_noun`, else the last word of the class prompt (`a photo of dog` ->
+    dog), else (no prior preservation) the last word of the instance prompt after the token."""
     if named:
         return named
     words = re.findall(r"[A-Za-z][A-Za-z_\-]*", class_prompt or "")
+    if words:
+        return words[-1]
+    after = instance_prompt.split(token, 1)[1] if token and token in instance_prompt else ""
+    words = re.findall(r"[A-Za-z][A-Za-z_\-]*", after)
     return words[-1] if words else None
 
 

@@ -39,7 +39,7 @@ def step_label(step: int | None) -> str:
 def fidelity_prompts(cfg: TrainConfig) -> PromptSet:
     """The prompts the scores are measured on: the job's, or the paper's with the class noun."""
     fidelity = cfg.validation.fidelity
-    return prompt_set(list(fidelity.prompts), cfg.data.token, class_noun_of(cfg.prior.class_prompt, fidelity.class_noun))
+    return prompt_set(list(fidelity.prompts), cfg.data.token, class_noun_of(cfg.prior.class_prompt, fidelity.class_noun, cfg.data.instance_prompt, cfg.data.token))
 
 
 def thumbnails(images: list[Image.Image], side: int = THUMBNAIL) -> list[Image.Image]:

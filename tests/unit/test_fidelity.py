@@ -210,3 +210,12 @@ def test_jobs_checkpoints_prints_each_scored_step_with_the_best_and_the_pruned_m
     assert by_step["200"].split()[1] == "0.6600" and by_step["200"].endswith("best")
     assert by_step["100"].endswith("pruned") and "base model" in by_step["0"]
     assert "served: exports/best" in lines[5] and lines[6] == "dino: tiny-dino@r1 (scale 1)"
+
+
+def test_without_prior_preservation_the_class_noun_is_the_instance_prompts_last_word() -> None:
+    from dreambooth_trainer.fidelity import class_noun_of
+
+    assert class_noun_of(None, None, "a photo of sks toy", "sks") == "toy"
+    assert class_noun_of("a photo of a dog", None, "a photo of sks toy", "sks") == "dog", "the class prompt comes first"
+    assert class_noun_of(None, "cat", "a photo of sks toy", "sks") == "cat", "a named noun wins"
+    assert class_noun_of(None, None, "sks", "sks") is None, "nothing after the token: no noun (the paper's prompts are refused by name)"
