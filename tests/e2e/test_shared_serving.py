@@ -90,8 +90,9 @@ def test_two_lora_jobs_share_one_server_and_leave_it_one_by_one(testbed: Any, mi
 
     policies = {p["metadata"]["name"]: p for p in json.loads(testbed.kubectl("get", "networkpolicies", "-n", namespace, "-o", "json").stdout)["items"]}
     assert {"rex-network", "mia-network", f"{SERVER}-shared"} <= set(policies)
-    assert policies["rex-network"]["spec"]["ingress"][0]["from"] == [
-        {"podSelector": {"matchLabels": {"app.kubernetes.io/component": "trainer", "dreambooth.dev/job-name": "rex"}}}]
+    assert policies["rex-network"]["spec"]["ingress"][0]["from"] == [  # this job's trainers only, by uid (a same-name re-create is another job)
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/component": "trainer", "dreambooth.dev/job-name": "rex",
+                                         "dreambooth.dev/job-uid": get_job(testbed, namespace, "rex")["metadata"]["uid"]}}}]
     assert policies[f"{SERVER}-shared"]["spec"]["ingress"] == [{"from": [{"podSelector": {}}], "ports": [{"port": 8080, "protocol": "TCP"}]}]
 
     url = server_url(testbed, namespace)
