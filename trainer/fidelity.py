@@ -245,13 +245,12 @@ def paper_prompts() -> dict[str, Any]:
 def class_noun_of(class_prompt: str | None, named: str | None, instance_prompt: str = "", token: str = "") -> str | None:
     """`validation.fidelity.class_noun`, else the last word of the class prompt (`a photo of dog` ->
     dog), else (no prior preservation) the last word of the instance prompt after the token."""
-    if named:
-        return named
-    words = re.findall(r"[A-Za-z][A-Za-z_\-]*", class_prompt or "")
-    if words:
-        return words[-1]
-    after = instance_prompt.split(token, 1)[1] if token and token in instance_prompt else ""
-    words = re.findall(r"[A-Za-z][A-Za-z_\-]*", after)
+    after_token = instance_prompt.split(token, 1)[1] if token and token in instance_prompt else ""
+    return named or _last_word(class_prompt or "") or _last_word(after_token)
+
+
+def _last_word(text: str) -> str | None:
+    words = re.findall(r"[A-Za-z][A-Za-z_\-]*", text)
     return words[-1] if words else None
 
 
