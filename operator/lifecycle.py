@@ -291,6 +291,14 @@ def _running(draft: _Draft, gang: int, job: TrainerJobState) -> None:
         draft.status.pop("unplacedRestarts", None)
         draft.condition(RUNNING, True, "GangRunning", f"all {nodes} pods of gang {gang} are running")
         return
+    done = [p for p in obs.pods if p.exit_code == 0 or p.phase == "Succeeded"]
+    if done and not any(p.phase == "Failed" for p in obs.pods):
+        # Trainers that exited 0 are no longer ready, and the Job says Complete only a moment later:
+        # the job is still running (finishing), not back to Pending with an older progress record.
+        draft.condition(RUNNING, True, "TrainersFinished",
+                        f"pod {done[0].name} of gang {gang} exited 0 (training done); waiting for its Job to complete")
+        draft.requeue(PLACEMENT_POLL_SECONDS)
+        return
     _requeue_for_terminating(draft)
     alive = [p for p in obs.pods if p.phase in ("Pending", "Running") and p.deletion_deadline is None]
     if obs.refusal and len(alive) < nodes:

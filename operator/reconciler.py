@@ -386,7 +386,9 @@ class Reconciler:
             refusal = kube.latest_event_message(ref.namespace, job.uid, "FailedCreate")
         progress = latest = None
         if not terminal and job is not None and not job.suspended and (job.active or job.succeeded or job.failed):
-            progress, latest = self._progress(ref, status, force=job.succeeded)
+            # A trainer that exited 0 wrote its last record: read it now (the poll may not be due).
+            finishing = any(pod.exit_code == 0 or pod.phase == "Succeeded" for pod in pods)
+            progress, latest = self._progress(ref, status, force=job.succeeded or finishing)
         serving = shared = None
         policy_hash = None
         if terminal or (job is not None and job.succeeded):

@@ -292,8 +292,20 @@ def test_dockerignore_keeps_what_the_builds_need_and_drops_the_rest() -> None:
         assert dockerignore_allows(needed)
     for dropped in (".venv/bin/python", ".git/HEAD", "tests/conftest.py", ".testbed/kubeconfig", "demo-output/x.png",
                     "build/images.json", "trainer/__pycache__/x.pyc", "bench-output/a/b", "examples/job.yaml",
-                    "weights/unet.safetensors"):
+                    "weights/unet.safetensors", ".hypothesis/examples/ab", ".mypy_cache/3.11/x.json", ".ruff_cache/x",
+                    ".coverage", ".coverage.host.1", "htmlcov/index.html"):
         assert not dockerignore_allows(dropped), f".dockerignore lets {dropped} into the build context"
+
+
+def test_nothing_git_ignores_at_the_top_of_the_checkout_is_in_the_build_context() -> None:
+    """What tests and tools leave in the checkout (caches, test beds, outputs) stays out of the
+    context: otherwise a build of the same tree during the suite gets a new image id."""
+    listed = subprocess.run(["git", "ls-files", "--others", "--ignored", "--exclude-standard", "--directory"],
+                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for path in listed:
+        top = path.rstrip("/").split("/")[0]
+        if path.rstrip("/") == top:  # a top-level folder or file: nested ones are caught by their patterns
+            assert not dockerignore_allows(f"{top}/x") or not dockerignore_allows(top), f".dockerignore lets {top} into the build context"
 
 
 def test_the_python_base_is_a_build_argument_defaulting_to_the_public_slim_image() -> None:

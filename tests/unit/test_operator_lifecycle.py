@@ -87,6 +87,25 @@ def test_running_when_every_pod_of_the_gang_is_ready() -> None:
     assert running.events == [("Normal", "GangRunning", "Running=True: all 2 pods of gang 0 are running")]
 
 
+def test_trainers_that_exited_0_before_the_job_says_complete_keep_it_running() -> None:
+    """The window between the trainers' exit 0 (no pod ready) and the Job's Complete: the job was
+    read as Pending with the previous poll's progress (a follower printed step 6/8 after 8/8)."""
+    from dreambooth_operator.failures import PodState
+
+    record = {"step": 8, "total_steps": 8, "eta_seconds": 0, "loss": 0.1, "images_per_second": 1.0, "time": 0}
+    running = step(step(accepted(), None).status, TrainerJobState(gang=0, active=2, ready=2)).status
+    done = (PodState("rex-train-0-0-a", 0, "Succeeded", "gpu-0", True, exit_code=0, created=T0),
+            PodState("rex-train-0-1-b", 0, "Running", "gpu-1", True, exit_code=0, created=T0))
+    plan = step(running, TrainerJobState(gang=0, active=1, ready=0), T0 + timedelta(seconds=30), pods=done, progress=record)
+    assert plan.phase == "Running" and plan.actions == []
+    condition = next(c for c in plan.status["conditions"] if c["type"] == "Running")
+    assert condition["reason"] == "TrainersFinished" and "rex-train-0-0-a" in condition["message"]
+    assert plan.status["progress"]["summary"] == "8/8 (100%)"
+    # A pod that failed beside them is not a finish: the Job's own failure decides.
+    failed = (done[0], PodState("rex-train-0-1-b", 0, "Failed", "gpu-1", True, exit_code=1, created=T0))
+    assert step(running, TrainerJobState(gang=0, active=0, ready=0), T0 + timedelta(seconds=30), pods=failed).phase == "Pending"
+
+
 def test_a_failed_pod_restarts_the_whole_gang_with_backoff() -> None:
     running = step(step(accepted(), None).status, TrainerJobState(gang=0, active=2, ready=2)).status
     failed = TrainerJobState(gang=0, failed=True, failure_reason="BackoffLimitExceeded", failure_message="Job has reached the specified backoff limit")
