@@ -63,6 +63,30 @@ def train(
 
 
 @app.command()
+def export(
+    config: Annotated[Path, typer.Argument(help="The finished run's training config YAML.")],
+    checkpoint: Annotated[str, typer.Option(help="best or step-N: what serving.checkpoint names.")],
+) -> None:
+    """Export a finished run's kept checkpoint for serving (exports/step-N/ or exports/best/, laid out as final/)."""
+    import re
+
+    from dreambooth_trainer.config import ConfigError, load_config
+
+    if not re.fullmatch(r"best|step-[0-9]{1,9}", checkpoint):
+        fail(f"--checkpoint {checkpoint!r}: expected best or step-N")
+    try:
+        cfg = load_config(config, [])
+    except ConfigError as error:
+        fail(str(error))
+    from dreambooth_trainer.models import quiet_libraries
+    from dreambooth_trainer.reexport import export_for_serving
+
+    quiet_libraries()
+    with user_errors():
+        typer.echo(export_for_serving(cfg, checkpoint))
+
+
+@app.command()
 def generate(
     model: Annotated[str, typer.Option(help="Model URI: a final/ folder (local or s3://), tiny, or hf://org/name.")],
     prompt: Annotated[str, typer.Option(help="What to draw.")],

@@ -412,6 +412,77 @@ def build_trainer_job(job: JobRef, gang: int, pod_group: bool = False) -> dict[s
     }
 
 
+# --- exporting a checkpoint after success -----------------------------------------------------
+
+EXPORT_COMPONENT = "export"
+EXPORT_BACKOFF_LIMIT = 2  # storage blips are retried; bad input (exit 2) fails at once
+
+
+def export_job_name(name: str, checkpoint: str) -> str:
+    """`<job>-export-best`, `<job>-export-step-200`: one Job per choice (a failed one stays to be read)."""
+    return f"{name}-export-{checkpoint}"
+
+
+def build_export_job(job: JobRef) -> dict[str, Any]:
+    """One pod of the trainer image running `dreambooth export` on the job's own config: the
+    checkpoint serving.checkpoint names after success, exported from object storage (on the CPU:
+    no GPU is asked for) beside final/."""
+    spec = job.spec
+    checkpoint = spec.serving.checkpoint
+    metadata = _metadata(job, export_job_name(job.name, checkpoint), EXPORT_COMPONENT)
+    template_pod, extra_env, extra_mounts = _template_pieces(spec)
+    if spec.pod_template.service_account_name:
+        template_pod["serviceAccountName"] = spec.pod_template.service_account_name
+    env = [*storage_env(job), {"name": "DREAMBOOTH_LOG_FORMAT", "value": "json"},
+           {"name": "DREAMBOOTH_JOB", "value": f"{job.namespace}/{job.name}"}, {"name": "PYTHONUNBUFFERED", "value": "1"},
+           *threads_env(spec.resources.cpu, 1, [e.model_dump(by_alias=True) for e in spec.pod_template.env]), *extra_env]
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": pod_security_context(),
+        **template_pod,
+        "containers": [
+            {
+                "name": TRAINER_CONTAINER,
+                "image": spec.resources.image,
+                "imagePullPolicy": "IfNotPresent",
+                "command": ["dreambooth", "export", f"{CONFIG_DIR}/{CONFIG_KEY}", "--checkpoint", checkpoint],
+                "env": env,
+                "resources": _resources(spec.resources.cpu, spec.resources.memory, 0),
+                "securityContext": container_security_context(),
+                # The error line (exit 2: a checkpoint pruned since) becomes the pod's termination message.
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "volumeMounts": [
+                    {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+                    {"name": "scratch", "mountPath": "/tmp"},
+                    {"name": "cache", "mountPath": CACHE_DIR},
+                    *extra_mounts,
+                ],
+            }
+        ],
+        "volumes": [
+            {"name": "config", "configMap": {"name": config_map_name(job.name)}},
+            {"name": "scratch", "emptyDir": {"sizeLimit": TRAINER_SCRATCH_LIMIT}},
+            {"name": "cache", "emptyDir": {"sizeLimit": TRAINER_CACHE_LIMIT}},
+            *[volume.model_dump(by_alias=True, exclude_none=True) for volume in spec.pod_template.volumes],
+        ],
+        **_placement(spec.scheduling, 0),
+    }
+    if spec.scheduling.scheduler_name:
+        pod_spec["schedulerName"] = spec.scheduling.scheduler_name
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata,
+        "spec": {
+            "backoffLimit": EXPORT_BACKOFF_LIMIT,
+            "podFailurePolicy": {"rules": [dict(POD_FAILURE_RULES[0])]},
+            "template": {"metadata": _pod_metadata({**metadata["labels"], LABEL_JOB_UID: job.uid}, spec), "spec": pod_spec},
+        },
+    }
+
+
 # --- serving ----------------------------------------------------------------------------
 
 

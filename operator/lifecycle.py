@@ -110,6 +110,16 @@ class QueueState:
 
 
 @dataclass(frozen=True)
+class ExportState:
+    """serving.checkpoint's export once training is over: there or not, and the Job that makes it."""
+
+    prefix: str  # exports/best, exports/step-0000000N
+    exported: bool
+    job: TrainerJobState | None = None  # the export Job of this choice, when one exists
+    failure: str = ""  # its pod's error line, when the Job failed
+
+
+@dataclass(frozen=True)
 class Observation:
     name: str
     namespace: str
@@ -131,6 +141,7 @@ class Observation:
     refusal: str = ""  # why the Job controller could not create the gang's pods (its FailedCreate Event)
     pod_groups_served: bool = False  # the cluster serves scheduling.k8s.io/v1alpha2 PodGroups (gang policy)
     network_policy_hash: str | None = None  # the job's NetworkPolicy as built (read for a served job); None: unknown
+    export: ExportState | None = None  # read after success when serving.checkpoint is not final; None: nothing to wait for
 
     @property
     def template_hash(self) -> str:
@@ -601,6 +612,11 @@ def _serve(draft: _Draft) -> None:
         draft.clear(SERVING_READY, "ServingDisabled", "serving.enabled is false")
         draft.condition(FINISHED, True, "ServingDisabled", draft.status.get("message") or "training succeeded; serving is disabled")
         return
+    if not _exported(draft):
+        return
+    fidelity = draft.status.get("fidelity")
+    if isinstance(fidelity, dict) and fidelity.get("served") != served_export_prefix(obs.spec.serving.checkpoint):
+        draft.status["fidelity"] = {**fidelity, "served": served_export_prefix(obs.spec.serving.checkpoint)}  # chosen after success
     if obs.spec.serving.server:
         if obs.serving is not None:
             draft.act("delete_serving")  # moved from a Deployment of its own to a shared server
@@ -625,6 +641,32 @@ def _serve(draft: _Draft) -> None:
     else:
         draft.condition(SERVING_READY, False, "DeploymentNotReady", f"0/{serving.replicas} inference pods ready (loading weights, warming up)")
         draft.requeue(WAIT_POLL_SECONDS)
+
+
+def _exported(draft: _Draft) -> bool:
+    """serving.checkpoint's export is there. When not (a step or best chosen after success that
+    training did not export), an export Job makes it; what is served now keeps serving meanwhile."""
+    obs = draft.obs
+    export = obs.export
+    if export is None or export.exported:
+        return True
+    checkpoint = obs.spec.serving.checkpoint
+    job_name = builders.export_job_name(obs.name, checkpoint)
+    keeps = "what was served keeps serving" if obs.serving is not None or obs.shared is not None else "nothing is served yet"
+    if export.job is not None and export.job.failed:
+        why = export.failure or export.job.failure_message or export.job.failure_reason
+        message = (f"spec.serving.checkpoint {checkpoint}: exporting it to {export.prefix}/ failed (Job {job_name}: {why}); "
+                   f"{keeps}; choose another checkpoint, or delete the Job to try again")
+        draft.condition(SERVING_READY, False, "ExportFailed", message)
+        draft.condition(FINISHED, True, "ServingFailed", f"training succeeded; {message}")
+        return False
+    if export.job is None:
+        draft.act("create_export_job")
+    draft.condition(SERVING_READY, False, "Exporting",
+                    f"spec.serving.checkpoint {checkpoint} was not exported by training: Job {job_name} exports it to "
+                    f"{export.prefix}/; {keeps} until then")
+    draft.requeue(WAIT_POLL_SECONDS)
+    return False
 
 
 def _ref(obs: Observation) -> builders.JobRef:

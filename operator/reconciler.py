@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from dreambooth_api.v1alpha1.sections import ConfigError
-from dreambooth_api.v1alpha1.spec import API_VERSION, KIND, DreamboothJobSpec, memory_plan
+from dreambooth_api.v1alpha1.spec import API_VERSION, KIND, DreamboothJobSpec, memory_plan, served_export_prefix
 from dreambooth_api.v1alpha1.stored import read_stored_spec
 
 from . import builders, failures, installation, kube, lifecycle, metrics, polling, registration, retention, store
@@ -93,6 +93,7 @@ class Reconciler:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _release_errors: dict[str, str] = field(default_factory=dict)  # job uid -> why its data is not deleted yet
     _gang_api: tuple[bool, float] = (False, 0.0)  # (PodGroups served, until when that answer holds)
+    _exports_seen: set[tuple[str, str]] = field(default_factory=set)  # (job uid, export prefix) found complete
 
     # ------------------------------------------------------------------ entry
     def reconcile(self, namespace: str, name: str) -> float | None:
@@ -398,6 +399,9 @@ class Reconciler:
                 policy_hash = self._network_policy_hash(ref)
             if ref.spec.serving.server and ref.spec.serving.enabled:
                 shared = registration.observe(ref)
+        export = None
+        if (terminal and status.get("phase") == "Succeeded") or (job is not None and job.succeeded):
+            export = self._export(ref, owned)
         queue, queue_name = None, ref.queue_name or (job.queue_name if job else "")
         if job is not None and job.suspended and not terminal:
             workload = self.children.workloads.by_job_uid(job.uid)
@@ -408,9 +412,51 @@ class Reconciler:
             name=ref.name, namespace=ref.namespace, generation=generation, spec=ref.spec, status=status, now=now,
             job=job, stale_jobs=stale_jobs, stale_pods=stale_pods, pods=pods, old_pods=old_pods, progress=progress,
             latest_checkpoint=latest, serving=serving, queue_name=queue_name, queue=queue, shared=shared,
-            refusal=refusal, network_policy_hash=policy_hash,
+            refusal=refusal, network_policy_hash=policy_hash, export=export,
             pod_groups_served=job is None and not terminal and self._pod_groups_served(),
         )
+
+    def _export(self, ref: builders.JobRef, owned: list[dict[str, Any]]) -> lifecycle.ExportState | None:
+        """Is serving.checkpoint's export in storage (asked until it is: then remembered), and its
+        export Job's state; None when nothing is to wait for (final, serving off, storage away)."""
+        checkpoint = ref.spec.serving.checkpoint
+        if checkpoint == "final" or not ref.spec.serving.enabled:
+            return None
+        prefix = served_export_prefix(checkpoint)
+        key = (ref.uid, prefix)
+        with self._lock:
+            if key in self._exports_seen:
+                return lifecycle.ExportState(prefix, True)
+        secret_ref = ref.spec.storage.credentials_secret_ref
+        try:
+            secret = self._secret(ref.namespace, secret_ref.name, (secret_ref.access_key_key, secret_ref.secret_key_key)) or {}
+            exported = store.is_exported(_credentials(ref.spec, secret), ref.output_uri, prefix)
+        except (KeyError, kube.SecretValueUnreadable, store.StoreUnavailable, store.StoreRefused) as error:
+            log.info("%s/%s: export %s not checked: %s", ref.namespace, ref.name, prefix, error)
+            return None  # what is served now keeps serving; the next look asks again
+        if exported:
+            with self._lock:
+                if len(self._exports_seen) > SPECS_KEPT:
+                    self._exports_seen.clear()
+                self._exports_seen.add(key)
+            return lifecycle.ExportState(prefix, True)
+        name = builders.export_job_name(ref.name, checkpoint)
+        found = next((j for j in owned if j["metadata"]["name"] == name and not j["metadata"].get("deletionTimestamp")), None)
+        state = lifecycle.trainer_job_state(found) if found else None
+        failure = self._export_failure(ref, name) if state is not None and state.failed else ""
+        return lifecycle.ExportState(prefix, False, state, failure)
+
+    @staticmethod
+    def _export_failure(ref: builders.JobRef, job_name: str) -> str:
+        """The failed export pod's error line (its termination message: the end of its log)."""
+        for pod in kube.list_pods(ref.namespace, {"job-name": job_name}):
+            for container in (pod.get("status") or {}).get("containerStatuses") or []:
+                text = (((container.get("state") or {}).get("terminated") or {}).get("message") or "").strip()
+                lines = [line for line in text.splitlines() if line.strip()]
+                errors = [line for line in lines if line.startswith("error:")]
+                if errors or lines:
+                    return (errors or lines)[-1].removeprefix("error:").strip()[:500]
+        return ""
 
     @staticmethod
     def _network_policy_hash(ref: builders.JobRef) -> str | None:
@@ -513,6 +559,9 @@ class Reconciler:
         elif action.kind == "ensure_serving":
             self._create_all(ref, owner, (builders.build_inference_deployment(ref), builders.build_inference_service(ref),
                                           build_job_network_policy(ref)))
+        elif action.kind == "create_export_job":
+            # Its ConfigMap is the gang's (kept while the job exists); made again if someone removed it.
+            self._create_all(ref, owner, (builders.build_config_map(ref), builders.build_export_job(ref)))
         elif action.kind == "ensure_network_policy":
             self._create_all(ref, owner, (build_job_network_policy(ref),))
         elif action.kind == "delete_serving":

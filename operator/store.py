@@ -160,6 +160,11 @@ def read_latest_checkpoint(creds: Credentials, output_uri: str) -> str | None:
     return _guarded(creds, lambda: _read_latest_checkpoint(creds, output_uri))
 
 
+def is_exported(creds: Credentials, output_uri: str, prefix: str) -> bool:
+    """The export folder `prefix` of the output is complete (its dreambooth.json is written last)."""
+    return _guarded(creds, lambda: _read_optional(creds, output_uri, f"{prefix}/dreambooth.json") is not None)
+
+
 def check_instance_images(creds: Credentials, instance_uri: str) -> int:
     """Count the readable images under the instance prefix (an image already read, with the same
     ETag, is not read again; a passed check is reused for LISTING_REUSE_SECONDS, and callers

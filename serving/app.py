@@ -7,6 +7,7 @@ is what `dreambooth serve` calls. Weights load in the background, so /healthz an
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -28,6 +29,7 @@ from .guard import HostCheck, checks_host
 from .metrics import RequestMetricsMiddleware, ServerMetrics
 from .native_api import generate_router, validation_errors
 from .openai_api import is_openai_path, openai_error_body, openai_error_response, openai_router
+from .reports import REPORT, REPORT_POLICY, read_report
 from .runtime import ModelRuntime, prepare_pipeline
 from .settings import TOKEN_ENV, TOKEN_HEADER, ServerSettings
 
@@ -130,6 +132,24 @@ def create_app(settings: ServerSettings | None = None, load: Callable[[], Any] |
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/reports/{model:path}", summary="The training report of a model", response_class=HTMLResponse,
+             dependencies=[Depends(check) for check in auth],
+             responses={401: {"description": "A token is set on the server and this one is missing or wrong."},
+                        404: {"description": "The model is unknown, or no report.html lies beside its weights."}})
+    async def training_report(model: str) -> HTMLResponse:
+        """report.html beside the model's weights (the trainer's run as pictures: photos, curves, the
+        checkpoints' grids, the served one marked). It holds the subject's photos: the token guards it."""
+        uri = settings.model if model == settings.base_name else runtime.catalog.uri(model)
+        if uri is None:
+            runtime.catalog.refresh()
+            uri = runtime.catalog.uri(model)
+        if uri is None:
+            raise HTTPException(404, f"the model {model!r} does not exist on this server (GET /v1/models)")
+        page = await asyncio.to_thread(read_report, uri)
+        if page is None:
+            raise HTTPException(404, f"no training report for {model!r}: no {REPORT} beside its weights")
+        return HTMLResponse(page, headers={"Content-Security-Policy": REPORT_POLICY, "Cache-Control": "no-store"})
 
     @app.get("/", summary="Web page", response_class=HTMLResponse)
     async def index() -> HTMLResponse:

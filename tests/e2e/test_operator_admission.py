@@ -59,6 +59,12 @@ BAD = [
     ("quantizing a full fine-tune", {"model.quantize": "int8"}, "spec.model.quantize"),
     ("Flux LoRA in bf16 on a 24 GB card", {"model.source": "hf://black-forest-labs/FLUX.1-dev", "training.lora": {"enabled": True},
                                            "resources.gpuMemory": "24Gi"}, "spec.resources.gpuMemory"),
+    # serving.checkpoint: final | best | step-N, where N is a checkpoint of this run (defaults: 400 steps, one every 500)
+    ("an unknown served checkpoint", {"serving.checkpoint": "latest"}, "spec.serving.checkpoint"),
+    ("a served step between checkpoints", {"serving.checkpoint": "step-200"}, "spec.serving.checkpoint"),
+    ("a served step past the end", {"serving.checkpoint": "step-800", "checkpointing.everyNSteps": 100}, "spec.serving.checkpoint"),
+    ("a served step 0", {"serving.checkpoint": "step-0", "checkpointing.everyNSteps": 100}, "spec.serving.checkpoint"),
+    ("the best without scores", {"serving.checkpoint": "best", "validation.fidelity": {"enabled": False}}, "spec.serving.checkpoint"),
 ]
 
 
@@ -90,6 +96,16 @@ def test_a_good_spec_is_accepted_with_defaults(testbed: Any, crd: str, namespace
                                    "admissionDeadlineSeconds": 600, "terminationGracePeriodSeconds": 600, "maxDisruptions": 20}
     short = testbed.kubectl("get", "dbj", "-n", namespace).stdout.split("\n")[0].split()
     assert short == ["NAME", "PHASE", "PROGRESS", "ETA", "RESTARTS", "FIDELITY", "SERVING", "AGE"]
+
+
+@pytest.mark.parametrize("changes", [{"serving.checkpoint": "best"}, {"serving.checkpoint": "step-400"},
+                                     {"serving.checkpoint": "step-200", "checkpointing.everyNSteps": 100},
+                                     {"serving.checkpoint": "step-350", "checkpointing.everyNSteps": 350}],
+                         ids=["best", "the last step", "a checkpoint", "a step that is both"])
+def test_a_served_checkpoint_of_the_run_is_accepted(testbed: Any, crd: str, namespace: str, changes: dict[str, Any]) -> None:
+    result = apply(testbed, namespace, "served", with_changes(changes))
+    assert result.returncode == 0, result.stderr
+    assert testbed.get("dreamboothjob", "served", namespace)["spec"]["serving"]["checkpoint"] == changes["serving.checkpoint"]
 
 
 @pytest.mark.parametrize(("what", "changes", "field"), BAD, ids=[b[0] for b in BAD])

@@ -48,3 +48,52 @@ def test_the_report_renders_offline_with_every_image_and_the_best_marked(tmp_pat
             assert shot.stat().st_size > 10_000
         finally:
             browser.close()
+
+
+def test_the_server_page_opens_the_report_beside_a_subjects_weights(tmp_path: Path) -> None:
+    """A shared server's adapter in the trainer's layout (<run>/exports/best/lora, report.html beside
+    lora/): GET /v1/reports/<subject> behind the token, and the web page's link opens it in Chromium."""
+    import httpx
+    from playwright.sync_api import expect, sync_playwright
+
+    from dreambooth_serving.app import ServerSettings, create_app
+    from tests.server.conftest import TOKEN, serving, wait_ready, write_random_lora
+
+    export = tmp_path / "run" / "exports" / "best"
+    lora = write_random_lora(export / "lora", seed=4)
+    (export / "report.html").write_text("<!doctype html><title>DreamBooth run: a photo of sks dog</title><h1>rex at step 4</h1>")
+    bare = write_random_lora(tmp_path / "other" / "final" / "lora", seed=5)  # a run without a report
+    settings = ServerSettings(model="tiny", device="cpu", api_token=TOKEN, adapters=(("rex", str(lora)), ("mia", str(bare))))
+    with serving(create_app(settings)) as url:
+        wait_ready(url)
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        assert httpx.get(f"{url}/v1/reports/rex", timeout=30).status_code == 401, "the report shows the subject's photos: token only"
+        page = httpx.get(f"{url}/v1/reports/rex", headers=auth, timeout=30)
+        assert page.status_code == 200 and "rex at step 4" in page.text and page.headers["content-type"].startswith("text/html")
+        assert page.headers["content-security-policy"].startswith("default-src 'none'")
+        for model, detail in (("mia", "no training report for 'mia'"), ("tiny", "no training report for 'tiny'"),
+                              ("zed", "the model 'zed' does not exist")):
+            missing = httpx.get(f"{url}/v1/reports/{model}", headers=auth, timeout=30)
+            assert missing.status_code == 404 and detail in missing.json()["detail"], missing.text
+
+        assert CHROMIUM.exists(), f"{CHROMIUM} is missing: run tests/server/install-browser.sh"
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True)
+            try:
+                page = browser.new_page()
+                page.goto(url + "/")
+                page.click("summary")
+                page.fill("#token", TOKEN)
+                page.click("#reload-models")
+                expect(page.locator("#model option")).to_have_count(3, timeout=30_000)
+                page.select_option("#model", "rex")
+                with page.expect_popup() as opened:
+                    page.click("#report-link")
+                report = opened.value
+                expect(report.locator("h1")).to_have_text("rex at step 4", timeout=30_000)
+                assert report.title() == "DreamBooth run: a photo of sks dog"
+                page.select_option("#model", "mia")
+                page.click("#report-link")
+                expect(page.locator("#status")).to_contain_text("no training report for 'mia'", timeout=30_000)
+            finally:
+                browser.close()

@@ -20,7 +20,7 @@ from safetensors.torch import load
 from dreambooth_trainer.checkpoint import checkpoint_key, complete_checkpoints, load_checkpoint_state
 from dreambooth_trainer.storage import open_storage
 
-from .conftest import SUBJECT, run_cli, tiny_config_dict
+from .conftest import SUBJECT, run_cli, tiny_config_dict, write_config
 
 STEPS, EVERY = 6, 2
 SCORES = ("fidelity/dino", "fidelity/clip_i", "fidelity/clip_t", "fidelity/prior_similarity", "fidelity/instance_distance")
@@ -98,6 +98,21 @@ def test_a_served_step_is_exported_and_kept_without_any_scores(tmp_path: Path) -
     assert out.exists("exports/step-00000002/dreambooth.json") and not out.exists("exports/best/model_index.json")
     assert exported_matches_checkpoint(out, "exports/step-00000002", 2)
     assert json.loads(out.read_text("fidelity.json"))["exports"]["served"] == "exports/step-00000002"
+
+    # serving.checkpoint changed after success: `dreambooth export` (the operator's export Job) exports another kept step.
+    from dreambooth_trainer.reexport import export_for_serving
+
+    assert export_for_serving(cfg, "step-4") == out.describe("exports/step-00000004")
+    assert exported_matches_checkpoint(out, "exports/step-00000004", 4)
+    metadata = tmp_path / "out" / "exports" / "step-00000004" / "dreambooth.json"
+    written = metadata.stat().st_mtime_ns
+    assert export_for_serving(cfg, "step-4") == out.describe("exports/step-00000004") and metadata.stat().st_mtime_ns == written, "once"
+    config = write_config(tmp_path / "config.yaml", data)
+    for checkpoint, message in (("best", "serving.checkpoint best: this run scored no checkpoint"),
+                                ("step-6", "checkpoints/step-00000006 is no longer stored (checkpointing.keepLast=1 pruned it; kept: step-2, step-4)"),
+                                ("latest", "--checkpoint 'latest': expected best or step-N")):
+        refused = run_cli(["export", str(config), "--checkpoint", checkpoint])
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr[-2000:]
 
 
 def test_a_served_step_that_is_no_checkpoint_is_refused_before_training(tmp_path: Path) -> None:

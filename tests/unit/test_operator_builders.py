@@ -411,3 +411,22 @@ def test_the_server_loads_the_checkpoint_serving_checkpoint_names_and_the_traine
         assert adapter_uri(job) == f"{job.output_uri}/{prefix}/lora"
         config = yaml.safe_load(next(iter(builders.build_config_map(job)["data"].values())))
         assert config["output"]["serve"] == checkpoint, "the trainer exports and keeps what will be served"
+
+
+def test_an_export_job_is_one_cpu_pod_of_the_trainer_image_on_the_jobs_config() -> None:
+    data = {**GPU_SPEC, "checkpointing": {"everyNSteps": 200}, "serving": {**GPU_SPEC["serving"], "checkpoint": "step-400"}}
+    job = builders.build_export_job(builders.JobRef("rex", "team-a", "uid-1", parse_spec(data)))
+    assert job["metadata"]["name"] == "rex-export-step-400" and job["metadata"]["labels"] == labels("rex", "export")
+    assert "completionMode" not in job["spec"] and job["spec"]["backoffLimit"] == 2
+    assert job["spec"]["podFailurePolicy"]["rules"] == [builders.POD_FAILURE_RULES[0]], "exit 2 (bad input) is not retried"
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == "trainer:1"
+    assert container["command"] == ["dreambooth", "export", "/etc/dreambooth/config.yaml", "--checkpoint", "step-400"]
+    assert "nvidia.com/gpu" not in container["resources"]["limits"] and container["resources"]["limits"]["memory"] == "512Gi"
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert {"name": "config", "configMap": {"name": "rex-config"}} in pod["volumes"]
+    assert [e for e in container["env"] if e["name"].startswith("AWS_")] == CREDS
+    assert not {"MASTER_ADDR", "NODE_RANK", "DREAMBOOTH_ATTEMPT"} & {e["name"] for e in container["env"]}, "no gang: no rendezvous, no fencing"
+    assert pod["nodeSelector"] == {"pool": "h100"} and pod["securityContext"] == SECURITY
+    assert job["spec"]["template"]["metadata"]["labels"]["dreambooth.dev/job-uid"] == "uid-1"

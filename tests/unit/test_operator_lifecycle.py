@@ -191,6 +191,43 @@ def test_success_serves_the_model_and_follows_readiness() -> None:
     ]
 
 
+def test_a_checkpoint_chosen_after_success_is_exported_before_it_is_served() -> None:
+    """serving.checkpoint edited to a step training did not export: an export Job makes it while the
+    Deployment keeps what it served; once exported the Deployment rolls; a failed export is named."""
+    from dreambooth_operator.lifecycle import ExportState
+
+    final_spec = spec()
+    served = ServingState(1, 1, "dreambooth/inference:0.1.0", spec_hash=builders.serving_hash(final_spec))
+    finished = step(step(accepted(), None).status, TrainerJobState(gang=0, succeeded=True), serving=served).status
+    finished["fidelity"] = {"best": {"step": 40}, "served": "final"}
+    data = copy.deepcopy(SPEC)
+    data["checkpointing"] = {"everyNSteps": 20}
+    data["serving"] = {"checkpoint": "step-40"}
+    chosen = parse_spec(data)
+    prefix = "exports/step-00000040"
+
+    def look(export: ExportState) -> lifecycle.Plan:
+        return lifecycle.decide(observe(finished, None, T0 + timedelta(minutes=5), the_spec=chosen, serving=served, export=export))
+
+    def serving_ready(plan: lifecycle.Plan) -> dict[str, Any]:
+        return next(c for c in plan.status["conditions"] if c["type"] == "ServingReady")
+
+    first = look(ExportState(prefix, False))
+    assert first.actions == [Action("create_export_job")] and first.phase == "Succeeded"
+    assert serving_ready(first)["status"] == "False" and serving_ready(first)["reason"] == "Exporting"
+    assert "Job rex-export-step-40 exports it to exports/step-00000040/; what was served keeps serving" in serving_ready(first)["message"]
+    assert first.status["endpoint"] == "http://rex-serve.ns.svc:8080", "the endpoint stays while it serves the previous choice"
+    running = look(ExportState(prefix, False, TrainerJobState(gang=0, active=1)))
+    assert running.actions == [] and serving_ready(running)["reason"] == "Exporting" and running.requeue_after
+    failed = look(ExportState(prefix, False, TrainerJobState(gang=0, failed=True, failure_reason="PodFailurePolicy"),
+                              "serving.checkpoint step-40: checkpoints/step-00000040 is no longer stored"))
+    assert failed.actions == [] and serving_ready(failed)["reason"] == "ExportFailed"
+    assert "spec.serving.checkpoint step-40" in serving_ready(failed)["message"] and "is no longer stored" in serving_ready(failed)["message"]
+    done = look(ExportState(prefix, True, TrainerJobState(gang=0, succeeded=True)))
+    assert done.actions == [Action("ensure_serving")], "exported: the Deployment rolls to it"
+    assert done.status["fidelity"] == {"best": {"step": 40}, "served": prefix} and first.status["fidelity"]["served"] == "final"
+
+
 def test_ttl_after_finished_deletes_the_job() -> None:
     status = lifecycle.decide(observe(accepted(), TrainerJobState(gang=0, succeeded=True), the_spec=spec(ttlSecondsAfterFinished=60))).status
     the_spec = spec(ttlSecondsAfterFinished=60)
