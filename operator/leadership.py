@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import threading
 import time
 
@@ -27,14 +28,20 @@ from . import kube, metrics
 log = logging.getLogger(__name__)
 POLL_SECONDS = 1.0
 PRIORITY_BASE = 10**13  # > epoch milliseconds for centuries: priorities stay positive
+# Replicas the kubelet starts together can read the same millisecond: random low digits break the
+# tie (two equal priorities would both stand by, and no replica would ever act). The product stays
+# below 2**53, so a reader that takes JSON numbers as floats still tells them apart.
+TIE_BREAK = 100
 # The leader stops acting when its own record was last seen renewed this share of its lifetime ago
 # (followers wait the whole lifetime after the last change they saw).
 RENEW_FRACTION = 0.8
 
 
-def priority_for_start(started: float) -> int:
-    """Older replicas get higher priorities (a restarted pod waits behind the running one)."""
-    return PRIORITY_BASE - int(started * 1000)
+def priority_for_start(started: float, tie_break: int | None = None) -> int:
+    """Older replicas get higher priorities (a restarted pod waits behind the running one); two
+    started in the same millisecond differ in the random low digits."""
+    low = secrets.randbelow(TIE_BREAK) if tie_break is None else tie_break
+    return (PRIORITY_BASE - int(started * 1000)) * TIE_BREAK + low
 
 
 class PeerView:

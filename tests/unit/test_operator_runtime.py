@@ -114,6 +114,20 @@ def peer(priority: int, seconds_ago: float, lifetime: int = 10) -> dict[str, Any
     return {"priority": priority, "lifetime": lifetime, "lastseen": (NOW - timedelta(seconds=seconds_ago)).isoformat()}
 
 
+def test_replicas_started_in_the_same_millisecond_do_not_tie() -> None:
+    """Two pods the kubelet started together read the same clock: equal priorities made both stand
+    by for good (make demo's two operator replicas never acted). The low digits differ; age still wins."""
+    same = {leadership.priority_for_start(1000.0004, tie) for tie in range(leadership.TIE_BREAK)}
+    assert len(same) == leadership.TIE_BREAK
+    assert min(same) > max(leadership.priority_for_start(1000.002, tie) for tie in range(leadership.TIE_BREAK)), "older still wins"
+    assert leadership.priority_for_start(time.time()) < 2**53, "exact as a JSON number read as a float"
+    a, b = leadership.priority_for_start(1000.0, 3), leadership.priority_for_start(1000.0, 7)
+    views = {p: leadership.PeerView(p) for p in (a, b)}
+    for view in views.values():
+        view.observe({"pod-a": peer(a, 1), "pod-b": peer(b, 1)}, 0.0)
+    assert [views[b].leading(0.5), views[a].leading(0.5)] == [True, False], "exactly one acts"
+
+
 def test_the_oldest_live_replica_leads() -> None:
     old, young = leadership.priority_for_start(1000.0), leadership.priority_for_start(2000.0)
     assert old > young
