@@ -100,13 +100,19 @@ class Endpoint:
         payload = {"prompt": prompt, "model": self.model, **params}
         payload = {key: value for key, value in payload.items() if value is not None}
         headers_out = {"Content-Type": "application/json", "Accept": "image/png", **self.token_headers()}
-        unavailable, subject_deadline = 0, time.monotonic() + SUBJECT_WAIT_SECONDS
+        unavailable, arrived, subject_deadline = 0, False, time.monotonic() + SUBJECT_WAIT_SECONDS
         while True:
             status, headers, body = self.request("POST", GENERATE_PATH, json.dumps(payload).encode(), headers_out)
             # 503: the server is warming up, or the proxy has no ready endpoint yet; 429: a full queue.
             if status in (429, 503) and unavailable < UNAVAILABLE_RETRIES:
                 unavailable += 1
-            elif not (status == 404 and self.subject_not_found() and time.monotonic() < subject_deadline):
+            elif status == 404 and time.monotonic() < subject_deadline:
+                known = self.subject_known()
+                if known is None or (known and arrived):
+                    break
+                # Not there yet: wait for it. There by now: it arrived between the two requests, ask once more.
+                arrived = arrived or known
+            else:
                 break
             time.sleep(UNAVAILABLE_WAIT_SECONDS)
         if status == 401:
@@ -119,15 +125,19 @@ class Endpoint:
         seed = {k.lower(): v for k, v in headers.items()}.get("x-seed")
         return body, int(seed) if seed and seed.isdigit() else None
 
-    def subject_not_found(self) -> bool:
-        """Whether the server says it has no model of this job's name (yet): OpenAI's model_not_found."""
+    def subject_known(self) -> bool | None:
+        """Whether the server lists a model of this job's name: False when it answers OpenAI's
+        model_not_found (not there yet), None when it cannot say (no model named, another error)."""
         if not self.model:
-            return False
+            return None
         status, _, body = self.request("GET", f"/v1/models/{self.model}", headers=self.token_headers(), timeout=30)
+        if status == 200:
+            return True
         try:
-            return status == 404 and (json.loads(body).get("error") or {}).get("code") == "model_not_found"
+            missing = status == 404 and (json.loads(body).get("error") or {}).get("code") == "model_not_found"
         except (ValueError, AttributeError):
-            return False
+            missing = False
+        return False if missing else None
 
     def paths(self) -> set[str]:
         """The HTTP paths the server offers (from its OpenAPI document); empty when it has none."""

@@ -88,6 +88,41 @@ def test_a_subject_the_shared_server_does_not_know_yet_is_waited_for(url: str, m
         endpoint(url).generate("a photo of sks dog")
 
 
+class ArrivingServer(TokenServer):
+    """A registry that learns of `rex` between a POST and the GET that follows it: the POST's
+    first `posts_missing` answers are 404, the model list has it all along."""
+
+    posts_missing = 1
+
+    def do_POST(self) -> None:
+        if type(self).posts_missing > 0:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            type(self).posts_missing -= 1
+            return self.reply(404, b'{"detail": "the model \'rex\' does not exist on this server"}', JSON)
+        super().do_POST()
+
+
+@pytest.mark.parametrize("posts_missing, served", [(1, True), (10**6, False)])
+def test_a_subject_that_arrives_between_the_request_and_the_check_is_asked_for_once_more(
+        monkeypatch: pytest.MonkeyPatch, posts_missing: int, served: bool) -> None:
+    monkeypatch.setattr(endpoint_module, "UNAVAILABLE_WAIT_SECONDS", 0.01)
+    TokenServer.seen, TokenServer.known_from, ArrivingServer.posts_missing = [], 0.0, posts_missing
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ArrivingServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url, started = f"http://127.0.0.1:{server.server_address[1]}", time.monotonic()
+        if served:
+            assert endpoint(url).generate("a photo of sks dog") == (PNG, 3)
+        else:
+            with pytest.raises(EndpointError, match="answered 404"):
+                endpoint(url).generate("a photo of sks dog")
+            assert ArrivingServer.posts_missing == 10**6 - 2, "asked once more, not until the deadline"
+        assert time.monotonic() - started < 5
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 class SecretsApi:
     def __init__(self, secrets: dict[str, dict[str, str]]) -> None:
         self.secrets = secrets
