@@ -8,6 +8,7 @@ import shlex
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import ThreadingHTTPServer
 
 import pytest
@@ -50,14 +51,23 @@ class TokenServer(FakeServer):
         self.reply(200, b'{"id": "rex", "object": "model"}', JSON)
 
 
+@contextmanager
+def serving(handler: type[TokenServer]) -> Iterator[str]:
+    """`handler` on a loopback port for the block; its URL."""
+    TokenServer.seen, TokenServer.known_from = [], 0.0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture()
 def url() -> Iterator[str]:
-    TokenServer.seen, TokenServer.known_from = [], 0.0
-    server = ThreadingHTTPServer(("127.0.0.1", 0), TokenServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(TokenServer) as address:
+        yield address
 
 
 def endpoint(url: str, token: str | None = TOKEN, direct: bool = True) -> Endpoint:
@@ -106,11 +116,9 @@ class ArrivingServer(TokenServer):
 def test_a_subject_that_arrives_between_the_request_and_the_check_is_asked_for_once_more(
         monkeypatch: pytest.MonkeyPatch, posts_missing: int, served: bool) -> None:
     monkeypatch.setattr(endpoint_module, "UNAVAILABLE_WAIT_SECONDS", 0.01)
-    TokenServer.seen, TokenServer.known_from, ArrivingServer.posts_missing = [], 0.0, posts_missing
-    server = ThreadingHTTPServer(("127.0.0.1", 0), ArrivingServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url, started = f"http://127.0.0.1:{server.server_address[1]}", time.monotonic()
+    ArrivingServer.posts_missing = posts_missing
+    with serving(ArrivingServer) as url:
+        started = time.monotonic()
         if served:
             assert endpoint(url).generate("a photo of sks dog") == (PNG, 3)
         else:
@@ -118,9 +126,6 @@ def test_a_subject_that_arrives_between_the_request_and_the_check_is_asked_for_o
                 endpoint(url).generate("a photo of sks dog")
             assert ArrivingServer.posts_missing == 10**6 - 2, "asked once more, not until the deadline"
         assert time.monotonic() - started < 5
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 class SecretsApi:
