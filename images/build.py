@@ -216,6 +216,15 @@ class Built:
     seconds: float
 
 
+def release_labels(build_args: dict[str, str]) -> list[str]:
+    """The labels that change with the commit, given on the command line: buildah's layer cache keeps a
+    LABEL step whose ARG values changed (1.28 reuses the last build's revision), `--label` is applied on
+    every build. The Dockerfiles' own LABELs stay for a plain `docker build`."""
+    return [f"org.opencontainers.image.version={build_args['VERSION']}",
+            f"org.opencontainers.image.revision={build_args['REVISION']}",
+            f"org.opencontainers.image.source={build_args['SOURCE']}"]
+
+
 def build_image(name: str, build_args: dict[str, str], machine: list[str]) -> Built:
     version = build_args["VERSION"]
     version_ref = f"dreambooth/{name}:{version}"
@@ -223,6 +232,7 @@ def build_image(name: str, build_args: dict[str, str], machine: list[str]) -> Bu
             "-f", str(IMAGES / f"{name}.Dockerfile"), *machine]
     for key, value in build_args.items():
         argv += ["--build-arg", f"{key}={value}"]
+    argv += [arg for label in release_labels(build_args) for arg in ("--label", label)]
     argv += ["-t", version_ref, str(REPO)]
     start = time.monotonic()
     say(f"building {name} ({IMAGES.name}/{name}.Dockerfile)")
