@@ -34,8 +34,8 @@ $(STAMP): pyproject.toml | $(UV)
 
 venv: $(STAMP)
 
-# The test-bed tests (tests/chart, e2e, testbed) and the rest run side by side: most of the
-# former's time is spent waiting on the cluster (tests/run-suites.sh).
+# The e2e tests run beside the rest (niced), then the chart and test-bed tests: most of the
+# e2e tests' time is spent waiting on the cluster (tests/run-suites.sh).
 test: $(STAMP) testbed-binaries browser terminal images
 	PY=$(PY) bash tests/run-suites.sh $(PYTEST_ARGS)
 

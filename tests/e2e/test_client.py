@@ -197,9 +197,9 @@ def test_submit_in_a_terminal_goes_from_photos_to_an_image(testbed: Any, operato
     port = free_port()
     command = " ".join(["env", *(shlex.quote(f"{k}={v}") for k, v in env.items() if k in ("KUBECONFIG", "PATH", "HOME")),
                         "dreambooth", "submit", shlex.quote(str(PHOTOS)), *TINY, "-n", namespace, "--name", "toy",
-                        # 8 tiny steps take about a second: 32 micro-batches a step keep the job running for
+                        # 8 tiny steps take about a second: 16 micro-batches a step keep the job running for
                         # several progress records, so a running screen is certain rather than a race.
-                        "--set", "training.gradientAccumulationSteps=32",
+                        "--set", "training.gradientAccumulationSteps=16",
                         "--local-port", str(port),
                         "--out", shlex.quote(str(tmp_path / "out"))])
     terminal = Terminal(f"dbtest-{os.getpid()}-{uuid.uuid4().hex[:4]}")
