@@ -1,4 +1,5 @@
-"""How often to read a running job's progress.json: adapted to its step time (pure).
+"""How often to read a running job's progress.json: adapted to its step time (pure; the floor is
+read once from the environment).
 
 Nothing announces progress (rank 0 writes it to object storage), so the operator polls. A job
 whose steps take 30 s gains nothing from a read every 12 s, and 200 fast jobs must not all be read
@@ -7,11 +8,32 @@ while the record does not change (a stalled or slow writer) or does not exist ye
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-MIN_SECONDS = 12.0  # a changed record is one status PATCH: at most 5 writes a minute per running job
+FLOOR_ENV = "DREAMBOOTH_OPERATOR_PROGRESS_SECONDS"
+DEFAULT_FLOOR = 12.0  # a changed record is one status PATCH: at most 5 writes a minute per running job
 MAX_SECONDS = 60.0
-FIRST_SECONDS = 10.0  # before any record: the first one comes after the model loads
+
+
+def floor_seconds(environ: Mapping[str, str] = os.environ) -> float:
+    """The shortest time between two reads of one job: DREAMBOOTH_OPERATOR_PROGRESS_SECONDS (1 to
+    60), else 12. A small test cluster may read every few seconds; a big one keeps the default."""
+    text = (environ.get(FLOOR_ENV) or "").strip()
+    if not text:
+        return DEFAULT_FLOOR
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 1.0 <= value <= MAX_SECONDS:
+        raise ValueError(f"{FLOOR_ENV}={text!r}: the seconds between two progress reads of a job, from 1 to {MAX_SECONDS:g}")
+    return value
+
+
+MIN_SECONDS = floor_seconds()
+FIRST_SECONDS = min(10.0, MIN_SECONDS)  # before any record: the first one comes after the model loads
 POLL_STEPS = 10
 NO_RECORD_PATIENCE = 120.0  # seconds without a record read every FIRST_SECONDS: a small model's first record comes soon
 

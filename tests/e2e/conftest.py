@@ -101,7 +101,10 @@ def crd(testbed: Any) -> str:
 @pytest.fixture(scope="session")
 def operator(testbed: Any, crd: str, images: dict[str, str]) -> Iterator[OperatorProcess]:
     # Jobs that leave their images to the installation get this checkout's (real-0 runs them).
-    env = dict(testbed.env(), DREAMBOOTH_TRAINER_IMAGE=images["trainer"], DREAMBOOTH_INFERENCE_IMAGE=images["inference"])
+    # Progress is read every 2 s, not 12 (one small cluster): a job shows several records in a
+    # few seconds of training, so the tests' tiny jobs need not train long to be seen running.
+    env = dict(testbed.env(), DREAMBOOTH_TRAINER_IMAGE=images["trainer"], DREAMBOOTH_INFERENCE_IMAGE=images["inference"],
+               DREAMBOOTH_OPERATOR_PROGRESS_SECONDS="2")
     process = OperatorProcess(env, testbed.logs / "operator.log")
     process.start()
     yield process

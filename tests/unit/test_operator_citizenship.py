@@ -321,6 +321,14 @@ def test_progress_polling_follows_the_step_time() -> None:
     assert polling.next_poll_seconds(medium, medium, 20.0) == 40.0, "an unchanged record: back off"
 
 
+def test_the_progress_read_floor_is_an_installation_setting_with_a_checked_range() -> None:
+    assert polling.floor_seconds({}) == polling.DEFAULT_FLOOR == 12.0
+    assert polling.floor_seconds({polling.FLOOR_ENV: " 2 "}) == 2.0
+    for bad in ("0", "61", "soon", "-3"):
+        with pytest.raises(ValueError, match=f"{polling.FLOOR_ENV}='{bad}': the seconds between two progress reads"):
+            polling.floor_seconds({polling.FLOOR_ENV: bad})
+
+
 def test_kueue_without_a_queue_label_and_a_deactivated_workload() -> None:
     """Kueue's default LocalQueue (or manageJobsWithoutQueueName) queues a Job the job named no
     queue for; a deactivated Workload is not readmitted by itself, so the job never says it will be."""
