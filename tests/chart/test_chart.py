@@ -176,8 +176,7 @@ def release(testbed: Any, helm: Helm, operator_image: str) -> Iterator[Release]:
 
 def operator_pods(testbed: Any, namespace: str, release_name: str) -> list[dict[str, Any]]:
     selector = f"app.kubernetes.io/instance={release_name},app.kubernetes.io/component=operator"
-    pods = json.loads(testbed.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout)["items"]
-    return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    return [p for p in testbed.items("pods", namespace, selector) if not p["metadata"].get("deletionTimestamp")]
 
 
 LEADING, STANDING_BY = "leading: this replica acts", "standing by"

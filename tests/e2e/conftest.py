@@ -199,13 +199,12 @@ def trainer_pods(testbed: Any, namespace: str, name: str, gang: int | None = Non
     selector = f"dreambooth.dev/job-name={name},app.kubernetes.io/component=trainer"
     if gang is not None:
         selector += f",dreambooth.dev/gang={gang}"
-    out = testbed.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout
-    return json.loads(out)["items"]
+    return testbed.items("pods", namespace, selector)
 
 
 def trainer_jobs(testbed: Any, namespace: str, name: str) -> list[dict[str, Any]]:
     selector = f"dreambooth.dev/job-name={name},app.kubernetes.io/component=trainer"
-    return json.loads(testbed.kubectl("get", "jobs", "-n", namespace, "-l", selector, "-o", "json").stdout)["items"]
+    return testbed.items("jobs", namespace, selector)
 
 
 @pytest.fixture(scope="session")

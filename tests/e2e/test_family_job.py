@@ -53,8 +53,7 @@ def test_a_tiny_sdxl_lora_job_is_trained_and_served(testbed: Any, minio_client: 
     registry = json.loads(testbed.get("configmap", f"{SERVER}-registry", namespace)["data"]["registry.json"])
     assert registry["baseModel"] == "tiny-sdxl" and list(registry["adapters"]) == ["rex-xl"]
 
-    out = testbed.kubectl("get", "pods", "-n", namespace, "-l", f"dreambooth.dev/server={SERVER}", "-o", "json").stdout
-    ips = [pod["status"]["podIP"] for pod in json.loads(out)["items"] if pod["status"].get("phase") == "Running" and pod["status"].get("podIP")]
+    ips = [pod["status"]["podIP"] for pod in testbed.items("pods", namespace, f"dreambooth.dev/server={SERVER}") if pod["status"].get("phase") == "Running" and pod["status"].get("podIP")]
     assert ips, "the SDXL server has no running pod"
     url = f"http://{ips[0]}:8080"
     body = {"model": "rex-xl", "prompt": "a photo of sks dog", "width": 32, "height": 32, "steps": 2, "seed": 3}

@@ -61,8 +61,7 @@ def kubectl_wait(testbed: Any, namespace: str, name: str, what: str, timeout: in
 
 
 def job_events(testbed: Any, namespace: str, name: str) -> list[dict[str, Any]]:
-    out = testbed.kubectl("get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name},involvedObject.kind=DreamboothJob", "-o", "json").stdout
-    return json.loads(out)["items"]
+    return testbed.items("events", namespace, field_selector=f"involvedObject.name={name},involvedObject.kind=DreamboothJob")
 
 
 # --- failure classes ---------------------------------------------------------------------------

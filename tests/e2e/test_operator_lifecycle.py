@@ -38,7 +38,7 @@ def _free_the_gpus(testbed: Any, namespace: str) -> Iterator[None]:
     selector = "app.kubernetes.io/managed-by=dreambooth-operator"
     testbed.wait_for(
         "the test's pods removed",
-        lambda: not testbed.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "name").stdout.strip(),
+        lambda: not testbed.items("pods", namespace, selector),
         timeout=90,
     )
 

@@ -74,9 +74,9 @@ def ran_from(pod: dict[str, Any], image: str) -> bool:
 
 def test_tiny_job_trains_checkpoints_succeeds_and_serves(testbed: Any, minio_client: Any, namespace: str, s3_secret: str,
                                                          images: dict[str, str]) -> None:
-    # One thread per rank trains ~90 images/s here (40 plain steps: about 2 s). 16 micro-batches a
-    # step make the run last ~25 s, several of the operator's progress reads.
-    manifest = tiny_job(testbed, minio_client, namespace, images, maxSteps=40, gradientAccumulationSteps=16)
+    # One rank trains ~27 micro-batches/s here (40 plain steps: under 2 s). 6 micro-batches a step
+    # make the run last ~9 s: several of the test-bed operator's progress reads (every 2 s).
+    manifest = tiny_job(testbed, minio_client, namespace, images, maxSteps=40, gradientAccumulationSteps=6)
     testbed.apply(manifest, namespace)
     name = manifest["metadata"]["name"]
     seen = watch(testbed, namespace, name, "Succeeded", timeout=600)
@@ -134,8 +134,7 @@ def a_hung_server_is_taken_out_of_service_and_restarted(testbed: Any, namespace:
         unready = time.monotonic() - stopped
 
         def killed_for_liveness() -> bool:
-            events = json.loads(testbed.kubectl("get", "events", "-n", namespace, "--field-selector",
-                                                f"involvedObject.name={pod_name}", "-o", "json").stdout)["items"]
+            events = testbed.items("events", namespace, field_selector=f"involvedObject.name={pod_name}")
             return any(e["reason"] == "Killing" and "liveness" in e.get("message", "") for e in events)
 
         testbed.wait_for("the kubelet killing the server for its liveness probe", killed_for_liveness, timeout=180, interval=1)
@@ -150,8 +149,9 @@ def a_hung_server_is_taken_out_of_service_and_restarted(testbed: Any, namespace:
 
 def test_a_preempted_pod_restarts_the_gang_from_the_checkpoint(testbed: Any, minio_client: Any, namespace: str, s3_secret: str,
                                                                images: dict[str, str]) -> None:
-    # 8 micro-batches a step: at ~90 images/s the 80 plain steps would end in ~4 s, before the kill.
-    manifest = tiny_job(testbed, minio_client, namespace, images, maxSteps=80, gradientAccumulationSteps=8)
+    # 4 micro-batches a step: at ~27 micro-batches/s the run lasts ~12 s, its first checkpoint (step
+    # 4) is in the status 2-4 s in (the test-bed operator reads progress every 2 s), long before the end.
+    manifest = tiny_job(testbed, minio_client, namespace, images, maxSteps=80, gradientAccumulationSteps=4)
     manifest["spec"]["serving"]["enabled"] = False
     testbed.apply(manifest, namespace)
     name = manifest["metadata"]["name"]
@@ -331,7 +331,7 @@ def cpu_queue(testbed: Any, kueue: Any, namespace: str) -> str:
 @pytest.mark.usefixtures("kwok_keeps_job_pods_running")
 def test_a_kueue_preemption_keeps_the_gang_when_real_pods_exit_143(testbed: Any, minio_client: Any, namespace: str, s3_secret: str,
                                                                    images: dict[str, str], cpu_queue: str) -> None:
-    low = tiny_job(testbed, minio_client, namespace, images, maxSteps=80, gradientAccumulationSteps=8)
+    low = tiny_job(testbed, minio_client, namespace, images, maxSteps=80, gradientAccumulationSteps=4)
     low["metadata"] = {"name": "low", "labels": {"kueue.x-k8s.io/queue-name": cpu_queue}}
     low["spec"]["serving"]["enabled"] = False
     low["spec"]["runPolicy"]["maxDisruptions"] = 0

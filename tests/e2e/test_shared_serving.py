@@ -60,8 +60,7 @@ def image_bytes(url: str, model: str) -> bytes:
 
 
 def server_url(testbed: Any, namespace: str) -> str:
-    out = testbed.kubectl("get", "pods", "-n", namespace, "-l", f"dreambooth.dev/server={SERVER}", "-o", "json").stdout
-    ips = [pod["status"]["podIP"] for pod in json.loads(out)["items"] if pod["status"].get("phase") == "Running" and pod["status"].get("podIP")]
+    ips = [pod["status"]["podIP"] for pod in testbed.items("pods", namespace, f"dreambooth.dev/server={SERVER}") if pod["status"].get("phase") == "Running" and pod["status"].get("podIP")]
     assert ips, "the shared server has no running pod"
     return f"http://{ips[0]}:8080"
 

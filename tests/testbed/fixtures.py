@@ -26,6 +26,33 @@ from tests.testbed.kueue import KueueProcess, local_queue, start_kueue
 from tests.testbed.minio_server import MinioServer
 
 
+# The kinds the tests poll, by the names they use: (API group/version path, plural, namespaced).
+# Polls read them over the session's one API connection: a kubectl process costs ~0.09 CPU-s, and
+# the e2e tests poll several times a second (on two cores, about a quarter of one).
+READ_PATHS: dict[str, tuple[str, str, bool]] = {
+    **dict.fromkeys(("pod", "pods"), ("api/v1", "pods", True)),
+    **dict.fromkeys(("configmap", "configmaps"), ("api/v1", "configmaps", True)),
+    **dict.fromkeys(("service", "services"), ("api/v1", "services", True)),
+    **dict.fromkeys(("event", "events"), ("api/v1", "events", True)),
+    **dict.fromkeys(("node", "nodes"), ("api/v1", "nodes", False)),
+    **dict.fromkeys(("deployment", "deployments"), ("apis/apps/v1", "deployments", True)),
+    **dict.fromkeys(("job", "jobs"), ("apis/batch/v1", "jobs", True)),
+    **dict.fromkeys(("dbj", "dreamboothjob", "dreamboothjobs"), ("apis/dreambooth.dev/v1alpha1", "dreamboothjobs", True)),
+    **dict.fromkeys(("crd", "customresourcedefinition", "customresourcedefinitions"),
+                    ("apis/apiextensions.k8s.io/v1", "customresourcedefinitions", False)),
+}
+
+
+def read_path(kind: str, namespace: str | None, name: str | None = None) -> str | None:
+    """The API path of an object (or, without a name, a list) of a kind in READ_PATHS; None for
+    other kinds. A namespaced kind without a namespace is read in `default`, as kubectl does."""
+    if kind not in READ_PATHS:
+        return None
+    prefix, plural, namespaced = READ_PATHS[kind]
+    scope = f"/namespaces/{namespace or 'default'}" if namespaced else ""
+    return f"/{prefix}{scope}/{plural}" + (f"/{name}" if name else "")
+
+
 @dataclass
 class TestbedHandle:
     """What tests get: paths, clients and helpers for the running test bed."""
@@ -66,6 +93,11 @@ class TestbedHandle:
         self.kubectl("apply", *(["-n", namespace] if namespace else []), "-f", "-", input=body)
 
     def get(self, kind: str, name: str, namespace: str | None = None) -> dict | None:
+        """One object as `kubectl get -o json` shows it, None if there is none. The kinds in
+        READ_PATHS are read over the session's API connection, the others with kubectl."""
+        path = read_path(kind, namespace, name)
+        if path is not None:
+            return self._read(path)
         result = self.kubectl("get", kind, name, *(["-n", namespace] if namespace else []), "-o", "json",
                               check=False)
         if result.returncode != 0:
@@ -73,6 +105,37 @@ class TestbedHandle:
                 return None
             raise RuntimeError(result.stderr)
         return json.loads(result.stdout)
+
+    def items(self, kind: str, namespace: str | None = None, selector: str | None = None,
+              field_selector: str | None = None) -> list[dict]:
+        """The items of `kubectl get <kind> [-n namespace] [-l selector] [--field-selector ...] -o
+        json`, each with its kind and apiVersion as kubectl gives them."""
+        path = read_path(kind, namespace)
+        if path is None:
+            args = ["get", kind, *(["-n", namespace] if namespace else []), *(["-l", selector] if selector else []),
+                    *(["--field-selector", field_selector] if field_selector else []), "-o", "json"]
+            return json.loads(self.kubectl(*args).stdout)["items"]
+        query = {key: value for key, value in (("labelSelector", selector), ("fieldSelector", field_selector)) if value}
+        found = self._read(path, query)
+        if found is None:
+            raise RuntimeError(f"GET {path}: 404")
+        item_kind = found["kind"].removesuffix("List")
+        return [{"kind": item_kind, "apiVersion": found["apiVersion"], **item} for item in found["items"]]
+
+    def _read(self, path: str, query: dict[str, str] | None = None) -> dict | None:
+        client = self.api_client
+        method, url, headers, _, _ = client.param_serialize("GET", path, query_params=list((query or {}).items()),
+                                                            auth_settings=["BearerToken"])
+        response = client.call_api(method, url, header_params=headers, _request_timeout=60)
+        data = response.read()
+        if response.status == 404:
+            return None
+        if response.status >= 300:
+            raise RuntimeError(f"GET {path}: {response.status} {response.reason}: {data[-2000:].decode(errors='replace')}")
+        found = json.loads(data)
+        for item in [found, *found.get("items", [])]:  # kubectl leaves managedFields out unless asked
+            (item.get("metadata") or {}).pop("managedFields", None)
+        return found
 
     def wait_for(self, what: str, predicate: Callable[[], Any], timeout: float = 60,
                  interval: float = 0.3) -> Any:

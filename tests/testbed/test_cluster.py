@@ -130,3 +130,17 @@ def test_service_account_without_role_is_refused(testbed, namespace):
     testbed.wait_for("the RoleBinding to take effect",
                      lambda: _api_get(testbed, f"/api/v1/namespaces/{namespace}/pods", token) == 200, timeout=30)
     assert _api_get(testbed, f"/api/v1/namespaces/{namespace}/secrets", token) == 403
+
+
+def test_reads_over_the_api_connection_are_what_kubectl_shows(testbed, namespace):
+    """testbed.get/items (the tests' polls, over one API connection) give kubectl's objects and items."""
+    testbed.apply([{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"cm-{i}", "labels": {"pick": str(i % 2)}},
+                    "data": {"i": str(i)}} for i in range(3)], namespace)
+    assert testbed.get("configmap", "cm-1", namespace) == json.loads(testbed.kubectl("get", "configmap", "cm-1", "-n", namespace, "-o", "json").stdout)
+    assert testbed.get("configmap", "cm-9", namespace) is None
+    assert testbed.get("node", REAL_NODE)["metadata"]["name"] == REAL_NODE
+    picked = testbed.items("configmaps", namespace, "pick=0")
+    shown = json.loads(testbed.kubectl("get", "configmaps", "-n", namespace, "-l", "pick=0", "-o", "json").stdout)["items"]
+    assert [c["metadata"]["name"] for c in picked] == ["cm-0", "cm-2"] == [c["metadata"]["name"] for c in shown]
+    assert [(c["kind"], c["apiVersion"]) for c in picked] == [(c["kind"], c["apiVersion"]) for c in shown] == [("ConfigMap", "v1")] * 2
+    assert testbed.items("configmaps", namespace, field_selector="metadata.name=cm-1")[0]["data"] == {"i": "1"}
