@@ -160,6 +160,7 @@ def test_trainer_job_on_gpus() -> None:
                                 {"name": "DREAMBOOTH_ATTEMPT", "value": "1"},
                                 {"name": "PYTHONUNBUFFERED", "value": "1"},
                                 {"name": "OMP_NUM_THREADS", "value": "6"},
+                                {"name": "OMP_WAIT_POLICY", "value": "PASSIVE"},
                                 {"name": "NCCL_DEBUG", "value": "WARN"},
                                 {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
                             ],
@@ -223,8 +224,8 @@ def test_trainer_job_on_cpu_differs_only_where_it_should() -> None:
     ]
 
 
-def threads(container: dict[str, Any]) -> list[str]:
-    return [e["value"] for e in container["env"] if e["name"] == "OMP_NUM_THREADS"]
+def threads(container: dict[str, Any], name: str = "OMP_NUM_THREADS") -> list[str]:
+    return [e["value"] for e in container["env"] if e["name"] == name]
 
 
 def test_torch_threads_follow_the_cpu_limit_per_rank_unless_the_pod_template_sets_them() -> None:
@@ -239,6 +240,18 @@ def test_torch_threads_follow_the_cpu_limit_per_rank_unless_the_pod_template_set
     for container in (builders.build_trainer_job(job, 0)["spec"]["template"]["spec"]["containers"][0],
                       builders.build_inference_deployment(job)["spec"]["template"]["spec"]["containers"][0]):
         assert threads(container) == ["12"], "the user's value, once"
+
+
+def test_openmp_workers_sleep_when_idle_instead_of_spending_the_cpu_limit() -> None:
+    """More than one thread a rank: OMP_WAIT_POLICY=PASSIVE (spinning workers burn the pod's quota);
+    one thread has no worker to wait; the pod template's own policy wins."""
+    trainer = builders.build_trainer_job(gpu_job(), 0)["spec"]["template"]["spec"]["containers"][0]
+    server = builders.build_inference_deployment(gpu_job())["spec"]["template"]["spec"]["containers"][0]
+    assert threads(trainer, "OMP_WAIT_POLICY") == threads(server, "OMP_WAIT_POLICY") == ["PASSIVE"]
+    assert threads(builders.build_trainer_job(cpu_job(), 0)["spec"]["template"]["spec"]["containers"][0], "OMP_WAIT_POLICY") == []
+    own = parse_spec({**GPU_SPEC, "podTemplate": {"env": [{"name": "OMP_WAIT_POLICY", "value": "ACTIVE"}]}})
+    container = builders.build_trainer_job(builders.JobRef("rex", "team-a", "uid-1", own), 0)["spec"]["template"]["spec"]["containers"][0]
+    assert threads(container, "OMP_WAIT_POLICY") == ["ACTIVE"] and threads(container) == ["6"]
 
 
 def test_no_secret_value_in_any_manifest() -> None:
@@ -344,7 +357,7 @@ def test_inference_deployment() -> None:
                                 "--host", "0.0.0.0",
                                 "--port", "8080",
                             ],
-                            "env": [{"name": "OMP_NUM_THREADS", "value": "4"}, *CREDS, {"name": "DREAMBOOTH_LOG_FORMAT", "value": "json"}],
+                            "env": [{"name": "OMP_NUM_THREADS", "value": "4"}, {"name": "OMP_WAIT_POLICY", "value": "PASSIVE"}, *CREDS, {"name": "DREAMBOOTH_LOG_FORMAT", "value": "json"}],
                             "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
                             "readinessProbe": {
                                 "httpGet": {"path": "/readyz", "port": "http"},
