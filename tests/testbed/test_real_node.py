@@ -244,6 +244,7 @@ def test_on_failure_restarts_the_container_in_the_same_pod(testbed, python_image
             sys.exit(3)
         while not os.path.exists("/work/done"):  # the test reads both runs' logs meanwhile
             time.sleep(0.1)
+        time.sleep(2)  # the exec that made the file ends first: a container that exits kills its execs (137)
     """
     testbed.apply(pod(python_image, "flaky", code.replace("import os, sys", "import os, sys, time"), restartPolicy="OnFailure",
                       container={"volumeMounts": [{"name": "work", "mountPath": "/work"}]},
