@@ -77,6 +77,7 @@ def test_tiny_job_trains_checkpoints_succeeds_and_serves(testbed: Any, minio_cli
     # One rank trains ~27 micro-batches/s here (40 plain steps: under 2 s). 6 micro-batches a step
     # make the run last ~9 s: several of the test-bed operator's progress reads (every 2 s).
     manifest = tiny_job(testbed, minio_client, namespace, images, maxSteps=40, gradientAccumulationSteps=6)
+    manifest["spec"]["checkpointing"]["everyNSteps"] = 10  # each checkpoint is also a fidelity scoring: 4, not 10
     testbed.apply(manifest, namespace)
     name = manifest["metadata"]["name"]
     seen = watch(testbed, namespace, name, "Succeeded", timeout=600)
@@ -152,6 +153,7 @@ def test_a_preempted_pod_restarts_the_gang_from_the_checkpoint(testbed: Any, min
     # 4 micro-batches a step: at ~27 micro-batches/s the run lasts ~12 s, its first checkpoint (step
     # 4) is in the status 2-4 s in (the test-bed operator reads progress every 2 s), long before the end.
     manifest = tiny_job(testbed, minio_client, namespace, images, maxSteps=80, gradientAccumulationSteps=4)
+    manifest["spec"]["checkpointing"]["everyNSteps"] = 10  # each checkpoint is also a fidelity scoring: 8, not 20
     manifest["spec"]["serving"]["enabled"] = False
     testbed.apply(manifest, namespace)
     name = manifest["metadata"]["name"]
@@ -332,6 +334,7 @@ def cpu_queue(testbed: Any, kueue: Any, namespace: str) -> str:
 def test_a_kueue_preemption_keeps_the_gang_when_real_pods_exit_143(testbed: Any, minio_client: Any, namespace: str, s3_secret: str,
                                                                    images: dict[str, str], cpu_queue: str) -> None:
     low = tiny_job(testbed, minio_client, namespace, images, maxSteps=80, gradientAccumulationSteps=4)
+    low["spec"]["checkpointing"]["everyNSteps"] = 10  # each checkpoint is also a fidelity scoring: 8, not 20
     low["metadata"] = {"name": "low", "labels": {"kueue.x-k8s.io/queue-name": cpu_queue}}
     low["spec"]["serving"]["enabled"] = False
     low["spec"]["runPolicy"]["maxDisruptions"] = 0
