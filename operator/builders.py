@@ -208,9 +208,9 @@ def threads_env(cpu: str, ranks: int, user_env: list[dict[str, Any]] = ()) -> li
     ops, spending the pod's CPU quota on waiting (on a busy node, several times the work's CPU).
     A podTemplate value of either wins."""
     given = {item.get("name") for item in user_env}
-    threads = cpu_threads(cpu, ranks) if "OMP_NUM_THREADS" not in given else None
-    env = [] if threads is None else [{"name": "OMP_NUM_THREADS", "value": str(threads)}]
-    if (threads is None or threads > 1) and "OMP_WAIT_POLICY" not in given:
+    threads = cpu_threads(cpu, ranks)
+    env = [] if "OMP_NUM_THREADS" in given else [{"name": "OMP_NUM_THREADS", "value": str(threads)}]
+    if "OMP_WAIT_POLICY" not in given and (threads > 1 or "OMP_NUM_THREADS" in given):
         env.append({"name": "OMP_WAIT_POLICY", "value": "PASSIVE"})
     return env
 
